@@ -1,0 +1,118 @@
+"""Plain data types shared by the engine, the bot and training.
+
+They hold no tensors, so ``bot/`` can import them without touching the GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 1536
+    temperature: float = 0.2
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+
+@dataclass
+class GenerationRequest:
+    """One page to generate. ``cancel()`` may be called from any thread."""
+
+    prompt: str
+    style: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+
+class FinishReason(StrEnum):
+    HTML_COMPLETE = "html_complete"  # the page's closing </html> was generated
+    EOS = "eos"  # the model ended its answer
+    LENGTH = "length"  # hit max_new_tokens: the page is probably truncated
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    time_to_first_token_s: float
+    total_s: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+# Called from the generating thread with (request_id, tokens generated so far).
+ProgressCallback = Callable[[str, int], None]
+
+
+class TextGenerator(Protocol):
+    """What the bot's worker needs from an engine (the real one or a test fake)."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Generate for all requests in one batched pass; results in the same order."""
+        ...
+
+
+# take(max_count, wait) -> up to max_count new requests. With wait=True it may block
+# briefly (the engine is idle); with wait=False it must return at once, maybe [].
+RequestSource = Callable[[int, bool], list[GenerationRequest]]
+ResultSink = Callable[[GenerationResult], None]
+
+
+class ContinuousGenerator(Protocol):
+    """An engine that admits new requests between decode steps (continuous batching).
+
+    The bot's worker prefers this shape when the engine offers it: a job that arrives while
+    others decode joins at the next step and a finished one is delivered at once.
+    """
+
+    @property
+    def model_name(self) -> str: ...
+
+    def serve(
+        self,
+        take: RequestSource,
+        finished: ResultSink,
+        progress: ProgressCallback | None,
+        stop: threading.Event,
+    ) -> None:
+        """Serve until ``stop`` is set, then finish or cancel what is running and return."""
+        ...
