@@ -1,0 +1,244 @@
+"""JSON payload builders shaped like Discord's API v10 objects.
+
+Only the fields discord.py reads (plus the ones Discord always sends) are filled in; the
+shapes follow https://discord.com/developers/docs (users, guilds, members, roles, channels,
+messages, interactions).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+DISCORD_EPOCH_MS = 1420070400000
+
+# Permission bits used by the fake (https://discord.com/developers/docs/topics/permissions).
+PERM_ADMINISTRATOR = 1 << 3
+PERM_MANAGE_GUILD = 1 << 5
+PERM_VIEW_CHANNEL = 1 << 10
+PERM_SEND_MESSAGES = 1 << 11
+PERM_EMBED_LINKS = 1 << 14
+PERM_ATTACH_FILES = 1 << 15
+PERM_READ_MESSAGE_HISTORY = 1 << 16
+PERM_USE_APPLICATION_COMMANDS = 1 << 31
+DEFAULT_MEMBER_PERMISSIONS = (
+    PERM_VIEW_CHANNEL
+    | PERM_SEND_MESSAGES
+    | PERM_EMBED_LINKS
+    | PERM_ATTACH_FILES
+    | PERM_READ_MESSAGE_HISTORY
+    | PERM_USE_APPLICATION_COMMANDS
+)
+ALL_PERMISSIONS = (1 << 50) - 1
+
+# Discord's default for a guild without boosts is 10 MiB.
+DEFAULT_ATTACHMENT_SIZE_LIMIT = 10 * 1024 * 1024
+
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+
+def snowflake(at: float | None = None) -> int:
+    """A new, unique snowflake whose timestamp is ``at`` (epoch seconds, default now).
+
+    discord.py derives ``Interaction.created_at`` / ``expires_at`` from the id, so the
+    timestamp part matters.
+    """
+    ms = int((time.time() if at is None else at) * 1000) - DISCORD_EPOCH_MS
+    with _counter_lock:
+        inc = next(_counter) & 0xFFF
+    return (ms << 22) | (1 << 17) | inc
+
+
+def snowflake_time(value: int) -> float:
+    """Epoch seconds encoded in a snowflake."""
+    return ((value >> 22) + DISCORD_EPOCH_MS) / 1000
+
+
+def iso_now(at: float | None = None) -> str:
+    """An ISO-8601 timestamp as Discord writes them."""
+    return dt.datetime.fromtimestamp(time.time() if at is None else at, dt.UTC).isoformat()
+
+
+@dataclass
+class FakeUser:
+    """A Discord user known to the fake server."""
+
+    id: int
+    username: str
+    bot: bool = False
+    role_ids: list[int] = field(default_factory=list)
+    permissions: int = DEFAULT_MEMBER_PERMISSIONS
+
+    def payload(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": str(self.id),
+            "username": self.username,
+            "global_name": self.username.title(),
+            "discriminator": "0",
+            "avatar": None,
+            "public_flags": 0,
+            "flags": 0,
+        }
+        if self.bot:
+            data["bot"] = True
+        return data
+
+    def member_payload(self, *, permissions: int | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "user": self.payload(),
+            "nick": None,
+            "avatar": None,
+            "roles": [str(r) for r in self.role_ids],
+            "joined_at": iso_now(),
+            "premium_since": None,
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "pending": False,
+            "communication_disabled_until": None,
+        }
+        if permissions is not None:
+            # Only interaction payloads carry the member's resolved permissions.
+            data["permissions"] = str(permissions)
+        return data
+
+
+@dataclass
+class FakeRole:
+    id: int
+    name: str
+    permissions: int
+    position: int = 0
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "color": 0,
+            "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
+            "hoist": False,
+            "icon": None,
+            "unicode_emoji": None,
+            "position": self.position,
+            "permissions": str(self.permissions),
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+        }
+
+
+@dataclass
+class FakeChannel:
+    id: int
+    name: str
+    guild_id: int | None
+    type: int = 0  # GUILD_TEXT; 1 = DM
+    position: int = 0
+    recipient: FakeUser | None = None
+
+    def payload(self) -> dict[str, Any]:
+        if self.type == 1:
+            return {
+                "id": str(self.id),
+                "type": 1,
+                "last_message_id": None,
+                "flags": 0,
+                "recipients": [self.recipient.payload()] if self.recipient else [],
+            }
+        return {
+            "id": str(self.id),
+            "type": self.type,
+            "guild_id": str(self.guild_id),
+            "name": self.name,
+            "position": self.position,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "topic": None,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "parent_id": None,
+            "flags": 0,
+        }
+
+
+@dataclass
+class FakeGuild:
+    id: int
+    name: str
+    owner_id: int
+    roles: list[FakeRole]
+    channels: list[FakeChannel]
+    members: list[FakeUser]
+
+    @property
+    def everyone_role(self) -> FakeRole:
+        return self.roles[0]
+
+    def payload(self) -> dict[str, Any]:
+        """The full GUILD_CREATE payload."""
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "icon": None,
+            "splash": None,
+            "discovery_splash": None,
+            "banner": None,
+            "description": None,
+            "owner_id": str(self.owner_id),
+            "afk_channel_id": None,
+            "afk_timeout": 300,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "roles": [r.payload() for r in self.roles],
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+            "mfa_level": 0,
+            "application_id": None,
+            "system_channel_id": str(self.channels[0].id) if self.channels else None,
+            "system_channel_flags": 0,
+            "rules_channel_id": None,
+            "public_updates_channel_id": None,
+            "safety_alerts_channel_id": None,
+            "max_members": 500000,
+            "vanity_url_code": None,
+            "premium_tier": 0,
+            "premium_subscription_count": 0,
+            "preferred_locale": "en-US",
+            "nsfw_level": 0,
+            "premium_progress_bar_enabled": False,
+            "joined_at": iso_now(),
+            "large": False,
+            "unavailable": False,
+            "member_count": len(self.members),
+            "voice_states": [],
+            "members": [m.member_payload() for m in self.members],
+            "channels": [c.payload() for c in self.channels],
+            "threads": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+        }
+
+
+def attachment_payload(
+    attachment_id: int, filename: str, size: int, content_type: str | None, channel_id: int
+) -> dict[str, Any]:
+    url = f"https://cdn.discordapp.com/attachments/{channel_id}/{attachment_id}/{filename}"
+    data: dict[str, Any] = {
+        "id": str(attachment_id),
+        "filename": filename,
+        "size": size,
+        "url": url,
+        "proxy_url": url.replace("cdn.discordapp.com", "media.discordapp.net"),
+    }
+    if content_type:
+        data["content_type"] = content_type
+    return data

@@ -1,0 +1,323 @@
+"""Self-tests of the fake Discord: a bare discord.py client (no bot code) against it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import discord
+import html5lib
+import pytest
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from tests.fake_discord import (
+    CALLBACK_PATH,
+    CB_DEFERRED_MESSAGE,
+    FLAG_EPHEMERAL,
+    FLAG_LOADING,
+    FOLLOWUP_PATH,
+    ORIGINAL_PATH,
+    FakeDiscord,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+PAGE = b"<!DOCTYPE html><html><head><title>t</title></head><body><p>hi</p></body></html>"
+
+
+class CancelView(discord.ui.View):
+    def __init__(self, job: str) -> None:
+        super().__init__(timeout=None)
+        button: discord.ui.Button[CancelView] = discord.ui.Button(
+            label="Cancel", style=discord.ButtonStyle.danger, custom_id=f"t:cancel:{job}"
+        )
+        button.callback = self.cancel  # type: ignore[method-assign]
+        self.add_item(button)
+        self.pressed_by: list[int] = []
+
+    async def cancel(self, interaction: discord.Interaction) -> None:
+        self.pressed_by.append(interaction.user.id)
+        await interaction.response.send_message("cancelled", ephemeral=True)
+
+
+class MiniBot(discord.Client):
+    """A minimal bot built only on discord.py, to check the fake speaks its protocol."""
+
+    def __init__(self, guild_id: int, behaviour: Callable[..., Awaitable[None]]) -> None:
+        super().__init__(intents=discord.Intents.default())
+        self.tree = app_commands.CommandTree(self)
+        self.guild_obj = discord.Object(guild_id)
+        self.behaviour = behaviour
+        self.errors: list[BaseException] = []
+        self.views: list[CancelView] = []
+
+        @app_commands.command(name="html", description="Make a web page")
+        @app_commands.describe(prompt="What the page should be", private="Only you see it")
+        @app_commands.choices(
+            style=[app_commands.Choice(name=s, value=s) for s in ("dark", "retro")]
+        )
+        async def html(
+            interaction: discord.Interaction,
+            prompt: app_commands.Range[str, 1, 1500],
+            style: str | None = None,
+            private: bool = False,
+        ) -> None:
+            try:
+                await self.behaviour(self, interaction, prompt, style, private)
+            except Exception as exc:
+                self.errors.append(exc)
+                raise
+
+        self.tree.add_command(html, guild=self.guild_obj)
+
+    async def setup_hook(self) -> None:
+        await self.tree.sync(guild=self.guild_obj)
+
+
+async def default_behaviour(
+    bot: MiniBot, interaction: discord.Interaction, prompt: str, style: str | None, private: bool
+) -> None:
+    await interaction.response.defer(thinking=True, ephemeral=private)
+    view = CancelView("1")
+    bot.views.append(view)
+    await interaction.edit_original_response(content="queued, position 1", view=view)
+    await interaction.followup.send(
+        f"done: {prompt}", file=discord.File(io.BytesIO(PAGE), filename="page.html")
+    )
+
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord(callback_window_s=3.0)
+    await server.start()
+    # What the bot does with DISCORD_API_BASE / DISCORD_GATEWAY_URL; restored afterwards.
+    monkeypatch.setattr(discord.http.Route, "BASE", server.api_base)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(server.gateway_url))
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def run_bot(
+    fake: FakeDiscord,
+) -> AsyncIterator[Callable[..., Awaitable[MiniBot]]]:
+    started: list[tuple[MiniBot, asyncio.Task[None]]] = []
+
+    async def start(behaviour: Callable[..., Awaitable[None]] = default_behaviour) -> MiniBot:
+        bot = MiniBot(fake.guild.id, behaviour)
+        task = asyncio.create_task(bot.start(fake.bot_token))
+        started.append((bot, task))
+        ready = asyncio.create_task(fake.wait_until_ready())
+        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()  # raises the client's error
+        await ready
+        return bot
+
+    yield start
+    for bot, task in started:
+        await bot.close()
+        await asyncio.wait_for(task, 10)
+
+
+def discord_problems(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.name.startswith("discord")
+        and r.levelno >= logging.WARNING
+        and "voice will NOT be supported" not in r.getMessage()
+    ]
+
+
+async def test_sync_defer_edit_followup_roundtrip(
+    fake: FakeDiscord, run_bot: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = await run_bot()
+    payload = await fake.wait_for_sync()
+    assert [c["name"] for c in payload] == ["html"]
+    options = {o["name"]: o for o in payload[0]["options"]}
+    assert options["prompt"]["required"] is True
+    assert options["prompt"]["max_length"] == 1500
+    assert [c["value"] for c in options["style"]["choices"]] == ["dark", "retro"]
+    assert fake.commands[fake.guild.id][0]["name"] == "html"
+
+    ann = fake.user("ann")
+    inter = await fake.send_command("html", {"prompt": "a bakery", "style": "dark"}, user=ann)
+    part = await inter.wait_for_file(".html", timeout=10)
+
+    assert inter.callback_type == CB_DEFERRED_MESSAGE
+    assert inter.callback_latency is not None and inter.callback_latency < 3
+    assert part.filename == "page.html" and part.data == PAGE
+    html5lib.parse(part.data, treebuilder="etree", namespaceHTMLElements=False)
+    # The edit made the original a normal message with the Cancel button.
+    original = inter.original
+    assert original is not None
+    assert original["content"] == "queued, position 1"
+    assert not original["flags"] & FLAG_LOADING
+    assert inter.custom_ids() == ["t:cancel:1"]
+    # The follow-up is a separate message carrying the attachment.
+    [followup] = inter.followups
+    assert followup["content"] == "done: a bakery"
+    assert followup["attachments"][0]["filename"] == "page.html"
+    routes = [r.route for r in inter.requests]
+    assert routes == [
+        "POST /interactions/{interaction_id}/{token}/callback",
+        "PATCH /webhooks/{app_id}/{token}/messages/{message_id}",
+        "POST /webhooks/{app_id}/{token}",
+    ]
+    assert not fake.unhandled_requests
+    assert not bot.errors
+    assert discord_problems(caplog) == []
+
+
+async def test_button_press_by_someone_else(fake: FakeDiscord, run_bot: Any) -> None:
+    bot = await run_bot()
+    await fake.wait_for_sync()
+    ann, bob = fake.user("ann"), fake.user("bob")
+    inter = await fake.send_command("html", {"prompt": "x"}, user=ann)
+    await inter.wait_for_file(".html", timeout=10)
+
+    press = await fake.press_button("t:cancel:1", user=bob)
+    await press.wait_for_callback()
+    assert bot.views[0].pressed_by == [bob.id]
+    assert press.payload["message"]["id"] == str(inter.original_message_id)
+    assert press.payload["member"]["user"]["id"] == str(bob.id)
+    assert press.original is not None and press.original["content"] == "cancelled"
+
+
+async def test_followup_without_edit_replaces_loading_message(
+    fake: FakeDiscord, run_bot: Any
+) -> None:
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        await interaction.response.defer(thinking=True, ephemeral=True)
+        await interaction.followup.send("here", file=discord.File(io.BytesIO(PAGE), "a.html"))
+
+    await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x", "private": True})
+    await inter.wait_for_file()
+    assert inter.followups == []
+    assert inter.original is not None and inter.original["content"] == "here"
+    assert inter.is_ephemeral_reply()
+    assert inter.original["flags"] & FLAG_EPHEMERAL
+
+
+async def test_429_then_success_is_retried_by_discord_py(
+    fake: FakeDiscord, run_bot: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    await run_bot()
+    await fake.wait_for_sync()
+    rule = fake.fail_next("POST", FOLLOWUP_PATH, status=429, times=1, retry_after=0.2)
+    inter = await fake.send_command("html", {"prompt": "x"})
+    await inter.wait_for_file(timeout=10)
+    followups = [r for r in inter.requests if r.method == "POST" and "/webhooks/" in r.path]
+    assert [r.status for r in followups] == [429, 200]
+    assert followups[1].time - followups[0].time >= 0.2
+    assert rule.remaining == 0 and len(rule.hits) == 1
+    assert any("rate limited" in p for p in discord_problems(caplog))
+
+
+async def test_expired_token_gets_401(fake: FakeDiscord, run_bot: Any) -> None:
+    gate = asyncio.Event()
+
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        await interaction.response.defer()
+        await gate.wait()
+        await interaction.followup.send("late")
+
+    bot = await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x"})
+    await inter.wait_for_callback()
+    fake.expire(inter)
+    gate.set()
+    r = await inter.wait_for_request("POST", FOLLOWUP_PATH)
+    assert r.status == 401 and r.response == {"message": "Invalid Webhook Token", "code": 50027}
+    await fake.wait_until(lambda: bool(bot.errors))
+    assert isinstance(bot.errors[0], discord.HTTPException) and bot.errors[0].status == 401
+
+
+async def test_old_interaction_token_expires_by_age(fake: FakeDiscord, run_bot: Any) -> None:
+    seen: list[discord.Interaction] = []
+
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        seen.append(interaction)
+        await interaction.response.defer()
+        await interaction.followup.send("x")
+
+    bot = await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x"}, age_s=901)
+    await fake.wait_until(lambda: bool(bot.errors))
+    # discord.py sees the age through the snowflake, and Discord refuses the webhook.
+    assert seen[0].is_expired()
+    assert [r.status for r in inter.requests] == [200, 401]
+
+
+async def test_late_callback_is_refused(fake: FakeDiscord, run_bot: Any) -> None:
+    fake.callback_window_s = 0.2
+
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        await asyncio.sleep(0.4)
+        await interaction.response.defer()
+
+    bot = await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x"})
+    r = await inter.wait_for_request("POST", CALLBACK_PATH)
+    assert r.status == 404 and r.response["code"] == 10062
+    assert inter.late_callbacks == 1 and inter.callback_type is None
+    await fake.wait_until(lambda: bool(bot.errors))
+    assert isinstance(bot.errors[0], discord.NotFound)
+
+
+async def test_server_error_then_success(fake: FakeDiscord, run_bot: Any) -> None:
+    await run_bot()
+    await fake.wait_for_sync()
+    fake.fail_next("PATCH", ORIGINAL_PATH, status=500, times=1)
+    inter = await fake.send_command("html", {"prompt": "x"})
+    await inter.wait_for_file(timeout=10)
+    edits = [r.status for r in inter.requests if r.method == "PATCH"]
+    assert edits == [500, 200]
+
+
+async def test_gateway_resume_replays_and_keeps_working(fake: FakeDiscord, run_bot: Any) -> None:
+    await run_bot()
+    await fake.wait_for_sync()
+    first_id = fake.sessions[-1].session_id
+    await fake.reconnect_gateway()
+    await fake.wait_until(lambda: len(fake.sessions) == 2 and fake.sessions[1].ready.is_set())
+    assert fake.sessions[1].session_id == first_id
+    assert any(m.get("op") == 6 for m in fake.gateway_received)
+    inter = await fake.send_command("html", {"prompt": "after resume"})
+    await inter.wait_for_file(timeout=10)
+
+
+async def test_wrong_token_is_rejected(fake: FakeDiscord) -> None:
+    client = discord.Client(intents=discord.Intents.default())
+    with pytest.raises(discord.LoginFailure):
+        await client.login("wrong-token")
+    await client.close()
+    assert fake.requests[-1].status == 401
+
+
+async def test_too_big_attachment_gets_413(fake: FakeDiscord, run_bot: Any) -> None:
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        await interaction.response.defer()
+        try:
+            await interaction.followup.send(file=discord.File(io.BytesIO(b"x" * 2000), "a.html"))
+        except discord.HTTPException as exc:
+            await interaction.followup.send(f"too big ({exc.status})")
+
+    await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x"}, attachment_size_limit=1000)
+    await inter.wait_until(lambda i: "too big (413)" in i.visible_text)
+    assert inter.html_files == []
