@@ -42,7 +42,9 @@ class GenerationRequest:
     style: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    cancel_event: threading.Event = field(
+        default_factory=threading.Event, repr=False, compare=False
+    )
 
     def cancel(self) -> None:
         self.cancel_event.set()

@@ -1,0 +1,248 @@
+"""Batched generation on one device, with per-request sampling, cancellation and progress.
+
+A plain decode loop over the Hugging Face forward (not ``generate``) so that each request
+keeps its own temperature, top-p, seed and token budget, and so that a finished or
+cancelled sequence leaves the batch at once instead of costing compute until the slowest
+one ends. It runs on CPU and GPU alike; ``model.fast_engine`` is the GPU-tuned path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.loading import LoadedModel
+from model.prompting import encode_prompt
+from model.types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ProgressCallback,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+HTML_END = "</html>"
+# How often (in tokens) the progress callback hears about each sequence.
+PROGRESS_EVERY = 16
+# Tokens decoded from the end of a sequence to look for "</html>" (a few tokens suffice;
+# decoding the whole sequence each step would be quadratic).
+_STOP_WINDOW_TOKENS = 12
+
+
+@dataclass
+class _Sequence:
+    """Decode state of one request inside the batch."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    generator: torch.Generator | None
+    started: float
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    finish: FinishReason | None = None
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[list[int]],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token per row of ``logits`` [batch, vocab], each row with its own settings."""
+    logits = logits.float()
+    chosen: list[int] = []
+    for row, (setting, history, generator) in enumerate(
+        zip(params, histories, generators, strict=True)
+    ):
+        scores = logits[row]
+        if setting.repetition_penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)), device=scores.device)
+            previous = scores[seen]
+            # As in CTRL / transformers: shrink positive logits, push negative ones down.
+            scores = scores.clone()
+            scores[seen] = torch.where(
+                previous > 0,
+                previous / setting.repetition_penalty,
+                previous * setting.repetition_penalty,
+            )
+        if setting.temperature == 0:
+            chosen.append(int(torch.argmax(scores)))
+            continue
+        probs = torch.softmax(scores / setting.temperature, dim=-1)
+        if setting.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest set whose mass reaches top_p (always at least one token).
+            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > setting.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        chosen.append(int(torch.multinomial(probs, 1, generator=generator)))
+    return chosen
+
+
+class Engine:
+    """Implements :class:`model.types.TextGenerator` over a :class:`LoadedModel`."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.stop_token_ids = self._stop_token_ids()
+        # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both releases.
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    def _stop_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(token) for token in source)
+        return ids
+
+    def _new_sequence(self, request: GenerationRequest, started: float) -> _Sequence:
+        generator = None
+        if request.sampling.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            if request.sampling.seed is not None:
+                generator.manual_seed(request.sampling.seed)
+            else:
+                generator.seed()
+        prompt_ids = encode_prompt(self.tokenizer, request.prompt, request.style)
+        return _Sequence(request, prompt_ids, generator, started)
+
+    @torch.inference_mode()
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Generate for ``requests`` in one batched pass; results come back in order."""
+        started = time.perf_counter()
+        sequences = [self._new_sequence(request, started) for request in requests]
+        active = [seq for seq in sequences if not seq.request.cancelled]
+        for seq in sequences:
+            if seq.request.cancelled:
+                seq.finish = FinishReason.CANCELLED
+        if active:
+            self._decode(active, progress)
+        return [self._result(seq) for seq in sequences]
+
+    def _prefill_inputs(self, active: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(seq.prompt_ids) for seq in active)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(active), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(active), width), dtype=torch.long)
+        for row, seq in enumerate(active):
+            length = len(seq.prompt_ids)
+            input_ids[row, width - length :] = torch.tensor(seq.prompt_ids)
+            attention[row, width - length :] = 1
+        return input_ids.to(self.device), attention.to(self.device)
+
+    def _decode(self, active: list[_Sequence], progress: ProgressCallback | None) -> None:
+        from transformers import DynamicCache
+
+        input_ids, attention = self._prefill_inputs(active)
+        # Left padding: positions count real tokens only, so a padded prompt sees the same
+        # rotary positions as it would alone.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits are needed
+            **{self._cache_kwarg: cache},
+        )
+        next_positions = positions[:, -1:] + 1
+        logits = outputs.logits[:, -1, :]
+        while active:
+            tokens = sample_next_tokens(
+                logits,
+                [seq.request.sampling for seq in active],
+                [seq.prompt_ids + seq.generated for seq in active],
+                [seq.generator for seq in active],
+            )
+            now = time.perf_counter()
+            keep: list[int] = []
+            for row, (seq, token) in enumerate(zip(active, tokens, strict=True)):
+                self._append(seq, token, now, progress)
+                if seq.finish is None:
+                    keep.append(row)
+            if len(keep) < len(active):
+                # Finished and cancelled sequences leave the batch: they stop costing compute.
+                active = [active[row] for row in keep]
+                if not active:
+                    break
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                attention = attention[index]
+                next_positions = next_positions[index]
+                tokens = [tokens[row] for row in keep]
+            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(-1)
+            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
+            outputs = self.model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=next_positions,
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
+            next_positions = next_positions + 1
+            logits = outputs.logits[:, -1, :]
+
+    def _append(
+        self, seq: _Sequence, token: int, now: float, progress: ProgressCallback | None
+    ) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if seq.request.cancelled:
+            seq.finish = FinishReason.CANCELLED
+            return
+        if token in self.stop_token_ids:
+            seq.finish = FinishReason.EOS
+        else:
+            seq.generated.append(token)
+            if self._page_closed(seq.generated):
+                seq.finish = FinishReason.HTML_COMPLETE
+            elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
+                seq.finish = FinishReason.LENGTH
+        count = len(seq.generated)
+        if progress is not None and (seq.finish is not None or count % PROGRESS_EVERY == 0):
+            try:
+                progress(seq.request.request_id, count)
+            except Exception:  # a broken listener must not kill everyone's generation
+                log.exception("progress callback failed")
+
+    def _page_closed(self, generated: list[int]) -> bool:
+        tail = self.tokenizer.decode(generated[-_STOP_WINDOW_TOKENS:], skip_special_tokens=True)
+        return HTML_END in tail.lower()
+
+    def _result(self, seq: _Sequence) -> GenerationResult:
+        finished = time.perf_counter()
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        if seq.finish == FinishReason.HTML_COMPLETE:
+            # Drop anything the last token carried past the closing tag.
+            end = text.lower().rfind(HTML_END)
+            text = text[: end + len(HTML_END)]
+        first = seq.first_token_at or finished
+        return GenerationResult(
+            request_id=seq.request.request_id,
+            text=text,
+            finish_reason=seq.finish or FinishReason.CANCELLED,
+            prompt_tokens=len(seq.prompt_ids),
+            generated_tokens=len(seq.generated),
+            time_to_first_token_s=first - seq.started,
+            total_s=finished - seq.started,
+        )

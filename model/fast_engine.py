@@ -1,0 +1,374 @@
+"""A continuous-batching engine for Llama models: slots, CUDA-graph decode, merged weights.
+
+``FastEngine`` implements both ``TextGenerator`` (``generate``: serve a fixed list) and
+``ContinuousGenerator`` (``serve``: take requests between decode steps). Each loop iteration:
+
+1. drop cancelled sequences (their slots free at once);
+2. take up to as many new requests as there are free slots (the scheduler keeps the queue);
+3. prefill a limited number of newcomers' prompt tokens in one batched forward, so the
+   running sequences wait at most one prefill between two of their tokens;
+4. one decode step for all live sequences (one CUDA graph launch on a GPU), then deliver the
+   ones that finished (EOS, the page's closing ``</html>``, ``max_new_tokens``).
+
+Semantics per request match ``model.engine.Engine``: the prompt is built with
+``model.prompting.encode_prompt``; greedy when ``temperature == 0``; the repetition penalty
+covers prompt and generated tokens, as in transformers; a ``seed`` makes sampling repeatable
+(independent of which other requests share the batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.fast_llama import FastLlama
+from model.prompting import encode_prompt
+from model.types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ProgressCallback,
+    RequestSource,
+    ResultSink,
+)
+
+log = logging.getLogger(__name__)
+
+_HTML_END = "</html>"
+# Enough tokens to hold "</html>" however the tokenizer splits it.
+_TAIL_TOKENS = 12
+
+
+@dataclass(frozen=True)
+class FastEngineOptions:
+    """Settings of :class:`FastEngine`.
+
+    ``max_slots=None`` sizes the KV cache from free GPU memory (8 slots on CPU).
+    ``ignore_eos`` runs every request to ``max_new_tokens`` (EOS and ``</html>`` ignored):
+    for benchmarks, where random weights must produce fixed-length answers.
+    """
+
+    max_seq_len: int = 2048
+    max_slots: int | None = None
+    memory_fraction: float = 0.92
+    prefill_tokens: int = 2048  # prompt tokens prefilled between two decode steps, at most
+    use_cuda_graphs: bool = True
+    compile_kernels: bool = True
+    attention: str = "sdpa"  # or "matmul"
+    progress_interval_s: float = 0.25
+    ignore_eos: bool = False
+    idle_wait: bool = True  # pass wait=True to take() when nothing runs
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    prompt: list[int]
+    max_new: int
+    started: float
+    row: int = -1
+    first_token_at: float | None = None
+    last_progress: float = 0.0
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache once the newest token is written (prompt + generated - 1)."""
+        return len(self.prompt) + len(self.generated) - 1
+
+
+class FastEngine:
+    """Continuous batching over a slot KV cache; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_name: str | None = None,
+        options: FastEngineOptions | None = None,
+    ) -> None:
+        self.options = options or FastEngineOptions()
+        self.tokenizer = tokenizer
+        self._name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "")
+        opts = self.options
+        self.runner = FastLlama(
+            model,
+            max_seq_len=opts.max_seq_len,
+            max_slots=opts.max_slots,
+            memory_fraction=opts.memory_fraction,
+            use_cuda_graphs=opts.use_cuda_graphs,
+            compile_kernels=opts.compile_kernels,
+            attention=opts.attention,
+        )
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._closing = _closing_tokens(tokenizer, self.runner.vocab_size)
+        self._lock = threading.Lock()  # one serve()/generate() at a time
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, options: FastEngineOptions | None = None) -> FastEngine:
+        """Build from ``model.loading.LoadedModel``."""
+        return cls(loaded.model, loaded.tokenizer, model_name=loaded.spec.name, options=options)
+
+    @property
+    def model_name(self) -> str:
+        return str(self._name)
+
+    @property
+    def slots(self) -> int:
+        return self.runner.slots
+
+    def warmup(self, max_batch: int | None = None) -> int:
+        """Capture the decode graphs now rather than on first use; returns how many."""
+        return self.runner.capture_all(max_batch)
+
+    # ------------------------------------------------------------ TextGenerator
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Generate all ``requests`` (continuously batched); results in the same order."""
+        if not requests:
+            return []
+        pending = list(requests)
+        results: dict[int, GenerationResult] = {}
+        stop = threading.Event()
+        index_of: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            index_of.setdefault(r.request_id, []).append(i)
+
+        def take(count: int, wait: bool) -> list[GenerationRequest]:
+            batch = pending[:count]
+            del pending[:count]
+            return batch
+
+        def finished(result: GenerationResult) -> None:
+            for i in index_of[result.request_id]:
+                if i not in results:
+                    results[i] = result
+                    break
+            if len(results) == len(requests):
+                stop.set()
+
+        self.serve(take, finished, progress, stop)
+        return [results[i] for i in range(len(requests))]
+
+    # ------------------------------------------------------ ContinuousGenerator
+
+    def serve(
+        self,
+        take: RequestSource,
+        finished: ResultSink,
+        progress: ProgressCallback | None,
+        stop: threading.Event,
+    ) -> None:
+        """Serve until ``stop`` is set; running requests are then cancelled and delivered."""
+        with self._lock:
+            live: list[_Sequence] = []
+            waiting: deque[_Sequence] = deque()
+            try:
+                while not stop.is_set():
+                    self._drop_cancelled(live, waiting, finished)
+                    free = self.runner.slots - len(live) - len(waiting)
+                    if free > 0:
+                        idle = not live and not waiting and self.options.idle_wait
+                        for request in take(free, idle):
+                            self._admit(request, waiting, finished)
+                    if waiting:
+                        self._prefill(live, waiting, finished, progress)
+                    if live:
+                        self._step(live, finished, progress)
+            finally:
+                for seq in [*live, *waiting]:
+                    finished(self._result(seq, FinishReason.CANCELLED))
+
+    # ------------------------------------------------------------------ steps
+
+    def _admit(
+        self, request: GenerationRequest, waiting: deque[_Sequence], finished: ResultSink
+    ) -> None:
+        now = time.perf_counter()
+        prompt = encode_prompt(self.tokenizer, request.prompt, request.style)
+        limit = self.options.max_seq_len
+        if len(prompt) >= limit:
+            log.warning(
+                "prompt of %d tokens cut to the last %d (max_seq_len %d)",
+                len(prompt),
+                limit // 2,
+                limit,
+            )
+            prompt = prompt[-(limit // 2) :]
+        max_new = min(request.sampling.max_new_tokens, limit - len(prompt))
+        seq = _Sequence(request=request, prompt=prompt, max_new=max_new, started=now)
+        if request.cancelled:
+            finished(self._result(seq, FinishReason.CANCELLED))
+            return
+        waiting.append(seq)
+
+    def _drop_cancelled(
+        self, live: list[_Sequence], waiting: deque[_Sequence], finished: ResultSink
+    ) -> None:
+        for seq in [s for s in waiting if s.request.cancelled]:
+            waiting.remove(seq)
+            finished(self._result(seq, FinishReason.CANCELLED))
+        gone = [s for s in live if s.request.cancelled]
+        if gone:
+            self._release(live, gone)
+            for seq in gone:
+                finished(self._result(seq, FinishReason.CANCELLED))
+
+    def _prefill(
+        self,
+        live: list[_Sequence],
+        waiting: deque[_Sequence],
+        finished: ResultSink,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Prefill newcomers up to the token budget (at least one) into rows after ``live``."""
+        batch: list[_Sequence] = []
+        budget = self.options.prefill_tokens
+        while waiting and (not batch or budget >= len(waiting[0].prompt)):
+            seq = waiting.popleft()
+            budget -= len(seq.prompt)
+            batch.append(seq)
+        runner = self.runner
+        for offset, seq in enumerate(batch):
+            seq.row = len(live) + offset
+            sampling = seq.request.sampling
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+            runner.set_row(
+                seq.row,
+                prompt=seq.prompt,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                repetition_penalty=sampling.repetition_penalty,
+                seed=seed,
+            )
+        rows = [s.row for s in batch]
+        logits = runner.prefill(rows, [s.prompt for s in batch])
+        tokens = runner.sample(rows, logits, [len(s.prompt) for s in batch])
+        now = time.perf_counter()
+        live.extend(batch)
+        done: list[tuple[_Sequence, FinishReason]] = []
+        for seq, token in zip(batch, tokens, strict=True):
+            seq.first_token_at = now
+            seq.generated.append(token)
+            runner.start_row(seq.row, token, len(seq.prompt))
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                done.append((seq, reason))
+            else:
+                self._report(seq, progress, now, force=True)
+        self._deliver(live, done, finished)
+
+    def _step(
+        self, live: list[_Sequence], finished: ResultSink, progress: ProgressCallback | None
+    ) -> None:
+        context = max(s.length for s in live) + 1
+        tokens = self.runner.decode(len(live), context)
+        now = time.perf_counter()
+        done: list[tuple[_Sequence, FinishReason]] = []
+        for seq, token in zip(live, tokens, strict=True):
+            seq.generated.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                done.append((seq, reason))
+            elif progress is not None:
+                self._report(seq, progress, now)
+        self._deliver(live, done, finished)
+
+    def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
+        if not self.options.ignore_eos:
+            if token in self.eos_ids:
+                return FinishReason.EOS
+            if token < len(self._closing) and self._closing[token]:
+                tail = self.tokenizer.decode(seq.generated[-_TAIL_TOKENS:])
+                if _HTML_END in tail.lower():
+                    return FinishReason.HTML_COMPLETE
+        if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _report(
+        self, seq: _Sequence, progress: ProgressCallback | None, now: float, force: bool = False
+    ) -> None:
+        if progress is None:
+            return
+        if not force and now - seq.last_progress < self.options.progress_interval_s:
+            return
+        seq.last_progress = now
+        try:
+            progress(seq.request.request_id, len(seq.generated))
+        except Exception:  # a broken callback must not stop everyone's generation
+            log.exception("progress callback failed for %s", seq.request.request_id)
+
+    def _deliver(
+        self,
+        live: list[_Sequence],
+        done: list[tuple[_Sequence, FinishReason]],
+        finished: ResultSink,
+    ) -> None:
+        if not done:
+            return
+        self._release(live, [seq for seq, _ in done])
+        for seq, reason in done:
+            finished(self._result(seq, reason))
+
+    def _release(self, live: list[_Sequence], gone: list[_Sequence]) -> None:
+        """Remove ``gone`` from ``live``, moving the last live rows into the holes."""
+        leaving = {id(s) for s in gone}
+        for seq in sorted(gone, key=lambda s: s.row):
+            while live and id(live[-1]) in leaving:
+                live.pop()
+            if seq.row >= len(live):
+                continue  # it was at the end and is gone already
+            last = live.pop()
+            self.runner.move_row(last.row, seq.row, last.length)
+            last.row = seq.row
+            live[seq.row] = last
+        while live and id(live[-1]) in leaving:
+            live.pop()
+        assert all(s.row == i for i, s in enumerate(live)), "slot rows out of order"
+
+    def _result(self, seq: _Sequence, reason: FinishReason) -> GenerationResult:
+        now = time.perf_counter()
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        first = (seq.first_token_at - seq.started) if seq.first_token_at is not None else 0.0
+        return GenerationResult(
+            request_id=seq.request.request_id,
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            generated_tokens=len(seq.generated),
+            time_to_first_token_s=first,
+            total_s=now - seq.started,
+        )
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    return frozenset(ids)
+
+
+def _closing_tokens(tokenizer: Any, vocab_size: int) -> list[bool]:
+    """Per token id: could this token complete ``</html>`` (does its text hold '>')?
+
+    Checked first so the tail of a sequence is decoded only on the rare steps that matter.
+    """
+    size = min(vocab_size, len(tokenizer))
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    return [piece is not None and ">" in piece for piece in pieces]

@@ -1,0 +1,497 @@
+"""A Llama forward in plain torch over a slot-based KV cache, for the fast engine.
+
+It reads the weights of a transformers ``LlamaForCausalLM`` (merged bf16, or modules such as
+bitsandbytes 4-bit or unmerged peft LoRA layers, which it calls as they are) and computes the
+same function: RMSNorm, rotary embeddings with the config's theta, grouped-query attention,
+SiLU MLP. On CUDA the decode step over all live slots is captured in CUDA graphs, one per
+(batch bucket, context bucket), so a step is one graph launch and short contexts don't read
+the whole cache. On CPU the same code runs eagerly (that is what the tests check).
+
+Slots are kept compact: live sequences occupy rows ``0..n-1``; when one leaves, the last row
+moves into its place (one copy of that sequence's KV), so a batch-``b`` step works on plain
+views ``[:b]`` with no gather.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model.fast_sampling import sample_rows
+
+log = logging.getLogger(__name__)
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Weight:
+    """A bias-free linear layer held as one (out, in) weight; may be several fused."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class _Modules:
+    """Calls modules as they are (4-bit, LoRA-wrapped, biased) and concatenates outputs."""
+
+    def __init__(self, *modules: Any) -> None:
+        self.modules = modules
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.modules) == 1:
+            out: torch.Tensor = self.modules[0](x)
+            return out
+        return torch.cat([module(x) for module in self.modules], dim=-1)
+
+
+def _is_plain_linear(module: Any) -> bool:
+    return type(module) is torch.nn.Linear and module.bias is None
+
+
+def _fuse(modules: list[Any]) -> Linear:
+    """One weight for several plain linears; the HF modules then view slices of it.
+
+    Rebinding the HF parameters to views keeps the HF model working while the weights exist
+    once in memory (a 7B model in bf16 is 13.5 GB; a second copy would not fit small cards).
+    """
+    if not all(_is_plain_linear(m) for m in modules):
+        return _Modules(*modules)
+    if len(modules) == 1:
+        return _Weight(modules[0].weight.data)
+    with torch.no_grad():
+        fused = torch.cat([m.weight.data for m in modules], dim=0)
+        start = 0
+        for module in modules:
+            rows = module.weight.shape[0]
+            module.weight.data = fused[start : start + rows]
+            start += rows
+    return _Weight(fused)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+
+
+def _unwrap(model: Any) -> Any:
+    """The LlamaForCausalLM inside a peft wrapper; merges the adapter when it can."""
+    if hasattr(model, "merge_and_unload"):
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
+            model, "is_loaded_in_8bit", False
+        )
+        if not quantized:
+            log.info("merging the LoRA adapter into the base weights")
+            return model.merge_and_unload()
+        # Quantized base: keep the LoRA layers unmerged and call them as modules.
+        return model.get_base_model()
+    return model
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalize in float32, scale in the input dtype."""
+    hidden = x.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class FastLlama:
+    """Weights, KV cache and the two forwards (prefill, decode step) of a Llama model."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_seq_len: int,
+        max_slots: int | None,
+        memory_fraction: float,
+        use_cuda_graphs: bool,
+        compile_kernels: bool,
+        attention: str,
+    ) -> None:
+        llama = _unwrap(model)
+        config = llama.config
+        if getattr(config, "model_type", "llama") not in {"llama", "mistral"}:
+            raise ValueError(f"the fast engine runs Llama models, not {config.model_type!r}")
+        self.llama = llama
+        inner = llama.model
+        self.n_layers = int(config.num_hidden_layers)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv = int(config.num_key_value_heads or self.n_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
+        self.group = self.n_heads // self.n_kv
+        self.eps = float(config.rms_norm_eps)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {config.hidden_act!r}")
+        self.embed = inner.embed_tokens.weight
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        self.vocab_size = int(llama.lm_head.weight.shape[0])
+        self.final_norm = inner.norm.weight
+        self.lm_head = _fuse([llama.lm_head])
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_layernorm.weight,
+                post_norm=layer.post_attention_layernorm.weight,
+                qkv=_fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                o=_fuse([layer.self_attn.o_proj]),
+                gate_up=_fuse([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                down=_fuse([layer.mlp.down_proj]),
+            )
+            for layer in inner.layers
+        ]
+        self.attention = attention
+        self.scale = self.head_dim**-0.5
+        self.max_seq_len = int(max_seq_len)
+        self._build_rope(llama, config)
+
+        cuda = self.device.type == "cuda"
+        self.use_graphs = use_cuda_graphs and cuda
+        self.slots = self._count_slots(max_slots, memory_fraction)
+        self._allocate()
+        self._norm: Callable[..., torch.Tensor] = rms_norm
+        self._rotate: Callable[..., torch.Tensor] = _rotate
+        self._silu_mul: Callable[..., torch.Tensor] = _silu_mul
+        self._sample: Callable[..., torch.Tensor] = sample_rows
+        if compile_kernels and cuda:
+            self._compile_kernels()
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool: Any = None
+        self.batch_buckets = _buckets(
+            [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256], self.slots
+        )
+        self.context_buckets = _buckets([256, 512, 1024, 2048, 4096, 8192], self.max_seq_len)
+
+    # ----------------------------------------------------------------- setup
+
+    def _build_rope(self, llama: Any, config: Any) -> None:
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        theta = theta or getattr(config, "rope_theta", 10000.0)
+        dim = self.head_dim
+        if rope_type == "default":
+            # Computed here in float32: a model cast to bf16 also casts HF's inv_freq buffer.
+            inv_freq = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            scaling = 1.0
+        else:
+            rotary = llama.model.rotary_emb
+            inv_freq = rotary.inv_freq.detach().float().cpu()
+            scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        positions = torch.arange(self.max_seq_len, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * scaling).to(self.dtype).to(self.device)
+        self.sin = (emb.sin() * scaling).to(self.dtype).to(self.device)
+
+    def kv_bytes_per_slot(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.n_kv * self.max_seq_len * self.head_dim * element
+
+    def _count_slots(self, max_slots: int | None, memory_fraction: float) -> int:
+        if self.device.type != "cuda":
+            return max_slots or 8
+        free, _total = torch.cuda.mem_get_info(self.device)
+        # Leave room for prefill activations, graph pools and the allocator's slack.
+        reserve = 3 * 1024**3
+        budget = max(0, int(free * memory_fraction) - reserve)
+        fit = budget // self.kv_bytes_per_slot()
+        slots = min(fit, max_slots) if max_slots else fit
+        if slots < 1:
+            raise RuntimeError(
+                f"no room for a KV cache of {self.max_seq_len} tokens "
+                f"({free / 1e9:.1f} GB free); lower max_seq_len"
+            )
+        log.info(
+            "KV cache: %d slots x %d tokens (%.1f GB; %.1f GB were free)",
+            slots,
+            self.max_seq_len,
+            slots * self.kv_bytes_per_slot() / 1e9,
+            free / 1e9,
+        )
+        return int(slots)
+
+    def _allocate(self) -> None:
+        d, s = self.device, self.slots
+        self.cache = torch.zeros(
+            (self.n_layers, 2, s, self.n_kv, self.max_seq_len, self.head_dim),
+            dtype=self.dtype,
+            device=d,
+        )
+        # Per-row decode state; the graphs read and update these in place.
+        self.tokens = torch.zeros(s, dtype=torch.int64, device=d)
+        self.positions = torch.zeros(s, dtype=torch.int64, device=d)
+        self.temperature = torch.ones(s, dtype=torch.float32, device=d)
+        self.top_p = torch.ones(s, dtype=torch.float32, device=d)
+        self.repetition_penalty = torch.ones(s, dtype=torch.float32, device=d)
+        self.greedy = torch.ones(s, dtype=torch.bool, device=d)
+        self.seed = torch.zeros(s, dtype=torch.int64, device=d)
+        self.seen = torch.zeros((s, self.vocab_size), dtype=torch.bool, device=d)
+        self.rows = torch.arange(s, dtype=torch.int64, device=d)
+        self.vocab = torch.arange(self.vocab_size, dtype=torch.int64, device=d)
+        self.key_positions = torch.arange(self.max_seq_len, dtype=torch.int64, device=d)
+
+    def _compile_kernels(self) -> None:
+        """Fuse the small elementwise pieces with Inductor (the matmuls stay cuBLAS).
+
+        Without this a decode step is ~35 kernels a layer, and their launch gaps alone cost
+        more than a millisecond per step at batch 1, even inside a CUDA graph.
+        """
+        try:
+            options = {"dynamic": True, "fullgraph": True}
+            self._norm = torch.compile(rms_norm, **options)  # type: ignore[assignment]
+            self._rotate = torch.compile(_rotate, **options)  # type: ignore[assignment]
+            self._silu_mul = torch.compile(_silu_mul, **options)  # type: ignore[assignment]
+            self._sample = torch.compile(sample_rows, **options)  # type: ignore[assignment]
+        except Exception as error:  # compile is an optimisation; eager is still correct
+            log.warning("torch.compile unavailable (%s); running eager kernels", error)
+
+    # -------------------------------------------------------------- forwards
+
+    def _attend_decode(
+        self, q: torch.Tensor, b: int, ctx: int, layer: int, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of one new query per row over its cached keys ``[0, ctx)``.
+
+        Grouped-query heads need no copy of K/V: the ``group`` query heads that share a KV
+        head are laid out as ``group`` queries of that head.
+        """
+        keys = self.cache[layer, 0, :b, :, :ctx]
+        values = self.cache[layer, 1, :b, :, :ctx]
+        q = q.view(b, self.n_kv, self.group, self.head_dim)
+        if self.attention == "sdpa":
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.scale)
+        else:
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale + bias
+            out = torch.matmul(scores.softmax(dim=-1).to(q.dtype), values)
+        return out.reshape(b, self.n_heads * self.head_dim)
+
+    def decode_body(self, b: int, ctx: int) -> None:
+        """One decode step for rows ``[:b]`` with keys ``[0, ctx)``; updates state in place."""
+        tokens = self.tokens[:b]
+        positions = self.positions[:b]
+        rows = self.rows[:b]
+        x = self.embed[tokens]
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        visible = self.key_positions[:ctx][None, :] <= positions[:, None]
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        bias_dtype = self.dtype if self.attention == "sdpa" else torch.float32
+        bias = torch.where(visible, zero, -torch.inf).to(bias_dtype)[:, None, None, :]
+        hq = self.n_heads * self.head_dim
+        hkv = self.n_kv * self.head_dim
+        for index, layer in enumerate(self.layers):
+            h = self._norm(x, layer.input_norm, self.eps)
+            qkv = layer.qkv(h)
+            q = self._rotate(qkv[:, :hq].view(b, self.n_heads, self.head_dim), cos, sin)
+            k = self._rotate(qkv[:, hq : hq + hkv].view(b, self.n_kv, self.head_dim), cos, sin)
+            v = qkv[:, hq + hkv :].view(b, self.n_kv, self.head_dim)
+            self.cache[index, 0][rows, :, positions] = k
+            self.cache[index, 1][rows, :, positions] = v
+            x = x + layer.o(self._attend_decode(q, b, ctx, index, bias))
+            h = self._norm(x, layer.post_norm, self.eps)
+            x = x + layer.down(self._silu_mul(layer.gate_up(h)))
+        logits = self.lm_head(self._norm(x, self.final_norm, self.eps)).float()
+        nxt = positions + 1
+        token = self._sample(
+            logits,
+            self.seen[:b],
+            self.temperature[:b],
+            self.top_p[:b],
+            self.repetition_penalty[:b],
+            self.greedy[:b],
+            self.seed[:b],
+            nxt,
+            self.vocab,
+        )
+        tokens.copy_(token)
+        # Rows past the live ones (bucket padding) keep running on garbage; clamping keeps
+        # their writes inside the cache.
+        positions.copy_(nxt.clamp_(max=self.max_seq_len - 1))
+        self.seen[:b].scatter_(1, token[:, None], True)
+
+    def decode(self, b: int, ctx: int) -> list[int]:
+        """Run one step for rows ``[:b]`` (context bucket ``ctx``); the new tokens."""
+        if not self.use_graphs:
+            with torch.inference_mode():
+                self.decode_body(b, ctx)
+            return list(self.tokens[:b].tolist())
+        bb = self.batch_bucket(b)
+        cb = self.context_bucket(ctx)
+        graph = self._graphs.get((bb, cb))
+        if graph is None:
+            graph = self._capture(bb, cb)
+        graph.replay()
+        return list(self.tokens[:b].tolist())
+
+    def batch_bucket(self, b: int) -> int:
+        return next(size for size in self.batch_buckets if size >= b)
+
+    def context_bucket(self, ctx: int) -> int:
+        return next(size for size in self.context_buckets if size >= ctx)
+
+    def _capture(self, b: int, ctx: int) -> torch.cuda.CUDAGraph:
+        """Capture the step for (b, ctx); live rows' state is saved and put back around it."""
+        saved = (self.tokens.clone(), self.positions.clone(), self.seen[:b].clone())
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode():
+            with torch.cuda.stream(stream):
+                self.decode_body(b, ctx)  # warm-up: compiles kernels, creates cuBLAS handles
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self.decode_body(b, ctx)
+        self.tokens.copy_(saved[0])
+        self.positions.copy_(saved[1])
+        self.seen[:b].copy_(saved[2])
+        self._graphs[(b, ctx)] = graph
+        log.debug("captured decode graph batch=%d context=%d", b, ctx)
+        return graph
+
+    def capture_all(self, max_batch: int | None = None) -> int:
+        """Capture every (batch, context) graph up to ``max_batch`` rows; how many."""
+        if not self.use_graphs:
+            return 0
+        sizes = [s for s in self.batch_buckets if max_batch is None or s <= max_batch]
+        if max_batch is not None and max_batch not in sizes:
+            sizes.append(self.batch_bucket(max_batch))
+        for b in sorted(sizes, reverse=True):  # largest first: the pool is sized once
+            for ctx in self.context_buckets:
+                if (b, ctx) not in self._graphs:
+                    self._capture(b, ctx)
+        return len(self._graphs)
+
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts into the cache rows; returns last-position logits (n, V) float32."""
+        n = len(rows)
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        with torch.inference_mode():
+            ids = torch.zeros((n, longest), dtype=torch.int64)
+            for i, prompt in enumerate(prompts):
+                ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+            ids = ids.to(self.device)
+            row_index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            x = self.embed[ids]
+            cos = self.cos[:longest][None, None]
+            sin = self.sin[:longest][None, None]
+            hq = self.n_heads * self.head_dim
+            hkv = self.n_kv * self.head_dim
+            for index, layer in enumerate(self.layers):
+                h = self._norm(x, layer.input_norm, self.eps)
+                qkv = layer.qkv(h)
+                q = qkv[..., :hq].view(n, longest, self.n_heads, self.head_dim).transpose(1, 2)
+                k = qkv[..., hq : hq + hkv].view(n, longest, self.n_kv, self.head_dim)
+                v = qkv[..., hq + hkv :].view(n, longest, self.n_kv, self.head_dim)
+                q = self._rotate(q, cos, sin)
+                k = self._rotate(k.transpose(1, 2), cos, sin)
+                v = v.transpose(1, 2)
+                self.cache[index, 0, :, :, :longest][row_index] = k
+                self.cache[index, 1, :, :, :longest][row_index] = v
+                if self.group > 1:
+                    k = k.repeat_interleave(self.group, dim=1)
+                    v = v.repeat_interleave(self.group, dim=1)
+                # Right padding: every real query sees only real keys under the causal mask.
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+                x = x + layer.o(attn.transpose(1, 2).reshape(n, longest, hq))
+                h = self._norm(x, layer.post_norm, self.eps)
+                x = x + layer.down(self._silu_mul(layer.gate_up(h)))
+            last = torch.tensor([length - 1 for length in lengths], device=self.device)
+            x = x[torch.arange(n, device=self.device), last]
+            return self.lm_head(self._norm(x, self.final_norm, self.eps)).float()
+
+    def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
+        """Sample one token per row from given logits (used after prefill)."""
+        with torch.inference_mode():
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            counter = torch.tensor(counters, dtype=torch.int64, device=self.device)
+            token = sample_rows(
+                logits,
+                self.seen[index],
+                self.temperature[index],
+                self.top_p[index],
+                self.repetition_penalty[index],
+                self.greedy[index],
+                self.seed[index],
+                counter,
+                self.vocab,
+            )
+            return list(token.tolist())
+
+    # ----------------------------------------------------------- row state
+
+    def set_row(
+        self,
+        row: int,
+        *,
+        prompt: list[int],
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+        seed: int,
+    ) -> None:
+        """Sampling settings and the repetition set of a newly admitted row."""
+        with torch.inference_mode():
+            greedy = temperature <= 0
+            self.temperature[row] = 1.0 if greedy else temperature
+            self.top_p[row] = top_p
+            self.repetition_penalty[row] = repetition_penalty
+            self.greedy[row] = greedy
+            self.seed[row] = seed & 0xFFFFFFFF
+            self.seen[row] = False
+            ids = torch.tensor(prompt, dtype=torch.int64, device=self.device)
+            self.seen[row, ids] = True
+
+    def start_row(self, row: int, token: int, position: int) -> None:
+        """Make ``token`` (at ``position``) the next decode input of ``row``."""
+        with torch.inference_mode():
+            self.tokens[row] = token
+            self.positions[row] = position
+            self.seen[row, token] = True
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Move a live row's KV (first ``length`` positions) and state to a freed row."""
+        with torch.inference_mode():
+            self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
+            for buffer in (
+                self.tokens,
+                self.positions,
+                self.temperature,
+                self.top_p,
+                self.repetition_penalty,
+                self.greedy,
+                self.seed,
+                self.seen,
+            ):
+                buffer[target] = buffer[source]
+
+
+def _buckets(candidates: list[int], limit: int) -> list[int]:
+    sizes = sorted({c for c in candidates if c < limit} | {limit})
+    return sizes
