@@ -1,0 +1,344 @@
+"""Slash commands (/html, /queue, /mypages), the Cancel button, and error replies.
+
+Handlers only translate an interaction into scheduler calls and return: they never touch
+the model. /html does all its checks synchronously and then defers, so it answers inside
+Discord's 3-second window however busy the GPU is.
+
+This module does not use ``from __future__ import annotations``: discord.py reads the
+handlers' annotations, and ``Range[str, 1, max_chars]`` depends on the settings.
+"""
+
+import logging
+import unicodedata
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+
+from bot.errors import (
+    BotError,
+    InvalidPrompt,
+    JobNotFound,
+    NotAllowed,
+    NotPermitted,
+    QueueFull,
+    ResultNotFound,
+    UserLimitReached,
+)
+from bot.jobs import Job, JobState
+from bot.scheduler import format_duration
+from bot.status import CANCEL_PREFIX, Ticket, ticket_of
+
+if TYPE_CHECKING:
+    from bot.client import HtmlBot
+
+log = logging.getLogger(__name__)
+
+# Discord allows at most 6000 characters in a string option.
+DISCORD_OPTION_MAX = 6000
+# Bidirectional overrides and isolates: they can disguise text; never needed in a prompt.
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+QUEUE_LIST_MAX = 20
+
+
+def validate_prompt(prompt: str, max_chars: int) -> str:
+    """The prompt, stripped; raises InvalidPrompt if empty, too long or holding control chars."""
+    text = prompt.strip()
+    if not text:
+        raise InvalidPrompt(
+            "The prompt is empty. Describe the page you want, e.g. `a landing page for a bakery`."
+        )
+    if len(text) > max_chars:
+        raise InvalidPrompt(
+            f"The prompt is {len(text)} characters long; the limit is {max_chars}. "
+            "Please shorten it."
+        )
+    for char in text:
+        if char in "\n\t":
+            continue
+        if unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS:
+            raise InvalidPrompt(
+                f"The prompt contains a control character (U+{ord(char):04X}). "
+                "Please use plain text."
+            )
+    return text
+
+
+def user_message_for(error: BaseException) -> str:
+    """The one place where an exception becomes what the user reads."""
+    original = getattr(error, "original", None) or getattr(error, "__cause__", None) or error
+    if isinstance(error, BotError):
+        original = error
+    if isinstance(original, BotError):
+        return f"⚠️ {original}"
+    if isinstance(error, app_commands.CommandOnCooldown):
+        return f"⚠️ Slow down: try again in {error.retry_after:.0f} s."
+    if isinstance(error, app_commands.CheckFailure):
+        return "⚠️ You can't use this command here."
+    return "❌ Something went wrong on our side. It has been logged; please try again."
+
+
+async def reply_ephemeral(interaction: discord.Interaction, text: str) -> None:
+    """Answer ``interaction`` privately, whether or not it has been answered already."""
+    if interaction.type is discord.InteractionType.autocomplete:
+        return
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as exc:
+        log.warning("could not send an error reply: %s %s", exc.status, exc.text)
+
+
+class Refused(app_commands.CheckFailure):
+    """Wraps a BotError raised in a check, so discord.py routes it to ``on_error``."""
+
+    def __init__(self, original: BotError) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+class HtmlCommandTree(app_commands.CommandTree):
+    """The command tree: access rules in ``interaction_check``, errors in ``on_error``."""
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        bot: HtmlBot = interaction.client  # type: ignore[assignment]
+        try:
+            check_allowed(interaction, bot)
+        except NotAllowed as exc:
+            raise Refused(exc) from exc
+        return True
+
+    async def on_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError, /
+    ) -> None:
+        original = getattr(error, "original", error)
+        if isinstance(original, BotError):
+            log.info(
+                "refused %s for user %s: %s",
+                _command_name(interaction),
+                interaction.user.id if interaction.user else "?",
+                original,
+            )
+            bot = interaction.client
+            metrics = getattr(bot, "metrics", None)
+            if metrics is not None:
+                metrics.rejected.labels(type(original).__name__).inc()
+        elif not isinstance(error, app_commands.CheckFailure):
+            log.error("command %s failed", _command_name(interaction), exc_info=original)
+        await reply_ephemeral(interaction, user_message_for(error))
+
+
+def _command_name(interaction: discord.Interaction) -> str:
+    command = interaction.command
+    return f"/{command.qualified_name}" if command is not None else "interaction"
+
+
+def check_allowed(interaction: discord.Interaction, bot: "HtmlBot") -> None:
+    """Raise NotAllowed unless the guild, channel and roles are allowed (empty = all)."""
+    settings = bot.settings
+    if settings.allowed_guild_ids and interaction.guild_id not in settings.allowed_guild_ids:
+        raise NotAllowed("This bot isn't enabled in this server.")
+    if settings.allowed_channel_ids and interaction.channel_id not in settings.allowed_channel_ids:
+        raise NotAllowed("This bot isn't enabled in this channel; try another channel.")
+    if settings.allowed_role_ids:
+        # Member._roles holds the ids sent with the interaction; Member.roles would need the
+        # guild's role cache, which a bot without the guilds intent doesn't have.
+        role_ids = set(getattr(interaction.user, "_roles", ()) or ())
+        if not role_ids & set(settings.allowed_role_ids):
+            raise NotAllowed("You need one of the roles allowed to use this bot.")
+
+
+def is_admin(interaction: discord.Interaction) -> bool:
+    """Members with Manage Server (or Administrator) see and cancel everyone's jobs."""
+    permissions = interaction.permissions
+    return bool(permissions.manage_guild or permissions.administrator)
+
+
+def register_commands(bot: "HtmlBot") -> None:
+    """Add /html, /queue and /mypages to ``bot.tree``."""
+    settings = bot.settings
+    max_chars = min(settings.max_prompt_chars, DISCORD_OPTION_MAX)
+    style_choices = [app_commands.Choice(name=name, value=name) for name in _style_names()]
+
+    @bot.tree.command(name="html", description="Generate a web page from a description")
+    @app_commands.describe(
+        prompt="What the page should be, e.g. 'a landing page for a bakery'",
+        style="A visual style for the page",
+        private="Only you see the reply",
+    )
+    @app_commands.choices(style=style_choices)
+    async def html(
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, max_chars],
+        style: str | None = None,
+        private: bool = False,
+    ) -> None:
+        await handle_html(bot, interaction, prompt, style, private)
+
+    @bot.tree.command(name="queue", description="Your queued pages (managers see everyone's)")
+    async def queue(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(queue_listing(bot, interaction), ephemeral=True)
+
+    @bot.tree.command(name="mypages", description="Your last pages; pick one to get it again")
+    @app_commands.describe(page="The page's id, as listed by /mypages without it")
+    async def mypages(interaction: discord.Interaction, page: str | None = None) -> None:
+        await handle_mypages(bot, interaction, page)
+
+    @mypages.autocomplete("page")
+    async def mypages_autocomplete(
+        interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        pages = await bot.list_pages(interaction.user.id)
+        choices = []
+        for item in pages:
+            label = f"{item.filename} ({item.job_id})"[:100]
+            if current.lower() in label.lower():
+                choices.append(app_commands.Choice(name=label, value=item.job_id))
+        return choices[:25]
+
+
+def _style_names() -> list[str]:
+    try:
+        from model.prompting import STYLE_HINTS
+    except ImportError:  # pragma: no cover - model.prompting ships with the skeleton
+        return []
+    return list(STYLE_HINTS)[:25]
+
+
+async def handle_html(
+    bot: "HtmlBot", interaction: discord.Interaction, prompt: str, style: str | None, private: bool
+) -> None:
+    """Validate, queue, defer: all checks happen before the first await."""
+    settings = bot.settings
+    text = validate_prompt(prompt, settings.max_prompt_chars)
+    if style is not None and style not in _style_names():
+        raise InvalidPrompt(f"Unknown style {style!r}.")
+    job = Job.create(
+        user_id=interaction.user.id,
+        prompt=text,
+        style=style,
+        ttl_s=settings.interaction_ttl_s,
+        sampling=bot.sampling,
+        user_name=str(interaction.user),
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        private=private,
+    )
+    job.context = Ticket(interaction=interaction)
+    try:
+        position = bot.scheduler.submit(job)
+    except (QueueFull, UserLimitReached) as exc:
+        bot.metrics.rejected.labels(type(exc).__name__).inc()
+        raise
+    try:
+        await interaction.response.defer(ephemeral=private, thinking=True)
+    except discord.HTTPException as exc:
+        # The interaction is gone (or Discord is down): nobody could get the page.
+        log.warning("defer failed for job %s (%s); cancelling it", job.job_id, exc.status)
+        cancelled = bot.scheduler.cancel(job.job_id)
+        if cancelled is not None:
+            ticket_of(job).final = True
+        return
+    ticket_of(job).deferred.set()
+    log.info("job %s queued for user %s at position %d", job.job_id, job.user_id, position)
+    bot.board.track(job)
+
+
+def queue_listing(bot: "HtmlBot", interaction: discord.Interaction) -> str:
+    """The /queue reply: the user's jobs, or everyone's for managers."""
+    admin = is_admin(interaction)
+    user_id = interaction.user.id
+    jobs = bot.scheduler.pending(None if admin else user_id)
+    positions = bot.scheduler.positions()
+    queued = bot.scheduler.queued_count
+    running = bot.scheduler.running_count
+    header = f"**Queue:** {queued} waiting, {running} generating."
+    if not jobs:
+        mine = "" if admin else " You have no pending requests."
+        return header + mine
+    lines = [header]
+    for job in jobs[:QUEUE_LIST_MAX]:
+        lines.append(_job_line(bot, job, positions.get(job.job_id), show_user=admin))
+    if len(jobs) > QUEUE_LIST_MAX:
+        lines.append(f"… and {len(jobs) - QUEUE_LIST_MAX} more.")
+    return "\n".join(lines)
+
+
+def _job_line(bot: "HtmlBot", job: Job, position: int | None, *, show_user: bool) -> str:
+    prompt = job.prompt if len(job.prompt) <= 60 else job.prompt[:57] + "…"
+    prompt = discord.utils.escape_markdown(prompt)
+    if job.state is JobState.RUNNING:
+        where = f"generating ({job.tokens_so_far} tokens)"
+    elif position is not None:
+        where = f"#{position}, about {format_duration(bot.scheduler.eta_s(position))}"
+    else:
+        where = job.state.value
+    who = f" · <@{job.user_id}>" if show_user else ""
+    return f"`{job.job_id}` {where}{who} · {prompt}"
+
+
+async def handle_mypages(
+    bot: "HtmlBot", interaction: discord.Interaction, page: str | None
+) -> None:
+    """List the user's kept pages, or send one of them again (privately)."""
+    user_id = interaction.user.id
+    if page is None:
+        pages = await bot.list_pages(user_id)
+        if not pages:
+            await interaction.response.send_message(
+                "You have no saved pages yet. Make one with `/html`.", ephemeral=True
+            )
+            return
+        lines = ["**Your last pages** (get one again with `/mypages page:<id>`):"]
+        for item in pages:
+            prompt = discord.utils.escape_markdown(item.prompt[:60])
+            lines.append(f"`{item.job_id}` **{item.filename}** · {prompt}")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+        return
+    stored = await bot.get_page(user_id, page.strip())
+    if stored is None:
+        raise ResultNotFound("No saved page of yours has that id. `/mypages` lists them.")
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    data = await bot.read_page(stored)
+    await bot.delivery_send_stored(interaction, stored, data)
+
+
+async def handle_cancel(bot: "HtmlBot", interaction: discord.Interaction, job_id: str) -> None:
+    """The Cancel button: the requester or a manager cancels a queued or running job."""
+    job = bot.scheduler.get(job_id)
+    if job is None:
+        raise JobNotFound("This request has already finished or was cancelled.")
+    if interaction.user.id != job.user_id and not is_admin(interaction):
+        raise NotPermitted(
+            "Only the person who asked for this page (or a server manager) can cancel it."
+        )
+    bot.scheduler.cancel(job_id)
+    who = "" if interaction.user.id == job.user_id else f" by {interaction.user.mention}"
+    text = f"🛑 Cancelled{who}."
+    ticket = job.context
+    if isinstance(ticket, Ticket):
+        async with ticket.lock:
+            ticket.final = True
+            ticket.shown = text
+            await interaction.response.edit_message(content=text, view=None)
+    else:
+        await interaction.response.edit_message(content=text, view=None)
+    log.info("job %s cancelled by user %s", job_id, interaction.user.id)
+
+
+async def on_component(bot: "HtmlBot", interaction: discord.Interaction) -> None:
+    """Route button presses by custom_id; errors become ephemeral replies."""
+    data: Any = interaction.data or {}
+    custom_id = str(data.get("custom_id", ""))
+    if not custom_id.startswith(CANCEL_PREFIX):
+        return
+    try:
+        check_allowed(interaction, bot)
+        await handle_cancel(bot, interaction, custom_id.removeprefix(CANCEL_PREFIX))
+    except BotError as exc:
+        await reply_ephemeral(interaction, user_message_for(exc))
+    except Exception as exc:
+        log.exception("Cancel button failed")
+        await reply_ephemeral(interaction, user_message_for(exc))

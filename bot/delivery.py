@@ -1,0 +1,333 @@
+"""Turning a finished job into what the user sees.
+
+A page goes out as a follow-up with a ``.html`` attachment named from the prompt, plus a
+one-line summary; it is zipped when it exceeds the interaction's attachment limit. Every
+page is first saved in the :class:`~bot.store.ResultStore`, so a page whose interaction
+token has expired (Discord answers 401/404) is not lost: the user fetches it with
+``/mypages``. Discord's 429 and 5xx answers are retried, honouring ``retry_after``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import random
+import re
+import time
+import unicodedata
+import zipfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import discord
+
+from bot.errors import DeliveryExpired
+from bot.jobs import Job, JobState
+from bot.metrics import Metrics
+from bot.status import Ticket, ticket_of
+from bot.store import ResultStore, StoredPage
+from model.types import FinishReason
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SLUG_MAX = 48
+# Names Windows refuses as files, whatever the extension.
+_RESERVED = (
+    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
+)
+# Wait this long for the defer to complete before giving up on a job's message.
+DEFER_WAIT_S = 10.0
+DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
+
+EXPIRED_TEXT = (
+    "⌛ Not run: Discord only lets a bot answer an interaction for 15 minutes, and your "
+    "page would not have been ready in time. Please ask again when the queue is shorter."
+)
+SHUTDOWN_TEXT = (
+    "🔌 The bot is restarting, so your queued request was cancelled. Please ask again in a "
+    "few minutes."
+)
+
+
+def slugify(text: str, max_len: int = SLUG_MAX) -> str:
+    """A safe file-name stem from free text: ASCII, lower case, words joined by '-'.
+
+    Never empty, never a path, never a name Windows reserves.
+    """
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    if len(slug) > max_len:
+        cut = slug[:max_len]
+        # End on a word boundary when one is near.
+        slug = cut.rsplit("-", 1)[0] if "-" in cut[max_len // 2 :] else cut
+        slug = slug.strip("-")
+    if not slug:
+        slug = "page"
+    if slug in _RESERVED:
+        slug = f"{slug}-page"
+    return slug
+
+
+def page_filename(prompt: str) -> str:
+    return f"{slugify(prompt)}.html"
+
+
+def summary_line(
+    *, filename: str, model: str, tokens: int, seconds: float, warnings: tuple[str, ...]
+) -> str:
+    """``**bakery.html** · smollm2 · 812 tokens · 14.2 s · ⚠️ truncated``"""
+    parts = [f"**{filename}**", model, f"{tokens} tokens", f"{seconds:.1f} s"]
+    if warnings:
+        parts.append("⚠️ " + ", ".join(warnings))
+    return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What to attach: a file name and its bytes, plus a note for the user (or '')."""
+
+    filename: str
+    data: bytes
+    note: str = ""
+
+    def to_file(self) -> discord.File:
+        return discord.File(io.BytesIO(self.data), filename=self.filename)
+
+
+def fit_attachment(filename: str, data: bytes, limit: int) -> Attachment | None:
+    """The page as is, or zipped when over ``limit`` bytes; None when even the zip is too big."""
+    if len(data) <= limit:
+        return Attachment(filename, data)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr(filename, data)
+    zipped = buffer.getvalue()
+    if len(zipped) <= limit:
+        stem = filename.rsplit(".", 1)[0]
+        return Attachment(
+            f"{stem}.zip",
+            zipped,
+            note=f"The page ({_mb(len(data))}) is over this server's upload limit: zipped.",
+        )
+    return None
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def retry_after_of(exc: discord.HTTPException) -> float | None:
+    """Seconds Discord asked us to wait, from the 429's headers or its JSON body."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    for key in ("Retry-After", "X-RateLimit-Reset-After"):
+        value = headers.get(key)
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                pass
+    # discord.py does not keep the parsed body, but aiohttp caches the raw one.
+    body = getattr(response, "_body", None)
+    if body:
+        try:
+            data = json.loads(body)
+            return max(0.0, float(data["retry_after"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return None
+
+
+async def with_retries(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay_s: float = 1.0,
+    max_delay_s: float = 60.0,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> T:
+    """Run ``operation``, retrying 429 (after ``retry_after``), 5xx and network errors.
+
+    401 and 404 mean the interaction token is dead: :class:`DeliveryExpired` at once.
+    Other 4xx are raised as they are.
+    """
+    for attempt in range(1, attempts + 1):
+        delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+        try:
+            return await operation()
+        except discord.HTTPException as exc:
+            if exc.status in (401, 404):
+                message = f"{what}: Discord answered {exc.status} ({exc.text})"
+                raise DeliveryExpired(message) from exc
+            if exc.status == 429:
+                asked = retry_after_of(exc)
+                delay = asked if asked is not None else delay
+            elif exc.status < 500:
+                raise
+            if attempt == attempts:
+                raise
+            log.warning(
+                "%s: Discord answered %s; retry %d in %.1f s", what, exc.status, attempt, delay
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("%s: %s; retry %d in %.1f s", what, type(exc).__name__, attempt, delay)
+        await sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def build_page_for(job: Job, *, strip_scripts: bool) -> Any:
+    """``model.html.build_page`` for the job's result (blocking: run it in a thread)."""
+    from model.html import build_page
+
+    assert job.result is not None
+    truncated = job.result.finish_reason is FinishReason.LENGTH
+    return build_page(
+        job.result.text, prompt=job.prompt, truncated=truncated, strip_scripts=strip_scripts
+    )
+
+
+class Delivery:
+    """Sends each job's outcome to its interaction (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: ResultStore,
+        metrics: Metrics,
+        *,
+        model_name: str,
+        strip_scripts: bool = False,
+        attempts: int = 5,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.model_name = model_name
+        self.strip_scripts = strip_scripts
+        self.attempts = attempts
+        self._sleep = sleep
+        self.expired_deliveries = 0
+
+    async def finish(self, job: Job) -> None:
+        """Tell the job's user how it ended: the page, an error, or that it was cancelled."""
+        ticket = ticket_of(job)
+        try:
+            await asyncio.wait_for(ticket.deferred.wait(), DEFER_WAIT_S)
+        except TimeoutError:
+            log.warning("job %s ended but its interaction was never deferred", job.job_id)
+        latency = time.monotonic() - job.created_at
+        try:
+            if job.state is JobState.DONE:
+                await self._deliver_page(job, ticket)
+                self.metrics.job_done(latency, job.result.generated_tokens if job.result else 0)
+            elif job.state is JobState.FAILED:
+                self.metrics.job_failed()
+                await self.final_edit(job, f"❌ {job.error or 'Generation failed.'}")
+            elif job.state is JobState.CANCELLED:
+                self.metrics.job_cancelled()
+                await self.final_edit(job, "🛑 Cancelled.")
+            elif job.state is JobState.EXPIRED:
+                self.metrics.job_expired()
+                await self.final_edit(job, EXPIRED_TEXT)
+        except DeliveryExpired as exc:
+            self.expired_deliveries += 1
+            log.warning(
+                "job %s: could not reach the user, the token has expired: %s", job.job_id, exc
+            )
+        except discord.HTTPException as exc:
+            log.error("job %s: delivery failed: %s %s", job.job_id, exc.status, exc.text)
+        except Exception:
+            log.exception("job %s: delivery failed", job.job_id)
+
+    async def _deliver_page(self, job: Job, ticket: Ticket) -> None:
+        result = job.result
+        assert result is not None
+        try:
+            page = await asyncio.to_thread(build_page_for, job, strip_scripts=self.strip_scripts)
+        except Exception as exc:
+            from model.errors import ModelError
+
+            if not isinstance(exc, ModelError):
+                log.exception("job %s: building the page failed", job.job_id)
+            job.state = JobState.FAILED
+            self.metrics.job_failed()
+            await self.final_edit(
+                job, "❌ The model's answer held no usable web page. Try rephrasing the prompt."
+            )
+            return
+        filename = page_filename(job.prompt)
+        warnings = tuple(str(w) for w in page.warnings)
+        # Keep it before sending anything: an expired token must not lose the page.
+        stored = await asyncio.to_thread(
+            self.store.save,
+            user_id=job.user_id,
+            job_id=job.job_id,
+            filename=filename,
+            data=page.data,
+            prompt=job.prompt,
+            model=self.model_name,
+            generated_tokens=result.generated_tokens,
+            seconds=result.total_s,
+            warnings=warnings,
+        )
+        summary = summary_line(
+            filename=filename,
+            model=self.model_name,
+            tokens=result.generated_tokens,
+            seconds=result.total_s,
+            warnings=warnings,
+        )
+        await self.send_page(job, stored, page.data, summary)
+
+    async def send_page(self, job: Job, stored: StoredPage, data: bytes, summary: str) -> None:
+        """The follow-up with the attachment, then the deferred message marked done."""
+        ticket = ticket_of(job)
+        interaction = ticket.interaction
+        limit = int(getattr(interaction, "filesize_limit", 0) or DEFAULT_ATTACHMENT_LIMIT)
+        attachment = fit_attachment(stored.filename, data, limit)
+        if attachment is None:
+            content = (
+                f"{summary}\nThe page is {_mb(len(data))}, more than this server's upload limit "
+                f"({_mb(limit)}) even zipped. It is kept for you: `/mypages page:{job.job_id}` "
+                "in a server with a higher limit, or ask for a smaller page."
+            )
+        else:
+            content = f"{summary}\n{attachment.note}".strip()
+
+        async def send() -> None:
+            kwargs: dict[str, Any] = {"content": content, "ephemeral": job.private, "wait": True}
+            if attachment is not None:
+                kwargs["file"] = attachment.to_file()  # a fresh File each attempt
+            await interaction.followup.send(**kwargs)
+
+        await with_retries(
+            send, what=f"job {job.job_id} follow-up", attempts=self.attempts, sleep=self._sleep
+        )
+        try:
+            await self.final_edit(job, f"✅ Done: **{stored.filename}** (below).")
+        except (DeliveryExpired, discord.HTTPException) as exc:
+            log.info("job %s: page sent, but marking the message done failed: %s", job.job_id, exc)
+
+    async def final_edit(self, job: Job, text: str) -> None:
+        """Replace the job's message with ``text`` (no Cancel button), once."""
+        ticket = ticket_of(job)
+        async with ticket.lock:
+            if ticket.final:
+                return
+            ticket.final = True
+
+            async def edit() -> None:
+                await ticket.interaction.edit_original_response(content=text, view=None)
+
+            await with_retries(
+                edit, what=f"job {job.job_id} final edit", attempts=self.attempts, sleep=self._sleep
+            )
+            ticket.shown = text

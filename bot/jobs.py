@@ -1,0 +1,87 @@
+"""A job: one user's request for one page, as it moves through the queue and the worker."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from model.types import GenerationRequest, GenerationResult
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"  # dropped: the interaction token would expire before delivery
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+def new_job_id() -> str:
+    """A short id users can type (``/mypages page:<id>``) and custom_ids can carry."""
+    return secrets.token_hex(4)
+
+
+@dataclass(eq=False)
+class Job:
+    """One /html request. ``expires_at`` is the monotonic time its interaction token dies.
+
+    The scheduler and worker only read the plain fields; ``context`` holds whatever the
+    Discord side needs (the interaction), so this module stays free of discord imports.
+    """
+
+    user_id: int
+    request: GenerationRequest
+    expires_at: float
+    user_name: str = ""
+    guild_id: int | None = None
+    channel_id: int | None = None
+    private: bool = False
+    created_at: float = field(default_factory=time.monotonic)
+    state: JobState = JobState.QUEUED
+    started_at: float | None = None
+    finished_at: float | None = None
+    tokens_so_far: int = 0
+    attempts: int = 0
+    error: str | None = None
+    result: GenerationResult | None = None
+    context: Any = None
+
+    @property
+    def job_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
+    @property
+    def style(self) -> str | None:
+        return self.request.style
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        user_id: int,
+        prompt: str,
+        ttl_s: float,
+        style: str | None = None,
+        sampling: Any = None,
+        **fields: Any,
+    ) -> Job:
+        """A queued job with a fresh short id; ``ttl_s`` counts from now."""
+        request = GenerationRequest(prompt=prompt, style=style, request_id=new_job_id())
+        if sampling is not None:
+            request.sampling = sampling
+        now = time.monotonic()
+        return cls(
+            user_id=user_id, request=request, expires_at=now + ttl_s, created_at=now, **fields
+        )

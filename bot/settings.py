@@ -1,0 +1,181 @@
+"""The bot's settings: one typed object read from the environment and ``.env``.
+
+Every field is an environment variable of the same name in upper case (``DISCORD_TOKEN``,
+``QUEUE_MAX_TOTAL``...). :func:`load_settings` turns pydantic's validation errors into
+:class:`SettingsError`, whose message names each offending variable on its own line and
+never echoes a secret value.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_BASE = "https://discord.com/api/v10"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+IdList = Annotated[tuple[int, ...], NoDecode]
+
+
+class SettingsError(Exception):
+    """The settings are invalid; the message has one line per problem, naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Everything ``python -m bot`` can be configured with (see ``.env.example``)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        # Our own fields start with "model_"; pydantic reserves that prefix by default.
+        protected_namespaces=(),
+    )
+
+    # Discord
+    discord_token: SecretStr
+    discord_api_base: str = DEFAULT_API_BASE
+    discord_gateway_url: str | None = None
+    dev_guild_id: int | None = None
+    allowed_guild_ids: IdList = ()
+    allowed_channel_ids: IdList = ()
+    allowed_role_ids: IdList = ()
+
+    # Model
+    model_preset: str | None = None
+    model_base: str | None = None
+    model_adapter: str | None = None
+    model_quantization: str | None = None
+    model_device: str | None = None
+    max_new_tokens: int = Field(default=1536, ge=16, le=32768)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+
+    # Queue and worker
+    queue_max_total: int = Field(default=1000, ge=1)
+    queue_max_per_user: int = Field(default=3, ge=1)
+    max_batch: int = Field(default=8, ge=1, le=256)
+    max_prompt_chars: int = Field(default=1000, ge=1, le=6000)
+    interaction_ttl_s: float = Field(default=900.0, gt=0)
+    queue_edit_interval_s: float = Field(default=5.0, gt=0)
+    edits_per_second: float = Field(default=10.0, gt=0)
+    initial_job_seconds: float = Field(default=60.0, gt=0)
+    delivery_margin_s: float = Field(default=10.0, ge=0)
+    shutdown_deadline_s: float = Field(default=30.0, ge=0)
+
+    # Output, logs, metrics
+    results_dir: Path = Path("results")
+    results_keep_per_user: int = Field(default=10, ge=1)
+    strip_scripts: bool = False
+    log_level: str = "INFO"
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+    @field_validator("discord_token")
+    @classmethod
+    def _token_shape(cls, value: SecretStr) -> SecretStr:
+        token = value.get_secret_value().strip()
+        if not token:
+            raise ValueError("is empty; set it to your bot's token from the Developer Portal")
+        if any(ch.isspace() for ch in token):
+            raise ValueError("contains whitespace; paste the token alone, without 'Bot '")
+        return SecretStr(token)
+
+    @field_validator("allowed_guild_ids", "allowed_channel_ids", "allowed_role_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",")]
+            ids = []
+            for part in parts:
+                if not part:
+                    continue
+                if not part.isdigit():
+                    raise ValueError(f"expected comma-separated numeric ids, got {part!r}")
+                ids.append(int(part))
+            return tuple(ids)
+        return value
+
+    @field_validator("dev_guild_id", "metrics_port", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator(
+        "model_preset",
+        "model_base",
+        "model_adapter",
+        "model_quantization",
+        "model_device",
+        "discord_gateway_url",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("discord_api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _gateway(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+        return level
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.spec.resolve_spec`` (``None`` means the default)."""
+        overrides: dict[str, Any] = {
+            "preset": self.model_preset,
+            "base": self.model_base,
+            "adapter": self.model_adapter,
+            "quantization": self.model_quantization,
+        }
+        if self.model_device:
+            overrides["device"] = self.model_device
+        return overrides
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the environment variable; values are not echoed."""
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]).upper() if item["loc"] else "SETTINGS"
+        if item["type"] == "missing":
+            lines.append(f"{name} is required but not set (environment or .env)")
+            continue
+        message = str(item["msg"])
+        message = message.removeprefix("Value error, ")
+        lines.append(
+            f"{name} {message}"
+            if message.startswith(("is ", "must ", "contains "))
+            else f"{name}: {message}"
+        )
+    return "\n".join(lines)
+
+
+def load_settings(**values: Any) -> Settings:
+    """Build :class:`Settings` from the environment (and ``values``), or raise SettingsError."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None

@@ -1,0 +1,193 @@
+"""The deferred message of each job: queue position, ETA and progress, kept current.
+
+Each job's interaction has one message (``@original``). The board edits it when what it
+should say has changed, at most once per ``interval_s`` per job and at most
+``edits_per_second`` in all, so a long queue does not run into Discord's rate limits. The
+final edit (done, failed, cancelled) goes through the same per-job lock, so a late status
+edit can never overwrite it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import discord
+
+from bot.jobs import Job, JobState
+from bot.scheduler import Scheduler, format_duration
+
+log = logging.getLogger(__name__)
+
+CANCEL_PREFIX = "htmlbot:cancel:"
+
+
+def cancel_custom_id(job_id: str) -> str:
+    return f"{CANCEL_PREFIX}{job_id}"
+
+
+def cancel_view(job_id: str) -> discord.ui.View:
+    """A view holding only the Cancel button.
+
+    The view is stopped before it is sent so discord.py does not keep one listener per
+    message: presses are handled in ``HtmlBot.on_interaction`` by custom_id, which also
+    works for messages sent before a restart.
+    """
+    view = discord.ui.View(timeout=None)
+    view.add_item(
+        discord.ui.Button(
+            label="Cancel", style=discord.ButtonStyle.danger, custom_id=cancel_custom_id(job_id)
+        )
+    )
+    view.stop()
+    return view
+
+
+@dataclass(eq=False)
+class Ticket:
+    """The Discord side of a job: its interaction and the state of its message."""
+
+    interaction: Any  # discord.Interaction (Any so tests can pass a stand-in)
+    deferred: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    shown: str | None = None
+    last_edit: float = float("-inf")
+    final: bool = False
+    edits: int = 0
+
+
+def ticket_of(job: Job) -> Ticket:
+    ticket = job.context
+    if not isinstance(ticket, Ticket):
+        raise TypeError(f"job {job.job_id} has no ticket")
+    return ticket
+
+
+def status_text(job: Job, position: int | None, scheduler: Scheduler) -> str:
+    """What the job's message should say now."""
+    if job.state is JobState.RUNNING:
+        if job.tokens_so_far:
+            return f"⚙️ Generating your page… {job.tokens_so_far} tokens so far."
+        return "⚙️ Generating your page…"
+    if job.state is JobState.QUEUED and position is not None:
+        eta = format_duration(scheduler.eta_s(position))
+        return f"⏳ Queued: position {position} of {scheduler.queued_count}, ready in about {eta}."
+    return "⏳ Queued."
+
+
+EditFn = Callable[[Job, str], Awaitable[None]]
+
+
+class StatusBoard:
+    """Keeps the tracked jobs' messages current (see the module docstring)."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        interval_s: float,
+        edits_per_second: float = 10.0,
+        concurrency: int = 8,
+        edit: EditFn | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.interval_s = interval_s
+        self.edits_per_second = edits_per_second
+        self._edit = edit or edit_status_message
+        self._jobs: dict[str, Job] = {}
+        self._wake = asyncio.Event()
+        self._sem = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.edits_sent = 0
+        # A token bucket: edits_per_second on average, bursts of up to one second's worth.
+        self._allowance = edits_per_second
+        self._refilled = time.monotonic()
+
+    def track(self, job: Job) -> None:
+        """Start keeping ``job``'s message current (its first edit goes out at once)."""
+        self._jobs[job.job_id] = job
+        self._wake.set()
+
+    def untrack(self, job: Job) -> None:
+        self._jobs.pop(job.job_id, None)
+
+    def poke(self) -> None:
+        """Something changed (a job started, progressed or left): look again soon."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Loop forever; cancel the task to stop."""
+        tick = min(1.0, self.interval_s)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=tick)
+            self._wake.clear()
+            self.update_once()
+            # Pace even when poked constantly: at most one pass per tick.
+            await asyncio.sleep(tick / 2)
+
+    def update_once(self) -> int:
+        """Start the edits that are due now, within the budget; returns how many."""
+        now = time.monotonic()
+        positions = self.scheduler.positions()
+        due: list[tuple[float, Job, str]] = []
+        for job_id, job in list(self._jobs.items()):
+            ticket = job.context
+            if job.state.terminal or not isinstance(ticket, Ticket) or ticket.final:
+                self._jobs.pop(job_id, None)
+                continue
+            if not ticket.deferred.is_set() or ticket.lock.locked():
+                continue
+            if now - ticket.last_edit < self.interval_s:
+                continue
+            text = status_text(job, positions.get(job_id), self.scheduler)
+            if text != ticket.shown:
+                due.append((ticket.last_edit, job, text))
+        due.sort(key=lambda item: item[0])  # the longest-unchanged messages first
+        self._allowance = min(
+            self.edits_per_second,
+            self._allowance + (now - self._refilled) * self.edits_per_second,
+        )
+        self._refilled = now
+        budget = int(self._allowance)
+        self._allowance -= min(len(due), budget)
+        for _, job, text in due[:budget]:
+            ticket_of(job).last_edit = now
+            task = asyncio.create_task(self._send(job, text), name=f"status-{job.job_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return min(len(due), budget)
+
+    async def _send(self, job: Job, text: str) -> None:
+        ticket = ticket_of(job)
+        async with self._sem, ticket.lock:
+            if ticket.final or job.state.terminal:
+                return
+            try:
+                await self._edit(job, text)
+            except discord.HTTPException as exc:
+                # A status line is not worth a retry: the next tick sends a fresh one.
+                log.info("status edit for job %s failed: %s %s", job.job_id, exc.status, exc.text)
+                return
+            except Exception:
+                log.exception("status edit for job %s failed", job.job_id)
+                return
+            ticket.shown = text
+            ticket.edits += 1
+            self.edits_sent += 1
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def edit_status_message(job: Job, text: str) -> None:
+    """Edit the job's deferred message to ``text`` with its Cancel button."""
+    interaction = ticket_of(job).interaction
+    await interaction.edit_original_response(content=text, view=cancel_view(job.job_id))

@@ -1,0 +1,316 @@
+"""The worker: the one thread that owns the engine (and so the GPU).
+
+It takes up to ``max_batch`` jobs from the scheduler and runs them through the engine. If
+the engine offers ``serve`` (a ContinuousGenerator) the worker hands it ``take`` and
+``finished`` callbacks, so jobs join and leave between decode steps; otherwise it loops
+over batched ``generate`` calls. Everything it reports to the bot goes through
+``loop.call_soon_threadsafe``: the event loop never waits on the engine.
+
+An exception in generation fails only the jobs of that batch; on CUDA out-of-memory the
+batch is retried in halves (down to single jobs) before those jobs fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+from typing import Any, Protocol
+
+from bot.jobs import Job, JobState
+from bot.scheduler import Scheduler
+from model.errors import ModelError
+from model.types import FinishReason, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+# Seconds between two progress reports of one job posted to the loop; the engine may
+# report every token, and each report wakes the loop.
+PROGRESS_INTERVAL_S = 0.5
+# After an out-of-memory the batch cap is halved; this many good batches double it again.
+RECOVER_AFTER_BATCHES = 20
+MAX_ATTEMPTS = 3
+
+
+class WorkerSink(Protocol):
+    """What the worker reports; every method is called on the event loop."""
+
+    def job_started(self, job: Job) -> None: ...
+
+    def job_progress(self, job: Job) -> None: ...
+
+    def job_finished(self, job: Job) -> None:
+        """``job.state`` is DONE (``job.result`` set), FAILED (``job.error``) or CANCELLED."""
+        ...
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's CUDA OOM (and the plain RuntimeError older builds raise)."""
+    torch = sys.modules.get("torch")
+    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_gpu_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def failure_message(exc: BaseException) -> str:
+    """The message a user sees when generation raised ``exc``."""
+    if is_out_of_memory(exc):
+        return "The GPU ran out of memory on this request, even on its own. Try a shorter prompt."
+    if isinstance(exc, ModelError):
+        return f"Generation failed: {exc}"
+    name = type(exc).__name__
+    return f"Generation failed because of an internal error ({name}). Please try again."
+
+
+class Worker:
+    """Runs jobs from ``scheduler`` through ``engine`` on one dedicated thread."""
+
+    def __init__(
+        self,
+        engine: Any,
+        scheduler: Scheduler,
+        sink: WorkerSink,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_batch: int,
+        take_wait_s: float = 0.2,
+    ) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.sink = sink
+        self.loop = loop
+        self.max_batch = max_batch
+        self.batch_cap = max_batch
+        self.take_wait_s = take_wait_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._good_batches = 0
+        self._last_progress: dict[str, float] = {}
+        self._inflight: dict[str, Job] = {}
+        self._inflight_lock = threading.Lock()
+        self.batches_run = 0
+        self.batch_sizes: list[int] = []
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the engine offers ``serve`` (continuous batching)."""
+        return callable(getattr(self.engine, "serve", None))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="htmlbot-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to stop after what it is running (see :meth:`cancel_running`)."""
+        self._stop.set()
+        self.scheduler.wake()
+
+    def cancel_running(self) -> None:
+        """Set the cancel flag of every job the engine holds now."""
+        for job in self.scheduler.pending():
+            if job.state is JobState.RUNNING:
+                job.request.cancel()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True if it has ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info(
+            "worker started (%s mode, max batch %d)",
+            "continuous" if self.continuous else "batch",
+            self.max_batch,
+        )
+        try:
+            if self.continuous:
+                self._serve_loop()
+            else:
+                self._batch_loop()
+        finally:
+            log.info("worker stopped")
+
+    def _batch_loop(self) -> None:
+        while not self._stop.is_set():
+            jobs = self.scheduler.take(self.batch_cap, wait_s=self.take_wait_s)
+            if jobs:
+                self._run_batch(jobs)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._post(self.sink.job_started, job)
+        started = time.perf_counter()
+        try:
+            results = self.engine.generate([job.request for job in jobs], self._progress)
+            if len(results) != len(jobs):
+                raise RuntimeError(
+                    f"engine returned {len(results)} results for {len(jobs)} requests"
+                )
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                self._on_batch_oom(jobs, exc)
+            else:
+                log.exception("generation failed for a batch of %d job(s)", len(jobs))
+                for job in jobs:
+                    self._fail(job, failure_message(exc))
+            return
+        wall = time.perf_counter() - started
+        self.batches_run += 1
+        self.batch_sizes.append(len(jobs))
+        self.scheduler.throughput.record_tokens(sum(r.generated_tokens for r in results), wall)
+        self._note_good_batch()
+        for job, result in zip(jobs, results, strict=True):
+            self._complete(job, result)
+
+    def _on_batch_oom(self, jobs: list[Job], exc: BaseException) -> None:
+        _free_gpu_memory()
+        if len(jobs) == 1:
+            log.error("out of memory on a single job %s", jobs[0].job_id)
+            self._fail(jobs[0], failure_message(exc))
+            return
+        half = len(jobs) // 2
+        self.batch_cap = max(1, min(self.batch_cap, half))
+        self._good_batches = 0
+        log.warning(
+            "out of memory on a batch of %d; retrying as %d + %d", len(jobs), half, len(jobs) - half
+        )
+        for part in (jobs[:half], jobs[half:]):
+            fresh = [job for job in part if not job.request.cancelled]
+            for job in part:
+                if job.request.cancelled:
+                    self._complete(job, _cancelled_result(job.request))
+            if fresh:
+                self._run_batch(fresh)
+
+    def _note_good_batch(self) -> None:
+        if self.batch_cap >= self.max_batch:
+            return
+        self._good_batches += 1
+        if self._good_batches >= RECOVER_AFTER_BATCHES:
+            self.batch_cap = min(self.max_batch, self.batch_cap * 2)
+            self._good_batches = 0
+            log.info("batch cap raised back to %d", self.batch_cap)
+
+    def _serve_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.engine.serve(self._take, self._finished, self._progress, self._stop)
+            except Exception as exc:
+                with self._inflight_lock:
+                    inflight = list(self._inflight.values())
+                    self._inflight.clear()
+                if is_out_of_memory(exc):
+                    _free_gpu_memory()
+                    self.batch_cap = max(1, max(len(inflight), 1) // 2)
+                    self._good_batches = 0
+                    retry = [job for job in inflight if job.attempts < MAX_ATTEMPTS]
+                    log.warning(
+                        "out of memory with %d running; cap now %d, requeueing %d",
+                        len(inflight),
+                        self.batch_cap,
+                        len(retry),
+                    )
+                    self.scheduler.requeue_front(retry)
+                    for job in inflight:
+                        if job not in retry:
+                            self._fail(job, failure_message(exc))
+                else:
+                    log.exception("engine.serve failed with %d job(s) running", len(inflight))
+                    for job in inflight:
+                        self._fail(job, failure_message(exc))
+                    # Don't spin if the engine fails at once on every start.
+                    self._stop.wait(1.0)
+            else:
+                if not self._stop.is_set():
+                    log.warning("engine.serve returned before stop; restarting it")
+
+    def _take(self, max_count: int, wait: bool) -> list[GenerationRequest]:
+        if self._stop.is_set():
+            return []
+        with self._inflight_lock:
+            room = min(max_count, self.batch_cap - len(self._inflight))
+        if room <= 0:
+            return []
+        jobs = self.scheduler.take(room, wait_s=self.take_wait_s if wait else 0.0)
+        with self._inflight_lock:
+            for job in jobs:
+                self._inflight[job.job_id] = job
+        for job in jobs:
+            self._post(self.sink.job_started, job)
+        return [job.request for job in jobs]
+
+    def _finished(self, result: GenerationResult) -> None:
+        with self._inflight_lock:
+            job = self._inflight.pop(result.request_id, None)
+        if job is None:
+            log.warning("engine finished unknown request %s", result.request_id)
+            return
+        if result.generated_tokens and result.total_s > 0:
+            self.scheduler.throughput.record_tokens(result.generated_tokens, result.total_s)
+        self._note_good_batch()
+        self._complete(job, result)
+
+    def _progress(self, request_id: str, tokens: int) -> None:
+        job = self.scheduler.get(request_id)
+        if job is None:
+            return
+        job.tokens_so_far = tokens
+        now = time.monotonic()
+        if now - self._last_progress.get(request_id, 0.0) >= PROGRESS_INTERVAL_S:
+            self._last_progress[request_id] = now
+            self._post(self.sink.job_progress, job)
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def _complete(self, job: Job, result: GenerationResult) -> None:
+        self._last_progress.pop(job.job_id, None)
+        job.result = result
+        job.tokens_so_far = result.generated_tokens
+        if result.finish_reason is FinishReason.CANCELLED:
+            state = JobState.CANCELLED
+        else:
+            state = JobState.DONE
+            self.scheduler.throughput.record_job(result.total_s)
+        self.scheduler.finish(job, state)
+        self._post(self.sink.job_finished, job)
+
+    def _fail(self, job: Job, message: str) -> None:
+        self._last_progress.pop(job.job_id, None)
+        job.error = message
+        self.scheduler.finish(job, JobState.FAILED)
+        self._post(self.sink.job_finished, job)
+
+    def _post(self, callback: Any, job: Job) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, job)
+        except RuntimeError:  # the loop is closed: we are shutting down anyway
+            log.debug("loop closed; dropped a %s report for job %s", callback, job.job_id)
+
+
+def _cancelled_result(request: GenerationRequest) -> GenerationResult:
+    return GenerationResult(
+        request_id=request.request_id,
+        text="",
+        finish_reason=FinishReason.CANCELLED,
+        prompt_tokens=0,
+        generated_tokens=0,
+        time_to_first_token_s=0.0,
+        total_s=0.0,
+    )

@@ -1,0 +1,198 @@
+"""The scheduler: bounds, per-user limits, round-robin fairness, cancel, expiry, ETA."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from bot.errors import QueueFull, ShuttingDown, UserLimitReached
+from bot.jobs import Job, JobState
+from bot.scheduler import Scheduler, Throughput, format_duration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    *, max_total: int = 100, max_per_user: int = 10, max_batch: int = 4, job_s: float = 10.0
+) -> tuple[Scheduler, Clock]:
+    clock = Clock()
+    scheduler = Scheduler(
+        max_total=max_total,
+        max_per_user=max_per_user,
+        max_batch=max_batch,
+        throughput=Throughput(initial_job_seconds=job_s),
+        delivery_margin_s=5.0,
+        clock=clock,
+    )
+    return scheduler, clock
+
+
+def job(user: int, prompt: str = "p", ttl: float = 900.0, clock: Clock | None = None) -> Job:
+    created = Job.create(user_id=user, prompt=prompt, ttl_s=ttl)
+    if clock is not None:
+        created.expires_at = clock.now + ttl
+    return created
+
+
+def test_round_robin_across_users_and_positions_match_take_order() -> None:
+    scheduler, clock = make()
+    heavy = [job(1, f"a{i}", clock=clock) for i in range(4)]
+    for item in heavy:
+        scheduler.submit(item)
+    light = job(2, "b0", clock=clock)
+    assert scheduler.submit(light) == 2  # right after the heavy user's first job
+    third = job(3, "c0", clock=clock)
+    assert scheduler.submit(third) == 3
+
+    positions = scheduler.positions()
+    expected = ["a0", "b0", "c0", "a1", "a2", "a3"]
+    by_position = sorted(scheduler.pending(), key=lambda j: positions[j.job_id])
+    assert [j.prompt for j in by_position] == expected
+
+    taken = [j.prompt for j in scheduler.take(2)] + [j.prompt for j in scheduler.take(10)]
+    assert taken == expected
+    assert all(j.state is JobState.RUNNING for j in [*heavy, light, third])
+
+
+def test_a_late_user_waits_at_most_one_turn_behind_a_flooder() -> None:
+    scheduler, clock = make(max_per_user=50)
+    for i in range(20):
+        scheduler.submit(job(1, f"a{i}", clock=clock))
+    scheduler.take(1)  # a0 runs
+    late = job(2, "late", clock=clock)
+    assert scheduler.submit(late) <= 2
+    assert [j.prompt for j in scheduler.take(2)] == ["a1", "late"]
+
+
+def test_per_user_limit_counts_running_jobs_too() -> None:
+    scheduler, clock = make(max_per_user=2)
+    scheduler.submit(job(1, clock=clock))
+    scheduler.submit(job(1, clock=clock))
+    with pytest.raises(UserLimitReached, match="limit is 2"):
+        scheduler.submit(job(1, clock=clock))
+    scheduler.take(1)  # one runs: still pending, still counts
+    with pytest.raises(UserLimitReached):
+        scheduler.submit(job(1, clock=clock))
+    scheduler.submit(job(2, clock=clock))  # other users are not affected
+    running = scheduler.pending(1)[0]
+    scheduler.finish(running, JobState.DONE)
+    scheduler.submit(job(1, clock=clock))
+
+
+def test_queue_full_says_when_to_retry() -> None:
+    scheduler, clock = make(max_total=3, max_per_user=5, job_s=40.0)
+    for user in range(3):
+        scheduler.submit(job(user, clock=clock))
+    with pytest.raises(QueueFull) as info:
+        scheduler.submit(job(9, clock=clock))
+    assert info.value.retry_after_s == pytest.approx(40.0)
+    assert "try again in about 40 s" in str(info.value)
+    # Running jobs don't count against the queue bound.
+    scheduler.take(1)
+    scheduler.submit(job(9, clock=clock))
+
+
+def test_cancel_a_queued_job_removes_it_and_moves_the_others_up() -> None:
+    scheduler, clock = make()
+    first, second, third = (job(u, clock=clock) for u in (1, 2, 3))
+    for item in (first, second, third):
+        scheduler.submit(item)
+    assert scheduler.cancel(second.job_id) is second
+    assert second.state is JobState.CANCELLED and second.request.cancelled
+    assert scheduler.positions() == {first.job_id: 1, third.job_id: 2}
+    assert scheduler.take(10) == [first, third]
+    assert scheduler.cancel("nope") is None
+
+
+def test_cancel_a_running_job_sets_its_request_flag() -> None:
+    scheduler, clock = make()
+    item = job(1, clock=clock)
+    scheduler.submit(item)
+    scheduler.take(1)
+    assert scheduler.cancel(item.job_id) is item
+    assert item.request.cancelled
+    assert item.state is JobState.RUNNING  # the worker reports the outcome
+
+
+def test_jobs_whose_token_would_expire_are_dropped_before_the_gpu() -> None:
+    scheduler, clock = make(job_s=10.0)
+    dropped: list[Job] = []
+    scheduler.add_expired_listener(dropped.append)
+    doomed = job(1, "doomed", ttl=30.0, clock=clock)
+    fine = job(2, "fine", ttl=900.0, clock=clock)
+    scheduler.submit(doomed)
+    scheduler.submit(fine)
+    clock.now += 20.0  # 10 s left, but a job takes 10 s plus a 5 s delivery margin
+    assert scheduler.take(10) == [fine]
+    assert dropped == [doomed]
+    assert doomed.state is JobState.EXPIRED
+    assert scheduler.pending() == [fine]
+
+
+def test_eta_grows_with_position_and_follows_measured_speed() -> None:
+    scheduler, _ = make(max_batch=4, job_s=60.0)
+    assert scheduler.eta_s(1) == pytest.approx(120.0)  # this batch, then ours
+    assert scheduler.eta_s(4) == scheduler.eta_s(1)
+    assert scheduler.eta_s(5) == pytest.approx(180.0)
+    scheduler.throughput.record_job(6.0)  # the first measurement replaces the guess
+    assert scheduler.eta_s(1) == pytest.approx(12.0)
+    for _ in range(30):
+        scheduler.throughput.record_job(2.0)
+    assert scheduler.eta_s(1) == pytest.approx(4.0, rel=0.01)
+
+
+def test_take_waits_for_work_and_wakes_on_submit() -> None:
+    scheduler, _ = make()
+    got: list[list[Job]] = []
+    worker = threading.Thread(target=lambda: got.append(scheduler.take(4, wait_s=5.0)))
+    worker.start()
+    item = job(1)
+    scheduler.submit(item)
+    worker.join(5.0)
+    assert got == [[item]]
+
+
+def test_close_refuses_new_jobs_and_hands_back_the_queued_ones() -> None:
+    scheduler, clock = make()
+    running, queued = job(1, clock=clock), job(2, clock=clock)
+    scheduler.submit(running)
+    scheduler.take(1)
+    scheduler.submit(queued)
+    assert scheduler.close() == [queued]
+    assert queued.state is JobState.CANCELLED
+    with pytest.raises(ShuttingDown):
+        scheduler.submit(job(3, clock=clock))
+    assert scheduler.take(4) == []
+    assert scheduler.pending() == [running]
+
+
+def test_requeue_front_puts_jobs_back_first() -> None:
+    scheduler, clock = make()
+    a, b, c = job(1, "a", clock=clock), job(2, "b", clock=clock), job(3, "c", clock=clock)
+    for item in (a, b, c):
+        scheduler.submit(item)
+    taken = scheduler.take(2)
+    scheduler.requeue_front(taken)
+    assert [j.prompt for j in scheduler.take(3)] == ["a", "b", "c"]
+
+
+def test_duplicate_job_ids_are_refused() -> None:
+    scheduler, clock = make()
+    item = job(1, clock=clock)
+    scheduler.submit(item)
+    with pytest.raises(ValueError, match="duplicate"):
+        scheduler.submit(item)
+
+
+def test_format_duration() -> None:
+    assert format_duration(0.2) == "1 s"
+    assert format_duration(42) == "42 s"
+    assert format_duration(600) == "10 min"
+    assert format_duration(3900) == "1 h 5 min"
