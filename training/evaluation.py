@@ -1,0 +1,115 @@
+"""Evaluation: token-level eval loss / perplexity, and page quality of generated pages.
+
+The page measures (complete-document, truncation and repetition rates) come from
+:func:`model.html.summarize_pages`, generated through :class:`model.engine.Engine`: the same
+code path the bot serves with, so "after training" numbers mean what users will see.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from training.data import Pair
+from training.tokenization import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def eval_loss(
+    model: Any, batches: Iterable[dict[str, torch.Tensor]], accelerator: Any
+) -> dict[str, float]:
+    """Mean loss per target token over all eval batches (all processes), and perplexity."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        outputs = model(**batch, use_cache=False)
+        # HF's loss is the mean over this batch's shifted target tokens; weight it by their
+        # count so the result is a per-token mean over the whole eval set.
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        total[0] += outputs.loss.double() * targets
+        total[1] += targets
+    total = accelerator.reduce(total, reduction="sum")
+    if was_training:
+        model.train()
+    if total[1] == 0:
+        return {"eval_loss": float("nan"), "perplexity": float("nan"), "eval_tokens": 0}
+    loss = float(total[0] / total[1])
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "eval_tokens": int(total[1]),
+    }
+
+
+def generation_metrics(
+    loaded: Any,
+    pairs: Sequence[Pair],
+    *,
+    max_new_tokens: int,
+    style: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Generate a page for each eval description and summarise their quality.
+
+    ``loaded`` is a :class:`model.loading.LoadedModel` whose model may be a PeftModel in
+    training. Decoding is greedy so before/after numbers are comparable.
+    """
+    if not pairs:
+        return {}
+    try:
+        from model.html import build_page, summarize_pages
+
+        from model.engine import Engine
+    except ImportError as exc:  # the model package's engine/html modules are not there yet
+        log.warning("generation eval skipped: %s", exc)
+        return {}
+    from model.errors import HtmlExtractionError
+    from model.types import FinishReason, GenerationRequest, SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+    requests = [
+        GenerationRequest(prompt=pair.description, style=style, sampling=sampling) for pair in pairs
+    ]
+    model = loaded.model
+    was_training = model.training
+    use_cache = getattr(model.config, "use_cache", True)
+    model.eval()
+    model.config.use_cache = True
+    try:
+        results = Engine(loaded).generate(requests)
+    finally:
+        model.config.use_cache = use_cache
+        if was_training:
+            model.train()
+    pages = []
+    unusable = 0
+    for request, result in zip(requests, results, strict=True):
+        try:
+            pages.append(
+                build_page(
+                    result.text,
+                    prompt=request.prompt,
+                    truncated=result.finish_reason == FinishReason.LENGTH,
+                )
+            )
+        except HtmlExtractionError:
+            unusable += 1
+    summary: dict[str, Any] = dict(summarize_pages(pages)) if pages else {}
+    complete = sum(1 for page in pages if page.complete)
+    summary.update(
+        {
+            "prompts": len(requests),
+            "unusable_outputs": unusable,
+            # Over all prompts, counting unusable outputs as incomplete.
+            "complete_rate_all_prompts": complete / len(requests),
+            "mean_generated_tokens": sum(r.generated_tokens for r in results) / len(results),
+        }
+    )
+    return summary
