@@ -1,0 +1,151 @@
+"""End to end: /html through the real bot, the real engine and the fake Discord."""
+
+from __future__ import annotations
+
+import re
+
+import html5lib
+import pytest
+
+from model.prompting import STYLE_HINTS
+from tests.e2e.helpers import StartBot, bot_errors, discord_problems
+from tests.fake_discord import (
+    CB_DEFERRED_MESSAGE,
+    CB_MESSAGE,
+    FLAG_EPHEMERAL,
+    FLAG_LOADING,
+    FOLLOWUP_PATH,
+    FakeDiscord,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def parse_html(data: bytes) -> object:
+    """Parse like a browser would; html5lib reports parse errors instead of raising."""
+    parser = html5lib.HTMLParser(namespaceHTMLElements=False)
+    return parser.parse(data.decode("utf-8"))
+
+
+async def test_command_sync_payload(start_bot: StartBot, fake: FakeDiscord) -> None:
+    run = await start_bot(max_prompt_chars=700)
+    commands = {c["name"]: c for c in run.sync_payload}
+    assert {"html", "queue"} <= set(commands)
+    # Synced to the dev guild (instant), not globally.
+    assert fake.sync_payloads[-1][0] == fake.guild.id
+    for command in run.sync_payload:
+        assert 1 <= len(command["description"]) <= 100, command
+        assert command["name"] == command["name"].lower()
+    html = commands["html"]
+    options = {o["name"]: o for o in html["options"]}
+    prompt = options["prompt"]
+    assert prompt["type"] == 3 and prompt["required"] is True
+    assert prompt["min_length"] == 1 and prompt["max_length"] == 700
+    style = options["style"]
+    assert style["type"] == 3 and not style.get("required", False)
+    assert [c["value"] for c in style["choices"]] == list(STYLE_HINTS)
+    private = options["private"]
+    assert private["type"] == 5 and not private.get("required", False)
+    for option in html["options"]:
+        assert 1 <= len(option["description"]) <= 100, option
+
+
+async def test_global_sync_without_dev_guild(start_bot: StartBot, fake: FakeDiscord) -> None:
+    await start_bot(dev_guild_id=None)
+    assert fake.sync_payloads[-1][0] is None
+    assert "html" in {c["name"] for c in fake.commands[None]}
+
+
+async def test_html_delivers_a_parseable_page(
+    start_bot: StartBot, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = await start_bot()
+    ann = fake.user("ann")
+    inter = await fake.send_command(
+        "html", {"prompt": "A landing page for a bakery!", "style": "retro"}, user=ann
+    )
+    await inter.wait_for_callback(timeout=3)
+    assert inter.callback_type == CB_DEFERRED_MESSAGE
+    assert inter.callback_latency is not None and inter.callback_latency < 3.0
+
+    page = await inter.wait_for_file(".html", timeout=30)
+    assert re.fullmatch(r"[a-z0-9-]+\.html", page.filename or "")
+    assert "bakery" in (page.filename or "")
+    tree = parse_html(page.data)
+    assert tree.tag == "html"  # type: ignore[attr-defined]
+    assert tree.find("body") is not None  # type: ignore[attr-defined]
+    assert len(inter.html_files) == 1
+
+    # The follow-up went out as multipart: payload_json + files[0].
+    [followup] = [r for r in inter.ok_requests if r.files]
+    assert followup.method == "POST" and re.search(FOLLOWUP_PATH, followup.path)
+    assert [p.name for p in followup.parts] == ["payload_json", "files[0]"]
+    summary = followup.json["content"]
+    assert page.filename in summary and "tokens" in summary
+    assert run.bot.model_name in summary
+
+    # The deferred message ends marked done, without a Cancel button.
+    await inter.wait_until(lambda i: "Done" in (i.original or {}).get("content", ""))
+    assert inter.original is not None
+    assert not inter.original["flags"] & FLAG_LOADING
+    assert inter.custom_ids() == []
+    assert not fake.unhandled_requests
+    assert discord_problems(caplog) == []
+    assert bot_errors(caplog) == []
+
+
+async def test_private_reply_is_ephemeral(start_bot: StartBot, fake: FakeDiscord) -> None:
+    await start_bot()
+    inter = await fake.send_command("html", {"prompt": "a secret page", "private": True})
+    await inter.wait_for_file(".html", timeout=30)
+    callback = inter.requests[0]
+    assert callback.json["type"] == CB_DEFERRED_MESSAGE
+    assert callback.json["data"]["flags"] & FLAG_EPHEMERAL
+    file_request = next(r for r in inter.ok_requests if r.files)
+    assert file_request.json["flags"] & FLAG_EPHEMERAL
+    assert all(m["flags"] & FLAG_EPHEMERAL for m in inter.messages)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("   ", "empty"),
+        ("x" * 101, "limit is 100"),
+        ("a page\x07 that rings", "control character"),
+        ("an \u202eevil page", "control character"),
+    ],
+    ids=["empty", "huge", "control", "bidi"],
+)
+async def test_bad_prompts_get_a_clear_private_answer(
+    start_bot: StartBot, fake: FakeDiscord, prompt: str, expected: str
+) -> None:
+    run = await start_bot(max_prompt_chars=100)
+    inter = await fake.send_command("html", {"prompt": prompt})
+    await inter.wait_for_callback(timeout=3)
+    assert inter.callback_type == CB_MESSAGE
+    assert inter.is_ephemeral_reply()
+    assert expected in inter.visible_text
+    assert run.bot.scheduler.queued_count == 0 and run.bot.scheduler.running_count == 0
+    assert inter.html_files == []
+
+
+async def test_followup_429_then_200_delivers_once(start_bot: StartBot, fake: FakeDiscord) -> None:
+    await start_bot()
+    rule = fake.fail_next("POST", FOLLOWUP_PATH, status=429, times=1, retry_after=0.3)
+    inter = await fake.send_command("html", {"prompt": "a rate limited page"})
+    await inter.wait_for_file(".html", timeout=30)
+    posts = [r for r in inter.requests if r.method == "POST" and re.search(FOLLOWUP_PATH, r.path)]
+    assert [r.status for r in posts] == [429, 200]
+    assert posts[1].time - posts[0].time >= 0.3  # retry_after honoured
+    assert len(rule.hits) == 1
+    assert len(inter.html_files) == 1
+
+
+async def test_followup_500_then_200_delivers_once(start_bot: StartBot, fake: FakeDiscord) -> None:
+    await start_bot()
+    fake.fail_next("POST", FOLLOWUP_PATH, status=500, times=1)
+    inter = await fake.send_command("html", {"prompt": "a page despite a hiccup"})
+    await inter.wait_for_file(".html", timeout=30)
+    posts = [r for r in inter.requests if r.method == "POST" and re.search(FOLLOWUP_PATH, r.path)]
+    assert [r.status for r in posts] == [500, 200]
+    assert len(inter.html_files) == 1
