@@ -9,6 +9,7 @@ handlers' annotations, and ``Range[str, 1, max_chars]`` depends on the settings.
 """
 
 import logging
+import time
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
@@ -215,11 +216,13 @@ async def handle_html(
     text = validate_prompt(prompt, settings.max_prompt_chars)
     if style is not None and style not in _style_names():
         raise InvalidPrompt(f"Unknown style {style!r}.")
+    # The token's life counts from the interaction's creation, not from when we saw it.
+    age_s = max(0.0, time.time() - interaction.created_at.timestamp())
     job = Job.create(
         user_id=interaction.user.id,
         prompt=text,
         style=style,
-        ttl_s=settings.interaction_ttl_s,
+        ttl_s=settings.interaction_ttl_s - age_s,
         sampling=bot.sampling,
         user_name=str(interaction.user),
         guild_id=interaction.guild_id,

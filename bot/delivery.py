@@ -10,13 +10,12 @@ token has expired (Discord answers 401/404) is not lost: the user fetches it wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import random
-import re
 import time
-import unicodedata
 import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,17 +29,13 @@ from bot.jobs import Job, JobState
 from bot.metrics import Metrics
 from bot.status import Ticket, ticket_of
 from bot.store import ResultStore, StoredPage
+from model.naming import page_filename
 from model.types import FinishReason
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SLUG_MAX = 48
-# Names Windows refuses as files, whatever the extension.
-_RESERVED = (
-    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
-)
 # Wait this long for the defer to complete before giving up on a job's message.
 DEFER_WAIT_S = 10.0
 DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
@@ -53,29 +48,6 @@ SHUTDOWN_TEXT = (
     "🔌 The bot is restarting, so your queued request was cancelled. Please ask again in a "
     "few minutes."
 )
-
-
-def slugify(text: str, max_len: int = SLUG_MAX) -> str:
-    """A safe file-name stem from free text: ASCII, lower case, words joined by '-'.
-
-    Never empty, never a path, never a name Windows reserves.
-    """
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    if len(slug) > max_len:
-        cut = slug[:max_len]
-        # End on a word boundary when one is near.
-        slug = cut.rsplit("-", 1)[0] if "-" in cut[max_len // 2 :] else cut
-        slug = slug.strip("-")
-    if not slug:
-        slug = "page"
-    if slug in _RESERVED:
-        slug = f"{slug}-page"
-    return slug
-
-
-def page_filename(prompt: str) -> str:
-    return f"{slugify(prompt)}.html"
 
 
 def summary_line(
@@ -288,7 +260,12 @@ class Delivery:
         await self.send_page(job, stored, page.data, summary)
 
     async def send_page(self, job: Job, stored: StoredPage, data: bytes, summary: str) -> None:
-        """The follow-up with the attachment, then the deferred message marked done."""
+        """Mark the deferred message done, then send the page as a follow-up.
+
+        In that order because Discord turns the first follow-up after a "thinking" defer
+        into the deferred message itself; once edited, the follow-up is a message of its
+        own, so the page arrives as a new message at the bottom of the channel.
+        """
         ticket = ticket_of(job)
         interaction = ticket.interaction
         limit = int(getattr(interaction, "filesize_limit", 0) or DEFAULT_ATTACHMENT_LIMIT)
@@ -308,19 +285,29 @@ class Delivery:
                 kwargs["file"] = attachment.to_file()  # a fresh File each attempt
             await interaction.followup.send(**kwargs)
 
-        await with_retries(
-            send, what=f"job {job.job_id} follow-up", attempts=self.attempts, sleep=self._sleep
-        )
         try:
             await self.final_edit(job, f"✅ Done: **{stored.filename}** (below).")
-        except (DeliveryExpired, discord.HTTPException) as exc:
-            log.info("job %s: page sent, but marking the message done failed: %s", job.job_id, exc)
+        except discord.HTTPException as exc:
+            log.info("job %s: marking the message done failed: %s", job.job_id, exc)
+        try:
+            await with_retries(
+                send, what=f"job {job.job_id} follow-up", attempts=self.attempts, sleep=self._sleep
+            )
+        except discord.HTTPException as exc:
+            log.error("job %s: sending the page failed: %s %s", job.job_id, exc.status, exc.text)
+            with contextlib.suppress(discord.HTTPException, DeliveryExpired):
+                await self.final_edit(
+                    job,
+                    f"❌ Discord refused the upload ({exc.status}). The page is kept: get it "
+                    f"with `/mypages page:{job.job_id}`.",
+                    force=True,
+                )
 
-    async def final_edit(self, job: Job, text: str) -> None:
-        """Replace the job's message with ``text`` (no Cancel button), once."""
+    async def final_edit(self, job: Job, text: str, *, force: bool = False) -> None:
+        """Replace the job's message with ``text`` (no Cancel button), once unless ``force``."""
         ticket = ticket_of(job)
         async with ticket.lock:
-            if ticket.final:
+            if ticket.final and not force:
                 return
             ticket.final = True
 

@@ -1,0 +1,261 @@
+"""HtmlBot end to end through the fake Discord, with a fake engine (fast, CPU).
+
+These check the bot package's own wiring (commands, scheduler, worker, delivery, store);
+tests/e2e/ has the full acceptance suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+
+import html5lib
+import pytest
+
+from bot.client import HtmlBot
+from bot.jobs import JobState
+from tests.bot.conftest import StartBot, eventually
+from tests.bot.fakes import BOOM, FakeEngine
+from tests.fake_discord import (
+    CB_DEFERRED_MESSAGE,
+    CB_MESSAGE,
+    CB_UPDATE_MESSAGE,
+    FLAG_EPHEMERAL,
+    FOLLOWUP_PATH,
+    FakeDiscord,
+)
+from tests.fake_discord.payloads import PERM_MANAGE_GUILD
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cancel_id(bot: HtmlBot, user_id: int) -> str:
+    [job] = bot.scheduler.pending(user_id)
+    return f"htmlbot:cancel:{job.job_id}"
+
+
+async def test_html_roundtrip(fake: FakeDiscord, start_bot: StartBot) -> None:
+    bot = await start_bot(FakeEngine(tokens=5, token_delay_s=0.05))
+    [(_, payload)] = fake.sync_payloads
+    html_cmd = next(c for c in payload if c["name"] == "html")
+    options = {o["name"]: o for o in html_cmd["options"]}
+    assert options["prompt"]["required"] and options["prompt"]["max_length"] == 1000
+    assert "dark" in [c["value"] for c in options["style"]["choices"]]
+    assert options["private"]["type"] == 5
+    assert {c["name"] for c in payload} == {"html", "queue", "mypages"}
+
+    ann = fake.user("ann")
+    inter = await fake.send_command("html", {"prompt": "A landing page for a bakery!"}, user=ann)
+    part = await inter.wait_for_file(".html", timeout=10)
+    assert inter.callback_type == CB_DEFERRED_MESSAGE
+    assert inter.callback_latency is not None and inter.callback_latency < 3
+    assert part.filename == "landing-bakery.html"
+    tree = html5lib.parse(part.data, treebuilder="etree", namespaceHTMLElements=False)
+    assert tree.find(".//h1") is not None
+    await inter.wait_until(
+        lambda i: bool(i.followups) and "Done" in (i.original or {}).get("content", "")
+    )
+    [followup] = inter.followups
+    assert "fake-model" in followup["content"] and "5 tokens" in followup["content"]
+    assert inter.custom_ids() == []  # the Cancel button is gone once done
+    pages = await bot.list_pages(ann.id)
+    assert [p.filename for p in pages] == ["landing-bakery.html"]
+    assert bot.lag.max_lag_s < 0.5
+
+
+async def test_status_edits_show_position_and_cancel_button(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine(tokens=3)
+    engine.release.clear()  # the GPU is busy
+    bot = await start_bot(engine, max_batch=1)
+    first = await fake.send_command("html", {"prompt": "first"}, user=fake.user("ann"))
+    await asyncio.to_thread(engine.started.wait, 5)
+    bob = fake.user("bob")
+    second = await fake.send_command("html", {"prompt": "second"}, user=bob)
+    await second.wait_until(lambda i: "position 1" in (i.original or {}).get("content", ""))
+    assert second.custom_ids() == [cancel_id(bot, bob.id)]
+    engine.release.set()
+    await first.wait_for_file(".html", timeout=10)
+    await second.wait_for_file(".html", timeout=10)
+
+
+async def test_rejections_are_ephemeral_messages(fake: FakeDiscord, start_bot: StartBot) -> None:
+    bot = await start_bot(FakeEngine(), max_prompt_chars=50)
+    ann = fake.user("ann")
+    cases = {
+        "   ": "empty",
+        "x" * 51: "limit is 50",
+        "a page\x07 with a bell": "control character",
+    }
+    for prompt, expected in cases.items():
+        inter = await fake.send_command("html", {"prompt": prompt}, user=ann)
+        await inter.wait_for_callback()
+        assert inter.callback_type == CB_MESSAGE
+        assert inter.is_ephemeral_reply()
+        assert expected in inter.visible_text
+    assert bot.scheduler.pending() == []
+
+
+async def test_per_user_limit_and_full_queue(fake: FakeDiscord, start_bot: StartBot) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    await start_bot(engine, queue_max_per_user=1, queue_max_total=1, max_batch=1)
+    ann, bob, cid = fake.user("ann"), fake.user("bob"), fake.user("cid")
+    await (await fake.send_command("html", {"prompt": "one"}, user=ann)).wait_for_callback()
+    await asyncio.to_thread(engine.started.wait, 5)
+    again = await fake.send_command("html", {"prompt": "two"}, user=ann)
+    await again.wait_for_callback()
+    assert again.callback_type == CB_MESSAGE and "limit is 1" in again.visible_text
+    await (await fake.send_command("html", {"prompt": "b"}, user=bob)).wait_for_callback()
+    full = await fake.send_command("html", {"prompt": "c"}, user=cid)
+    await full.wait_for_callback()
+    assert full.is_ephemeral_reply() and "queue is full" in full.visible_text
+    assert "try again in about" in full.visible_text
+    engine.release.set()
+
+
+async def test_cancel_button_requester_other_user_and_manager(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    bot = await start_bot(engine, max_batch=1)
+    ann, bob, eve = fake.user("ann"), fake.user("bob"), fake.user("eve")
+    blocker = await fake.send_command("html", {"prompt": "blocker"}, user=eve)
+    await asyncio.to_thread(engine.started.wait, 5)
+    mine = await fake.send_command("html", {"prompt": "mine"}, user=ann)
+    await mine.wait_until(lambda i: bool(i.custom_ids()))
+    custom_id = cancel_id(bot, ann.id)
+
+    press = await fake.press_button(custom_id, user=bob)
+    await press.wait_for_callback()
+    assert press.callback_type == CB_MESSAGE and "Only the person" in press.visible_text
+    assert bot.scheduler.pending(ann.id)  # still queued
+
+    press = await fake.press_button(custom_id, user=ann)
+    await press.wait_for_callback()
+    assert press.callback_type == CB_UPDATE_MESSAGE
+    assert bot.scheduler.pending(ann.id) == []
+    assert "Cancelled" in (mine.original or {}).get("content", "")
+
+    # A manager may cancel someone else's running job.
+    custom_id = cancel_id(bot, eve.id)
+    press = await fake.press_button(custom_id, user=bob, permissions=PERM_MANAGE_GUILD)
+    await press.wait_for_callback()
+    assert press.callback_type == CB_UPDATE_MESSAGE
+    engine.release.set()
+    await blocker.wait_until(lambda i: "Cancelled" in (i.original or {}).get("content", ""))
+    await asyncio.sleep(0.2)
+    assert blocker.html_files == []
+
+
+async def test_worker_exception_then_next_job_succeeds(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    await start_bot(FakeEngine(), max_batch=1)
+    bad = await fake.send_command("html", {"prompt": f"{BOOM} page"}, user=fake.user("ann"))
+    await bad.wait_until(lambda i: "failed" in (i.original or {}).get("content", ""))
+    good = await fake.send_command("html", {"prompt": "fine page"}, user=fake.user("bob"))
+    await good.wait_for_file(".html", timeout=10)
+
+
+async def test_followup_429_then_200_is_retried(fake: FakeDiscord, start_bot: StartBot) -> None:
+    await start_bot(FakeEngine())
+    fake.fail_next("POST", FOLLOWUP_PATH, status=429, retry_after=0.3)
+    inter = await fake.send_command("html", {"prompt": "bakery"}, user=fake.user("ann"))
+    await inter.wait_for_file(".html", timeout=10)
+    statuses = [r.status for r in inter.requests if r.method == "POST" and "callback" not in r.path]
+    assert statuses == [429, 200]
+
+
+async def test_expired_token_keeps_the_page_for_mypages(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    bot = await start_bot(engine)
+    ann = fake.user("ann")
+    inter = await fake.send_command("html", {"prompt": "bakery", "private": True}, user=ann)
+    await inter.wait_for_callback()
+    fake.expire(inter, status=404)
+    engine.release.set()
+    await eventually(lambda: bot.delivery.expired_deliveries == 1)
+    assert inter.html_files == []
+    [page] = await bot.list_pages(ann.id)
+
+    listing = await fake.send_command("mypages", {}, user=ann)
+    await listing.wait_for_callback()
+    assert page.job_id in listing.visible_text and listing.is_ephemeral_reply()
+    fetch = await fake.send_command("mypages", {"page": page.job_id}, user=ann)
+    part = await fetch.wait_for_file(".html", timeout=10)
+    assert part.data == page.path.read_bytes()
+    # Someone else can't fetch it.
+    other = await fake.send_command("mypages", {"page": page.job_id}, user=fake.user("bob"))
+    await other.wait_for_callback()
+    assert "No saved page" in other.visible_text
+
+
+async def test_job_that_would_outlive_its_token_is_not_run(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine()
+    await start_bot(engine, interaction_ttl_s=60.0, initial_job_seconds=30.0)
+    inter = await fake.send_command("html", {"prompt": "late"}, user=fake.user("ann"), age_s=40)
+    await inter.wait_until(lambda i: "Not run" in (i.original or {}).get("content", ""))
+    assert engine.calls == []
+
+
+async def test_queue_lists_own_jobs_and_all_for_managers(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    bot = await start_bot(engine, max_batch=1)
+    ann, bob = fake.user("ann"), fake.user("bob")
+    await (await fake.send_command("html", {"prompt": "ann page"}, user=ann)).wait_for_callback()
+    await (await fake.send_command("html", {"prompt": "bob page"}, user=bob)).wait_for_callback()
+    mine = await fake.send_command("queue", {}, user=bob)
+    await mine.wait_for_callback()
+    assert "bob page" in mine.visible_text and "ann page" not in mine.visible_text
+    assert mine.original is not None and mine.original["flags"] & FLAG_EPHEMERAL
+    admin = await fake.send_command("queue", {}, user=fake.owner)
+    await admin.wait_for_callback()
+    assert "bob page" in admin.visible_text and "ann page" in admin.visible_text
+    engine.release.set()
+    assert bot.scheduler.running_count <= 1
+
+
+async def test_big_page_is_zipped(fake: FakeDiscord, start_bot: StartBot) -> None:
+    class BigEngine(FakeEngine):
+        def _result(self, request, tokens, total):
+            result = super()._result(request, tokens, total)
+            filler = "<p>" + "lorem ipsum " * 2000 + "</p>"
+            text = result.text.replace("</body>", filler + "</body>")
+            return type(result)(**{**result.__dict__, "text": text})
+
+    await start_bot(BigEngine())
+    inter = await fake.send_command(
+        "html", {"prompt": "big"}, user=fake.user("ann"), attachment_size_limit=8000
+    )
+    part = await inter.wait_for_file(".zip", timeout=10)
+    with zipfile.ZipFile(io.BytesIO(part.data)) as archive:
+        assert archive.namelist() == ["big.html"]
+
+
+async def test_shutdown_tells_queued_users(fake: FakeDiscord, start_bot: StartBot) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    bot = await start_bot(engine, max_batch=1, shutdown_deadline_s=0.5)
+    running = await fake.send_command("html", {"prompt": "running"}, user=fake.user("ann"))
+    await asyncio.to_thread(engine.started.wait, 5)
+    queued = await fake.send_command("html", {"prompt": "queued"}, user=fake.user("bob"))
+    await queued.wait_for_callback()
+    [queued_job] = bot.scheduler.pending(fake.user("bob").id)
+    closing = asyncio.create_task(bot.close())
+    await queued.wait_until(lambda i: "restarting" in (i.original or {}).get("content", ""))
+    engine.release.set()  # the running job finishes within the deadline and is delivered
+    await asyncio.wait_for(closing, 15)
+    assert queued_job.state is JobState.CANCELLED
+    assert running.html_files
