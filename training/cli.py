@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config: TrainConfig = parse_config(argv)
         from training.loop import train
 
-        metrics = train(config)
+        metrics = train(config).metrics
     except (TrainingError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

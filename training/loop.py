@@ -114,8 +114,18 @@ def _adapter_snapshot(model: Any) -> dict[str, torch.Tensor]:
     }
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run a whole training job as ``config`` says; returns the metrics (also in metrics.json)."""
+@dataclass
+class TrainResult:
+    """What a run produced: its metrics (also in metrics.json) and the trained PeftModel."""
+
+    metrics: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    output_dir: Path
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run a whole training job as ``config`` says; the output folder is written on return."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -346,7 +356,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             metrics["hub_url"] = push_to_hub(output_dir, config.hub_model_id, config.hub_private)
             log.info("pushed to %s", metrics["hub_url"])
     accelerator.wait_for_everyone()
-    return metrics
+    return TrainResult(metrics, unwrapped, tokenizer, output_dir)
 
 
 def _checkpoint(
@@ -382,4 +392,4 @@ def _brief(values: dict[str, Any]) -> str:
     return ", ".join(shown) or "no eval data"
 
 
-__all__ = ["TrainingError", "prepare_examples", "train"]
+__all__ = ["TrainResult", "TrainingError", "prepare_examples", "train"]

@@ -141,7 +141,13 @@ def load_for_training(config: TrainConfig, device: torch.device) -> tuple[Loaded
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
     elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        # transformers 5.2x renamed it; older 5.x (the GPU image's 5.17) has only the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=checkpointing_kwargs
+            )
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
     lora_config = lora_config_from(config)
     try:
