@@ -52,6 +52,7 @@ class Metrics:
             "htmlbot_event_loop_lag_seconds", "Latest event-loop lag", registry=self.registry
         )
         self._server: Any = None
+        self.port: int | None = None
 
     def job_done(self, latency_s: float, tokens: int) -> None:
         self.jobs.labels("done").inc()
@@ -80,7 +81,8 @@ class Metrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        self.port = int(self._server.server_port)  # the real one when ``port`` is 0
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
 
     def stop(self) -> None:
         if self._server is not None:

@@ -1,0 +1,236 @@
+"""Delivery: retry policy against a real HTTP server, attachment fitting, file names."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+from aiohttp import web
+
+from bot.delivery import fit_attachment, summary_line, with_retries
+from bot.errors import DeliveryExpired
+from model.naming import page_filename
+
+BARE_429 = 4290
+
+
+class Script:
+    """An aiohttp server answering webhook POSTs with a scripted list of statuses."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.seen: list[int] = []
+        self.filenames: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        status = self.statuses.pop(0) if self.statuses else 200
+        self.seen.append(status)
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            async for part in reader:
+                if part.filename:  # type: ignore[union-attr]
+                    self.filenames.append(part.filename)  # type: ignore[union-attr]
+                    await part.read()  # type: ignore[union-attr]
+        if status == BARE_429:
+            # No Via and no Retry-After header: discord.py raises at once, and the wait
+            # is only in the JSON body.
+            return _json({"message": "slow down", "retry_after": 0.75}, 429)
+        if status == 429:
+            # Like Discord: the body and the header both say how long to wait; Via marks
+            # it as Discord's own limit rather than a Cloudflare ban.
+            body = {"message": "You are being rate limited.", "retry_after": 0.25, "global": False}
+            return _json(body, 429, {"Retry-After": "0.25", "Via": "1.1 google"})
+        if status >= 400:
+            return _json({"message": "nope", "code": 0}, status)
+        return _json(MESSAGE, 200)
+
+
+MESSAGE = {
+    "id": "1",
+    "channel_id": "2",
+    "content": "here",
+    "type": 0,
+    "attachments": [],
+    "embeds": [],
+    "mentions": [],
+    "mention_roles": [],
+    "pinned": False,
+    "tts": False,
+    "timestamp": "2026-01-01T00:00:00+00:00",
+    "edited_timestamp": None,
+    "flags": 0,
+    "author": {"id": "123", "username": "hook", "discriminator": "0000", "avatar": None},
+}
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> web.Response:
+    # discord.py parses a body as JSON only for exactly this content type.
+    return web.Response(
+        body=json.dumps(body).encode(),
+        status=status,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+@pytest.fixture
+async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Script, str]]:
+    script = Script()
+    app = web.Application()
+    app.router.add_post("/api/v10/webhooks/{id}/{token}", script.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    base = f"http://127.0.0.1:{port}/api/v10"
+    monkeypatch.setattr(discord.http.Route, "BASE", base)
+    yield script, base
+    await runner.cleanup()
+
+
+async def send_with_retries(script: Script, sleeps: list[float]) -> None:
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async with aiohttp.ClientSession() as session:
+        webhook = discord.Webhook.partial(123, "tok", session=session)
+
+        async def send() -> Any:
+            page = discord.File(io.BytesIO(b"<html></html>"), filename="page.html")
+            return await webhook.send("here", file=page, wait=True)
+
+        await with_retries(send, what="test", attempts=4, sleep=fake_sleep)
+
+
+async def test_429_then_200_waits_retry_after(server: tuple[Script, str]) -> None:
+    script, _ = server
+    script.statuses = [429, 200]
+    sleeps: list[float] = []
+    await send_with_retries(script, sleeps)
+    # discord.py itself honours a Discord 429 (it has Via) and sleeps the real 0.25 s;
+    # either way the request is sent again and succeeds.
+    assert script.seen == [429, 200]
+    assert script.filenames == ["page.html", "page.html"]
+
+
+async def test_429_without_via_is_retried_by_us_after_the_bodys_retry_after(
+    server: tuple[Script, str],
+) -> None:
+    script, _ = server
+    script.statuses = [BARE_429, 200]
+    sleeps: list[float] = []
+    await send_with_retries(script, sleeps)
+    assert script.seen == [BARE_429, 200]
+    assert sleeps == [0.75]
+
+
+async def test_cloudflare_style_429_is_retried_by_us_after_retry_after() -> None:
+    calls: list[int] = []
+    sleeps: list[float] = []
+
+    async def op() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            response = FakeResponse(429, {"Retry-After": "2.5"})
+            raise discord.HTTPException(response, {"message": "rate limited"})  # type: ignore[arg-type]
+        return "ok"
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    assert await with_retries(op, what="t", sleep=fake_sleep) == "ok"
+    assert sleeps == [2.5]
+
+
+class FakeResponse:
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.reason = "test"
+        self.headers = headers or {}
+
+
+async def test_5xx_and_network_errors_are_retried_with_backoff_then_raised() -> None:
+    # discord.py already retries 5xx a few times inside one call (with its own sleeps), so
+    # this drives the outer policy with the errors discord.py raises in the end.
+    errors: list[BaseException] = [
+        discord.DiscordServerError(FakeResponse(502), "bad gateway"),  # type: ignore[arg-type]
+        aiohttp.ClientConnectionError("reset"),
+        discord.DiscordServerError(FakeResponse(503), "unavailable"),  # type: ignore[arg-type]
+        discord.DiscordServerError(FakeResponse(500), "boom"),  # type: ignore[arg-type]
+    ]
+    sleeps: list[float] = []
+
+    async def op() -> None:
+        raise errors.pop(0)
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    with pytest.raises(discord.DiscordServerError):
+        await with_retries(op, what="t", attempts=4, base_delay_s=1.0, sleep=fake_sleep)
+    assert errors == []
+    assert len(sleeps) == 3
+    for attempt, slept in enumerate(sleeps):
+        assert 0.5 * 2**attempt <= slept <= 2**attempt  # exponential, with jitter
+
+
+@pytest.mark.parametrize("status", [401, 404])
+async def test_dead_token_is_not_retried(server: tuple[Script, str], status: int) -> None:
+    script, _ = server
+    script.statuses = [status]
+    sleeps: list[float] = []
+    with pytest.raises(DeliveryExpired):
+        await send_with_retries(script, sleeps)
+    assert script.seen == [status] and sleeps == []
+
+
+async def test_other_4xx_is_raised_at_once(server: tuple[Script, str]) -> None:
+    script, _ = server
+    script.statuses = [400]
+    sleeps: list[float] = []
+    with pytest.raises(discord.HTTPException):
+        await send_with_retries(script, sleeps)
+    assert sleeps == []
+
+
+def test_fit_attachment_zips_when_over_the_limit() -> None:
+    small = b"<html>" + b"a" * 100 + b"</html>"
+    assert fit_attachment("x.html", small, 1000) is not None
+    assert fit_attachment("x.html", small, 1000).filename == "x.html"  # type: ignore[union-attr]
+    big = b"<html>" + b"lorem ipsum " * 5000 + b"</html>"
+    zipped = fit_attachment("x.html", big, 10_000)
+    assert zipped is not None and zipped.filename == "x.zip" and "zipped" in zipped.note
+    with zipfile.ZipFile(io.BytesIO(zipped.data)) as archive:
+        assert archive.read("x.html") == big
+    random_bytes = os.urandom(50_000)
+    assert fit_attachment("x.html", random_bytes, 1000) is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("A landing page for a bakery!", "landing-bakery.html"),
+        ("../../etc/passwd", "etc-passwd.html"),
+        ("Café crème ☕", "cafe-creme.html"),
+        ("   ", "page.html"),
+        ("<script>alert(1)</script>", "script-alert-1-script.html"),
+    ],
+)
+def test_attachment_names_are_safe_slugs(prompt: str, expected: str) -> None:
+    name = page_filename(prompt)
+    assert name == expected
+    assert "/" not in name and not name.startswith(".")
+
+
+def test_summary_line() -> None:
+    line = summary_line(
+        filename="a.html", model="m", tokens=12, seconds=3.14159, warnings=("truncated",)
+    )
+    assert line == "**a.html** · m · 12 tokens · 3.1 s · ⚠️ truncated"

@@ -1,0 +1,97 @@
+"""Settings: env parsing, one line per problem naming the variable, secrets never echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.settings import Settings, SettingsError, load_settings
+
+TOKEN = "MTIz.secret-token-value.xyz"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(Settings.model_fields):
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv("ALLOWED_GUILD_IDS", "1, 2,3")
+    monkeypatch.setenv("ALLOWED_ROLE_IDS", "")
+    monkeypatch.setenv("METRICS_PORT", "")
+    monkeypatch.setenv("MODEL_ADAPTER", "none")
+    monkeypatch.setenv("MODEL_BASE", " ")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    settings = load_settings()
+    assert settings.discord_token.get_secret_value() == TOKEN
+    assert settings.allowed_guild_ids == (1, 2, 3)
+    assert settings.allowed_role_ids == ()
+    assert settings.metrics_port is None
+    assert settings.log_level == "DEBUG"
+    assert settings.discord_api_base == "https://discord.com/api/v10"
+    assert settings.interaction_ttl_s == 900
+    assert settings.model_overrides() == {
+        "preset": None,
+        "base": None,
+        "adapter": "none",
+        "quantization": None,
+    }
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings.model_dump())
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"DISCORD_TOKEN={TOKEN}\nMAX_BATCH=4\n")
+    settings = load_settings()
+    assert settings.max_batch == 4
+
+
+def test_missing_token_is_one_line_naming_the_variable() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value) == "DISCORD_TOKEN is required but not set (environment or .env)"
+
+
+def test_each_error_names_its_variable_and_hides_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", "Bot " + TOKEN)
+    monkeypatch.setenv("QUEUE_MAX_TOTAL", "lots")
+    monkeypatch.setenv("MAX_BATCH", "0")
+    monkeypatch.setenv("ALLOWED_CHANNEL_IDS", "12,general")
+    monkeypatch.setenv("DISCORD_API_BASE", "discord.com")
+    monkeypatch.setenv("DISCORD_GATEWAY_URL", "http://x")
+    monkeypatch.setenv("LOG_LEVEL", "loud")
+    monkeypatch.setenv("METRICS_PORT", "99999")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    lines = str(info.value).splitlines()
+    names = [line.split()[0].rstrip(":") for line in lines]
+    assert sorted(names) == sorted(
+        [
+            "DISCORD_TOKEN",
+            "QUEUE_MAX_TOTAL",
+            "MAX_BATCH",
+            "ALLOWED_CHANNEL_IDS",
+            "DISCORD_API_BASE",
+            "DISCORD_GATEWAY_URL",
+            "LOG_LEVEL",
+            "METRICS_PORT",
+        ]
+    )
+    assert TOKEN not in str(info.value)
+    assert any("whitespace" in line for line in lines if line.startswith("DISCORD_TOKEN"))
+    assert any("'general'" in line for line in lines)
+
+
+def test_direct_construction_for_tests() -> None:
+    settings = Settings(
+        discord_token="x",
+        discord_api_base="http://127.0.0.1:1/api/v10/",
+        discord_gateway_url="ws://127.0.0.1:1/gw",
+        allowed_guild_ids=(5,),
+        _env_file=None,
+    )
+    assert settings.discord_api_base == "http://127.0.0.1:1/api/v10"
+    assert settings.allowed_guild_ids == (5,)
