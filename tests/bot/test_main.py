@@ -1,4 +1,4 @@
-"""``python -m bot``: start-up errors are one line; a full run serves a page and stops on SIGTERM."""
+"""`python -m bot`: one-line start-up errors; a full run serves a page, stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ async def run_bot(tmp_path: Path, env: dict[str, str]) -> asyncio.subprocess.Pro
 
 async def test_missing_token_is_one_line(tmp_path: Path) -> None:
     process = await run_bot(tmp_path, bot_env(tmp_path))
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    _out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2
     assert err.decode().strip() == (
         "error: DISCORD_TOKEN is required but not set (environment or .env)"
@@ -56,7 +56,7 @@ async def test_rejected_token_is_one_line_without_traceback_or_token(tmp_path: P
             DISCORD_GATEWAY_URL=fake.gateway_url,
         )
         process = await run_bot(tmp_path, env)
-        out, err = await asyncio.wait_for(process.communicate(), 60)
+        _out, err = await asyncio.wait_for(process.communicate(), 60)
     text = err.decode()
     assert process.returncode == 3
     assert "Traceback" not in text and "not-the-right-token" not in text
@@ -91,7 +91,7 @@ async def test_full_run_serves_a_page_and_stops_on_sigterm(tmp_path: Path) -> No
             part = await inter.wait_for_file(".html", timeout=60)
             assert part.filename == "bakery.html" and part.data
             process.send_signal(signal.SIGTERM)
-            out, err = await asyncio.wait_for(process.communicate(), 60)
+            _out, err = await asyncio.wait_for(process.communicate(), 60)
         finally:
             if process.returncode is None:
                 process.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,12 +87,13 @@ def test_each_error_names_its_variable_and_hides_values(monkeypatch: pytest.Monk
 
 
 def test_direct_construction_for_tests() -> None:
-    settings = Settings(
-        discord_token="x",
-        discord_api_base="http://127.0.0.1:1/api/v10/",
-        discord_gateway_url="ws://127.0.0.1:1/gw",
-        allowed_guild_ids=(5,),
-        _env_file=None,
-    )
+    values: dict[str, Any] = {
+        "discord_token": "x",
+        "discord_api_base": "http://127.0.0.1:1/api/v10/",
+        "discord_gateway_url": "ws://127.0.0.1:1/gw",
+        "allowed_guild_ids": (5,),
+        "_env_file": None,
+    }
+    settings = Settings(**values)
     assert settings.discord_api_base == "http://127.0.0.1:1/api/v10"
     assert settings.allowed_guild_ids == (5,)
