@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,17 @@ def test_direct_construction_for_tests() -> None:
     settings = Settings(**values)
     assert settings.discord_api_base == "http://127.0.0.1:1/api/v10"
     assert settings.allowed_guild_ids == (5,)
+
+
+def test_env_example_lists_every_setting_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    keys = set(re.findall(r"^([A-Z0-9_]+)=", example, re.MULTILINE))
+    assert keys == {name.upper() for name in Settings.model_fields}
+    (tmp_path / ".env").write_text(example)
+    with pytest.raises(SettingsError, match="DISCORD_TOKEN"):
+        load_settings()  # the example leaves the token empty
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    settings = load_settings()
+    assert settings.metrics_port is None and settings.model_preset is None
