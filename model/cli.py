@@ -66,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m model", description="Generate web pages with the HTML model."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="generate one page from a description")
+    generate = commands.add_parser(
+        "generate", parents=[common], help="generate one page from a description"
+    )
     generate.add_argument("prompt", help='what the page is, e.g. "a landing page for a bakery"')
     generate.add_argument(
         "-o", "--output", type=Path, help="where to write (default: out/<slug>.html)"
@@ -87,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(generate)
 
-    info = commands.add_parser("info", help="print the resolved model setup, device and cache")
+    info = commands.add_parser(
+        "info", parents=[common], help="print the resolved model setup, device and cache"
+    )
     _add_model_options(info)
     return parser
 
@@ -188,9 +193,11 @@ def run_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # Our own progress notes (e.g. the one-time model conversion) are shown by default.
+    logging.getLogger("model").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         if args.command == "generate":
             return run_generate(args)

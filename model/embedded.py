@@ -100,7 +100,7 @@ def _convert(source: Path, target: Path, fingerprint: dict[str, object]) -> None
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
     # The weights are de-quantized to float32 on load; drop the GGUF quantizer marker
     # so they save as an ordinary checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)

