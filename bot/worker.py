@@ -92,6 +92,8 @@ class Worker:
         self.batch_cap = max_batch
         self.take_wait_s = take_wait_s
         self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._orphans: dict[str, Job] = {}
         self._thread: threading.Thread | None = None
         self._good_batches = 0
         self._last_progress: dict[str, float] = {}
@@ -110,8 +112,16 @@ class Worker:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to stop after what it is running (see :meth:`cancel_running`)."""
-        self._stop.set()
+        """Take no more jobs; stop once the running ones end (see :meth:`cancel_running`).
+
+        A continuous engine cancels whatever runs when its ``stop`` event is set, so that
+        event is only set once nothing runs any more.
+        """
+        self._draining.set()
+        if not self.continuous:
+            self._stop.set()
+        else:
+            self._stop_when_idle()
         self.scheduler.wake()
 
     def cancel_running(self) -> None:
@@ -210,39 +220,56 @@ class Worker:
 
     def _serve_loop(self) -> None:
         while not self._stop.is_set():
+            error: Exception | None = None
             try:
                 self.engine.serve(self._take, self._finished, self._progress, self._stop)
             except Exception as exc:
-                with self._inflight_lock:
-                    inflight = list(self._inflight.values())
-                    self._inflight.clear()
-                if is_out_of_memory(exc):
-                    _free_gpu_memory()
-                    self.batch_cap = max(1, max(len(inflight), 1) // 2)
-                    self._good_batches = 0
-                    retry = [job for job in inflight if job.attempts < MAX_ATTEMPTS]
-                    log.warning(
-                        "out of memory with %d running; cap now %d, requeueing %d",
-                        len(inflight),
-                        self.batch_cap,
-                        len(retry),
-                    )
-                    self.scheduler.requeue_front(retry)
-                    for job in inflight:
-                        if job not in retry:
-                            self._fail(job, failure_message(exc))
-                else:
-                    log.exception("engine.serve failed with %d job(s) running", len(inflight))
-                    for job in inflight:
-                        self._fail(job, failure_message(exc))
-                    # Don't spin if the engine fails at once on every start.
-                    self._stop.wait(1.0)
-            else:
+                error = exc
+            with self._inflight_lock:
+                stranded = list(self._inflight.values())
+                orphans = dict(self._orphans)
+                self._inflight.clear()
+                self._orphans.clear()
+            stranded += [job for job in orphans.values() if job not in stranded]
+            if error is None:
+                # serve() returned because we stopped it: what it gave back unfinished
+                # was cancelled by the stop.
+                for job in stranded:
+                    self._complete(job, job.result or _cancelled_result(job.request))
                 if not self._stop.is_set():
                     log.warning("engine.serve returned before stop; restarting it")
+                continue
+            for job in stranded:
+                job.result = None
+            if is_out_of_memory(error):
+                _free_gpu_memory()
+                self.batch_cap = max(1, len(stranded) // 2)
+                self._good_batches = 0
+                retry = [job for job in stranded if job.attempts < MAX_ATTEMPTS]
+                log.warning(
+                    "out of memory with %d running; cap now %d, requeueing %d",
+                    len(stranded),
+                    self.batch_cap,
+                    len(retry),
+                )
+                self.scheduler.requeue_front(retry)
+                for job in stranded:
+                    if job not in retry:
+                        self._fail(job, failure_message(error))
+            else:
+                log.error(
+                    "engine.serve failed with %d job(s) running",
+                    len(stranded),
+                    exc_info=error,
+                )
+                for job in stranded:
+                    self._fail(job, failure_message(error))
+                # Don't spin if the engine fails at once on every start.
+                self._stop.wait(1.0)
 
     def _take(self, max_count: int, wait: bool) -> list[GenerationRequest]:
-        if self._stop.is_set():
+        if self._draining.is_set():
+            self._stop_when_idle()
             return []
         with self._inflight_lock:
             room = min(max_count, self.batch_cap - len(self._inflight))
@@ -259,6 +286,16 @@ class Worker:
     def _finished(self, result: GenerationResult) -> None:
         with self._inflight_lock:
             job = self._inflight.pop(result.request_id, None)
+            if (
+                job is not None
+                and result.finish_reason is FinishReason.CANCELLED
+                and not job.request.cancelled
+            ):
+                # Nobody asked to cancel it: the engine is stopping or failing. Wait for
+                # serve() to return or raise before deciding what to tell the user.
+                job.result = result
+                self._orphans[job.job_id] = job
+                return
         if job is None:
             log.warning("engine finished unknown request %s", result.request_id)
             return
@@ -266,6 +303,14 @@ class Worker:
             self.scheduler.throughput.record_tokens(result.generated_tokens, result.total_s)
         self._note_good_batch()
         self._complete(job, result)
+        if self._draining.is_set():
+            self._stop_when_idle()
+
+    def _stop_when_idle(self) -> None:
+        with self._inflight_lock:
+            idle = not self._inflight
+        if idle:
+            self._stop.set()
 
     def _progress(self, request_id: str, tokens: int) -> None:
         job = self.scheduler.get(request_id)

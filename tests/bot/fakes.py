@@ -124,30 +124,39 @@ class FakeContinuousEngine(FakeEngine):
         self.serve_calls += 1
         self.threads.add(threading.current_thread().name)
         active: dict[str, tuple[GenerationRequest, int, float]] = {}
-        while True:
-            if not stop.is_set() and len(active) < self.slots:
-                for request in take(self.slots - len(active), not active):
-                    self.calls.append([request.prompt])
-                    if BOOM in request.prompt:
-                        raise RuntimeError("the fake engine exploded")
-                    active[request.request_id] = (request, 0, time.perf_counter())
-                if self.oom_above is not None and len(active) > self.oom_above:
-                    self._raise_oom()
-                self.max_active = max(self.max_active, len(active))
-            if not active:
-                if stop.is_set():
-                    return
-                continue
-            self.started.set()
-            self.release.wait()
-            if self.token_delay_s:
-                time.sleep(self.token_delay_s)
-            for request_id, (request, steps, began) in list(active.items()):
-                if not request.cancelled:
-                    steps += 1
-                    active[request_id] = (request, steps, began)
-                    if progress is not None:
-                        progress(request_id, steps)
-                if request.cancelled or steps >= self.tokens:
-                    del active[request_id]
-                    finished(self._result(request, steps, time.perf_counter() - began))
+        # Like model.fast_engine.FastEngine: serve until stop is set; whatever still runs
+        # then (or when an error escapes) is delivered as cancelled.
+        try:
+            while not stop.is_set():
+                if len(active) < self.slots:
+                    for request in take(self.slots - len(active), not active):
+                        self.calls.append([request.prompt])
+                        active[request.request_id] = (request, 0, time.perf_counter())
+                        if BOOM in request.prompt:
+                            raise RuntimeError("the fake engine exploded")
+                    if self.oom_above is not None and len(active) > self.oom_above:
+                        self._raise_oom()
+                    self.max_active = max(self.max_active, len(active))
+                if not active:
+                    continue
+                self.started.set()
+                self.release.wait()
+                if self.token_delay_s:
+                    time.sleep(self.token_delay_s)
+                for request_id, (request, steps, began) in list(active.items()):
+                    if not request.cancelled:
+                        steps += 1
+                        active[request_id] = (request, steps, began)
+                        if progress is not None:
+                            progress(request_id, steps)
+                    if request.cancelled or steps >= self.tokens:
+                        del active[request_id]
+                        finished(self._result(request, steps, time.perf_counter() - began))
+        finally:
+            for request, steps, began in active.values():
+                result = self._result(request, steps, time.perf_counter() - began)
+                finished(
+                    GenerationResult(
+                        **{**result.__dict__, "finish_reason": FinishReason.CANCELLED, "text": ""}
+                    )
+                )

@@ -228,3 +228,34 @@ async def test_continuous_engine_oom_requeues_with_a_smaller_cap() -> None:
 )
 def test_is_out_of_memory(exc: BaseException, expected: bool) -> None:
     assert is_out_of_memory(exc) is expected
+
+
+async def test_continuous_stop_lets_running_jobs_finish_then_stops_the_engine() -> None:
+    engine = FakeContinuousEngine(slots=4, tokens=30, token_delay_s=0.01)
+    engine.release.clear()
+    sched, sink = scheduler(max_batch=4), Sink()
+    jobs = [submit(sched, [f"p{i}"], user=i)[0] for i in range(2)]
+    worker = await run_worker(engine, sched, sink, max_batch=4)
+    async with asyncio.timeout(5):
+        while sched.running_count < 2:  # noqa: ASYNC110 - no event for this
+            await asyncio.sleep(0.01)
+    engine.release.set()
+    sched.close()
+    worker.stop()
+    assert await asyncio.to_thread(worker.join, 10.0)
+    await sink.wait_finished(2)
+    assert {job.state for job in jobs} == {JobState.DONE}  # finished, not cut off
+
+
+async def test_continuous_cancel_running_after_the_deadline() -> None:
+    engine = FakeContinuousEngine(slots=4, tokens=10_000, token_delay_s=0.005)
+    sched, sink = scheduler(max_batch=4), Sink()
+    worker = await run_worker(engine, sched, sink, max_batch=4)
+    (job,) = submit(sched, ["endless"])
+    await asyncio.to_thread(engine.started.wait, 5)
+    worker.stop()
+    assert not await asyncio.to_thread(worker.join, 0.3)  # still generating
+    worker.cancel_running()
+    assert await asyncio.to_thread(worker.join, 5.0)
+    await sink.wait_finished(1)
+    assert job.state is JobState.CANCELLED
