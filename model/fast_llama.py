@@ -86,13 +86,18 @@ class _Layer:
     down: Linear
 
 
+def is_quantized(model: Any) -> bool:
+    """Whether any layer holds bitsandbytes 4/8-bit weights."""
+    return any(
+        type(m).__name__ in {"Linear4bit", "Linear8bitLt"} or hasattr(m, "quant_state")
+        for m in model.modules()
+    )
+
+
 def _unwrap(model: Any) -> Any:
     """The LlamaForCausalLM inside a peft wrapper; merges the adapter when it can."""
     if hasattr(model, "merge_and_unload"):
-        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
-            model, "is_loaded_in_8bit", False
-        )
-        if not quantized:
+        if not is_quantized(model):
             log.info("merging the LoRA adapter into the base weights")
             return model.merge_and_unload()
         # Quantized base: keep the LoRA layers unmerged and call them as modules.
@@ -129,7 +134,7 @@ class FastLlama:
         max_slots: int | None,
         memory_fraction: float,
         use_cuda_graphs: bool,
-        compile_kernels: bool,
+        compile_kernels: bool | str,
         attention: str,
     ) -> None:
         llama = _unwrap(model)
@@ -176,7 +181,7 @@ class FastLlama:
         self._rotate: Callable[..., torch.Tensor] = _rotate
         self._silu_mul: Callable[..., torch.Tensor] = _silu_mul
         self._sample: Callable[..., torch.Tensor] = sample_rows
-        if compile_kernels and cuda:
+        if compile_kernels and (cuda or compile_kernels == "force"):
             self._compile_kernels()
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool: Any = None
@@ -188,10 +193,11 @@ class FastLlama:
     # ----------------------------------------------------------------- setup
 
     def _build_rope(self, llama: Any, config: Any) -> None:
-        rope = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-        theta = theta or getattr(config, "rope_theta", 10000.0)
+        # transformers 5 keeps these in rope_parameters; older configs in rope_theta/rope_scaling.
+        rope: dict[str, Any] = dict(getattr(config, "rope_scaling", None) or {})
+        rope.update(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta: Any = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
         dim = self.head_dim
         if rope_type == "default":
             # Computed here in float32: a model cast to bf16 also casts HF's inv_freq buffer.
@@ -253,21 +259,60 @@ class FastLlama:
         self.rows = torch.arange(s, dtype=torch.int64, device=d)
         self.vocab = torch.arange(self.vocab_size, dtype=torch.int64, device=d)
         self.key_positions = torch.arange(self.max_seq_len, dtype=torch.int64, device=d)
+        if d.type == "cuda":
+            self._host_tokens = torch.zeros(s, dtype=torch.int64, pin_memory=True)
+            self._done = torch.cuda.Event()
 
     def _compile_kernels(self) -> None:
         """Fuse the small elementwise pieces with Inductor (the matmuls stay cuBLAS).
 
         Without this a decode step is ~35 kernels a layer, and their launch gaps alone cost
-        more than a millisecond per step at batch 1, even inside a CUDA graph.
+        more than a millisecond per step at batch 1, even inside a CUDA graph. Each compiled
+        piece is tried once here; if compiling fails the eager version stays (still exact).
         """
-        try:
-            options = {"dynamic": True, "fullgraph": True}
-            self._norm = torch.compile(rms_norm, **options)  # type: ignore[assignment]
-            self._rotate = torch.compile(_rotate, **options)  # type: ignore[assignment]
-            self._silu_mul = torch.compile(_silu_mul, **options)  # type: ignore[assignment]
-            self._sample = torch.compile(sample_rows, **options)  # type: ignore[assignment]
-        except Exception as error:  # compile is an optimisation; eager is still correct
-            log.warning("torch.compile unavailable (%s); running eager kernels", error)
+        d, h, v = self.device, self.embed.shape[1], self.vocab_size
+        trials: list[tuple[str, Callable[..., torch.Tensor], tuple[Any, ...]]] = [
+            (
+                "_norm",
+                rms_norm,
+                (torch.randn(2, h, device=d, dtype=self.dtype), self.final_norm, self.eps),
+            ),
+            (
+                "_rotate",
+                _rotate,
+                (
+                    torch.randn(2, self.n_heads, self.head_dim, device=d, dtype=self.dtype),
+                    self.cos[:2][:, None, :],
+                    self.sin[:2][:, None, :],
+                ),
+            ),
+            ("_silu_mul", _silu_mul, (torch.randn(2, 64, device=d, dtype=self.dtype),)),
+            (
+                "_sample",
+                sample_rows,
+                (
+                    torch.randn(2, v, device=d),
+                    self.seen[:2],
+                    self.temperature[:2],
+                    self.top_p[:2],
+                    self.repetition_penalty[:2],
+                    self.greedy[:2],
+                    self.seed[:2],
+                    self.positions[:2],
+                    self.vocab,
+                ),
+            ),
+        ]
+        compile_: Any = torch.compile
+        for attribute, function, example in trials:
+            try:
+                compiled = compile_(function, dynamic=True, fullgraph=True)
+                with torch.inference_mode():
+                    compiled(*example)
+            except Exception as error:  # an optimisation only: eager is still correct
+                log.warning("torch.compile of %s failed (%s); it runs eagerly", attribute, error)
+                continue
+            setattr(self, attribute, compiled)
 
     # -------------------------------------------------------------- forwards
 
@@ -335,17 +380,32 @@ class FastLlama:
 
     def decode(self, b: int, ctx: int) -> list[int]:
         """Run one step for rows ``[:b]`` (context bucket ``ctx``); the new tokens."""
+        if self.use_graphs:
+            bb = self.batch_bucket(b)
+            cb = self.context_bucket(ctx)
+            graph = self._graphs.get((bb, cb))
+            if graph is None:
+                try:
+                    graph = self._capture(bb, cb)
+                except RuntimeError as error:
+                    # Some layers (e.g. a quantization kernel that syncs) can't be captured;
+                    # eager decode is slower but correct.
+                    log.warning("CUDA graph capture failed (%s); decoding eagerly", error)
+                    self.use_graphs = False
+                    self._graphs.clear()
+            if graph is not None:
+                graph.replay()
         if not self.use_graphs:
             with torch.inference_mode():
                 self.decode_body(b, ctx)
+        if self.device.type != "cuda":
             return list(self.tokens[:b].tolist())
-        bb = self.batch_bucket(b)
-        cb = self.context_bucket(ctx)
-        graph = self._graphs.get((bb, cb))
-        if graph is None:
-            graph = self._capture(bb, cb)
-        graph.replay()
-        return list(self.tokens[:b].tolist())
+        # Copy into pinned memory and wait on an event: the wait releases the GIL, so the
+        # bot's event loop keeps running while the GPU works.
+        self._host_tokens[:b].copy_(self.tokens[:b], non_blocking=True)
+        self._done.record()
+        self._done.synchronize()
+        return list(self._host_tokens[:b].tolist())
 
     def batch_bucket(self, b: int) -> int:
         return next(size for size in self.batch_buckets if size >= b)
