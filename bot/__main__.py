@@ -70,7 +70,6 @@ def configure_logging(settings: Settings) -> None:
 
 def load_engine(settings: Settings) -> Any:
     """Load the model and wrap it in the engine (blocking: run it in a thread)."""
-    from model.engine import Engine
     from model.errors import ModelError
     from model.loading import load_model
     from model.spec import resolve_spec
@@ -78,7 +77,15 @@ def load_engine(settings: Settings) -> Any:
     try:
         spec = resolve_spec(**settings.model_overrides())
         log.info("loading model %s (base %s, adapter %s)", spec.name, spec.base, spec.adapter)
-        return Engine(load_model(spec))
+        loaded = load_model(spec)
+        if settings.engine == "continuous":
+            from model.fast_engine import FastEngine
+
+            log.info("continuous-batching engine")
+            return FastEngine.from_loaded(loaded)
+        from model.engine import Engine
+
+        return Engine(loaded)
     except ModelError as exc:
         raise StartupError(f"model: {exc}", EXIT_MODEL) from None
 

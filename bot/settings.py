@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     model_adapter: str | None = None
     model_quantization: str | None = None
     model_device: str | None = None
+    # "standard": model.engine.Engine (batched generate); "continuous":
+    # model.fast_engine.FastEngine (jobs join between decode steps; fastest on a GPU).
+    engine: Literal["standard", "continuous"] = "standard"
     max_new_tokens: int = Field(default=1536, ge=16, le=32768)
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
 

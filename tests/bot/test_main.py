@@ -65,7 +65,8 @@ async def test_rejected_token_is_one_line_without_traceback_or_token(tmp_path: P
 
 
 @pytest.mark.slow
-async def test_full_run_serves_a_page_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["standard", "continuous"])
+async def test_full_run_serves_a_page_and_stops_on_sigterm(tmp_path: Path, engine: str) -> None:
     from tests.e2e.helpers import build_tiny_model
 
     model_dir = tmp_path / "tiny"
@@ -79,6 +80,7 @@ async def test_full_run_serves_a_page_and_stops_on_sigterm(tmp_path: Path) -> No
             DEV_GUILD_ID=str(fake.guild.id),
             MODEL_BASE=str(model_dir),
             MODEL_DEVICE="cpu",
+            ENGINE=engine,
             MAX_NEW_TOKENS="32",
             LOG_LEVEL="DEBUG",
         )
