@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import zipfile
 
 import html5lib
@@ -259,3 +260,72 @@ async def test_shutdown_tells_queued_users(fake: FakeDiscord, start_bot: StartBo
     await asyncio.wait_for(closing, 15)
     assert queued_job.state is JobState.CANCELLED
     assert running.html_files
+
+
+async def test_300_interactions_from_50_users_each_get_exactly_one_answer(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    bot = await start_bot(
+        FakeEngine(tokens=3, token_delay_s=0.002),
+        max_batch=8,
+        queue_max_per_user=4,
+        queue_edit_interval_s=0.5,
+    )
+    users = [fake.user(f"user{i}") for i in range(50)]
+    sends = [
+        fake.send_command("html", {"prompt": f"page {n} of {user.username}"}, user=user)
+        for n in range(6)
+        for user in users
+    ]
+    interactions = await asyncio.gather(*sends)
+
+    def answered(inter: object) -> bool:
+        return inter.callback_type == CB_MESSAGE or bool(inter.html_files)  # type: ignore[attr-defined]
+
+    await fake.wait_until(lambda: all(answered(i) for i in interactions), timeout=50)
+    pages = rejected = 0
+    for inter in interactions:
+        assert inter.late_callbacks == 0
+        assert inter.callback_latency is not None and inter.callback_latency < 3
+        callbacks = [r for r in inter.requests if r.path.endswith("/callback")]
+        assert len(callbacks) == 1
+        if inter.callback_type == CB_MESSAGE:
+            rejected += 1
+            assert "limit is 4" in inter.visible_text and not inter.html_files
+        else:
+            pages += 1
+            assert len(inter.html_files) == 1
+    assert pages + rejected == 300 and pages >= 200
+    await eventually(lambda: bot.scheduler.pending() == [])
+    assert sum(len(call) for call in bot.engine.calls) == pages
+
+
+async def test_allowed_channels_and_roles(fake: FakeDiscord, start_bot: StartBot) -> None:
+    general, bots = fake.guild.channels
+    await start_bot(
+        FakeEngine(), allowed_channel_ids=(bots.id,), allowed_role_ids=(fake.mod_role.id,)
+    )
+    mod = fake.user("mod", roles=[fake.mod_role])
+    wrong_channel = await fake.send_command("html", {"prompt": "x"}, user=mod, channel=general)
+    await wrong_channel.wait_for_callback()
+    assert wrong_channel.is_ephemeral_reply() and "channel" in wrong_channel.visible_text
+    no_role = await fake.send_command("html", {"prompt": "x"}, user=fake.user("ann"), channel=bots)
+    await no_role.wait_for_callback()
+    assert no_role.is_ephemeral_reply() and "roles" in no_role.visible_text
+    ok = await fake.send_command("html", {"prompt": "x"}, user=mod, channel=bots)
+    await ok.wait_for_file(".html", timeout=10)
+
+
+async def test_private_reply_is_ephemeral_and_the_token_is_never_logged(
+    fake: FakeDiscord, start_bot: StartBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await start_bot(FakeEngine())
+    inter = await fake.send_command(
+        "html", {"prompt": "secret page", "private": True}, user=fake.user("ann")
+    )
+    await inter.wait_for_file(".html", timeout=10)
+    await inter.wait_until(lambda i: bool(i.followups))
+    assert inter.is_ephemeral_reply()
+    assert all(m["flags"] & FLAG_EPHEMERAL for m in inter.followups)
+    assert fake.bot_token not in caplog.text

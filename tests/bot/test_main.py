@@ -64,6 +64,23 @@ async def test_rejected_token_is_one_line_without_traceback_or_token(tmp_path: P
     assert last.startswith("error: DISCORD_TOKEN was rejected by Discord")
 
 
+async def test_model_that_cannot_load_is_one_line(tmp_path: Path) -> None:
+    async with FakeDiscord() as fake:
+        env = bot_env(
+            tmp_path,
+            DISCORD_TOKEN=fake.bot_token,
+            DISCORD_API_BASE=fake.api_base,
+            DISCORD_GATEWAY_URL=fake.gateway_url,
+            MODEL_BASE=str(tmp_path / "no-such-model"),
+        )
+        process = await run_bot(tmp_path, env)
+        _out, err = await asyncio.wait_for(process.communicate(), 90)
+    text = err.decode()
+    assert process.returncode == 4, text[-2000:]
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1].startswith("error: model: ")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["standard", "continuous"])
 async def test_full_run_serves_a_page_and_stops_on_sigterm(tmp_path: Path, engine: str) -> None:
