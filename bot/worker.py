@@ -182,9 +182,11 @@ class Worker:
                     self._fail(job, failure_message(exc))
             return
         wall = time.perf_counter() - started
+        tokens = sum(r.generated_tokens for r in results)
+        log.debug("batch of %d: %d tokens in %.2f s", len(jobs), tokens, wall)
         self.batches_run += 1
         self.batch_sizes.append(len(jobs))
-        self.scheduler.throughput.record_tokens(sum(r.generated_tokens for r in results), wall)
+        self.scheduler.throughput.record_tokens(tokens)
         self._note_good_batch()
         for job, result in zip(jobs, results, strict=True):
             self._complete(job, result)
@@ -299,8 +301,7 @@ class Worker:
         if job is None:
             log.warning("engine finished unknown request %s", result.request_id)
             return
-        if result.generated_tokens and result.total_s > 0:
-            self.scheduler.throughput.record_tokens(result.generated_tokens, result.total_s)
+        self.scheduler.throughput.record_tokens(result.generated_tokens)
         self._note_good_batch()
         self._complete(job, result)
         if self._draining.is_set():

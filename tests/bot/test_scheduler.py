@@ -196,3 +196,14 @@ def test_format_duration() -> None:
     assert format_duration(42) == "42 s"
     assert format_duration(600) == "10 min"
     assert format_duration(3900) == "1 h 5 min"
+
+
+def test_tokens_per_second_is_the_aggregate_over_a_window() -> None:
+    clock = Clock()
+    meter = Throughput(initial_job_seconds=1.0, window_s=10.0, clock=clock)
+    clock.now += 5.0
+    meter.record_tokens(100)
+    meter.record_tokens(150)  # two sequences that ran side by side
+    assert meter.tokens_per_second == pytest.approx(50.0)  # 250 tokens in 5 s
+    clock.now += 20.0
+    assert meter.tokens_per_second == 0.0  # idle: nothing in the last 10 s
