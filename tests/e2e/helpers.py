@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,31 @@ class ControlledEngine:
             self.busy.clear()
 
 
+class ShortAnswers:
+    """The real engine with every request's ``max_new_tokens`` capped (the bot's own
+    setting can't go below 16): for tests about the bot, where many pages must be quick.
+    Request ids and cancel flags are kept, so the bot sees its own requests come back."""
+
+    def __init__(self, inner: TextGenerator, max_new_tokens: int = 4) -> None:
+        self.inner = inner
+        self.max_new_tokens = max_new_tokens
+        self.batch_sizes: list[int] = []
+
+    @property
+    def model_name(self) -> str:
+        return self.inner.model_name
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        self.batch_sizes.append(len(requests))
+        short = [
+            replace(r, sampling=replace(r.sampling, max_new_tokens=self.max_new_tokens))
+            for r in requests
+        ]
+        return self.inner.generate(short, progress)
+
+
 @dataclass
 class BotRun:
     """A running HtmlBot connected to the fake."""
@@ -168,7 +193,7 @@ def default_settings(fake: FakeDiscord, tmp_path: Path, **overrides: Any) -> Any
         "log_level": "INFO",
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 # discord.py start-up notices that say nothing about the protocol: no voice libraries, and

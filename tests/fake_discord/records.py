@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -185,9 +186,7 @@ class FakeInteraction:
     @property
     def requests(self) -> list[RecordedRequest]:
         """Every request about this interaction (callback and webhook calls), in order."""
-        return [
-            r for r in self._server.requests if r.token == self.token or r.interaction_id == self.id
-        ]
+        return list(self._server.requests_by_token.get(self.token, ()))
 
     @property
     def ok_requests(self) -> list[RecordedRequest]:
@@ -272,16 +271,24 @@ class FakeInteraction:
         ok: bool | None = None,
         predicate: RequestPredicate | None = None,
     ) -> RecordedRequest:
-        """Wait for a request about this interaction (see FakeDiscord.wait_for_request)."""
+        """Wait for an answered request about this interaction that matches.
 
-        def mine(r: RecordedRequest) -> bool:
-            return (r.token == self.token or r.interaction_id == self.id) and (
-                predicate is None or predicate(r)
-            )
-
-        return await self._server.wait_for_request(
-            method, path, timeout=timeout, ok=ok, predicate=mine
-        )
+        Raises ``TimeoutError`` listing this interaction's requests.
+        """
+        match = request_matcher(method, path, ok=ok, predicate=predicate)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    for r in self.requests:
+                        if r.status and match(r):
+                            return r
+                    await self._server._wait_changed()
+        except TimeoutError:
+            mine = "\n  ".join(repr(r) for r in self.requests[-15:])
+            raise TimeoutError(
+                f"no {method or '*'} {path or '*'} request for interaction {self.id} within "
+                f"{timeout}s; its requests:\n  {mine}"
+            ) from None
 
     async def wait_for_callback(self, timeout: float = 5.0) -> RecordedRequest:
         return await self.wait_for_request("POST", r"/callback$", timeout=timeout, ok=True)

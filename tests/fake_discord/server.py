@@ -143,11 +143,13 @@ class FakeDiscord:
         callback_window_s: float = 3.0,
         token_ttl_s: float = 900.0,
         heartbeat_interval_ms: int = 41250,
+        heartbeat_ack_delay_s: float = 0.1,
     ) -> None:
         self.bot_token = bot_token
         self.callback_window_s = callback_window_s
         self.token_ttl_s = token_ttl_s
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.heartbeat_ack_delay_s = heartbeat_ack_delay_s
 
         self.application_id = snowflake()
         self.bot_user = FakeUser(id=self.application_id, username="htmlbot", bot=True)
@@ -182,6 +184,8 @@ class FakeDiscord:
         self.dm_channels: dict[int, FakeChannel] = {}  # by user id
 
         self.requests: list[RecordedRequest] = []
+        # Index for FakeInteraction.requests: tests poll it, and the load test has thousands.
+        self.requests_by_token: dict[str, list[RecordedRequest]] = {}
         self.failures: list[FailureRule] = []
         self.interactions: dict[int, FakeInteraction] = {}
         self._by_token: dict[str, FakeInteraction] = {}
@@ -197,6 +201,7 @@ class FakeDiscord:
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._ws_tasks: set[asyncio.Task[Any]] = set()
+        self._ack_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -230,6 +235,8 @@ class FakeDiscord:
         return self.api_base
 
     async def stop(self) -> None:
+        for task in list(self._ack_tasks):
+            task.cancel()
         for s in self.sessions:
             if not s.ws.closed:
                 await s.ws.close(code=1001, message=b"fake discord stopping")
@@ -705,6 +712,8 @@ class FakeDiscord:
         await _read_body(request, record)
         request[RECORD] = record
         self.requests.append(record)
+        if record.token:
+            self.requests_by_token.setdefault(record.token, []).append(record)
 
         response: web.StreamResponse
         rule = next((f for f in self.failures if f.remaining > 0 and f.match(record)), None)
@@ -1086,6 +1095,10 @@ class FakeDiscord:
         else:
             await session.ws.send_str(text)
 
+    async def _ack_later(self, session: GatewaySession) -> None:
+        await asyncio.sleep(self.heartbeat_ack_delay_s)
+        await self._send(session, {"op": OP_HEARTBEAT_ACK})
+
     async def _send_dispatch(
         self, session: GatewaySession, event: str, data: dict[str, Any]
     ) -> None:
@@ -1100,7 +1113,12 @@ class FakeDiscord:
         raw = msg.get("d")
         data: dict[str, Any] = raw if isinstance(raw, dict) else {}
         if op == OP_HEARTBEAT:
-            await self._send(session, {"op": OP_HEARTBEAT_ACK})
+            # Answer after a network-like delay, not instantly: discord.py's keep-alive thread
+            # records the send time only after the loop has sent the beat, so an ACK that
+            # arrives first (same loop, busy CPU) reads as "websocket is 41s behind".
+            task = asyncio.create_task(self._ack_later(session))
+            self._ack_tasks.add(task)
+            task.add_done_callback(self._ack_tasks.discard)
         elif op == OP_IDENTIFY:
             if data.get("token") != self.bot_token:
                 await session.ws.close(code=4004, message=b"Authentication failed.")

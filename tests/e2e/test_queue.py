@@ -1,0 +1,351 @@
+"""End to end: the queue as users see it (positions, cancel, fairness, limits, failures).
+
+The engine is the real one wrapped in :class:`ControlledEngine`, which stalls or fails on
+cue so the queue's behaviour can be observed while "the GPU is busy".
+"""
+
+# Polling is deliberate: the state watched belongs to other threads (the worker, the
+# engine) or to the bot, which offers no awaitable for it; every wait is bounded.
+# ruff: noqa: ASYNC109, ASYNC110
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+import pytest
+
+from model.types import TextGenerator
+from tests.e2e.helpers import BotRun, ControlledEngine, StartBot
+from tests.fake_discord import (
+    CB_DEFERRED_MESSAGE,
+    CB_MESSAGE,
+    CB_UPDATE_MESSAGE,
+    FLAG_EPHEMERAL,
+    FakeDiscord,
+    FakeInteraction,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+CANCEL_RE = re.compile(r"^htmlbot:cancel:(.+)$")
+
+
+def cancel_id(inter: FakeInteraction) -> str:
+    ids = [c for c in inter.custom_ids() if CANCEL_RE.match(c)]
+    assert ids, f"no Cancel button on {inter.messages}"
+    return ids[0]
+
+
+async def wait_cancel_button(inter: FakeInteraction, timeout: float = 5.0) -> str:
+    await inter.wait_until(
+        lambda i: any(CANCEL_RE.match(c) for c in i.custom_ids()), timeout=timeout
+    )
+    return cancel_id(inter)
+
+
+async def running_and_held(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator, **settings: Any
+) -> tuple[BotRun, ControlledEngine]:
+    engine = ControlledEngine(real_engine)
+    engine.hold()
+    run = await start_bot(engine, **settings)
+    return run, engine
+
+
+async def wait_engine_busy(engine: ControlledEngine, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not engine.busy.is_set():
+            await asyncio.sleep(0.01)
+
+
+async def test_defer_within_3s_while_gpu_busy_and_many_wait(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    run, engine = await running_and_held(
+        start_bot, fake, real_engine, queue_max_total=1000, queue_max_per_user=3, max_batch=2
+    )
+    first = await fake.send_command("html", {"prompt": "the page that holds the GPU"})
+    await wait_engine_busy(engine)
+    users = [fake.user(f"user{i}") for i in range(50)]
+    interactions = await asyncio.gather(
+        *(
+            fake.send_command("html", {"prompt": f"page {k} of {u.username}"}, user=u)
+            for k in range(3)
+            for u in users
+        )
+    )
+    await fake.wait_until(
+        lambda: all(i.callback_type is not None for i in interactions), timeout=10
+    )
+    latencies = [i.callback_latency for i in interactions]
+    assert all(i.callback_type == CB_DEFERRED_MESSAGE for i in interactions)
+    assert all(i.late_callbacks == 0 for i in interactions)
+    assert max(lat for lat in latencies if lat is not None) < 3.0
+    assert run.bot.scheduler.queued_count == 150
+    assert engine.prompts == ["the page that holds the GPU"]
+
+    # Shutting down tells every queued user, and the running job still finishes.
+    engine.release()
+    await run.bot.close()
+    await first.wait_for_file(".html", timeout=10)
+    told = [i for i in interactions if "restarting" in (i.original or {}).get("content", "")]
+    delivered = [i for i in interactions if i.html_files]
+    assert len(told) + len(delivered) == 150
+    assert all(i.custom_ids() == [] for i in told)
+
+
+async def test_queue_position_edits(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    run, engine = await running_and_held(start_bot, fake, real_engine, max_batch=1)
+    a, b, c = fake.user("ann"), fake.user("bob"), fake.user("cid")
+    ia = await fake.send_command("html", {"prompt": "page a"}, user=a)
+    await wait_engine_busy(engine)
+    ib = await fake.send_command("html", {"prompt": "page b"}, user=b)
+    ic = await fake.send_command("html", {"prompt": "page c"}, user=c)
+
+    await ic.wait_until(lambda i: "position 2" in (i.original or {}).get("content", ""))
+    await ib.wait_until(lambda i: "position 1" in (i.original or {}).get("content", ""))
+    assert cancel_id(ic).startswith("htmlbot:cancel:")
+    await ia.wait_until(lambda i: "Generating" in (i.original or {}).get("content", ""))
+    held_since = time.monotonic()
+    await asyncio.sleep(1.0)  # several edit intervals while nothing changes
+    engine.release()
+    held_for = time.monotonic() - held_since
+
+    for inter in (ia, ib, ic):
+        await inter.wait_for_file(".html", timeout=30)
+    # c moved up: position 2, then 1 (or straight to generating), then done.
+    history = ic.contents
+    assert any("position 2" in t for t in history)
+    later = history[[i for i, t in enumerate(history) if "position 2" in t][-1] + 1 :]
+    assert any("position 1" in t or "Generating" in t for t in later), history
+    # Edits are paced: only changes are sent, not one edit per tick.
+    edits_while_held = [r for r in ic.ok_requests if r.method == "PATCH" and held_since <= r.time]
+    interval = run.settings.queue_edit_interval_s
+    assert len(edits_while_held) <= held_for / interval + 4
+    assert all(len(i.html_files) == 1 for i in (ia, ib, ic))
+
+
+async def test_cancel_by_requester_while_queued(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    run, engine = await running_and_held(start_bot, fake, real_engine, max_batch=1)
+    a, b = fake.user("ann"), fake.user("bob")
+    ia = await fake.send_command("html", {"prompt": "page a"}, user=a)
+    await wait_engine_busy(engine)
+    ib = await fake.send_command("html", {"prompt": "page b"}, user=b)
+    button = await wait_cancel_button(ib)
+
+    press = await fake.press_button(button, user=b)
+    await press.wait_for_callback(timeout=3)
+    assert press.callback_type == CB_UPDATE_MESSAGE
+    assert "Cancelled" in (ib.original or {}).get("content", "")
+    assert ib.custom_ids() == []
+    assert run.bot.scheduler.queued_count == 0
+
+    engine.release()
+    await ia.wait_for_file(".html", timeout=30)
+    await asyncio.sleep(0.5)  # room for any (wrong) late edit or delivery
+    assert ib.html_files == []
+    assert "Cancelled" in (ib.original or {}).get("content", "")
+    assert "page b" not in engine.prompts  # dropped before reaching the engine
+
+
+async def test_cancel_by_requester_while_generating(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    run, engine = await running_and_held(start_bot, fake, real_engine, max_batch=1)
+    a = fake.user("ann")
+    ia = await fake.send_command("html", {"prompt": "page a"}, user=a)
+    await wait_engine_busy(engine)
+    button = await wait_cancel_button(ia)
+
+    press = await fake.press_button(button, user=a)
+    await press.wait_for_callback(timeout=3)
+    # The engine sees the cancel flag and stops; nothing is delivered.
+    async with asyncio.timeout(5):
+        while engine.busy.is_set():
+            await asyncio.sleep(0.01)
+    await fake.wait_until(lambda: run.bot.scheduler.running_count == 0, timeout=5)
+    await asyncio.sleep(0.3)
+    assert ia.html_files == []
+    assert "Cancelled" in (ia.original or {}).get("content", "")
+
+    # The worker still serves the next request.
+    engine.release()
+    again = await fake.send_command("html", {"prompt": "page a again"}, user=a)
+    await again.wait_for_file(".html", timeout=30)
+
+
+async def test_cancel_by_someone_else_is_refused_but_a_manager_may(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    _run, engine = await running_and_held(start_bot, fake, real_engine, max_batch=1)
+    a, b, c = fake.user("ann"), fake.user("bob"), fake.user("cid")
+    manager = fake.user("mod", roles=[fake.mod_role])
+    ia = await fake.send_command("html", {"prompt": "page a"}, user=a)
+    await wait_engine_busy(engine)
+    ic = await fake.send_command("html", {"prompt": "page c"}, user=c)
+    button_a = await wait_cancel_button(ia)
+    button_c = await wait_cancel_button(ic)
+
+    press = await fake.press_button(button_a, user=b)
+    await press.wait_for_callback(timeout=3)
+    assert press.callback_type == CB_MESSAGE and press.is_ephemeral_reply()
+    assert "Only the person who asked" in press.visible_text
+    assert "Cancelled" not in (ia.original or {}).get("content", "")
+
+    by_manager = await fake.press_button(button_c, user=manager)
+    await by_manager.wait_for_callback(timeout=3)
+    assert by_manager.callback_type == CB_UPDATE_MESSAGE
+    assert "Cancelled by" in (ic.original or {}).get("content", "")
+
+    engine.release()
+    await ia.wait_for_file(".html", timeout=30)  # a's job went on
+    assert len(ia.html_files) == 1 and ic.html_files == []
+
+
+async def test_flooding_user_does_not_starve_another(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    engine = ControlledEngine(real_engine, delay_s=0.3)
+    await start_bot(engine, max_batch=1, queue_max_per_user=5)
+    flooder, other = fake.user("flooder"), fake.user("other")
+    floods = [
+        await fake.send_command("html", {"prompt": f"flood {k}"}, user=flooder) for k in range(8)
+    ]
+    await fake.wait_until(lambda: all(i.callback_type for i in floods), timeout=5)
+    refused = [i for i in floods if i.callback_type == CB_MESSAGE]
+    assert len(refused) == 3
+    assert all(i.is_ephemeral_reply() and "limit" in i.visible_text for i in refused)
+
+    sent = time.monotonic()
+    mine = await fake.send_command("html", {"prompt": "just one page"}, user=other)
+    await mine.wait_for_file(".html", timeout=30)
+    waited = time.monotonic() - sent
+    accepted = [i for i in floods if i.callback_type == CB_DEFERRED_MESSAGE]
+    delivered_before = [i for i in accepted if i.html_files]
+    # Round-robin: at most the flooder's running job and one more go before ours.
+    assert len(delivered_before) <= 2, [i.contents for i in accepted]
+    assert waited < 5 * 0.3 + 3.0
+    for inter in accepted:
+        await inter.wait_for_file(".html", timeout=30)
+
+
+async def test_queue_full_is_told_with_a_retry_hint(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    run, engine = await running_and_held(
+        start_bot, fake, real_engine, max_batch=1, queue_max_total=2, queue_max_per_user=10
+    )
+    a, b = fake.user("ann"), fake.user("bob")
+    await fake.send_command("html", {"prompt": "running"}, user=a)
+    await wait_engine_busy(engine)
+    queued = [await fake.send_command("html", {"prompt": f"q{k}"}, user=a) for k in range(2)]
+    full = await fake.send_command("html", {"prompt": "one too many"}, user=b)
+    await full.wait_for_callback(timeout=3)
+    assert all(q.callback_type == CB_DEFERRED_MESSAGE for q in queued)
+    assert full.callback_type == CB_MESSAGE and full.is_ephemeral_reply()
+    assert "full" in full.visible_text.lower()
+    assert re.search(r"try again in about \S+", full.visible_text)
+    assert run.bot.scheduler.queued_count == 2
+
+
+async def test_worker_exception_then_next_job_succeeds(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    engine = ControlledEngine(real_engine)
+    engine.fail_next(1)
+    await start_bot(engine, max_batch=1)
+    a, b = fake.user("ann"), fake.user("bob")
+    failed = await fake.send_command("html", {"prompt": "unlucky page"}, user=a)
+    await failed.wait_until(lambda i: "❌" in (i.original or {}).get("content", ""), timeout=10)
+    assert "internal error" in failed.visible_text
+    assert failed.html_files == [] and failed.custom_ids() == []
+
+    ok = await fake.send_command("html", {"prompt": "lucky page"}, user=b)
+    await ok.wait_for_file(".html", timeout=30)
+    again = await fake.send_command("html", {"prompt": "unlucky page, again"}, user=a)
+    await again.wait_for_file(".html", timeout=30)
+
+
+async def test_expired_token_keeps_the_result(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    run, engine = await running_and_held(start_bot, fake, real_engine, max_batch=1)
+    a = fake.user("ann")
+    inter = await fake.send_command("html", {"prompt": "a page nobody waits for"}, user=a)
+    await inter.wait_for_callback(timeout=3)
+    await wait_engine_busy(engine)
+    fake.expire(inter)
+    engine.release()
+
+    # Kept on disk although Discord refuses every call with this token.
+    await fake.wait_until(lambda: bool(run.bot.store.list(a.id)), timeout=10)
+    [stored] = run.bot.store.list(a.id)
+    kept = run.bot.store.read(stored)
+    assert kept.lstrip().lower().startswith(b"<!doctype html")
+    await asyncio.sleep(0.5)
+    assert inter.html_files == []
+    refused = [r for r in inter.requests if r.method != "POST" or "/callback" not in r.path]
+    assert refused and all(r.status == 401 for r in refused)
+    # No endless retrying of a dead token: one final attempt per kind of call at most.
+    assert len([r for r in refused if r.files]) <= 1
+
+    # The user gets it again, privately, with /mypages.
+    again = await fake.send_command("mypages", {"page": stored.job_id}, user=a)
+    page = await again.wait_for_file(".html", timeout=10)
+    assert page.data == kept
+    assert all(r.json.get("flags", 0) & FLAG_EPHEMERAL for r in again.ok_requests if r.files)
+
+
+async def test_job_that_would_expire_is_not_run(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    _run, engine = await running_and_held(
+        start_bot,
+        fake,
+        real_engine,
+        max_batch=1,
+        interaction_ttl_s=1.5,
+        delivery_margin_s=0.0,
+    )
+    a, b = fake.user("ann"), fake.user("bob")
+    first = await fake.send_command("html", {"prompt": "long running"}, user=a)
+    await wait_engine_busy(engine)
+    doomed = await fake.send_command("html", {"prompt": "too late"}, user=b)
+    await doomed.wait_for_callback(timeout=3)
+    await asyncio.sleep(2.0)  # b's token would now expire before delivery
+    engine.release()
+    await doomed.wait_until(lambda i: "Not run" in (i.original or {}).get("content", ""), 10)
+    assert "too late" not in engine.prompts
+    assert doomed.html_files == []
+    await first.wait_for_file(".html", timeout=30)
+
+
+async def test_queue_command_lists_own_jobs_and_managers_see_all(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    _run, engine = await running_and_held(start_bot, fake, real_engine, max_batch=1)
+    a, b = fake.user("ann"), fake.user("bob")
+    manager = fake.user("boss", roles=[fake.mod_role])
+    await fake.send_command("html", {"prompt": "ann's running page"}, user=a)
+    await wait_engine_busy(engine)
+    await fake.send_command("html", {"prompt": "bob's queued page"}, user=b)
+    await fake.send_command("html", {"prompt": "ann's queued page"}, user=a)
+
+    mine = await fake.send_command("queue", user=a)
+    await mine.wait_for_callback(timeout=3)
+    assert mine.is_ephemeral_reply()
+    text = mine.visible_text
+    assert "ann's running page" in text and "ann's queued page" in text
+    assert "bob's queued page" not in text
+
+    everyone = await fake.send_command("queue", user=manager)
+    await everyone.wait_for_callback(timeout=3)
+    assert "bob's queued page" in everyone.visible_text
+    assert f"<@{b.id}>" in everyone.visible_text
