@@ -125,9 +125,16 @@ async def run(settings: Settings) -> None:
             if not stopping:
                 log.info("%s received: shutting down", name)
                 stopping.append(asyncio.create_task(bot.close()))
+            elif bot.worker is not None:
+                # A second signal: don't wait for the deadline.
+                log.info("%s received again: cancelling the running jobs", name)
+                bot.worker.cancel_running()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig.name)
+            try:
+                loop.add_signal_handler(sig, on_signal, sig.name)
+            except NotImplementedError:  # Windows: Ctrl-C raises KeyboardInterrupt instead
+                break
         try:
             await bot.start(settings.discord_token.get_secret_value())
         except discord.LoginFailure:

@@ -329,3 +329,12 @@ async def test_private_reply_is_ephemeral_and_the_token_is_never_logged(
     assert inter.is_ephemeral_reply()
     assert all(m["flags"] & FLAG_EPHEMERAL for m in inter.followups)
     assert fake.bot_token not in caplog.text
+
+
+async def test_gateway_url_is_asked_from_a_custom_api_base(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    await start_bot(FakeEngine(), discord_gateway_url=None)
+    assert [r for r in fake.requests if r.path.endswith("/gateway/bot")]
+    inter = await fake.send_command("html", {"prompt": "x"}, user=fake.user("ann"))
+    await inter.wait_for_file(".html", timeout=10)
