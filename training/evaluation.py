@@ -63,13 +63,8 @@ def generation_metrics(
     """
     if not pairs:
         return {}
-    try:
-        from model.html import build_page, summarize_pages
-
-        from model.engine import Engine
-    except ImportError as exc:  # the model package's engine/html modules are not there yet
-        log.warning("generation eval skipped: %s", exc)
-        return {}
+    from model.engine import Engine
+    from model.html import build_page, summarize_pages
     from model.errors import HtmlExtractionError
     from model.types import FinishReason, GenerationRequest, SamplingParams
 
@@ -101,7 +96,9 @@ def generation_metrics(
             )
         except HtmlExtractionError:
             unusable += 1
-    summary: dict[str, Any] = dict(summarize_pages(pages)) if pages else {}
+    # Rates over the pages that could be built; outputs with nothing page-like are counted
+    # apart (and as incomplete in complete_rate_all_prompts).
+    summary: dict[str, Any] = dict(summarize_pages(pages))
     complete = sum(1 for page in pages if page.complete)
     summary.update(
         {

@@ -55,7 +55,7 @@ def test_cleaning_counts_and_normalises(tmp_path: Path) -> None:
 
     config = config_for(tmp_path / "d.jsonl", max_page_chars=200, overlong="truncate")
     pairs, report = clean(extract_pairs(read_rows(config), config), config)
-    huge = [pair for pair in pairs if pair.description == "huge"][0]
+    huge = next(pair for pair in pairs if pair.description == "huge")
     assert len(huge.page) == 200 and huge.truncated
     assert report.overlong_truncated == 1 and report.overlong_dropped == 0
 
@@ -143,7 +143,7 @@ def test_missing_file_and_unknown_type(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_splits(config_for(tmp_path / "nope.jsonl"))
     (tmp_path / "d.txt").write_text("hello", encoding="utf-8")
-    with pytest.raises(DataError, match="unknown file type '.txt'"):
+    with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
         load_splits(config_for(tmp_path / "d.txt"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,10 @@ from training.tokenization import (
     pack,
 )
 
-PAGE = '<!DOCTYPE html>\n<html lang="en">\n<body><h1>Crumb &amp; Co.</h1><p>Fresh bread</p></body>\n</html>'
+PAGE = (
+    '<!DOCTYPE html>\n<html lang="en">\n'
+    "<body><h1>Crumb &amp; Co.</h1><p>Fresh bread</p></body>\n</html>"
+)
 
 
 def test_prompt_masked_page_and_eos_labelled(tokenizer: Any) -> None:
@@ -81,9 +85,9 @@ def test_truncated_pages_get_no_eos(tokenizer: Any) -> None:
 
 def test_encode_pairs_reports(tokenizer: Any) -> None:
     pairs = [Pair("one", PAGE), Pair("two", PAGE * 20), Pair("three", "<html></html>")]
-    examples, report = encode_pairs(tokenizer, pairs, 200)
+    _examples, report = encode_pairs(tokenizer, pairs, 200)
     assert report.examples == 2 and report.dropped_too_long == 1
-    examples, report = encode_pairs(tokenizer, pairs, 200, truncate=True)
+    _examples, report = encode_pairs(tokenizer, pairs, 200, truncate=True)
     assert report.examples == 3 and report.truncated == 1 and report.longest <= 200
 
 
@@ -116,7 +120,7 @@ def _targets_per_member(row: Any) -> list[int]:
     starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
     return [
         sum(1 for label in row.labels[a:b] if label != IGNORE_INDEX)
-        for a, b in zip(starts, starts[1:], strict=False)
+        for a, b in itertools.pairwise(starts)
     ]
 
 
