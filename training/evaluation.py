@@ -64,8 +64,8 @@ def generation_metrics(
     if not pairs:
         return {}
     from model.engine import Engine
-    from model.html import build_page, summarize_pages
     from model.errors import HtmlExtractionError
+    from model.html import build_page, summarize_pages
     from model.types import FinishReason, GenerationRequest, SamplingParams
 
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
