@@ -321,14 +321,29 @@ async def handle_cancel(bot: "HtmlBot", interaction: discord.Interaction, job_id
     who = "" if interaction.user.id == job.user_id else f" by {interaction.user.mention}"
     text = f"🛑 Cancelled{who}."
     ticket = job.context
-    if isinstance(ticket, Ticket):
-        async with ticket.lock:
-            ticket.final = True
-            ticket.shown = text
-            await interaction.response.edit_message(content=text, view=None)
-    else:
+    if not isinstance(ticket, Ticket):
         await interaction.response.edit_message(content=text, view=None)
+        return
+    # No new status edits from now on. The button must be answered within 3 s, so don't
+    # wait for a status edit in flight (it may be sleeping on a 429); if one lands after
+    # our answer, put the cancelled text back once it has.
+    ticket.final = True
+    edits_before = ticket.edits
+    await interaction.response.edit_message(content=text, view=None)
+    ticket.shown = text
     log.info("job %s cancelled by user %s", job_id, interaction.user.id)
+    if ticket.lock.locked():
+        bot.spawn(_reassert_cancelled(job, ticket, text, edits_before), f"recancel-{job_id}")
+
+
+async def _reassert_cancelled(job: Job, ticket: Ticket, text: str, edits_before: int) -> None:
+    async with ticket.lock:
+        if ticket.edits == edits_before:
+            return
+        try:
+            await ticket.interaction.edit_original_response(content=text, view=None)
+        except discord.HTTPException as exc:
+            log.info("job %s: restoring the cancelled text failed: %s", job.job_id, exc.status)
 
 
 async def on_component(bot: "HtmlBot", interaction: discord.Interaction) -> None:

@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Protocol
 
 from bot.jobs import Job, JobState
@@ -100,7 +101,7 @@ class Worker:
         self._inflight: dict[str, Job] = {}
         self._inflight_lock = threading.Lock()
         self.batches_run = 0
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # the latest, for tests and logs
 
     @property
     def continuous(self) -> bool:

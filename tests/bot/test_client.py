@@ -24,6 +24,7 @@ from tests.fake_discord import (
     CB_UPDATE_MESSAGE,
     FLAG_EPHEMERAL,
     FOLLOWUP_PATH,
+    ORIGINAL_PATH,
     FakeDiscord,
 )
 from tests.fake_discord.payloads import PERM_MANAGE_GUILD
@@ -338,3 +339,36 @@ async def test_gateway_url_is_asked_from_a_custom_api_base(
     assert [r for r in fake.requests if r.path.endswith("/gateway/bot")]
     inter = await fake.send_command("html", {"prompt": "x"}, user=fake.user("ann"))
     await inter.wait_for_file(".html", timeout=10)
+
+
+async def test_cancel_answers_at_once_even_while_a_status_edit_sleeps_on_a_429(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    bot = await start_bot(engine, max_batch=1)
+    eve, bob, ann = fake.user("eve"), fake.user("bob"), fake.user("ann")
+    await fake.send_command("html", {"prompt": "blocker"}, user=eve)
+    await asyncio.to_thread(engine.started.wait, 5)
+    bobs = await fake.send_command("html", {"prompt": "bob"}, user=bob)
+    anns = await fake.send_command("html", {"prompt": "ann"}, user=ann)
+    await anns.wait_until(lambda i: "position 2" in (i.original or {}).get("content", ""))
+    await bobs.wait_until(lambda i: bool(i.custom_ids()))
+    # Ann's next status edit ("position 1") gets a 429 and discord.py sleeps on it.
+    fake.fail_next("PATCH", ORIGINAL_PATH, status=429, retry_after=1.5, token=anns.token)
+    await (await fake.press_button(cancel_id(bot, bob.id), user=bob)).wait_for_callback()
+    await anns.wait_for_request("PATCH", ORIGINAL_PATH, predicate=lambda r: r.status == 429)
+
+    press = await fake.press_button(cancel_id(bot, ann.id), user=ann)
+    await press.wait_for_callback(timeout=1.0)  # not stuck behind the sleeping edit
+    assert press.callback_latency is not None and press.callback_latency < 1.0
+    # The late "position 1" edit lands, then the cancelled text is put back.
+    await anns.wait_until(
+        lambda i: (
+            "position 1" in " ".join(i.contents)
+            and "Cancelled" in (i.original or {}).get("content", "")
+        ),
+        timeout=10,
+    )
+    assert anns.custom_ids() == []
+    engine.release.set()
