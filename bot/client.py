@@ -18,7 +18,7 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot.commands import HtmlCommandTree, on_component, register_commands
-from bot.delivery import SHUTDOWN_TEXT, Delivery, with_retries
+from bot.delivery import SHUTDOWN_TEXT, Delivery, fit_attachment, with_retries
 from bot.jobs import Job
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
@@ -187,8 +187,6 @@ class HtmlBot(discord.Client):
         self, interaction: discord.Interaction, page: StoredPage, data: bytes
     ) -> None:
         """Send a kept page again, privately, as a follow-up of ``interaction``."""
-        from bot.delivery import fit_attachment
-
         attachment = fit_attachment(page.filename, data, interaction.filesize_limit)
         if attachment is None:
             await interaction.followup.send(

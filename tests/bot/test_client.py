@@ -372,3 +372,21 @@ async def test_cancel_answers_at_once_even_while_a_status_edit_sleeps_on_a_429(
     )
     assert anns.custom_ids() == []
     engine.release.set()
+
+
+async def test_unexpected_errors_get_a_generic_reply_and_a_logged_traceback(
+    fake: FakeDiscord, start_bot: StartBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = await start_bot(FakeEngine())
+
+    async def broken(user_id: int) -> list[object]:
+        raise OSError("disk on fire: /srv/secret/path")
+
+    bot.list_pages = broken  # type: ignore[assignment,method-assign]
+    inter = await fake.send_command("mypages", {}, user=fake.user("ann"))
+    await inter.wait_for_callback()
+    assert inter.is_ephemeral_reply()
+    assert "Something went wrong" in inter.visible_text
+    assert "secret" not in inter.visible_text
+    errors = [r for r in caplog.records if r.name == "bot.commands" and r.levelname == "ERROR"]
+    assert errors and errors[0].exc_info is not None
