@@ -29,6 +29,7 @@ from bot.jobs import Job, JobState
 from bot.metrics import Metrics
 from bot.status import Ticket, ticket_of
 from bot.store import ResultStore, StoredPage
+from model.errors import ModelError
 from model.naming import page_filename
 from model.types import FinishReason
 
@@ -198,8 +199,9 @@ class Delivery:
         latency = time.monotonic() - job.created_at
         try:
             if job.state is JobState.DONE:
-                await self._deliver_page(job, ticket)
-                self.metrics.job_done(latency, job.result.generated_tokens if job.result else 0)
+                if await self._deliver_page(job, ticket):
+                    tokens = job.result.generated_tokens if job.result else 0
+                    self.metrics.job_done(latency, tokens)
             elif job.state is JobState.FAILED:
                 self.metrics.job_failed()
                 await self.final_edit(job, f"❌ {job.error or 'Generation failed.'}")
@@ -219,14 +221,13 @@ class Delivery:
         except Exception:
             log.exception("job %s: delivery failed", job.job_id)
 
-    async def _deliver_page(self, job: Job, ticket: Ticket) -> None:
+    async def _deliver_page(self, job: Job, ticket: Ticket) -> bool:
+        """Build, keep and send the page; False if there was no page to send."""
         result = job.result
         assert result is not None
         try:
             page = await asyncio.to_thread(build_page_for, job, strip_scripts=self.strip_scripts)
         except Exception as exc:
-            from model.errors import ModelError
-
             if not isinstance(exc, ModelError):
                 log.exception("job %s: building the page failed", job.job_id)
             job.state = JobState.FAILED
@@ -234,7 +235,7 @@ class Delivery:
             await self.final_edit(
                 job, "❌ The model's answer held no usable web page. Try rephrasing the prompt."
             )
-            return
+            return False
         filename = page_filename(job.prompt)
         warnings = tuple(str(w) for w in page.warnings)
         # Keep it before sending anything: an expired token must not lose the page.
@@ -258,6 +259,7 @@ class Delivery:
             warnings=warnings,
         )
         await self.send_page(job, stored, page.data, summary)
+        return True
 
     async def send_page(self, job: Job, stored: StoredPage, data: bytes, summary: str) -> None:
         """Mark the deferred message done, then send the page as a follow-up.

@@ -7,6 +7,7 @@ tests/e2e/ has the full acceptance suite.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import zipfile
@@ -16,6 +17,7 @@ import pytest
 
 from bot.client import HtmlBot
 from bot.jobs import JobState
+from model.types import FinishReason, GenerationRequest, GenerationResult
 from tests.bot.conftest import StartBot, eventually
 from tests.bot.fakes import BOOM, FakeEngine
 from tests.fake_discord import (
@@ -390,3 +392,41 @@ async def test_unexpected_errors_get_a_generic_reply_and_a_logged_traceback(
     assert "secret" not in inter.visible_text
     errors = [r for r in caplog.records if r.name == "bot.commands" and r.levelname == "ERROR"]
     assert errors and errors[0].exc_info is not None
+
+
+class ScriptedEngine(FakeEngine):
+    """Answers each prompt with a fixed text and finish reason."""
+
+    def __init__(self, answers: dict[str, tuple[str, FinishReason]]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def _result(self, request: GenerationRequest, tokens: int, total: float) -> GenerationResult:
+        text, reason = self.answers[request.prompt]
+        result = super()._result(request, tokens, total)
+        return dataclasses.replace(result, text=text, finish_reason=reason)
+
+
+async def test_truncated_pages_say_so_and_empty_answers_fail_clearly(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    half_page = "<!DOCTYPE html><html><head><title>Shop</title></head><body><h1>Shop</h1><p>We"
+    bot = await start_bot(
+        ScriptedEngine({"cut": (half_page, FinishReason.LENGTH), "nothing": ("", FinishReason.EOS)})
+    )
+    cut = await fake.send_command("html", {"prompt": "cut"}, user=fake.user("ann"))
+    part = await cut.wait_for_file(".html", timeout=10)
+    assert part.data.rstrip().endswith(b"</html>")  # completed by model.html
+    await cut.wait_until(lambda i: bool(i.followups))
+    assert "truncated" in cut.followups[0]["content"]
+
+    empty = await fake.send_command("html", {"prompt": "nothing"}, user=fake.user("bob"))
+    await empty.wait_until(lambda i: "no usable web page" in (i.original or {}).get("content", ""))
+    assert empty.html_files == []
+    await eventually(lambda: _count(bot, "failed") == 1)
+    assert _count(bot, "done") == 1
+
+
+def _count(bot: HtmlBot, outcome: str) -> float:
+    value = bot.metrics.registry.get_sample_value("htmlbot_jobs_total", {"outcome": outcome})
+    return value or 0.0
