@@ -150,19 +150,30 @@ class Worker:
             "continuous" if self.continuous else "batch",
             self.max_batch,
         )
-        try:
-            if self.continuous:
-                self._serve_loop()
-            else:
-                self._batch_loop()
-        finally:
-            log.info("worker stopped")
+        while not self._stop.is_set():
+            try:
+                if self.continuous:
+                    self._serve_loop()
+                else:
+                    self._batch_loop()
+            except Exception:
+                # A bug of ours, not the engine's (those are caught per batch): keep serving.
+                log.exception("worker loop failed; restarting it")
+                self._stop.wait(1.0)
+        log.info("worker stopped")
 
     def _batch_loop(self) -> None:
         while not self._stop.is_set():
             jobs = self.scheduler.take(self.batch_cap, wait_s=self.take_wait_s)
-            if jobs:
+            if not jobs:
+                continue
+            try:
                 self._run_batch(jobs)
+            except Exception:
+                log.exception("handling a batch of %d job(s) failed", len(jobs))
+                for job in jobs:
+                    if not job.state.terminal:
+                        self._fail(job, "Something went wrong on our side. Please try again.")
 
     def _run_batch(self, jobs: list[Job]) -> None:
         for job in jobs:

@@ -259,3 +259,25 @@ async def test_continuous_cancel_running_after_the_deadline() -> None:
     assert await asyncio.to_thread(worker.join, 5.0)
     await sink.wait_finished(1)
     assert job.state is JobState.CANCELLED
+
+
+async def test_a_failing_report_does_not_kill_the_worker() -> None:
+    engine = FakeEngine()
+    sched, sink = scheduler(max_batch=1), Sink()
+    worker = await run_worker(engine, sched, sink, max_batch=1)
+    original = worker._complete
+    calls = 0
+
+    def complete_once_broken(job: Job, result: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("bug in our own bookkeeping")
+        original(job, result)  # type: ignore[arg-type]
+
+    worker._complete = complete_once_broken  # type: ignore[method-assign]
+    first, second = submit(sched, ["first", "second"])
+    await sink.wait_finished(2)
+    await stop(worker)
+    assert first.state is JobState.FAILED and first.error is not None
+    assert second.state is JobState.DONE
