@@ -18,7 +18,13 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot.commands import HtmlCommandTree, on_component, register_commands
-from bot.delivery import SHUTDOWN_TEXT, Delivery, fit_attachment, with_retries
+from bot.delivery import (
+    SHUTDOWN_STOPPED_TEXT,
+    SHUTDOWN_TEXT,
+    Delivery,
+    fit_attachment,
+    with_retries,
+)
 from bot.jobs import Job
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
@@ -236,7 +242,7 @@ class HtmlBot(discord.Client):
                     "running jobs did not finish in %.0f s; cancelling them",
                     self.settings.shutdown_deadline_s,
                 )
-                worker.cancel_running()
+                worker.cancel_running(note=SHUTDOWN_STOPPED_TEXT)
                 if not await asyncio.to_thread(worker.join, 10.0):
                     log.error("the worker thread did not stop; leaving it behind")
         # Let reports already posted by the worker run, then wait for the deliveries.

@@ -49,6 +49,10 @@ SHUTDOWN_TEXT = (
     "🔌 The bot is restarting, so your queued request was cancelled. Please ask again in a "
     "few minutes."
 )
+SHUTDOWN_STOPPED_TEXT = (
+    "🔌 The bot is restarting and your page could not be finished in time. Please ask again "
+    "in a few minutes."
+)
 
 
 def summary_line(
@@ -207,7 +211,7 @@ class Delivery:
                 await self.final_edit(job, f"❌ {job.error or 'Generation failed.'}")
             elif job.state is JobState.CANCELLED:
                 self.metrics.job_cancelled()
-                await self.final_edit(job, "🛑 Cancelled.")
+                await self.final_edit(job, job.cancel_note or "🛑 Cancelled.")
             elif job.state is JobState.EXPIRED:
                 self.metrics.job_expired()
                 await self.final_edit(job, EXPIRED_TEXT)

@@ -51,6 +51,7 @@ class Job:
     tokens_so_far: int = 0
     attempts: int = 0
     error: str | None = None
+    cancel_note: str | None = None  # what to tell the user when it was cancelled for them
     result: GenerationResult | None = None
     context: Any = None
 

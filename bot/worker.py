@@ -125,10 +125,12 @@ class Worker:
             self._stop_when_idle()
         self.scheduler.wake()
 
-    def cancel_running(self) -> None:
-        """Set the cancel flag of every job the engine holds now."""
+    def cancel_running(self, note: str | None = None) -> None:
+        """Set the cancel flag of every job the engine holds now (``note``: tell the user)."""
         for job in self.scheduler.pending():
             if job.state is JobState.RUNNING:
+                if note is not None:
+                    job.cancel_note = note
                 job.request.cancel()
 
     def join(self, timeout: float | None = None) -> bool:

@@ -430,3 +430,16 @@ async def test_truncated_pages_say_so_and_empty_answers_fail_clearly(
 def _count(bot: HtmlBot, outcome: str) -> float:
     value = bot.metrics.registry.get_sample_value("htmlbot_jobs_total", {"outcome": outcome})
     return value or 0.0
+
+
+async def test_shutdown_deadline_cancels_running_jobs_and_says_why(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine(tokens=100_000, token_delay_s=0.001)
+    bot = await start_bot(engine, max_batch=1, shutdown_deadline_s=0.3)
+    running = await fake.send_command("html", {"prompt": "endless"}, user=fake.user("ann"))
+    await asyncio.to_thread(engine.started.wait, 5)
+    await running.wait_for_callback()
+    await asyncio.wait_for(bot.close(), 20)
+    assert "could not be finished in time" in (running.original or {}).get("content", "")
+    assert running.html_files == []
