@@ -111,7 +111,16 @@ class HtmlBot(discord.Client):
             asyncio.create_task(self._watch_lag(), name="htmlbot-lag-monitor"),
         ]
         if self.settings.metrics_port is not None:
-            self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+            try:
+                self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+            except OSError as exc:
+                # Metrics are optional: a taken port must not keep the bot from serving.
+                log.error(
+                    "METRICS_PORT %d on %s unusable (%s); metrics are off",
+                    self.settings.metrics_port,
+                    self.settings.metrics_host,
+                    exc,
+                )
         await self._sync_commands()
 
     async def _resolve_gateway(self) -> None:

@@ -443,3 +443,24 @@ async def test_shutdown_deadline_cancels_running_jobs_and_says_why(
     await asyncio.wait_for(bot.close(), 20)
     assert "could not be finished in time" in (running.original or {}).get("content", "")
     assert running.html_files == []
+
+
+async def test_metrics_endpoint_when_enabled(fake: FakeDiscord, start_bot: StartBot) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bot = await start_bot(FakeEngine(), metrics_port=port)
+    inter = await fake.send_command("html", {"prompt": "x"}, user=fake.user("ann"))
+    await inter.wait_for_file(".html", timeout=10)
+    await eventually(lambda: _count(bot, "done") == 1)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(scrape)
+    assert 'htmlbot_jobs_total{outcome="done"} 1.0' in text
+    assert "htmlbot_event_loop_lag_seconds" in text
