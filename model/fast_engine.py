@@ -76,11 +76,18 @@ class _Sequence:
     first_token_at: float | None = None
     last_progress: float = 0.0
     generated: list[int] = field(default_factory=list)
+    launched: int = 0  # decode steps launched for it (one may still be in flight)
+    done: bool = False  # finished or cancelled: tokens of steps in flight are dropped
 
     @property
     def length(self) -> int:
         """Tokens in the cache once the newest token is written (prompt + generated - 1)."""
         return len(self.prompt) + len(self.generated) - 1
+
+    @property
+    def cached(self) -> int:
+        """Positions of its KV written once every launched step has run."""
+        return len(self.prompt) + self.launched
 
 
 class FastEngine:
@@ -172,18 +179,24 @@ class FastEngine:
         with self._lock:
             live: list[_Sequence] = []
             waiting: deque[_Sequence] = deque()
+            # The step in flight and the rows it ran (row -> sequence at launch time).
+            inflight: tuple[tuple[int, int], list[_Sequence]] | None = None
             try:
                 while not stop.is_set():
                     self._drop_cancelled(live, waiting, finished)
                     free = self.runner.slots - len(live) - len(waiting)
                     if free > 0:
-                        idle = not live and not waiting and self.options.idle_wait
-                        for request in take(free, idle):
+                        idle = not live and not waiting and inflight is None
+                        for request in take(free, idle and self.options.idle_wait):
                             self._admit(request, waiting, finished)
                     if waiting:
                         self._prefill(live, waiting, finished, progress)
-                    if live:
-                        self._step(live, finished, progress)
+                    # Launch the next step before reading the last one's tokens: the GPU
+                    # computes while the host does the bookkeeping of the previous step.
+                    launched = self._launch(live) if live else None
+                    if inflight is not None:
+                        self._collect(inflight, live, finished, progress)
+                    inflight = launched
             finally:
                 for seq in [*live, *waiting]:
                     finished(self._result(seq, FinishReason.CANCELLED))
@@ -267,14 +280,27 @@ class FastEngine:
                 self._report(seq, progress, now, force=True)
         self._deliver(live, done, finished)
 
-    def _step(
-        self, live: list[_Sequence], finished: ResultSink, progress: ProgressCallback | None
+    def _launch(self, live: list[_Sequence]) -> tuple[tuple[int, int], list[_Sequence]]:
+        context = max(s.cached for s in live) + 1
+        ticket = self.runner.launch(len(live), context)
+        for seq in live:
+            seq.launched += 1
+        return ticket, list(live)
+
+    def _collect(
+        self,
+        inflight: tuple[tuple[int, int], list[_Sequence]],
+        live: list[_Sequence],
+        finished: ResultSink,
+        progress: ProgressCallback | None,
     ) -> None:
-        context = max(s.length for s in live) + 1
-        tokens = self.runner.decode(len(live), context)
+        ticket, rows = inflight
+        tokens = self.runner.collect(ticket)
         now = time.perf_counter()
         done: list[tuple[_Sequence, FinishReason]] = []
-        for seq, token in zip(live, tokens, strict=True):
+        for seq, token in zip(rows, tokens, strict=True):
+            if seq.done:  # finished or cancelled after this step was launched
+                continue
             seq.generated.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -323,13 +349,15 @@ class FastEngine:
     def _release(self, live: list[_Sequence], gone: list[_Sequence]) -> None:
         """Remove ``gone`` from ``live``, moving the last live rows into the holes."""
         leaving = {id(s) for s in gone}
+        for seq in gone:
+            seq.done = True
         for seq in sorted(gone, key=lambda s: s.row):
             while live and id(live[-1]) in leaving:
                 live.pop()
             if seq.row >= len(live):
                 continue  # it was at the end and is gone already
             last = live.pop()
-            self.runner.move_row(last.row, seq.row, last.length)
+            self.runner.move_row(last.row, seq.row, last.cached)
             last.row = seq.row
             live[seq.row] = last
         while live and id(live[-1]) in leaving:

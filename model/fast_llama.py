@@ -22,11 +22,41 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.fast_sampling import sample_rows
+from model.fast_sampling import penalize, race, sample_rows
 
 log = logging.getLogger(__name__)
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+
+BATCH_BUCKETS = [
+    1,
+    2,
+    4,
+    8,
+    12,
+    16,
+    20,
+    24,
+    28,
+    32,
+    40,
+    48,
+    56,
+    64,
+    80,
+    96,
+    112,
+    128,
+    160,
+    192,
+    256,
+]
+CONTEXT_BUCKETS = [
+    *range(128, 1024, 128),
+    *range(1024, 2048, 256),
+    *range(2048, 4096, 512),
+    *range(4096, 32768 + 1, 1024),
+]
 
 
 class _Weight:
@@ -123,6 +153,26 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _add_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm, one fused kernel once compiled."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def _rope_kv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split one decode step's fused q|k|v, rotate q and k; K and V stacked for one write."""
+    b = qkv.shape[0]
+    dim = cos.shape[-1]
+    q = _rotate(qkv[:, : heads * dim].view(b, heads, dim), cos, sin)
+    k = _rotate(qkv[:, heads * dim : (heads + kv_heads) * dim].view(b, kv_heads, dim), cos, sin)
+    v = qkv[:, (heads + kv_heads) * dim :].view(b, kv_heads, dim)
+    return q, torch.stack((k, v), dim=1)
+
+
 class FastLlama:
     """Weights, KV cache and the two forwards (prefill, decode step) of a Llama model."""
 
@@ -177,10 +227,13 @@ class FastLlama:
         self.use_graphs = use_cuda_graphs and cuda
         self.slots = self._count_slots(max_slots, memory_fraction)
         self._allocate()
-        self._norm: Callable[..., torch.Tensor] = rms_norm
-        self._rotate: Callable[..., torch.Tensor] = _rotate
-        self._silu_mul: Callable[..., torch.Tensor] = _silu_mul
-        self._sample: Callable[..., torch.Tensor] = sample_rows
+        # The decode step's pieces; _compile_kernels swaps in fused (compiled) versions.
+        self._norm: Callable[..., Any] = rms_norm
+        self._add_norm: Callable[..., Any] = _add_norm
+        self._rope_kv: Callable[..., Any] = _rope_kv
+        self._silu_mul: Callable[..., Any] = _silu_mul
+        self._penalize: Callable[..., Any] = penalize
+        self._race: Callable[..., Any] = race
         if compile_kernels and (cuda or compile_kernels == "force"):
             self._compile_kernels()
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -259,9 +312,11 @@ class FastLlama:
         self.rows = torch.arange(s, dtype=torch.int64, device=d)
         self.vocab = torch.arange(self.vocab_size, dtype=torch.int64, device=d)
         self.key_positions = torch.arange(self.max_seq_len, dtype=torch.int64, device=d)
-        if d.type == "cuda":
-            self._host_tokens = torch.zeros(s, dtype=torch.int64, pin_memory=True)
-            self._done = torch.cuda.Event()
+        # Two host buffers (pinned on CUDA) for the tokens of two steps in flight.
+        pinned = d.type == "cuda"
+        self._host_tokens = [torch.zeros(s, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        self._done = [torch.cuda.Event() for _ in range(2)] if pinned else []
+        self._next_buffer = 0
 
     def _compile_kernels(self) -> None:
         """Fuse the small elementwise pieces with Inductor (the matmuls stay cuBLAS).
@@ -271,32 +326,36 @@ class FastLlama:
         piece is tried once here; if compiling fails the eager version stays (still exact).
         """
         d, h, v = self.device, self.embed.shape[1], self.vocab_size
-        trials: list[tuple[str, Callable[..., torch.Tensor], tuple[Any, ...]]] = [
+        width = (self.n_heads + 2 * self.n_kv) * self.head_dim
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device=d, dtype=self.dtype)
+
+        cos, sin = self.cos[:2][:, None, :], self.sin[:2][:, None, :]
+        logits = torch.randn(2, v, device=d)
+        order = torch.arange(v, device=d).expand(2, -1).contiguous()
+        probs = logits.softmax(-1)
+        trials: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = [
+            ("_norm", rms_norm, (rand(2, h), self.final_norm, self.eps)),
+            ("_add_norm", _add_norm, (rand(2, h), rand(2, h), self.final_norm, self.eps)),
+            ("_rope_kv", _rope_kv, (rand(2, width), cos, sin, self.n_heads, self.n_kv)),
+            ("_silu_mul", _silu_mul, (rand(2, 64),)),
             (
-                "_norm",
-                rms_norm,
-                (torch.randn(2, h, device=d, dtype=self.dtype), self.final_norm, self.eps),
+                "_penalize",
+                penalize,
+                (logits, self.seen[:2], self.temperature[:2], self.repetition_penalty[:2]),
             ),
             (
-                "_rotate",
-                _rotate,
+                "_race",
+                race,
                 (
-                    torch.randn(2, self.n_heads, self.head_dim, device=d, dtype=self.dtype),
-                    self.cos[:2][:, None, :],
-                    self.sin[:2][:, None, :],
-                ),
-            ),
-            ("_silu_mul", _silu_mul, (torch.randn(2, 64, device=d, dtype=self.dtype),)),
-            (
-                "_sample",
-                sample_rows,
-                (
-                    torch.randn(2, v, device=d),
-                    self.seen[:2],
-                    self.temperature[:2],
+                    logits,
+                    order,
+                    probs,
+                    probs.cumsum(-1),
                     self.top_p[:2],
-                    self.repetition_penalty[:2],
                     self.greedy[:2],
+                    self.tokens[:2],
                     self.seed[:2],
                     self.positions[:2],
                     self.vocab,
@@ -346,22 +405,23 @@ class FastLlama:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         bias_dtype = self.dtype if self.attention == "sdpa" else torch.float32
         bias = torch.where(visible, zero, -torch.inf).to(bias_dtype)[:, None, None, :]
-        hq = self.n_heads * self.head_dim
-        hkv = self.n_kv * self.head_dim
-        for index, layer in enumerate(self.layers):
-            h = self._norm(x, layer.input_norm, self.eps)
-            qkv = layer.qkv(h)
-            q = self._rotate(qkv[:, :hq].view(b, self.n_heads, self.head_dim), cos, sin)
-            k = self._rotate(qkv[:, hq : hq + hkv].view(b, self.n_kv, self.head_dim), cos, sin)
-            v = qkv[:, hq + hkv :].view(b, self.n_kv, self.head_dim)
-            self.cache[index, 0][rows, :, positions] = k
-            self.cache[index, 1][rows, :, positions] = v
-            x = x + layer.o(self._attend_decode(q, b, ctx, index, bias))
-            h = self._norm(x, layer.post_norm, self.eps)
-            x = x + layer.down(self._silu_mul(layer.gate_up(h)))
-        logits = self.lm_head(self._norm(x, self.final_norm, self.eps)).float()
+        layers = self.layers
+        h = self._norm(x, layers[0].input_norm, self.eps)
+        for index, layer in enumerate(layers):
+            q, kv = self._rope_kv(layer.qkv(h), cos, sin, self.n_heads, self.n_kv)
+            # cache[index] is (2, slots, kv heads, T, D); this writes K and V of every row at
+            # its position in one kernel.
+            self.cache[index][:, rows, :, positions] = kv
+            attn = self._attend_decode(q, b, ctx, index, bias)
+            x, h = self._add_norm(x, layer.o(attn), layer.post_norm, self.eps)
+            down = layer.down(self._silu_mul(layer.gate_up(h)))
+            following = layers[index + 1].input_norm if index + 1 < len(layers) else None
+            x, h = self._add_norm(
+                x, down, self.final_norm if following is None else following, self.eps
+            )
+        logits = self.lm_head(h).float()
         nxt = positions + 1
-        token = self._sample(
+        token = sample_rows(
             logits,
             self.seen[:b],
             self.temperature[:b],
@@ -371,6 +431,8 @@ class FastLlama:
             self.seed[:b],
             nxt,
             self.vocab,
+            penalize_fn=self._penalize,
+            race_fn=self._race,
         )
         tokens.copy_(token)
         # Rows past the live ones (bucket padding) keep running on garbage; clamping keeps
@@ -380,6 +442,17 @@ class FastLlama:
 
     def decode(self, b: int, ctx: int) -> list[int]:
         """Run one step for rows ``[:b]`` (context bucket ``ctx``); the new tokens."""
+        return self.collect(self.launch(b, ctx))
+
+    def launch(self, b: int, ctx: int) -> tuple[int, int]:
+        """Start one decode step for rows ``[:b]``; :meth:`collect` its tokens later.
+
+        On a GPU this only enqueues work, so the caller can do its bookkeeping for the
+        previous step while this one runs. Two steps may be in flight's reach at once (the
+        host copies alternate between two pinned buffers): collect each before launching
+        the one after next.
+        """
+        ctx = min(ctx, self.max_seq_len)
         if self.use_graphs:
             bb = self.batch_bucket(b)
             cb = self.context_bucket(ctx)
@@ -398,14 +471,21 @@ class FastLlama:
         if not self.use_graphs:
             with torch.inference_mode():
                 self.decode_body(b, ctx)
-        if self.device.type != "cuda":
-            return list(self.tokens[:b].tolist())
-        # Copy into pinned memory and wait on an event: the wait releases the GIL, so the
-        # bot's event loop keeps running while the GPU works.
-        self._host_tokens[:b].copy_(self.tokens[:b], non_blocking=True)
-        self._done.record()
-        self._done.synchronize()
-        return list(self._host_tokens[:b].tolist())
+        slot = self._next_buffer
+        self._next_buffer ^= 1
+        if self.device.type == "cuda":
+            self._host_tokens[slot][:b].copy_(self.tokens[:b], non_blocking=True)
+            self._done[slot].record()
+        else:
+            self._host_tokens[slot][:b] = self.tokens[:b]
+        return slot, b
+
+    def collect(self, ticket: tuple[int, int]) -> list[int]:
+        """The tokens of a launched step (waits for it; the wait releases the GIL)."""
+        slot, b = ticket
+        if self.device.type == "cuda":
+            self._done[slot].synchronize()
+        return list(self._host_tokens[slot][:b].tolist())
 
     def batch_bucket(self, b: int) -> int:
         return next(size for size in self.batch_buckets if size >= b)
@@ -448,7 +528,12 @@ class FastLlama:
         return len(self._graphs)
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run the prompts into the cache rows; returns last-position logits (n, V) float32."""
+        """Run the prompts into the cache rows; returns last-position logits (n, V) float32.
+
+        Eager on purpose: prompt shapes vary with every batch, and compiled helpers would
+        recompile on new shapes in the middle of serving (seconds of stall). Prefill is
+        matmul-bound, so the unfused elementwise ops cost little here.
+        """
         n = len(rows)
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
@@ -464,13 +549,13 @@ class FastLlama:
             hq = self.n_heads * self.head_dim
             hkv = self.n_kv * self.head_dim
             for index, layer in enumerate(self.layers):
-                h = self._norm(x, layer.input_norm, self.eps)
+                h = rms_norm(x, layer.input_norm, self.eps)
                 qkv = layer.qkv(h)
                 q = qkv[..., :hq].view(n, longest, self.n_heads, self.head_dim).transpose(1, 2)
                 k = qkv[..., hq : hq + hkv].view(n, longest, self.n_kv, self.head_dim)
                 v = qkv[..., hq + hkv :].view(n, longest, self.n_kv, self.head_dim)
-                q = self._rotate(q, cos, sin)
-                k = self._rotate(k.transpose(1, 2), cos, sin)
+                q = _rotate(q, cos, sin)
+                k = _rotate(k.transpose(1, 2), cos, sin)
                 v = v.transpose(1, 2)
                 self.cache[index, 0, :, :, :longest][row_index] = k
                 self.cache[index, 1, :, :, :longest][row_index] = v
@@ -480,11 +565,11 @@ class FastLlama:
                 # Right padding: every real query sees only real keys under the causal mask.
                 attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
                 x = x + layer.o(attn.transpose(1, 2).reshape(n, longest, hq))
-                h = self._norm(x, layer.post_norm, self.eps)
-                x = x + layer.down(self._silu_mul(layer.gate_up(h)))
+                h = rms_norm(x, layer.post_norm, self.eps)
+                x = x + layer.down(_silu_mul(layer.gate_up(h)))
             last = torch.tensor([length - 1 for length in lengths], device=self.device)
             x = x[torch.arange(n, device=self.device), last]
-            return self.lm_head(self._norm(x, self.final_norm, self.eps)).float()
+            return self.lm_head(rms_norm(x, self.final_norm, self.eps)).float()
 
     def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
         """Sample one token per row from given logits (used after prefill)."""

@@ -8,6 +8,8 @@ and no ``torch.Generator`` (which can't be per-row or captured in a CUDA graph) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -36,6 +38,44 @@ def hashed_uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: torch.Tenso
     return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def penalize(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    temperature: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy token of the penalized logits, and the penalized logits / temperature."""
+    penalty = repetition_penalty[:, None]
+    penalized = torch.where(
+        seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits
+    )
+    return penalized.argmax(dim=-1), penalized / temperature[:, None]
+
+
+def race(
+    sorted_logits: torch.Tensor,
+    order: torch.Tensor,
+    probs: torch.Tensor,
+    cumulative: torch.Tensor,
+    top_p: torch.Tensor,
+    greedy: torch.Tensor,
+    greedy_token: torch.Tensor,
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+    vocab: torch.Tensor,
+) -> torch.Tensor:
+    """Top-p cut and Gumbel-max draw over logits sorted in descending order."""
+    # Keep a token while the mass strictly above it is below top_p: the same set as
+    # transformers' TopPLogitsWarper (which always keeps the most likely token).
+    keep = (cumulative - probs) < top_p[:, None]
+    uniform = hashed_uniform(seed, counter, vocab).gather(1, order)
+    gumbel = -torch.log(-torch.log(uniform))
+    contest = torch.where(keep, sorted_logits + gumbel, torch.full_like(sorted_logits, -torch.inf))
+    choice = contest.argmax(dim=-1, keepdim=True)
+    sampled_token = order.gather(1, choice).squeeze(1)
+    return torch.where(greedy, greedy_token, sampled_token)
+
+
 def sample_rows(
     logits: torch.Tensor,
     seen: torch.Tensor,
@@ -46,6 +86,9 @@ def sample_rows(
     seed: torch.Tensor,
     counter: torch.Tensor,
     vocab: torch.Tensor,
+    *,
+    penalize_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = penalize,
+    race_fn: Callable[..., torch.Tensor] = race,
 ) -> torch.Tensor:
     """Next token per row, with transformers' semantics for each setting.
 
@@ -53,22 +96,13 @@ def sample_rows(
     (the repetition penalty's set, as in transformers: prompt included); ``temperature`` must
     be > 0 on sampled rows (greedy rows ignore it); ``greedy`` (rows,) bool. Order as in
     transformers' processors: repetition penalty, temperature, top-p, then the draw.
+    ``penalize_fn`` / ``race_fn`` may be compiled versions of :func:`penalize` / :func:`race`
+    (the sort and cumulative sum between them stay eager: Inductor failed on the scan).
     """
-    penalty = repetition_penalty[:, None]
-    penalized = torch.where(
-        seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits
-    )
-    greedy_token = penalized.argmax(dim=-1)
-
-    scaled = penalized / temperature[:, None]
+    greedy_token, scaled = penalize_fn(logits, seen, temperature, repetition_penalty)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
-    # Keep a token while the mass strictly above it is below top_p: the same set as
-    # transformers' TopPLogitsWarper (which always keeps the most likely token).
-    keep = (probs.cumsum(dim=-1) - probs) < top_p[:, None]
-    uniform = hashed_uniform(seed, counter, vocab).gather(1, order)
-    gumbel = -torch.log(-torch.log(uniform))
-    race = torch.where(keep, sorted_logits + gumbel, torch.full_like(sorted_logits, -torch.inf))
-    choice = race.argmax(dim=-1, keepdim=True)
-    sampled_token = order.gather(1, choice).squeeze(1)
-    return torch.where(greedy, greedy_token, sampled_token)
+    cumulative = probs.cumsum(dim=-1)
+    return race_fn(
+        sorted_logits, order, probs, cumulative, top_p, greedy, greedy_token, seed, counter, vocab
+    )
