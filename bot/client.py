@@ -54,7 +54,9 @@ class HtmlBot(discord.Client):
 
     def __init__(self, settings: Settings, engine: Any, **options: Any) -> None:
         point_at_discord(settings)
-        # Interactions arrive whatever the intents; none are needed.
+        # Interactions arrive whatever the intents; none are needed. No message of ours may
+        # ping anyone, whatever a prompt or a page name contains.
+        options.setdefault("allowed_mentions", discord.AllowedMentions.none())
         super().__init__(intents=discord.Intents.none(), **options)
         self.settings = settings
         self.engine = engine
