@@ -46,7 +46,8 @@ from typing import Any
 from xml.etree import ElementTree
 
 import html5lib
-from html5lib.constants import namespaces, voidElements
+from html5lib._tokenizer import HTMLTokenizer
+from html5lib.constants import namespaces, tokenTypes, voidElements
 from html5lib.serializer import HTMLSerializer
 from html5lib.treewalkers.base import TreeWalker
 
@@ -75,6 +76,7 @@ class PageWarning(StrEnum):
     SCRIPTS_REMOVED = "scripts_removed"  # only with strip_scripts=True
     OVERSIZE = "oversize"  # the source was cut to max_bytes
     INVALID_TEXT = "invalid_text"  # NUL, control chars or invalid UTF-8 were removed/replaced
+    DEGENERATE = "degenerate"  # thousands of unclosed elements or attributes in a tag; cut there
 
 
 _WARNING_ORDER = {w: i for i, w in enumerate(PageWarning)}
@@ -123,8 +125,8 @@ def _clean_text(raw: str | bytes) -> tuple[str, bool]:
             invalid = True
     else:
         text = raw
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    # A BOM (U+FEFF) is noise wherever a model or a concatenation put it; not worth a warning.
+    text = text.replace("\ufeff", "")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text, removed = _INVALID_CHARS_RE.subn("", text)
     text, replaced = _SURROGATE_RE.subn("\ufffd", text)
@@ -601,6 +603,76 @@ def extract_html(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# 4. Size and nesting
+
+# html5lib walks its stack of open elements for most tags, so parsing costs about the sum of
+# the nesting depth over all tags: fine for real pages (depth ~20), minutes for a degenerate
+# megabyte of never-closed elements (browsers cap the tree depth at 512 too). Its check for
+# duplicate attributes is quadratic in the attributes of one tag.
+_MAX_DEPTH = 512
+_MAX_COST = 3_000_000  # ≈ 1-2 s of extra parsing at worst
+_MAX_ATTRS = 256
+_LONG_TAG = 2048  # only tags longer than this have their attributes counted
+_SCAN_TAG_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)")
+_QUOTED_RE = re.compile(r"\"[^\"]*\"|'[^']*'")
+_ATTR_TOKEN_RE = re.compile(r"[^\s=/]+")
+_RAW_TEXT_TAGS = frozenset(
+    {"script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes"}
+)
+_NO_DEPTH_TAGS = frozenset(voidElements) | frozenset(
+    {"html", "head", "body", "p", "li", "dt", "dd", "option", "optgroup", "tr", "td", "th"}
+    | {"thead", "tbody", "tfoot", "colgroup", "caption", "rb", "rt", "rp", "rtc"}
+)
+_RAW_END_RE: dict[str, re.Pattern[str]] = {}
+
+
+@dataclass(frozen=True)
+class _Guarded:
+    source: str
+    degenerate: bool  # cut where the markup became degenerate
+    cut_tag: bool  # a long tag that never ends (the parser would drop it) was cut off
+
+
+def _guard_markup(source: str) -> _Guarded:
+    """Cut the source where parsing it would go quadratic (see above). Linear time."""
+    depth = cost = pos = 0
+    while (match := _SCAN_TAG_RE.search(source, pos)) is not None:
+        start = match.start()
+        gt = source.find(">", match.end())
+        if gt == -1:  # this tag runs to the end: html5lib drops it, slowly if it is long
+            if len(source) - start > _LONG_TAG:
+                return _Guarded(source[:start], degenerate=False, cut_tag=True)
+            break
+        if gt - start > _LONG_TAG:
+            inside = _QUOTED_RE.sub("", source[match.end() : gt])
+            if len(_ATTR_TOKEN_RE.findall(inside)) > _MAX_ATTRS:
+                log.debug("degenerate markup: a tag with too many attributes at %d", start)
+                return _Guarded(source[:start], degenerate=True, cut_tag=False)
+        closing, name = match.group(1), match.group(2).lower()
+        if name not in _NO_DEPTH_TAGS and source[gt - 1] != "/":
+            depth = max(0, depth - 1) if closing else depth + 1
+        cost += depth
+        if depth > _MAX_DEPTH or cost > _MAX_COST:
+            log.debug("degenerate markup: depth %d, cost %d at %d", depth, cost, start)
+            return _Guarded(source[:start], degenerate=True, cut_tag=False)
+        pos = gt + 1
+        if not closing and name in _RAW_TEXT_TAGS:
+            end_re = _RAW_END_RE.setdefault(name, re.compile(rf"</{name}", re.IGNORECASE))
+            end = end_re.search(source, pos)
+            pos = end.start() if end else len(source)
+    return _Guarded(source, degenerate=False, cut_tag=False)
+
+
+def _cut_to_bytes(source: str, budget: int) -> tuple[str, bool]:
+    data = source.encode("utf-8")
+    if len(data) <= budget:
+        return source, False
+    cut = data[:budget].decode("utf-8", errors="ignore")
+    gt = cut.rfind(">", max(0, len(cut) - 4096))
+    return (cut[: gt + 1] if gt != -1 else cut), True
+
+
+# --------------------------------------------------------------------------------------------
 # Prose fallback
 
 _PROSE_CSS = (
@@ -703,7 +775,7 @@ def _split_tag(tag: str) -> tuple[str | None, str]:
     return None, tag
 
 
-class _Walker(TreeWalker):  # type: ignore[misc]
+class _Walker(TreeWalker):
     """Iterative token stream over an html5lib etree tree (doctype first)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -752,8 +824,56 @@ def _serialize(root: Element) -> str:
     return str(serializer.render(_Walker(root)))
 
 
+_CHARACTERS = tokenTypes["Characters"]
+_SPACE_CHARACTERS = tokenTypes["SpaceCharacters"]
+_PARSE_ERROR = tokenTypes["ParseError"]
+
+
+class _CoalescingTokenizer(HTMLTokenizer):
+    """html5lib's tokenizer, with runs of character tokens merged into one.
+
+    The etree builder appends every character token to the text node with ``+=``, which is
+    quadratic when a text has thousands of ``&amp;`` or stray ``<`` (each its own token).
+    Merging is safe: processing characters never changes the tokenizer's state, and whitespace
+    is only merged after non-whitespace, where the tree builder treats it alike.
+    """
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        run: list[str] = []
+        for token in super().__iter__():
+            kind = token["type"]
+            if kind == _CHARACTERS or (kind == _SPACE_CHARACTERS and run):
+                run.append(token["data"])
+                continue
+            if run and kind != _PARSE_ERROR:
+                yield {"type": _CHARACTERS, "data": "".join(run)}
+                run = []
+            yield token
+        if run:
+            yield {"type": _CHARACTERS, "data": "".join(run)}
+
+
+class _Parser(html5lib.HTMLParser):
+    """``html5lib.HTMLParser`` using :class:`_CoalescingTokenizer` (text input only)."""
+
+    def _parse(
+        self,
+        stream: Any,
+        innerHTML: bool = False,
+        container: str = "div",
+        scripting: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.innerHTMLMode = innerHTML
+        self.container = container
+        self.scripting = scripting
+        self.tokenizer = _CoalescingTokenizer(stream, parser=self, **kwargs)
+        self.reset()
+        self.mainLoop()  # a str never needs html5lib's re-parse for a changed encoding
+
+
 def _parse(source: str) -> tuple[Element, set[str]]:
-    parser = html5lib.HTMLParser(tree=html5lib.getTreeBuilder("etree"), namespaceHTMLElements=False)
+    parser = _Parser(tree=html5lib.getTreeBuilder("etree"), namespaceHTMLElements=False)
     root = parser.parse(source)
     return root, {code for _pos, code, _vars in parser.errors}
 
@@ -762,12 +882,14 @@ def _remove(parents: dict[Element, Element], el: Element) -> None:
     """Remove ``el`` from the tree, keeping the text that followed it."""
     parent = parents[el]
     index = list(parent).index(el)
-    if el.tail:
-        if index > 0:
-            prev = parent[index - 1]
-            prev.tail = (prev.tail or "") + el.tail
+    prev = parent[index - 1] if index > 0 else None
+    before = (prev.tail if prev is not None else parent.text) or ""
+    # A whitespace-only tail is dropped where whitespace (or nothing) precedes it already.
+    if el.tail and (el.tail.strip() or (before and not before[-1].isspace())):
+        if prev is not None:
+            prev.tail = before + el.tail
         else:
-            parent.text = (parent.text or "") + el.tail
+            parent.text = before + el.tail
     parent.remove(el)
 
 
@@ -861,15 +983,6 @@ def _complete_head(root: Element, prompt: str) -> tuple[str, bool]:
     return title, repaired
 
 
-def _cut_to_bytes(source: str, budget: int) -> tuple[str, bool]:
-    data = source.encode("utf-8")
-    if len(data) <= budget:
-        return source, False
-    cut = data[:budget].decode("utf-8", errors="ignore")
-    gt = cut.rfind(">", max(0, len(cut) - 4096))
-    return (cut[: gt + 1] if gt != -1 else cut), True
-
-
 def _source_repairs(source: str) -> bool:
     """Whether the model's markup lacked a structural piece that a full document has."""
     checks = (
@@ -880,6 +993,46 @@ def _source_repairs(source: str) -> bool:
         r"</html\s*>",
     )
     return not all(re.search(c, source, re.IGNORECASE) for c in checks)
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    html: str
+    title: str
+    oversize: bool  # the source was cut to fit max_bytes
+    cut_mid_tag: bool  # the source ended inside a tag, comment or raw-text element
+    closed_elements: bool  # the parser closed elements that were left open
+    head_repaired: bool  # charset, viewport or title had to be added
+    scripts_removed: bool
+
+
+def _render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> _Rendered:
+    """Parse, complete and serialize ``source``, cutting it until the page fits ``max_bytes``."""
+    budget = max_bytes - _SIZE_RESERVE
+    while True:
+        part, oversize = _cut_to_bytes(source, budget)
+        # A bare "<" or "</" at the end would become text; a cut tag is dropped by the parser.
+        part, dangling = _DANGLING_LT_RE.subn("", part.rstrip())
+        root, errors = _parse(part)
+        _sanitize_tree(root, scrub_text="illegal-codepoint-for-numeric-entity" in errors)
+        scripts_removed = strip_scripts and _strip_scripts(root)
+        title, head_repaired = _complete_head(root, prompt)
+        page_html = _serialize(root)
+        size = len(page_html.encode("utf-8"))
+        if size <= max_bytes:
+            return _Rendered(
+                html=page_html,
+                title=title,
+                oversize=oversize,
+                cut_mid_tag=bool(dangling or errors & _CUT_ERRORS),
+                closed_elements=bool(errors & _UNCLOSED_ERRORS),
+                head_repaired=head_repaired,
+                scripts_removed=scripts_removed,
+            )
+        # Serialization grew the source (escaping, implied end tags): cut it in proportion.
+        used = len(part.encode("utf-8"))
+        budget = max(0, min(used - 1024, int(used * max_bytes / size * 0.95) - 1024))
+        source = part
 
 
 def build_page(
@@ -927,40 +1080,28 @@ def build_page(
     if repeated:
         warnings.add(PageWarning.REPETITION)
     source_repaired = not not_html and _source_repairs(source)
+    guarded = _guard_markup(source)
+    source, too_deep = guarded.source, guarded.degenerate
+    if too_deep:
+        warnings.add(PageWarning.DEGENERATE)
 
-    budget = max_bytes - _SIZE_RESERVE
-    while True:
-        part, oversize = _cut_to_bytes(source, budget)
-        part = part.rstrip()
-        # A bare "<" or "</" at the end would become text; a cut tag is dropped by the parser.
-        part, dangling = _DANGLING_LT_RE.subn("", part)
-        root, errors = _parse(part)
-        model_cut = bool(dangling or errors & _CUT_ERRORS)
-        repaired = source_repaired or bool(errors & _UNCLOSED_ERRORS)
-        _sanitize_tree(root, scrub_text="illegal-codepoint-for-numeric-entity" in errors)
-        scripts_removed = strip_scripts and _strip_scripts(root)
-        title, head_repaired = _complete_head(root, prompt)
-        page_html = _serialize(root)
-        size = len(page_html.encode("utf-8"))
-        if size <= max_bytes or budget <= 0:
-            break
-        # Serialization grew the source (escaping, closing tags): cut harder and redo.
-        budget = min(budget - 1024, int(budget * max_bytes / size) - 1024)
-        source = part
-
-    if oversize:
+    rendered = _render(source, prompt=prompt, strip_scripts=strip_scripts, max_bytes=max_bytes)
+    if rendered.oversize:
         warnings.add(PageWarning.OVERSIZE)
-    # A cut of our own (repetition, size) explains an unfinished tag; only flag the model's.
-    if model_cut and not repeated and not oversize:
+    # A cut of our own explains an unfinished tag or unclosed elements; flag only the model's.
+    our_cut = repeated or too_deep or rendered.oversize
+    if (rendered.cut_mid_tag or guarded.cut_tag) and not our_cut:
         warnings.add(PageWarning.TRUNCATED)
-    if not not_html and (repaired or head_repaired):
+    if not not_html and (
+        source_repaired or rendered.head_repaired or (rendered.closed_elements and not our_cut)
+    ):
         warnings.add(PageWarning.REPAIRED)
-    if scripts_removed:
+    if rendered.scripts_removed:
         warnings.add(PageWarning.SCRIPTS_REMOVED)
     ordered = tuple(sorted(warnings, key=_WARNING_ORDER.__getitem__))
     if ordered:
         log.debug("page built with warnings: %s", ", ".join(ordered))
-    return HtmlPage(html=page_html, title=title, warnings=ordered, complete=complete)
+    return HtmlPage(html=rendered.html, title=rendered.title, warnings=ordered, complete=complete)
 
 
 def summarize_pages(pages: Sequence[HtmlPage]) -> dict[str, float]:

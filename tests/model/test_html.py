@@ -1,0 +1,759 @@
+"""model.html: the page comes out of whatever the model said, complete, well-formed and flagged.
+
+Each case of the table is a nasty model output with its expected result: the exact set of
+warnings, the title, elements that must be there or gone, and always a document that
+html5lib re-parses without a single parse error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from xml.etree import ElementTree
+
+import html5lib
+import pytest
+
+from model.errors import HtmlExtractionError
+from model.html import (
+    HtmlPage,
+    PageWarning,
+    build_page,
+    detect_repetition,
+    extract_html,
+    summarize_pages,
+    title_from_prompt,
+)
+
+W = PageWarning
+PROMPT = "a landing page for a bakery"
+PROMPT_TITLE = "A landing page for a bakery"
+
+HEAD = (
+    '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+    '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+    "<title>Bakery</title>\n</head>\n<body>\n"
+)
+TAIL = "\n</body>\n</html>"
+DOC = HEAD + "<h1>Fresh bread</h1>\n<p>Open daily.</p>" + TAIL
+DOC_NO_TITLE = DOC.replace("<title>Bakery</title>\n", "")
+
+ROW = '<div class="row">Row</div>\n'
+ONE_MB = 1_000_000
+
+
+def _cards(n: int) -> str:
+    return "".join(
+        f'<div class="card" id="c{i}">\n  <h2>Bread {i}</h2>\n'
+        f"  <p>Baked at {i % 24}h.</p>\n</div>\n"
+        for i in range(n)
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    output: str | bytes
+    warnings: set[PageWarning]
+    present: tuple[str, ...] = ()  # substrings of the final HTML
+    absent: tuple[str, ...] = ()
+    title: str = "Bakery"
+    complete: bool | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # substring -> occurrences
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+CASES = [
+    pytest.param(
+        Case(
+            "Sure! Here is your page:\n\n```html\n" + DOC + "\n```\n\nLet me know if you want "
+            "changes to the <footer>!",
+            set(),
+            present=("<h1>Fresh bread</h1>",),
+            absent=("Sure!", "Let me know", "```"),
+            complete=True,
+        ),
+        id="prose-around-html-fence",
+    ),
+    pytest.param(
+        Case("Sure! Here is your page:\n```html\n" + DOC + "\n```", set(), complete=True),
+        id="sure-here-is-your-page",
+    ),
+    pytest.param(
+        Case("```\n" + DOC + "\n```", set(), present=("<p>Open daily.</p>",), complete=True),
+        id="fence-without-language",
+    ),
+    pytest.param(
+        Case("~~~html\n" + DOC + "\n~~~\n", set(), absent=("~~~",), complete=True),
+        id="tilde-fence",
+    ),
+    pytest.param(
+        Case("```index.html\n" + DOC + "\n```", set(), complete=True),
+        id="fence-named-by-filename",
+    ),
+    pytest.param(
+        Case("```html\n```html\n" + DOC + "\n```\n```", set(), absent=("```",), complete=True),
+        id="nested-double-opened-fence",
+    ),
+    pytest.param(
+        Case(
+            "````markdown\nHere is the page:\n```html\n" + DOC + "\n```\n````",
+            set(),
+            absent=("```", "Here is the page"),
+            complete=True,
+        ),
+        id="html-fence-inside-markdown-fence",
+    ),
+    pytest.param(
+        Case(
+            "```html\n" + HEAD + "<h1>Fresh bread</h1>\n<p>We bake every mor",
+            {W.TRUNCATED, W.REPAIRED},
+            present=("<p>We bake every mor</p>", "</body></html>"),
+            absent=("```",),
+            complete=False,
+            kwargs={"truncated": True},
+        ),
+        id="unclosed-fence-hit-max-tokens",
+    ),
+    pytest.param(
+        Case(
+            "```html" + DOC.replace("\n", "") + "```",
+            set(),
+            present=("<h1>Fresh bread</h1>",),
+            absent=("`",),
+            complete=True,
+        ),
+        id="fences-glued-to-the-markup",
+    ),
+    pytest.param(
+        Case(
+            "First save it:\n```bash\nopen index.html\n```\nA snippet:\n```html\n<p>partial</p>\n"
+            "```\nThe page:\n```html\n" + DOC + "\n```\n",
+            set(),
+            present=("<h1>Fresh bread</h1>",),
+            absent=("partial", "open index.html", "First save"),
+            complete=True,
+        ),
+        id="several-fences-pick-the-document",
+    ),
+    pytest.param(
+        Case(
+            "```html\n"
+            + DOC.replace("</head>", '<link rel="stylesheet" href="style.css">\n</head>').replace(
+                "<p>Open daily.</p>", '<button id="go">Order</button>'
+            )
+            + "\n```\n```css\nbody { color: #5a3; }\nh1 { font-size: 3rem; }\n```\n"
+            "```javascript\ndocument.getElementById('go').onclick = () => alert('</script>');\n```",
+            set(),
+            present=(
+                "<style>\nbody { color: #5a3; }",
+                "</style>\n</head>",
+                "<script>\ndocument.getElementById('go')",
+                "</script>\n\n</body>",
+                "alert('<\\/script>')",
+            ),
+            complete=True,
+        ),
+        id="html-css-js-split-over-fences",
+    ),
+    pytest.param(
+        Case(
+            "```html\n" + HEAD + "<h1>Fresh bread</h1>\n```\nThen the rest:\n```html\n"
+            "<p>Open daily.</p>" + TAIL + "\n```",
+            set(),
+            present=("<h1>Fresh bread</h1>\n<p>Open daily.</p>",),
+            absent=("Then the rest",),
+            complete=True,  # the model did write <html> ... </html>, in two parts
+        ),
+        id="document-split-over-two-fences",
+    ),
+    pytest.param(
+        Case(
+            "I'm sorry, but I can't build that page.\n\nCould you describe it in more detail?",
+            {W.NOT_HTML},
+            present=("<p>I'm sorry, but I can't build that page.</p>", "<main>"),
+            title=PROMPT_TITLE,
+            complete=False,
+        ),
+        id="prose-only",
+    ),
+    pytest.param(
+        Case(
+            "# Bakery\n\nWe sell **bread** & cakes.\n\n```python\nprint('<hi>')\n```\n",
+            {W.NOT_HTML},
+            present=(
+                "<h1>Bakery</h1>",
+                "<p>We sell **bread** &amp; cakes.</p>",
+                "<pre><code>print('&lt;hi&gt;')</code></pre>",
+            ),
+            title=PROMPT_TITLE,
+        ),
+        id="markdown-without-html",
+    ),
+    pytest.param(
+        Case(
+            "Use the <div> element to group things.",
+            {W.NOT_HTML},
+            present=("<p>Use the &lt;div&gt; element to group things.</p>",),
+            title=PROMPT_TITLE,
+        ),
+        id="prose-mentioning-a-tag",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<h1>Fresh bread</h1>\n<di",
+            {W.TRUNCATED, W.REPAIRED},
+            present=("<h1>Fresh bread</h1>",),
+            absent=("<di>", "&lt;di"),
+            complete=False,
+        ),
+        id="cut-mid-tag",
+    ),
+    pytest.param(
+        Case(
+            HEAD + '<h1>Fresh bread</h1>\n<a class="btn" href="https://exa',
+            {W.TRUNCATED, W.REPAIRED},
+            absent=("<a", "exa", "btn"),
+            complete=False,
+        ),
+        id="cut-mid-attribute",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<h1>Fresh bread</h1>\n</",
+            {W.TRUNCATED, W.REPAIRED},
+            absent=("&lt;",),
+        ),
+        id="cut-after-lt-slash",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<h1>Fresh bread</h1>\n<!-- the menu goes he",
+            {W.TRUNCATED, W.REPAIRED},
+            present=("<!-- the menu goes he-->",),
+        ),
+        id="cut-in-comment",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<h1>Fresh bread</h1>\n<script>\nconst items = [1, 2",
+            {W.TRUNCATED, W.REPAIRED},
+            present=("<script>\nconst items = [1, 2</script>",),
+        ),
+        id="cut-in-script",
+    ),
+    pytest.param(
+        Case(
+            "```html\n" + HEAD + "<ul>\n" + "<li>Fresh bread</li>\n" * 300 + "<li>Fresh br",
+            {W.TRUNCATED, W.REPETITION, W.REPAIRED},
+            counts={"Fresh bread": 1, "<li>": 1},
+            complete=False,
+            kwargs={"truncated": True},
+        ),
+        id="repeated-lines",
+    ),
+    pytest.param(
+        Case(
+            HEAD
+            + "<h1>Menu</h1>\n"
+            + '<div class="card">\n  <h2>Rye</h2>\n  <p>Dark and dense.</p>\n</div>\n' * 80
+            + '<div class="card">\n  <h2>Ry',
+            {W.REPETITION, W.REPAIRED},
+            present=("<h1>Menu</h1>",),
+            counts={'class="card"': 1, "Rye": 1},
+        ),
+        id="repeated-blocks",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<p>" + "zzz " * 2000,
+            {W.REPETITION, W.REPAIRED},
+            counts={"zzz": 1},
+        ),
+        id="repetition-within-one-line",
+    ),
+    pytest.param(
+        Case(
+            HEAD + '<div class="board">\n' + '<div class="sq"></div>\n' * 64 + "</div>" + TAIL,
+            set(),
+            counts={'class="sq"': 64},
+            complete=True,
+        ),
+        id="legit-repetition-is-kept",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<div>\n" * 30 + "<p>deep</p>\n" + "</div>\n" * 30,
+            {W.REPAIRED},
+            counts={"<div>": 30, "</div>": 30},
+        ),
+        id="closing-tags-tail-is-not-repetition",
+    ),
+    pytest.param(
+        Case(
+            (HEAD + "<h1>Fresh\x00 bread</h1>\n<p>Open\x00\x00 daily.</p>" + TAIL).encode(),
+            {W.INVALID_TEXT},
+            present=("<h1>Fresh bread</h1>", "<p>Open daily.</p>"),
+            absent=("\x00",),
+            complete=True,
+        ),
+        id="nul-bytes",
+    ),
+    pytest.param(
+        Case(
+            HEAD.encode() + b"<h1>Fresh \xff\xfe bread \xc3</h1>" + TAIL.encode(),
+            {W.INVALID_TEXT},
+            present=("<h1>Fresh \ufffd\ufffd bread \ufffd</h1>",),
+            complete=True,
+        ),
+        id="invalid-utf8-bytes",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<h1>Fresh\x01\x07\x1b[0m \x0b\x0cbread\x7f\x85</h1>" + TAIL,
+            {W.INVALID_TEXT},
+            present=("<h1>Fresh[0m bread</h1>",),
+        ),
+        id="control-characters",
+    ),
+    pytest.param(
+        Case(HEAD + "<h1>Fresh \ud83d bread</h1>" + TAIL, {W.INVALID_TEXT}),
+        id="lone-surrogate",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<h1>Fresh &#1;bread&#0;&#x80;</h1>" + TAIL,
+            set(),
+            present=("<h1>Fresh bread\ufffd\u20ac</h1>",),
+        ),
+        id="control-character-references",
+    ),
+    pytest.param(
+        Case("\ufeff" + DOC, set(), complete=True),
+        id="bom-in-text",
+    ),
+    pytest.param(
+        Case(b"\xef\xbb\xbf" + ("```html\n" + DOC + "\n```").encode(), set(), complete=True),
+        id="bom-in-bytes",
+    ),
+    pytest.param(
+        Case(
+            ("Here:\n```html\n" + DOC + "\n```\nBye").replace("\n", "\r\n"),
+            set(),
+            absent=("\r", "Bye", "```"),
+            complete=True,
+        ),
+        id="crlf-line-ends",
+    ),
+    pytest.param(
+        Case(
+            "```html\n" + DOC.replace("Fresh bread", "🥐 Croissants & 🍞") + "\n```",
+            set(),
+            present=("<h1>🥐 Croissants &amp; 🍞</h1>",),
+        ),
+        id="emoji",
+    ),
+    pytest.param(
+        Case(
+            HEAD
+            + '<button onclick="order()">Order</button>\n'
+            + "<script>function order() { if (1 < 2 && true) alert('ok'); }</script>"
+            + TAIL,
+            set(),
+            present=(
+                '<button onclick="order()">',
+                "<script>function order() { if (1 < 2 && true) alert('ok'); }</script>",
+            ),
+        ),
+        id="script-kept-by-default",
+    ),
+    pytest.param(
+        Case(
+            HEAD
+            + '<button onclick="order()" class="b">Order</button>\n'
+            + '<a href=" JaVa\tScRiPt:alert(1)">x</a> <a href="/menu">menu</a>\n'
+            + '<img src="x.png" onerror="alert(2)" alt="bread">\n'
+            + '<iframe srcdoc="&lt;script&gt;alert(3)&lt;/script&gt;"></iframe>\n'
+            + "<svg><script>alert(4)</script><circle r='3'/></svg>\n"
+            + "<script>alert(5)</script>after"
+            + TAIL,
+            {W.SCRIPTS_REMOVED},
+            present=(
+                '<button class="b">Order</button>',
+                "<a>x</a>",
+                '<a href="/menu">menu</a>',
+                '<img src="x.png" alt="bread">',
+                "</svg>\nafter",
+            ),
+            absent=("script", "alert", "onclick", "onerror", "srcdoc"),
+            kwargs={"strip_scripts": True},
+        ),
+        id="strip-scripts",
+    ),
+    pytest.param(
+        Case(DOC, set(), complete=True, kwargs={"strip_scripts": True}),
+        id="strip-scripts-with-nothing-to-strip",
+    ),
+    pytest.param(
+        Case(
+            '<!DOCTYPE HTML>\n<HTML LANG="EN">\n<HEAD>\n<META CHARSET="UTF-8">\n'
+            '<META NAME="viewport" CONTENT="width=device-width">\n<TITLE>Loud</TITLE>\n</HEAD>\n'
+            "<BODY>\n<H1 CLASS=Big>Hi</H1>\n</BODY>\n</HTML>",
+            set(),
+            present=('<h1 class="Big">Hi</h1>', '<html lang="EN">'),
+            title="Loud",
+            complete=True,
+        ),
+        id="uppercase-tags",
+    ),
+    pytest.param(
+        Case(
+            "<!DOCTYPE html>\n<html>\n<body>\n<h1>Fresh bread</h1>\n</body>\n</html>",
+            {W.REPAIRED},
+            present=(
+                '<head><meta charset="utf-8"><meta name="viewport" content="width=device-width,'
+                ' initial-scale=1"><title>A landing page for a bakery</title></head>',
+            ),
+            title=PROMPT_TITLE,
+            complete=True,
+        ),
+        id="page-without-head",
+    ),
+    pytest.param(
+        Case(
+            "<h1>Fresh bread</h1>\n<p>Open daily.</p>",
+            {W.REPAIRED},
+            present=("<body><h1>Fresh bread</h1>\n<p>Open daily.</p></body>",),
+            title=PROMPT_TITLE,
+            complete=False,
+        ),
+        id="body-only-fragment",
+    ),
+    pytest.param(
+        Case(
+            "Here it is:\n\n<header>\n  <h1>Bakery</h1>\n</header>\n<main>\n  <p>Bread</p>\n"
+            "</main>\n\nEnjoy your new page!",
+            {W.REPAIRED},
+            present=("<header>", "<p>Bread</p>"),
+            absent=("Here it is", "Enjoy"),
+            title=PROMPT_TITLE,
+        ),
+        id="unfenced-fragment-in-prose",
+    ),
+    pytest.param(
+        Case(DOC_NO_TITLE, {W.REPAIRED}, title=PROMPT_TITLE, complete=True),
+        id="title-missing",
+    ),
+    pytest.param(
+        Case(
+            DOC.replace("<title>Bakery</title>", "<title>  \n </title>"),
+            {W.REPAIRED},
+            title=PROMPT_TITLE,
+        ),
+        id="title-empty",
+    ),
+    pytest.param(
+        Case(
+            DOC_NO_TITLE,
+            {W.REPAIRED},
+            present=("<title>Tom &amp; Jerry &lt;fan&gt; page</title>",),
+            absent=("<fan>",),
+            title="Tom & Jerry <fan> page",
+            kwargs={"prompt": "tom & Jerry   <fan>\npage"},
+        ),
+        id="title-from-prompt-with-lt-and-amp",
+    ),
+    pytest.param(
+        Case(
+            DOC.replace("<title>Bakery</title>", "<title>Ben &amp; Jerry's</title>"),
+            set(),
+            present=("<title>Ben &amp; Jerry's</title>",),
+            title="Ben & Jerry's",
+        ),
+        id="model-title-with-amp",
+    ),
+    pytest.param(
+        Case(
+            DOC_NO_TITLE.replace("<h1>", "<title>Late title</title><h1>"),
+            set(),
+            present=("<title>Late title</title></head>", "<body>\n<h1>"),
+            title="Late title",
+        ),
+        id="title-in-body-moves-to-head",
+    ),
+    pytest.param(
+        Case(
+            DOC + "\n\nThis page has a <header> and a footer. Enjoy!",
+            set(),
+            absent=("Enjoy", "&lt;header"),
+            complete=True,
+        ),
+        id="chatter-after-closing-html",
+    ),
+    pytest.param(
+        Case(
+            "Here you go: " + DOC.replace("\n", " ") + " Hope it helps!",
+            set(),
+            absent=("Here you go", "Hope"),
+            complete=True,
+        ),
+        id="raw-doctype-inside-prose",
+    ),
+    pytest.param(
+        Case(
+            DOC + "\n<script>console.log('late');</script>",
+            set(),
+            present=("<script>console.log('late');</script>",),
+        ),
+        id="markup-after-closing-html-is-kept",
+    ),
+    pytest.param(
+        Case(
+            DOC.replace('<meta charset="utf-8">', '<meta charset="ISO-8859-1">'),
+            {W.REPAIRED},
+            counts={"charset": 1, 'charset="utf-8"': 1},
+        ),
+        id="wrong-charset-replaced",
+    ),
+    pytest.param(
+        Case(
+            DOC.replace(
+                '<meta charset="utf-8">',
+                '<meta http-equiv="Content-Type" content="text/html; charset=UTF-8">',
+            ),
+            set(),
+            absent=("http-equiv",),
+            counts={'<meta charset="utf-8">': 1},
+        ),
+        id="http-equiv-utf8-becomes-meta-charset",
+    ),
+    pytest.param(
+        Case(
+            HEAD
+            + '<!-- a -- b --->\n<div "q" a<b=\'1\' ok="y">x</div>\n'
+            + "<table><tr><td>a</td>stray<p>foster</table>\n<p><div>block in p</div></p>\n"
+            + "<b><i>misnested</b></i><a><a>nested a</a></a><form><form></form>"
+            + TAIL,
+            set(),
+            present=('<div ok="y">x</div>', "<!-- a - - b - -->"),
+        ),
+        id="parse-errors-in-the-model-markup",
+    ),
+    pytest.param(
+        Case(
+            "<svg xmlns:xlink='http://www.w3.org/1999/xlink' viewBox='0 0 10 10'>"
+            "<use xlink:href='#a'/><path d='M0 0L5 5'/></svg>",
+            {W.REPAIRED},
+            present=('xlink:href="#a"', 'viewBox="0 0 10 10"'),
+            title=PROMPT_TITLE,
+        ),
+        id="inline-svg",
+    ),
+    pytest.param(
+        Case(
+            "".join(f"<b id=b{i}>" for i in range(3000)) + "<p>deep</p>",
+            {W.REPAIRED, W.DEGENERATE},
+            title=PROMPT_TITLE,
+        ),
+        id="degenerate-nesting",
+    ),
+    pytest.param(
+        Case(
+            HEAD + _cards(200) + TAIL,
+            {W.OVERSIZE},
+            present=('<div class="card" id="c0">',),
+            absent=('id="c199"',),
+            complete=True,
+            kwargs={"max_bytes": 8192},
+        ),
+        id="oversize-cut-to-max-bytes",
+    ),
+]
+
+
+def _reparse(text: str) -> tuple[ElementTree.Element, list[Any]]:
+    """The page as a browser's parser sees it, with every parse error it reports."""
+    parser = html5lib.HTMLParser(tree=html5lib.getTreeBuilder("etree"), namespaceHTMLElements=False)
+    root = parser.parse(text)
+    return root, list(parser.errors)
+
+
+def _assert_sound(page: HtmlPage, max_bytes: int = ONE_MB) -> None:
+    """What every page must be: UTF-8, one well-formed document, charset first, a title."""
+    assert page.html.startswith("<!DOCTYPE html><html")
+    assert page.html.endswith("</body></html>") or page.html.endswith("</html>")
+    assert page.data.decode("utf-8") == page.html
+    assert len(page.data) <= max_bytes
+    root, errors = _reparse(page.html)
+    assert errors == []
+    head = root.find("head")
+    assert head is not None and root.find("body") is not None
+    assert head[0].tag == "meta" and head[0].attrib == {"charset": "utf-8"}
+    assert len([m for m in root.iter("meta") if m.get("name") == "viewport"]) == 1
+    titles = list(root.iter("title"))
+    assert len(titles) == 1 and titles[0] in list(head)
+    assert " ".join((titles[0].text or "").split()) == page.title
+    assert len(page.warnings) == len(set(page.warnings))
+    order = list(PageWarning)
+    assert list(page.warnings) == sorted(page.warnings, key=order.index)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_build_page(case: Case) -> None:
+    kwargs = {"prompt": PROMPT, **case.kwargs}
+    page = build_page(case.output, **kwargs)
+    assert set(page.warnings) == case.warnings
+    assert page.title == case.title
+    _assert_sound(page, kwargs.get("max_bytes", ONE_MB))
+    for needle in case.present:
+        assert needle in page.html, needle
+    for needle in case.absent:
+        assert needle not in page.html, needle
+    for needle, count in case.counts.items():
+        assert page.html.count(needle) == count, needle
+    if case.complete is not None:
+        assert page.complete is case.complete
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        pytest.param("", id="empty"),
+        pytest.param(b"", id="empty-bytes"),
+        pytest.param(" \n\t\r\n  ", id="whitespace-only"),
+        pytest.param("\x00\x00\x01\ufeff", id="only-invalid-characters"),
+        pytest.param("```html\n\n```", id="empty-fence"),
+    ],
+)
+def test_nothing_usable_raises(output: str | bytes) -> None:
+    with pytest.raises(HtmlExtractionError) as info:
+        build_page(output, prompt=PROMPT)
+    assert "\n" not in str(info.value) and str(info.value)
+
+
+def test_max_bytes_must_leave_room_for_a_page() -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        build_page(DOC, prompt=PROMPT, max_bytes=100)
+
+
+def test_one_megabyte_of_runaway_repetition_is_fast() -> None:
+    output = "```html\n" + HEAD + "<main>\n" + ROW * (ONE_MB // len(ROW)) + '<div class="ro'
+    assert len(output) >= ONE_MB
+    start = time.perf_counter()
+    page = build_page(output, prompt=PROMPT, truncated=True)
+    elapsed = time.perf_counter() - start
+    assert set(page.warnings) == {W.TRUNCATED, W.REPETITION, W.REPAIRED}
+    assert page.html.count('class="row"') == 1
+    _assert_sound(page)
+    assert elapsed < 5, f"{elapsed:.2f} s"  # measured ~0.2 s on 2 cores
+
+
+def test_one_megabyte_page_without_repetition_is_cut_and_stays_fast() -> None:
+    output = HEAD + _cards(ONE_MB // 75) + TAIL  # ~1.1 MB of distinct markup
+    assert len(output.encode()) > ONE_MB
+    start = time.perf_counter()
+    page = build_page(output, prompt=PROMPT)
+    elapsed = time.perf_counter() - start
+    assert set(page.warnings) == {W.OVERSIZE}
+    assert ONE_MB - 10_000 < len(page.data) <= ONE_MB
+    assert "&lt;" not in page.html  # cut at a tag boundary, no half tag became text
+    _assert_sound(page)
+    assert elapsed < 15, f"{elapsed:.2f} s"  # measured ~2.5 s on 2 cores
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("```html\n<p>a</p>\n```", "<p>a</p>", id="fence"),
+        pytest.param("Intro\n```HTML\n<p>a</p>", "<p>a</p>", id="unclosed-uppercase-lang"),
+        pytest.param("x <!doctype html><html></html> y", "<!doctype html><html></html>", id="raw"),
+        pytest.param("just words", "", id="prose"),
+        pytest.param("```python\nprint(1)\n```", "", id="other-language"),
+        pytest.param(
+            "```css\np{color:red}\n```\n```html\n<p>a</p>\n```",
+            "<style>\np{color:red}\n</style>\n<p>a</p>",
+            id="css-before-fragment",
+        ),
+    ],
+)
+def test_extract_html(text: str, expected: str) -> None:
+    assert extract_html(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "found"),
+    [
+        pytest.param("<p>one</p>\n<p>two</p>\n", "<p>one</p>\n<p>two</p>\n", False, id="none"),
+        pytest.param("<ul>\n" + "<li>x</li>\n" * 50, "<ul>\n<li>x</li>\n", True, id="lines"),
+        pytest.param(
+            "<ul>\n" + "<li>x</li>\n" * 50 + "<li>", "<ul>\n<li>x</li>\n", True, id="partial-copy"
+        ),
+        pytest.param(
+            "<li>A</li>\n" + "<li>B</li>\n" * 40,
+            "<li>A</li>\n<li>B</li>\n",
+            True,
+            id="shared-suffix",
+        ),
+        pytest.param("<p>" + "ha" * 300, "<p>ha", True, id="in-line"),
+        pytest.param("<i>x</i>\n" * 3, "<i>x</i>\n" * 3, False, id="too-short"),
+        pytest.param("</div>\n" * 100, "</div>\n" * 100, False, id="closing-tags"),
+        pytest.param("<p>x</p>" + " \n" * 500, "<p>x</p>" + " \n" * 500, False, id="whitespace"),
+    ],
+)
+def test_detect_repetition(text: str, expected: str, found: bool) -> None:
+    assert detect_repetition(text) == (expected, found)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "title"),
+    [
+        ("a landing page for a bakery", "A landing page for a bakery"),
+        ("  many\n\tspaces  ", "Many spaces"),
+        ("", "Generated page"),
+        ("\x00\x01", "Generated page"),
+        ("word " * 40, "Word word word word word word word word word word word word word word…"),
+    ],
+)
+def test_title_from_prompt(prompt: str, title: str) -> None:
+    assert title_from_prompt(prompt) == title
+
+
+def test_page_data_is_utf8_bytes() -> None:
+    page = build_page("<p>café 🥐</p>", prompt="x")
+    assert isinstance(page.data, bytes)
+    assert "café 🥐".encode() in page.data
+
+
+def test_summarize_pages() -> None:
+    pages = [
+        build_page(DOC, prompt=PROMPT),  # complete
+        build_page("```html\n" + HEAD + "<p>cut", prompt=PROMPT, truncated=True),
+        build_page(HEAD + "<p>" + "la " * 500, prompt=PROMPT, truncated=True),
+        build_page("No page, sorry.", prompt=PROMPT),
+    ]
+    summary = summarize_pages(pages)
+    assert summary["count"] == 4
+    assert summary["complete_document_rate"] == 0.25
+    assert summary["truncation_rate"] == 0.5
+    assert summary["repetition_rate"] == 0.25
+    assert summary["not_html_rate"] == 0.25
+    assert summary["mean_bytes"] == sum(len(p.data) for p in pages) / 4
+    assert all(isinstance(v, float) for v in summary.values())
+
+
+def test_summarize_no_pages() -> None:
+    summary = summarize_pages([])
+    assert summary["count"] == 0
+    assert summary["complete_document_rate"] == 0.0
+    assert summary["mean_bytes"] == 0.0
+
+
+def test_the_page_is_parsed_not_pattern_matched() -> None:
+    """Unclosed and misnested elements come out closed the way a browser closes them."""
+    page = build_page("<ul><li>one<li>two</ul><p>a<b>bold<p>next", prompt=PROMPT)
+    root, _errors = _reparse(page.html)
+    body = root.find("body")
+    assert body is not None
+    assert [el.tag for el in body] == ["ul", "p", "p"]
+    assert [li.text for li in body[0]] == ["one", "two"]
+    assert ElementTree.tostring(body[2], encoding="unicode") == "<p><b>next</b></p>"
