@@ -513,6 +513,58 @@ def profile_step(engine: Any, batch: int, context: int, path: Path | None) -> st
     return "\n".join(lines)
 
 
+def gemm_layouts(shape: dict[str, Any], batches: list[int]) -> list[dict[str, Any]]:
+    """Weight-read bandwidth of the decode matmuls: x @ W.T (the engine's) vs x @ Wt."""
+    import torch
+
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    kinds = {"qkv": (3 * h, h), "o": (h, h), "gate_up": (2 * inter, h), "down": (h, inter)}
+    rows = []
+    for kind, (out_features, in_features) in kinds.items():
+        # Eight copies, used in turn, so the 50 MB L2 never holds the next weight.
+        weights = [
+            torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
+            for _ in range(8)
+        ]
+        transposed = [w.t().contiguous() for w in weights]
+        for m in batches:
+            x = torch.randn(m, in_features, device="cuda", dtype=torch.bfloat16)
+            for layout, mats in (("linear", weights), ("x@Wt", transposed)):
+                seconds = _time_matmul(x, mats, layout == "linear")
+                rows.append(
+                    {
+                        "kind": kind,
+                        "m": m,
+                        "layout": layout,
+                        "us": seconds * 1e6,
+                        "tb_s": weights[0].numel() * 2 / seconds / 1e12,
+                    }
+                )
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _time_matmul(x: Any, mats: list[Any], linear: bool) -> float:
+    """Seconds per product, cycling through ``mats`` (the mean of 64 after a warm-up)."""
+    import torch
+    import torch.nn.functional as F
+
+    def run(i: int) -> Any:
+        w = mats[i % len(mats)]
+        return F.linear(x, w) if linear else x @ w
+
+    for i in range(8):
+        run(i)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(64):
+        run(i)
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end)) / 1000 / 64
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -680,6 +732,15 @@ def main(argv: list[str] | None = None) -> int:
             report["profile"] = breakdown
         except Exception as error:  # the profile is a nice-to-have; keep the numbers
             print(f"profile failed: {error!r}")
+
+        layouts = gemm_layouts(shape, [1, 8, 32])
+        report["gemm_layouts"] = layouts
+        for row in layouts:
+            print(
+                f"gemm {row['kind']:8s} m={row['m']:3d} {row['layout']:7s} "
+                f"{row['us']:8.1f} us {row['tb_s']:5.2f} TB/s",
+                flush=True,
+            )
 
     phases: list[dict[str, Any]] = []
     print(HEADER, flush=True)
