@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_4bit:
             options = FastEngineOptions(max_seq_len=args.max_seq_len, max_slots=2, ignore_eos=True)
             engine4 = FastEngine(nf4, tokenizer, model_name="nf4", options=options)
+            engine4.warmup(max_batch=1)
             four = single_stream(engine4, args.new_tokens)
             four["graphs"] = engine4.runner.use_graphs
             report["nf4_engine_batch1"] = four
