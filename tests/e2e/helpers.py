@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from model.types import GenerationRequest, GenerationResult, ProgressCallback, TextGenerator
+from model.types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ProgressCallback,
+    TextGenerator,
+)
 from tests.fake_discord import FakeDiscord
 
 # ChatML, the format of SmolLM2 and many small chat models.
@@ -71,6 +77,16 @@ def build_tiny_model(folder: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config).eval()
+    # A random model may end its answer at once (EOS first), and an empty answer is no page:
+    # that would make page-delivery tests flaky. So every embedding gets a large constant
+    # in dimension 0, which dominates the normalised hidden state, and the special tokens'
+    # output rows get a large negative weight there: their logits are about -50, so they
+    # are never sampled, while the other tokens stay random.
+    special_ids = [tokenizer.convert_tokens_to_ids(t) for t in specials]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[special_ids, 0] = -10.0
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -159,6 +175,31 @@ class ShortAnswers:
             for r in requests
         ]
         return self.inner.generate(short, progress)
+
+
+class FixedAnswer:
+    """An engine that answers every request with ``text`` (for tests of delivery sizes)."""
+
+    model_name = "fixed-answer"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        return [
+            GenerationResult(
+                request_id=r.request_id,
+                text=self.text,
+                finish_reason=FinishReason.HTML_COMPLETE,
+                prompt_tokens=10,
+                generated_tokens=100,
+                time_to_first_token_s=0.01,
+                total_s=0.1,
+            )
+            for r in requests
+        ]
 
 
 @dataclass

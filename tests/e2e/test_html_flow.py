@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import re
+import zipfile
 
 import html5lib
 import pytest
 
 from model.prompting import STYLE_HINTS
-from tests.e2e.helpers import StartBot, bot_errors, discord_problems
+from tests.e2e.helpers import FixedAnswer, StartBot, bot_errors, discord_problems
 from tests.fake_discord import (
     CB_DEFERRED_MESSAGE,
     CB_MESSAGE,
@@ -149,3 +151,39 @@ async def test_followup_500_then_200_delivers_once(start_bot: StartBot, fake: Fa
     posts = [r for r in inter.requests if r.method == "POST" and re.search(FOLLOWUP_PATH, r.path)]
     assert [r.status for r in posts] == [500, 200]
     assert len(inter.html_files) == 1
+
+
+BIG_PAGE = (
+    "<!DOCTYPE html><html><head><title>Big</title></head><body>"
+    + "<p>A very repetitive paragraph about bread.</p>\n" * 2000
+    + "</body></html>"
+)
+
+
+async def test_page_over_the_attachment_limit_is_zipped(
+    start_bot: StartBot, fake: FakeDiscord
+) -> None:
+    await start_bot(FixedAnswer(BIG_PAGE))
+    inter = await fake.send_command("html", {"prompt": "a big page"}, attachment_size_limit=20_000)
+    archive = await inter.wait_for_file(".zip", timeout=30)
+    assert inter.html_files == []
+    assert len(archive.data) <= 20_000
+    with zipfile.ZipFile(io.BytesIO(archive.data)) as zf:
+        [name] = zf.namelist()
+        assert name.endswith(".html")
+        page = zf.read(name)
+    assert len(page) > 20_000
+    parse_html(page)
+
+
+async def test_page_too_big_even_zipped_is_explained_and_kept(
+    start_bot: StartBot, fake: FakeDiscord
+) -> None:
+    run = await start_bot(FixedAnswer(BIG_PAGE))
+    ann = fake.user("ann")
+    inter = await fake.send_command(
+        "html", {"prompt": "a big page"}, user=ann, attachment_size_limit=200
+    )
+    await inter.wait_until(lambda i: "upload limit" in i.visible_text, timeout=30)
+    assert inter.delivered_files == []
+    assert len(run.bot.store.list(ann.id)) == 1

@@ -223,15 +223,14 @@ async def test_flooding_user_does_not_starve_another(
     assert len(refused) == 3
     assert all(i.is_ephemeral_reply() and "limit" in i.visible_text for i in refused)
 
-    sent = time.monotonic()
     mine = await fake.send_command("html", {"prompt": "just one page"}, user=other)
     await mine.wait_for_file(".html", timeout=30)
-    waited = time.monotonic() - sent
     accepted = [i for i in floods if i.callback_type == CB_DEFERRED_MESSAGE]
     delivered_before = [i for i in accepted if i.html_files]
-    # Round-robin: at most the flooder's running job and one more go before ours.
+    # Round-robin: at most the flooder's running job and one more go before ours, and most
+    # of the flooder's backlog is still waiting (no timing bound: CI machines vary).
     assert len(delivered_before) <= 2, [i.contents for i in accepted]
-    assert waited < 5 * 0.3 + 3.0
+    assert len(accepted) - len(delivered_before) >= 3
     for inter in accepted:
         await inter.wait_for_file(".html", timeout=30)
 
@@ -291,9 +290,12 @@ async def test_expired_token_keeps_the_result(
     assert kept.lstrip().lower().startswith(b"<!doctype html")
     await asyncio.sleep(0.5)
     assert inter.html_files == []
-    refused = [r for r in inter.requests if r.method != "POST" or "/callback" not in r.path]
+    refused = [r for r in inter.requests[1:] if r.status]  # all but the callback
     assert refused and all(r.status == 401 for r in refused)
-    # No endless retrying of a dead token: one final attempt per kind of call at most.
+    # A dead token stays dead: no retrying it. Discord counts every 401 toward its
+    # invalid-request limit (10,000 per 10 minutes, then an IP ban).
+    status_edits = [r for r in refused if r.method == "PATCH" and "Done" not in (r.content or "")]
+    assert len(status_edits) <= 1, [r.content for r in refused]
     assert len([r for r in refused if r.files]) <= 1
 
     # The user gets it again, privately, with /mypages.

@@ -287,7 +287,7 @@ class FakeInteraction:
             mine = "\n  ".join(repr(r) for r in self.requests[-15:])
             raise TimeoutError(
                 f"no {method or '*'} {path or '*'} request for interaction {self.id} within "
-                f"{timeout}s; its requests:\n  {mine}"
+                f"{timeout}s; its requests:\n  {mine}\nits messages: {self.contents!r}"
             ) from None
 
     async def wait_for_callback(self, timeout: float = 5.0) -> RecordedRequest:
