@@ -600,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul"])
     parser.add_argument("--compare-attention", action="store_true", help="time both first")
+    parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM layout rows")
+    parser.add_argument("--no-profile", action="store_true", help="skip the step profile")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -728,13 +730,15 @@ def main(argv: list[str] | None = None) -> int:
         steps = [row for rows in by_attention.values() for row in rows]
         report["step_times"] = steps
         try:
+            if args.no_profile:
+                raise RuntimeError("skipped (--no-profile)")
             breakdown = profile_step(engine, 8, 512, args.profile_out)
             print("profile of one eager decode step, batch 8, context bucket 512:\n" + breakdown)
             report["profile"] = breakdown
         except Exception as error:  # the profile is a nice-to-have; keep the numbers
             print(f"profile failed: {error!r}")
 
-        layouts = gemm_layouts(shape, [1, 8, 32])
+        layouts = [] if args.no_gemm else gemm_layouts(shape, [1, 8, 32])
         report["gemm_layouts"] = layouts
         for row in layouts:
             print(

@@ -47,6 +47,20 @@ class _Weight:
         return F.linear(x, self.weight)
 
 
+class _TransposedWeight:
+    """The same layer with its weight stored (in, out): ``x @ Wt``.
+
+    cuBLAS picks faster kernels for this layout at decode batch sizes: on an H100, at 8 rows,
+    o_proj 17.2 vs 23.4 us, gate_up 63.4 vs 70.7 us (bench/serving.py, gemm rows).
+    """
+
+    def __init__(self, transposed: torch.Tensor) -> None:
+        self.transposed = transposed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.transposed)
+
+
 class _Modules:
     """Calls modules as they are (4-bit, LoRA-wrapped, biased) and concatenates outputs."""
 
@@ -64,17 +78,27 @@ def _is_plain_linear(module: Any) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
 
-def _fuse(modules: list[Any]) -> Linear:
+def _fuse(modules: list[Any], transpose: bool = True) -> Linear:
     """One weight for several plain linears; the HF modules then view slices of it.
 
     Rebinding the HF parameters to views keeps the HF model working while the weights exist
     once in memory (a 7B model in bf16 is 13.5 GB; a second copy would not fit small cards).
+    With ``transpose`` the one copy is stored (in, out) and the HF weights are transposed
+    views of it.
     """
     if not all(_is_plain_linear(m) for m in modules):
         return _Modules(*modules)
-    if len(modules) == 1:
-        return _Weight(modules[0].weight.data)
     with torch.no_grad():
+        if transpose:
+            fused = torch.cat([m.weight.data.t() for m in modules], dim=1).contiguous()
+            start = 0
+            for module in modules:
+                rows = module.weight.shape[0]
+                module.weight.data = fused[:, start : start + rows].t()
+                start += rows
+            return _TransposedWeight(fused)
+        if len(modules) == 1:
+            return _Weight(modules[0].weight.data)
         fused = torch.cat([m.weight.data for m in modules], dim=0)
         start = 0
         for module in modules:
@@ -184,7 +208,8 @@ class FastLlama:
         self.device = self.embed.device
         self.vocab_size = int(llama.lm_head.weight.shape[0])
         self.final_norm = inner.norm.weight
-        self.lm_head = _fuse([llama.lm_head])
+        # lm_head keeps the (out, in) layout: it may be tied to the embedding table.
+        self.lm_head = _fuse([llama.lm_head], transpose=False)
         self.layers = [
             _Layer(
                 input_norm=layer.input_layernorm.weight,
