@@ -408,7 +408,7 @@ class FakeDiscord:
         expiry in the fake). ``permissions`` overrides the member's resolved permissions.
         """
         user = user or self.user("user")
-        command, scope = self._find_command(name)
+        command, scope = self._find_command(name, in_guild)
         opts = []
         registered = {o["name"]: o for o in command.get("options", [])}
         for key, value in (options or {}).items():
@@ -484,8 +484,9 @@ class FakeDiscord:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), 0.05)
 
-    def _find_command(self, name: str) -> tuple[dict[str, Any], int | None]:
-        for scope in [self.guild.id, None]:
+    def _find_command(self, name: str, in_guild: bool = True) -> tuple[dict[str, Any], int | None]:
+        # Guild commands exist only in their guild; a DM sees global commands only.
+        for scope in [self.guild.id, None] if in_guild else [None]:
             for cmd in self.commands.get(scope, []):
                 if cmd["name"] == name and cmd.get("type", 1) == 1:
                     return cmd, scope

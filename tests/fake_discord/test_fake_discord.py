@@ -48,10 +48,12 @@ class CancelView(discord.ui.View):
 class MiniBot(discord.Client):
     """A minimal bot built only on discord.py, to check the fake speaks its protocol."""
 
-    def __init__(self, guild_id: int, behaviour: Callable[..., Awaitable[None]]) -> None:
+    def __init__(
+        self, guild_id: int, behaviour: Callable[..., Awaitable[None]], *, in_guild: bool = True
+    ) -> None:
         super().__init__(intents=discord.Intents.default())
         self.tree = app_commands.CommandTree(self)
-        self.guild_obj = discord.Object(guild_id)
+        self.guild_obj: discord.Object | None = discord.Object(guild_id) if in_guild else None
         self.behaviour = behaviour
         self.errors: list[BaseException] = []
         self.views: list[CancelView] = []
@@ -108,8 +110,10 @@ async def run_bot(
 ) -> AsyncIterator[Callable[..., Awaitable[MiniBot]]]:
     started: list[tuple[MiniBot, asyncio.Task[None]]] = []
 
-    async def start(behaviour: Callable[..., Awaitable[None]] = default_behaviour) -> MiniBot:
-        bot = MiniBot(fake.guild.id, behaviour)
+    async def start(
+        behaviour: Callable[..., Awaitable[None]] = default_behaviour, *, in_guild: bool = True
+    ) -> MiniBot:
+        bot = MiniBot(fake.guild.id, behaviour, in_guild=in_guild)
         task = asyncio.create_task(bot.start(fake.bot_token))
         started.append((bot, task))
         ready = asyncio.create_task(fake.wait_until_ready())
@@ -321,3 +325,63 @@ async def test_too_big_attachment_gets_413(fake: FakeDiscord, run_bot: Any) -> N
     inter = await fake.send_command("html", {"prompt": "x"}, attachment_size_limit=1000)
     await inter.wait_until(lambda i: "too big (413)" in i.visible_text)
     assert inter.html_files == []
+
+
+async def test_second_response_is_refused_like_discord(fake: FakeDiscord, run_bot: Any) -> None:
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        await interaction.response.defer()
+        # Bypass discord.py's own "already responded" guard to see Discord's answer.
+        interaction.response._response_type = None
+        await interaction.response.send_message("again")
+
+    bot = await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x"})
+    await fake.wait_until(lambda: bool(bot.errors))
+    assert [r.status for r in inter.requests] == [200, 400]
+    assert inter.requests[1].response["code"] == 40060
+
+
+async def test_multipart_parts_and_unknown_routes_are_recorded(
+    fake: FakeDiscord, run_bot: Any
+) -> None:
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        await interaction.response.defer()
+        files = [
+            discord.File(io.BytesIO(PAGE), "a.html"),
+            discord.File(io.BytesIO(b"PNG"), "a.png"),
+        ]
+        await interaction.followup.send("two files", files=files)
+        await bot.http.request(discord.http.Route("GET", "/no/such/route"))
+
+    bot = await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x"})
+    await fake.wait_until(lambda: bool(bot.errors))
+    followup = next(r for r in inter.requests if r.files)
+    assert [(p.name, p.filename) for p in followup.parts] == [
+        ("payload_json", None),
+        ("files[0]", "a.html"),
+        ("files[1]", "a.png"),
+    ]
+    assert followup.files[1].data == b"PNG"
+    assert followup.json["content"] == "two files"
+    assert [a["filename"] for a in inter.messages[-1]["attachments"]] == ["a.html", "a.png"]
+    assert [r.path for r in fake.unhandled_requests] == ["/no/such/route"]
+    assert isinstance(bot.errors[0], discord.NotFound)
+
+
+async def test_dm_interaction_carries_a_user_not_a_member(fake: FakeDiscord, run_bot: Any) -> None:
+    seen: list[discord.Interaction] = []
+
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        seen.append(interaction)
+        await interaction.response.send_message("hi", ephemeral=True)
+
+    await run_bot(behaviour, in_guild=False)
+    await fake.wait_for_sync()
+    assert fake.sync_payloads[-1][0] is None  # a global command: usable in DMs
+    inter = await fake.send_command("html", {"prompt": "x"}, in_guild=False)
+    await inter.wait_for_callback()
+    assert "member" not in inter.payload and "user" in inter.payload
+    assert seen and seen[0].guild_id is None and isinstance(seen[0].user, discord.User)
