@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import zipfile
@@ -187,3 +188,29 @@ async def test_page_too_big_even_zipped_is_explained_and_kept(
     await inter.wait_until(lambda i: "upload limit" in i.visible_text, timeout=30)
     assert inter.delivered_files == []
     assert len(run.bot.store.list(ann.id)) == 1
+
+
+async def test_upload_refused_is_explained_and_kept(start_bot: StartBot, fake: FakeDiscord) -> None:
+    run = await start_bot()
+    ann = fake.user("ann")
+    fake.fail_next("POST", FOLLOWUP_PATH, status=413, times=1)
+    inter = await fake.send_command("html", {"prompt": "a page Discord refuses"}, user=ann)
+    await inter.wait_until(lambda i: "❌" in i.visible_text, timeout=30)
+    assert "refused" in inter.visible_text and "/mypages" in inter.visible_text
+    assert inter.html_files == []
+    assert len(run.bot.store.list(ann.id)) == 1
+
+
+async def test_interaction_lost_before_defer_is_dropped(
+    start_bot: StartBot, fake: FakeDiscord
+) -> None:
+    run = await start_bot()
+    fake.callback_window_s = 0.0  # Discord refuses every callback: "Unknown interaction"
+    inter = await fake.send_command("html", {"prompt": "nobody will see this"})
+    refused = await inter.wait_for_request("POST", r"/callback$", timeout=5)
+    assert refused.status == 404 and refused.response["code"] == 10062
+    await fake.wait_until(
+        lambda: run.bot.scheduler.queued_count + run.bot.scheduler.running_count == 0, 10
+    )
+    await asyncio.sleep(0.5)
+    assert [r.status for r in inter.requests] == [404]  # nothing sent to a dead interaction

@@ -1244,6 +1244,7 @@ def _injected_response(rule: FailureRule) -> web.Response:
         401: ("401: Unauthorized", 0),
         403: ("Missing Permissions", 50013),
         404: ("Unknown Webhook", 10015),
+        413: ("Request entity too large", 40005),
         500: ("500: Internal Server Error", 0),
         502: ("502: Bad Gateway", 0),
         503: ("503: Service Unavailable", 0),
