@@ -94,6 +94,7 @@ class StatusBoard:
         edits_per_second: float = 10.0,
         concurrency: int = 8,
         edit: EditFn | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
         self.interval_s = interval_s
@@ -106,7 +107,8 @@ class StatusBoard:
         self.edits_sent = 0
         # A token bucket: edits_per_second on average, bursts of up to one second's worth.
         self._allowance = edits_per_second
-        self._refilled = time.monotonic()
+        self._clock = clock
+        self._refilled = clock()
 
     def track(self, job: Job) -> None:
         """Start keeping ``job``'s message current (its first edit goes out at once)."""
@@ -133,7 +135,7 @@ class StatusBoard:
 
     def update_once(self) -> int:
         """Start the edits that are due now, within the budget; returns how many."""
-        now = time.monotonic()
+        now = self._clock()
         positions = self.scheduler.positions()
         due: list[tuple[float, Job, str]] = []
         for job_id, job in list(self._jobs.items()):

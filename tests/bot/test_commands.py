@@ -67,7 +67,8 @@ async def test_status_edits_are_paced_and_never_overwrite_the_final_text() -> No
     async def edit(job: Job, text: str) -> None:
         sent.append((job.job_id, text))
 
-    board = StatusBoard(sched, interval_s=0.3, edits_per_second=5, edit=edit)
+    now = [100.0]
+    board = StatusBoard(sched, interval_s=0.3, edits_per_second=5, edit=edit, clock=lambda: now[0])
     jobs = [_tracked_job(board, sched, user) for user in range(12)]
     assert board.update_once() == 5  # the budget: 5 edits a second
     await _settle(board)
@@ -75,21 +76,21 @@ async def test_status_edits_are_paced_and_never_overwrite_the_final_text() -> No
     assert "position 1 of 12" in sent[0][1]
     assert board.update_once() == 0  # nothing left in the bucket, and too soon anyway
 
-    await asyncio.sleep(0.35)
+    now[0] += 0.35
     jobs[0].context.final = True  # e.g. cancelled: its message must not change again
     sched.take(1)
     count = board.update_once()
     await _settle(board)
-    assert 0 < count <= 2
+    assert count == 1  # 0.35 s refills 1.75 edits' worth
     assert all(job_id != jobs[0].job_id for job_id, _ in sent[5:])
 
     # Once every message shows its current text, nothing more is sent.
     board.edits_per_second = 100
     for _ in range(3):
-        await asyncio.sleep(0.35)
+        now[0] += 0.35
         board.update_once()
         await _settle(board)
-    await asyncio.sleep(0.35)
+    now[0] += 0.35
     assert board.update_once() == 0
     for job in jobs:
         job.state = JobState.DONE
