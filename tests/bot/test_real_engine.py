@@ -74,4 +74,4 @@ async def test_real_engine_keeps_the_loop_responsive_and_cancels(kind: str, load
     # Generation runs on the worker thread: the loop only ever waits for the GIL.
     print(f"{kind}: loop lag max {lag.max_lag_s * 1000:.1f} ms over {lag.samples} samples")
     assert lag.samples > 20
-    assert lag.max_lag_s < 0.25
+    assert lag.max_lag_s < 0.5

@@ -157,10 +157,13 @@ async def test_progress_is_throttled_and_marshalled_to_the_loop() -> None:
     engine = FakeEngine(tokens=60, token_delay_s=0.02)
     sched, sink = scheduler(), Sink()
     worker = await run_worker(engine, sched, sink, max_batch=4)
-    submit(sched, ["page"])
+    (job,) = submit(sched, ["page"])
     await sink.wait_finished(1)
     await stop(worker)
-    assert 1 <= len(sink.progress) <= 6  # ~1.2 s of tokens at one report per 0.5 s
+    # 60 progress calls from the engine; at most one report per 0.5 s reaches the loop.
+    assert job.result is not None
+    assert 1 <= len(sink.progress) <= job.result.total_s / 0.5 + 1
+    assert len(sink.progress) < 10
     assert sink.wrong_thread == 0
 
 
@@ -175,7 +178,7 @@ async def test_the_loop_stays_responsive_while_generating() -> None:
     await stop(worker)
     monitor.cancel()
     assert lag.samples > 20
-    assert lag.max_lag_s < 0.2
+    assert lag.max_lag_s < 0.5  # blocking the loop would cost the whole generation time
 
 
 async def test_continuous_engine_is_served_and_jobs_join_while_others_run() -> None:
