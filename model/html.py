@@ -2,7 +2,7 @@
 
 The pipeline of :func:`build_page`, in order:
 
-1. **Text** – bytes are decoded as UTF-8 with replacement; a leading BOM is dropped; CRLF/CR
+1. **Text** – bytes are decoded as UTF-8 with replacement; BOMs (U+FEFF) are dropped; CRLF/CR
    become LF; NUL, the other C0 controls except tab/newline, DEL, the C1 controls and Unicode
    noncharacters are removed and lone surrogates replaced (``invalid_text``). Everything the
    HTML parser would call an "invalid codepoint" is gone here, so the output is valid UTF-8.
@@ -15,23 +15,32 @@ The pipeline of :func:`build_page`, in order:
    are inlined as ``<style>``/``<script>``), or raw HTML in prose (from ``<!DOCTYPE``/``<html>``
    to the last ``</html>``, or the lines that start with tags). Prose with no HTML at all is
    wrapped into a simple page (``not_html``).
-4. **Size** – the source is cut to ``max_bytes`` at a tag boundary (``oversize``).
+4. **Size and shape** – the source is cut to ``max_bytes`` at a tag boundary (``oversize``),
+   and where thousands of elements are left open or one tag has thousands of attributes
+   (``degenerate``): html5lib is quadratic in both, browsers cap the depth too.
 5. **Parsing** – with **html5lib**. It is pure Python and implements the WHATWG HTML parsing
    algorithm, the one browsers use, so "close what was left open" follows exactly the rules a
    browser applies: a tag cut at end-of-file (mid-name or mid-attribute) is dropped rather than
    leaked, misnested and unclosed elements are fixed up the standard way, and its parse-error
    codes tell us *that* the model's output was cut mid-tag (``truncated``). lxml or
    BeautifulSoup's default parser follow libxml2's own recovery rules instead, and regexes
-   cannot do this at all.
+   cannot do this at all. The source is parsed in standards mode with scripting on, as a
+   browser will read the page we write (with our ``<!DOCTYPE html>``). Two small adaptations:
+   runs of character tokens are merged (the etree builder's ``+=`` is quadratic otherwise),
+   and two asserts that SVG elements named like table parts trip are left out.
 6. **Completion** – on the tree: ``<!DOCTYPE html>``, html/head/body (the parser creates
    them), a first ``<meta charset="utf-8">``, a viewport meta and a ``<title>`` (from the
    prompt when the model gave none) are ensured (``repaired``). With ``strip_scripts=True``
-   ``<script>`` elements, ``on*`` attributes, ``javascript:``/``vbscript:`` URLs and
-   ``srcdoc`` are removed (``scripts_removed``); by default scripts stay, since pages use JS.
+   ``<script>`` elements, ``on*`` attributes, ``javascript:``/``vbscript:`` URLs, ``srcdoc``,
+   HTML/SVG ``data:`` documents in frames and SVG animations of handlers are removed
+   (``scripts_removed``): a best-effort cleaner for the common cases, not a sanitizer. By
+   default scripts stay, since pages use JS.
 7. **Serialization** – html5lib's ``HTMLSerializer`` (all the escaping rules) fed by a small
    iterative tree walker of our own (html5lib's etree walker is quadratic in the number of
-   siblings, and recursion would fail on degenerate nesting). Comments with ``--`` and invalid
-   attribute names are sanitized first, so the result re-parses without a single parse error.
+   siblings, and recursion would fail on degenerate nesting). Trees that markup cannot express
+   are normalized first (comments with ``--``, invalid attribute names, ``<plaintext>``, forms
+   inside tables, table parts inside SVG), and pages up to 300k characters are re-parsed until
+   they come back without a single parse error.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from xml.etree import ElementTree
 
 import html5lib
 from html5lib._tokenizer import HTMLTokenizer
-from html5lib.constants import namespaces, tokenTypes, voidElements
+from html5lib.constants import namespaces, rcdataElements, tokenTypes, voidElements
 from html5lib.serializer import HTMLSerializer
 from html5lib.treewalkers.base import TreeWalker
 
@@ -340,6 +349,7 @@ _TAG_ALT = "|".join(sorted(_HTML_TAGS, key=len, reverse=True))
 _KNOWN_TAG_RE = re.compile(rf"</?(?:{_TAG_ALT})(?=[\s/>])", re.IGNORECASE)
 _TAG_LINE_RE = re.compile(rf"^[ \t]*<(?:!--|/?(?:{_TAG_ALT})(?=[\s/>]|$))", re.IGNORECASE)
 _DOC_START_RE = re.compile(r"<!doctype\s+html|<html(?=[\s>])", re.IGNORECASE)
+_DOCTYPE_RE = re.compile(r"<!doctype\s+html", re.IGNORECASE)
 _HTML_OPEN_RE = re.compile(r"<html(?=[\s>])", re.IGNORECASE)
 _HTML_CLOSE_RE = re.compile(r"</html\s*>", re.IGNORECASE)
 
@@ -482,8 +492,22 @@ def _collect_blocks(text: str, depth: int = 0) -> list[_Fence]:
     return blocks
 
 
+def _best_document(source: str) -> str:
+    """Of several documents written one after another, the finished (then longest, then last)."""
+    starts = [m.start() for m in _DOCTYPE_RE.finditer(source)]
+    if len(starts) < 2:
+        return source
+    docs = [source[a:b] for a, b in zip(starts, [*starts[1:], len(source)], strict=True)]
+
+    def score(i: int) -> tuple[bool, int, int]:
+        return bool(_HTML_CLOSE_RE.search(docs[i])), len(docs[i]), i
+
+    return docs[max(range(len(docs)), key=score)]
+
+
 def _trim_document(source: str) -> str:
     """Cut prose before ``<!DOCTYPE``/``<html>`` and after the last ``</html>``; keep markup."""
+    source = _best_document(source)
     start = _DOC_START_RE.search(source)
     if start:
         prefix = source[: start.start()].strip()
@@ -497,11 +521,14 @@ def _trim_document(source: str) -> str:
     return source.strip("\n")
 
 
-def _raw_html(outside: str) -> str:
+def _raw_html(text: str, fences: Sequence[_Fence]) -> str:
     """HTML written straight into the answer, without fences; ``""`` if there is none."""
-    doc = _DOC_START_RE.search(outside)
-    if doc:
-        return _trim_document(outside[doc.start() :])
+    doc = _DOC_START_RE.search(text)
+    if doc:  # a whole document: fences after its start are its content (a <pre> of markdown)
+        return _trim_document(text[doc.start() :])
+    outside = text
+    for fence in reversed(fences):
+        outside = outside[: fence.start] + "\n" + outside[fence.end :]
     lines = outside.split("\n")
     tag_lines = [i for i, line in enumerate(lines) if _TAG_LINE_RE.match(line)]
     if not tag_lines:
@@ -583,10 +610,7 @@ def _extract(text: str) -> _Extraction:
                     break
         page = _trim_document(page)
     else:
-        outside = text
-        for fence in reversed(top):
-            outside = outside[: fence.start] + "\n" + outside[fence.end :]
-        page = _raw_html(outside)
+        page = _raw_html(text, top)
     if not page.strip():
         return _Extraction("", top)
     return _Extraction(_inline_assets(page, css, js), top)
@@ -744,6 +768,7 @@ _UNCLOSED_ERRORS = frozenset(
 )
 _ATTR_NAME_RE = re.compile(r"[^\s\"'<>/=\x00-\x1f\x7f]+")
 _DANGLING_LT_RE = re.compile(r"<[/!]?\s*$")
+_LEADING_DOCTYPE_RE = re.compile(r"\A\s*<!doctype[^>]*>", re.IGNORECASE)
 _VIEWPORT = "width=device-width, initial-scale=1"
 _DEFAULT_TITLE = "Generated page"
 _TITLE_MAX = 70
@@ -775,24 +800,37 @@ def _split_tag(tag: str) -> tuple[str | None, str]:
     return None, tag
 
 
+# The parser's void elements; html5lib's serializer list lacks wbr and the legacy ones, and
+# would write an end tag ("</wbr>") that is a parse error.
+_VOID_TAGS = frozenset(voidElements) | {"wbr", "keygen", "basefont", "bgsound", "frame"}
+
+
+_SERIALIZER_RAW_TAGS = frozenset(rcdataElements)  # names whose text it never escapes
+
+
 class _Walker(TreeWalker):
     """Iterative token stream over an html5lib etree tree (doctype first)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         yield self.doctype("html")
         stack: list[tuple[bool, Element]] = [(False, self.tree)]
+        # The serializer writes the text of any element named script/style/... unescaped, but
+        # inside <svg>/<math> such text was parsed as normal text: escape it ourselves there.
+        foreign_raw = 0
         while stack:
             leaving, el = stack.pop()
             if leaving:
                 ns, name = _split_tag(el.tag)
                 yield self.endTag(ns, name)
+                if ns is not None and name in _SERIALIZER_RAW_TAGS:
+                    foreign_raw -= 1
                 if el.tail and el is not self.tree:
-                    yield from self.text(el.tail)
+                    yield from self._text(el.tail, foreign_raw)
                 continue
             if el.tag is ElementTree.Comment:
                 yield self.comment(el.text or "")
                 if el.tail:
-                    yield from self.text(el.tail)
+                    yield from self._text(el.tail, foreign_raw)
                 continue
             ns, name = _split_tag(el.tag)
             attrs: dict[tuple[str | None, str], str] = {}
@@ -802,16 +840,24 @@ class _Walker(TreeWalker):
                     prefix = _NS_PREFIX.get(attr_ns, "")
                     attr_name = "xmlns" if attr_name == "xmlns" else prefix + attr_name
                 attrs[(None, attr_name)] = value
-            if ns is None and name in voidElements:
+            if ns is None and name in _VOID_TAGS:
                 yield from self.emptyTag(ns, name, attrs)
                 if el.tail:
-                    yield from self.text(el.tail)
+                    yield from self._text(el.tail, foreign_raw)
                 continue
             yield self.startTag(ns, name, attrs)
+            if ns is not None and name in _SERIALIZER_RAW_TAGS:
+                foreign_raw += 1
             if el.text:
-                yield from self.text(el.text)
+                yield from self._text(el.text, foreign_raw)
             stack.append((True, el))
             stack.extend((False, child) for child in reversed(el))
+
+    def _text(self, data: str, foreign_raw: int) -> Iterator[dict[str, Any]]:
+        if foreign_raw:
+            yield {"type": "Characters", "data": html_lib.escape(data, quote=False)}
+        else:
+            yield from self.text(data)
 
 
 def _serialize(root: Element) -> str:
@@ -853,6 +899,24 @@ class _CoalescingTokenizer(HTMLTokenizer):
             yield {"type": _CHARACTERS, "data": "".join(run)}
 
 
+_INSERTION_MODES = {
+    "select": "inSelect",
+    "td": "inCell",
+    "th": "inCell",
+    "tr": "inRow",
+    "tbody": "inTableBody",
+    "thead": "inTableBody",
+    "tfoot": "inTableBody",
+    "caption": "inCaption",
+    "colgroup": "inColumnGroup",
+    "table": "inTable",
+    "head": "inBody",
+    "body": "inBody",
+    "frameset": "inFrameset",
+    "html": "beforeHead",
+}
+
+
 class _Parser(html5lib.HTMLParser):
     """``html5lib.HTMLParser`` using :class:`_CoalescingTokenizer` (text input only)."""
 
@@ -871,16 +935,61 @@ class _Parser(html5lib.HTMLParser):
         self.reset()
         self.mainLoop()  # a str never needs html5lib's re-parse for a changed encoding
 
+    def resetInsertionMode(self) -> None:
+        """html5lib's own, less two asserts that an <svg><colgroup> on the stack trips (it
+        checks the name before the namespace). Without them it does what the spec says."""
+        last = False
+        new_phase = None
+        for node in self.tree.openElements[::-1]:
+            node_name = node.name
+            if node == self.tree.openElements[0]:
+                last = True
+                node_name = self.innerHTML
+            if not last and node.namespace != self.tree.defaultNamespace:
+                continue
+            if node_name in _INSERTION_MODES:
+                new_phase = self.phases[_INSERTION_MODES[node_name]]
+                break
+            if last:
+                new_phase = self.phases["inBody"]
+                break
+        self.phase = new_phase
+
 
 def _parse(source: str) -> tuple[Element, set[str]]:
     parser = _Parser(tree=html5lib.getTreeBuilder("etree"), namespaceHTMLElements=False)
-    root = parser.parse(source)
+    # Scripting on, as in a browser: <noscript> holds raw text, not markup.
+    root = parser.parse(source, scripting=True)
     return root, {code for _pos, code, _vars in parser.errors}
 
 
 def _remove(parents: dict[Element, Element], el: Element) -> None:
     """Remove ``el`` from the tree, keeping the text that followed it."""
-    parent = parents[el]
+    _remove_child(parents[el], el)
+
+
+def _unwrap(parent: Element, el: Element) -> None:
+    """Replace ``el`` by its content (text and children) in ``parent``."""
+    index = list(parent).index(el)
+    children = list(el)
+    _append_text(parent, index - 1, el.text or "")
+    parent.remove(el)
+    for offset, child in enumerate(children):
+        parent.insert(index + offset, child)
+    _append_text(parent, index + len(children) - 1, el.tail or "")
+
+
+def _append_text(parent: Element, index: int, text: str) -> None:
+    """Add ``text`` after child ``index`` of ``parent`` (-1: at the start)."""
+    if not text:
+        return
+    if index < 0:
+        parent.text = (parent.text or "") + text
+    else:
+        parent[index].tail = (parent[index].tail or "") + text
+
+
+def _remove_child(parent: Element, el: Element) -> None:
     index = list(parent).index(el)
     prev = parent[index - 1] if index > 0 else None
     before = (prev.tail if prev is not None else parent.text) or ""
@@ -891,6 +1000,16 @@ def _remove(parents: dict[Element, Element], el: Element) -> None:
         else:
             parent.text = before + el.tail
     parent.remove(el)
+
+
+_ANIMATION_TAGS = frozenset({"set", "animate"})
+_EMBEDDING_TAGS = frozenset({"iframe", "frame", "object", "embed"})
+
+
+def _is_active_data_url(value: str) -> bool:
+    """A ``data:`` document that would run its own scripts inside an iframe or object."""
+    squashed = re.sub(r"[\x00-\x20]", "", value).lower()
+    return squashed.startswith(("data:text/html", "data:application/xhtml", "data:image/svg"))
 
 
 def _is_dangerous_url(value: str) -> bool:
@@ -905,20 +1024,56 @@ def _strip_scripts(root: Element) -> bool:
     for el in list(root.iter()):
         if not isinstance(el.tag, str):
             continue
-        if _split_tag(el.tag)[1] == "script":
+        tag = _split_tag(el.tag)[1].lower()
+        # SVG <set>/<animate> can write an event handler or a javascript: link at run time.
+        animated = (el.get("attributeName") or el.get("attributename") or "").lower()
+        if tag == "script" or (
+            tag in _ANIMATION_TAGS and (animated.startswith("on") or animated.endswith("href"))
+        ):
             _remove(parents, el)
             removed = True
             continue
         for key in list(el.attrib):
             name = _split_tag(key)[1].lower()
-            if name.startswith("on") or name == "srcdoc" or _is_dangerous_url(el.attrib[key]):
+            value = el.attrib[key]
+            if (
+                name.startswith("on")
+                or name == "srcdoc"
+                or _is_dangerous_url(value)
+                or (tag in _EMBEDDING_TAGS and _is_active_data_url(value))
+            ):
                 del el.attrib[key]
                 removed = True
     return removed
 
 
+_TABLE_PARTS = frozenset({"table", "tbody", "thead", "tfoot", "tr"})
+
+
 def _sanitize_tree(root: Element, scrub_text: bool) -> None:
     """Make the tree serializable without parse errors on re-parsing."""
+    # <table><form> leaves an empty form inside the table, which no markup can express.
+    stray_forms = [
+        (parent, child)
+        for parent in root.iter()
+        if parent.tag in _TABLE_PARTS
+        for child in parent
+        if child.tag == "form"
+    ]
+    for parent, form in stray_forms:
+        _remove_child(parent, form)
+    # Table parts inside <svg>/<math> mean nothing there, and html5lib's reset of the
+    # insertion mode asserts on them when the page is parsed again: keep just their content.
+    misplaced = [
+        (parent, child)
+        for parent in root.iter()
+        for child in parent
+        if isinstance(child.tag, str)
+        and child.tag.startswith("{")
+        and _split_tag(child.tag)[1] in _INSERTION_MODES
+    ]
+    for parent, child in reversed(misplaced):
+        _unwrap(parent, child)
     for el in root.iter():
         if el.tag is ElementTree.Comment:
             data = _scrub(el.text or "")
@@ -930,6 +1085,8 @@ def _sanitize_tree(root: Element, scrub_text: bool) -> None:
                 data += " "
             el.text = data.replace("<!-", "<! -")
         else:
+            if el.tag == "plaintext":  # swallows the rest of any page it is written into
+                el.tag = "pre"
             for key in list(el.attrib):
                 if not _ATTR_NAME_RE.fullmatch(_split_tag(key)[1]):
                     del el.attrib[key]
@@ -1006,6 +1163,51 @@ class _Rendered:
     scripts_removed: bool
 
 
+_FOREIGN_TAG_RE = re.compile(r"</?(?:svg|math)(?=[\s/>])[^>]*>", re.IGNORECASE)
+
+
+def _parse_robustly(source: str) -> tuple[Element, set[str]]:
+    """:func:`_parse`, surviving html5lib's internal asserts (odd svg/math inside tables trip
+    them): then without the svg/math tags, and at last the source as plain text."""
+    try:
+        return _parse(source)
+    except Exception:
+        log.warning("html5lib failed on this page; retrying without svg/math", exc_info=True)
+    try:
+        return _parse(_FOREIGN_TAG_RE.sub("", source))
+    except Exception:
+        log.warning("html5lib failed again; the page is kept as text", exc_info=True)
+    return _parse(f"<!DOCTYPE html><pre>{html_lib.escape(source, quote=False)}</pre>")
+
+
+_SETTLE_MAX_CHARS = 300_000
+
+
+def _settle(page_html: str, *, strip_scripts: bool) -> str:
+    """Re-parse a page until its serialization is a fixed point of the parser.
+
+    Error recovery can build trees that no markup produces (a <p> kept inside <svg>); written
+    out and read again they come out different, with parse errors. One more round trip
+    normalizes them. Pages beyond 300k characters skip the check (it costs a parse).
+    """
+    if len(page_html) > _SETTLE_MAX_CHARS:
+        return page_html
+    for _ in range(3):
+        try:
+            root, errors = _parse(page_html)
+        except Exception:  # see _parse_robustly; keep the page we have
+            log.debug("html5lib failed on re-parsing a page", exc_info=True)
+            break
+        if not errors:
+            break
+        log.debug("re-serializing a page that re-parses with errors: %s", sorted(errors))
+        _sanitize_tree(root, scrub_text=True)
+        if strip_scripts:
+            _strip_scripts(root)
+        page_html = _serialize(root)
+    return page_html
+
+
 def _render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> _Rendered:
     """Parse, complete and serialize ``source``, cutting it until the page fits ``max_bytes``."""
     budget = max_bytes - _SIZE_RESERVE
@@ -1013,11 +1215,16 @@ def _render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) ->
         part, oversize = _cut_to_bytes(source, budget)
         # A bare "<" or "</" at the end would become text; a cut tag is dropped by the parser.
         part, dangling = _DANGLING_LT_RE.subn("", part.rstrip())
-        root, errors = _parse(part)
+        # Parse in standards mode, as a browser will read the page we write: a missing or
+        # legacy doctype would build a quirks-mode tree (<p> around <table>) that does not
+        # survive serialization under <!DOCTYPE html>.
+        root, errors = _parse_robustly(
+            "<!DOCTYPE html>" + _LEADING_DOCTYPE_RE.sub("", part, count=1)
+        )
         _sanitize_tree(root, scrub_text="illegal-codepoint-for-numeric-entity" in errors)
         scripts_removed = strip_scripts and _strip_scripts(root)
         title, head_repaired = _complete_head(root, prompt)
-        page_html = _serialize(root)
+        page_html = _settle(_serialize(root), strip_scripts=strip_scripts)
         size = len(page_html.encode("utf-8"))
         if size <= max_bytes:
             return _Rendered(
@@ -1052,6 +1259,8 @@ def build_page(
     Raises :class:`HtmlExtractionError` when the output holds nothing usable (empty or
     whitespace only, after removing invalid characters and empty fences).
     """
+    if not isinstance(model_output, str | bytes | bytearray):
+        raise TypeError(f"model_output must be str or bytes, not {type(model_output).__name__}")
     if max_bytes < _MIN_MAX_BYTES:
         raise ValueError(f"max_bytes must be at least {_MIN_MAX_BYTES}")
     warnings: set[PageWarning] = set()

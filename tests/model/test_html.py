@@ -169,6 +169,39 @@ CASES = [
     ),
     pytest.param(
         Case(
+            "```html\n"
+            + DOC
+            + "\n```\nAn improved version:\n```html\n"
+            + DOC.replace("<p>Open daily.</p>", "<p>Open daily.</p>\n<p>Now with cakes.</p>")
+            + "\n```",
+            set(),
+            present=("<p>Now with cakes.</p>",),
+            counts={"<h1>": 1},
+            complete=True,
+        ),
+        id="two-versions-pick-the-fuller",
+    ),
+    pytest.param(
+        Case(
+            DOC + "\n" + HEAD + "<h1>Second try</h1>\n<p>cut sho",
+            set(),
+            present=("<h1>Fresh bread</h1>",),
+            absent=("Second try",),
+            complete=True,
+        ),
+        id="finished-document-then-a-cut-second-one",
+    ),
+    pytest.param(
+        Case(
+            HEAD + "<h1>Markdown tips</h1>\n<pre>\n```python\nprint(1)\n```\n</pre>" + TAIL,
+            set(),
+            present=("<pre>```python\nprint(1)\n```\n</pre>",),
+            title="Bakery",
+        ),
+        id="fence-inside-a-raw-document-is-content",
+    ),
+    pytest.param(
+        Case(
             "I'm sorry, but I can't build that page.\n\nCould you describe it in more detail?",
             {W.NOT_HTML},
             present=("<p>I'm sorry, but I can't build that page.</p>", "<main>"),
@@ -374,7 +407,9 @@ CASES = [
             + '<a href=" JaVa\tScRiPt:alert(1)">x</a> <a href="/menu">menu</a>\n'
             + '<img src="x.png" onerror="alert(2)" alt="bread">\n'
             + '<iframe srcdoc="&lt;script&gt;alert(3)&lt;/script&gt;"></iframe>\n'
-            + "<svg><script>alert(4)</script><circle r='3'/></svg>\n"
+            + "<svg><script>alert(4)</script><circle r='3'/>"
+            + '<set attributeName="onclick" to="alert(6)"/></svg>\n'
+            + '<iframe src="data:text/html;base64,PHNjcmlwdD4="></iframe>\n'
             + "<script>alert(5)</script>after"
             + TAIL,
             {W.SCRIPTS_REMOVED},
@@ -383,9 +418,9 @@ CASES = [
                 "<a>x</a>",
                 '<a href="/menu">menu</a>',
                 '<img src="x.png" alt="bread">',
-                "</svg>\nafter",
+                '<circle r="3"></circle></svg>\n<iframe></iframe>\nafter',
             ),
-            absent=("script", "alert", "onclick", "onerror", "srcdoc"),
+            absent=("script", "alert", "onclick", "onerror", "srcdoc", "data:", "<set"),
             kwargs={"strip_scripts": True},
         ),
         id="strip-scripts",
@@ -541,6 +576,53 @@ CASES = [
     ),
     pytest.param(
         Case(
+            HEAD
+            + '<table><form action="/search"><tr><td><input name="q"></td></tr></form></table>\n'
+            + "<p>Line<wbr>break <keygen name=k> <plaintext><b>not bold</b>"
+            + TAIL,
+            {W.REPAIRED},  # <plaintext> swallowed </body></html>: they were never closed
+            present=(
+                '<table><tbody><tr><td><input name="q"></td></tr></tbody></table>',
+                '<wbr>break <keygen name="k"> </p><pre>&lt;b&gt;not bold&lt;/b&gt;',
+            ),
+            absent=("</wbr>", "</keygen>", "plaintext"),
+        ),
+        id="legacy-markup-that-does-not-round-trip",
+    ),
+    pytest.param(
+        Case(
+            "<p>Intro<table><tr><td>cell</td></tr></table>",
+            {W.REPAIRED},
+            present=("<p>Intro</p><table>",),  # standards mode, as under our doctype
+            title=PROMPT_TITLE,
+        ),
+        id="no-doctype-parsed-in-standards-mode",
+    ),
+    pytest.param(
+        Case(
+            HEAD
+            + "<noscript><p>Please enable JavaScript & reload.</p></noscript>\n"
+            + "<svg><style>.a { fill: red } /* a &amp; b &lt; c */</style></svg>"
+            + TAIL,
+            set(),
+            present=(
+                "<noscript><p>Please enable JavaScript & reload.</p></noscript>",
+                "<svg><style>.a { fill: red } /* a &amp; b &lt; c */</style></svg>",
+            ),
+        ),
+        id="noscript-and-svg-style",
+    ),
+    pytest.param(
+        Case(
+            "<svg><colgroup><title><table></table><h1>Menu</h1></title></svg>",
+            {W.REPAIRED},
+            present=("<h1>Menu</h1>",),
+            title=PROMPT_TITLE,
+        ),
+        id="input-that-crashes-html5lib",
+    ),
+    pytest.param(
+        Case(
             "<svg xmlns:xlink='http://www.w3.org/1999/xlink' viewBox='0 0 10 10'>"
             "<use xlink:href='#a'/><path d='M0 0L5 5'/></svg>",
             {W.REPAIRED},
@@ -574,7 +656,7 @@ CASES = [
 def _reparse(text: str) -> tuple[ElementTree.Element, list[Any]]:
     """The page as a browser's parser sees it, with every parse error it reports."""
     parser = html5lib.HTMLParser(tree=html5lib.getTreeBuilder("etree"), namespaceHTMLElements=False)
-    root = parser.parse(text)
+    root = parser.parse(text, scripting=True)  # as in a browser: <noscript> is raw text
     return root, list(parser.errors)
 
 
@@ -629,6 +711,11 @@ def test_nothing_usable_raises(output: str | bytes) -> None:
     with pytest.raises(HtmlExtractionError) as info:
         build_page(output, prompt=PROMPT)
     assert "\n" not in str(info.value) and str(info.value)
+
+
+def test_wrong_input_type() -> None:
+    with pytest.raises(TypeError, match="NoneType"):
+        build_page(None, prompt=PROMPT)  # type: ignore[arg-type]
 
 
 def test_max_bytes_must_leave_room_for_a_page() -> None:
