@@ -168,7 +168,7 @@ async def test_progress_is_throttled_and_marshalled_to_the_loop() -> None:
 
 
 async def test_the_loop_stays_responsive_while_generating() -> None:
-    engine = FakeEngine(tokens=50, token_delay_s=0.01)
+    engine = FakeEngine(tokens=100, token_delay_s=0.01)
     sched, sink = scheduler(), Sink()
     lag = LagMonitor(interval_s=0.01)
     monitor = asyncio.create_task(lag.run())
