@@ -143,7 +143,7 @@ def train(config: TrainConfig) -> TrainResult:
     device = accelerator.device if config.device == "auto" or cpu else torch.device(config.device)
 
     splits = load_splits(config)
-    loaded, _ = load_for_training(config, device)
+    loaded = load_for_training(config, device)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
     prepared = prepare_examples(config, tokenizer, splits)
     pad_id = (

@@ -120,19 +120,17 @@ def training_spec(config: TrainConfig, device: torch.device) -> ModelSpec:
     )
 
 
-def load_for_training(config: TrainConfig, device: torch.device) -> tuple[LoadedModel, Any]:
-    """Load the base for ``config`` and wrap it with a fresh LoRA adapter.
+def wrap_for_training(model: Any, config: TrainConfig, *, quantized: bool) -> Any:
+    """Prepare a loaded base for (Q)LoRA training and add a fresh adapter; returns the PeftModel.
 
-    Returns the LoadedModel (its ``model`` is now a ``PeftModel``) and the LoraConfig.
+    Shared by :func:`load_for_training` and the GPU benchmark, so the benchmark measures the
+    exact recipe training runs.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    spec = training_spec(config, device)
-    loaded = load_model(spec, for_training=True)
-    model = loaded.model
     model.config.use_cache = False  # the KV cache is useless in training and fights checkpointing
     checkpointing_kwargs = {"use_reentrant": False}
-    if spec.quantization != Quantization.NONE:
+    if quantized:
         # Casts norms (and other small non-quantized weights) to fp32 for stability, and
         # turns on gradient checkpointing the way peft expects for k-bit bases.
         model = prepare_model_for_kbit_training(
@@ -149,18 +147,25 @@ def load_for_training(config: TrainConfig, device: torch.device) -> tuple[Loaded
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
-    lora_config = lora_config_from(config)
     try:
-        model = get_peft_model(model, lora_config)
+        model = get_peft_model(model, lora_config_from(config))
     except ValueError as exc:
         first = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"can't apply LoRA to {spec.base}: {first} (check --target-modules)"
-        ) from None
+        raise ConfigError(f"can't apply LoRA: {first} (check --target-modules)") from None
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "LoRA: %d trainable parameters of %d (%.3f%%)", trainable, total, 100 * trainable / total
     )
-    loaded.model = model
+    return model
+
+
+def load_for_training(config: TrainConfig, device: torch.device) -> LoadedModel:
+    """Load the base for ``config`` through :func:`model.loading.load_model` and wrap it
+    with a fresh LoRA adapter; the LoadedModel's ``model`` is then a ``PeftModel``."""
+    spec = training_spec(config, device)
+    loaded = load_model(spec, for_training=True)
+    loaded.model = wrap_for_training(
+        loaded.model, config, quantized=spec.quantization != Quantization.NONE
+    )
     loaded.spec = spec
-    return loaded, lora_config
+    return loaded
