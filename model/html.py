@@ -587,7 +587,9 @@ def _extract(text: str) -> _Extraction:
     html_blocks = [b for b in blocks if b.kind == "html"]
     css = [b.content for b in blocks if b.kind == "css"]
     js = [b.content for b in blocks if b.kind == "js"]
-    if html_blocks:
+    # A fenced snippet does not beat a whole document written without fences.
+    fenced_doc = any(_DOC_START_RE.search(b.content) for b in html_blocks)
+    if html_blocks and (fenced_doc or not _DOC_START_RE.search(text)):
 
         def score(i: int) -> tuple[bool, bool, int, int]:
             content = html_blocks[i].content

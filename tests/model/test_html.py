@@ -183,6 +183,16 @@ CASES = [
     ),
     pytest.param(
         Case(
+            "The page:\n" + DOC + "\nTo add a banner, insert:\n```html\n<div>Sale!</div>\n```",
+            set(),
+            present=("<h1>Fresh bread</h1>",),
+            absent=("Sale!", "banner"),
+            complete=True,
+        ),
+        id="raw-document-beats-a-fenced-snippet",
+    ),
+    pytest.param(
+        Case(
             DOC + "\n" + HEAD + "<h1>Second try</h1>\n<p>cut sho",
             set(),
             present=("<h1>Fresh bread</h1>",),
