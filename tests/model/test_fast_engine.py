@@ -7,6 +7,7 @@ through the project's template and ``</html>`` is split the way a real model spl
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -366,3 +367,39 @@ def test_merges_a_peft_adapter_and_matches_the_unmerged_model(tokenizer: Any) ->
     expected = hf_text(peft_model, tokenizer, DESCRIPTIONS[2], GREEDY)
     engine = make_engine(peft_model, tokenizer, max_seq_len=256)
     assert engine.generate([request(DESCRIPTIONS[2])])[0].text == expected
+
+
+def test_serving_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    """bench/serving.py through the real scheduler and worker, tiny and on CPU.
+
+    Only that it runs and every job comes back done: the bench's numbers are for the GPU.
+    """
+    from bench import serving
+
+    out = tmp_path / "serving.json"
+    code = serving.main(
+        [
+            "--cpu",
+            "--small",
+            "--new-tokens",
+            "6",
+            "--concurrency",
+            "1,2",
+            "--rounds",
+            "1",
+            "--poisson-jobs",
+            "2",
+            "--poisson-rate",
+            "20",
+            "--max-seq-len",
+            "384",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [p["phase"] for p in report["phases"]] == ["c=1", "c=2", "poisson20"]
+    for phase in report["phases"]:
+        assert phase["failed"] == 0 and phase["jobs"] >= 1
+        assert phase["tokens"] == 6 * phase["jobs"]
