@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 import unicodedata
 
+# Names Windows refuses for a file, whatever the extension.
+_RESERVED = {"con", "prn", "aux", "nul"} | {
+    f"{port}{n}" for port in ("com", "lpt") for n in range(10)
+}
 _STOP_WORDS = {"a", "an", "the", "for", "of", "and", "with", "to", "in", "on", "my", "page"}
 
 
@@ -23,7 +27,8 @@ def page_slug(prompt: str, max_length: int = 40) -> str:
         if len(candidate) > max_length:
             break
         slug = candidate
-    return slug or (meaningful[0][:max_length] if meaningful else "page")
+    slug = slug or (meaningful[0][:max_length] if meaningful else "page")
+    return f"{slug}-page" if slug in _RESERVED else slug
 
 
 def page_filename(prompt: str) -> str:
