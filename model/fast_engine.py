@@ -271,9 +271,8 @@ class FastEngine:
         done: list[tuple[_Sequence, FinishReason]] = []
         for seq, token in zip(batch, tokens, strict=True):
             seq.first_token_at = now
-            seq.generated.append(token)
             runner.start_row(seq.row, token, len(seq.prompt))
-            reason = self._finish_reason(seq, token)
+            reason = self._accept(seq, token)
             if reason is not None:
                 done.append((seq, reason))
             else:
@@ -301,22 +300,27 @@ class FastEngine:
         for seq, token in zip(rows, tokens, strict=True):
             if seq.done:  # finished or cancelled after this step was launched
                 continue
-            seq.generated.append(token)
-            reason = self._finish_reason(seq, token)
+            reason = self._accept(seq, token)
             if reason is not None:
                 done.append((seq, reason))
             elif progress is not None:
                 self._report(seq, progress, now)
         self._deliver(live, done, finished)
 
-    def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
-        if not self.options.ignore_eos:
-            if token in self.eos_ids:
-                return FinishReason.EOS
-            if token < len(self._closing) and self._closing[token]:
-                tail = self.tokenizer.decode(seq.generated[-_TAIL_TOKENS:])
-                if _HTML_END in tail.lower():
-                    return FinishReason.HTML_COMPLETE
+    def _accept(self, seq: _Sequence, token: int) -> FinishReason | None:
+        """Add ``token`` to ``seq``; why it is finished now, if it is.
+
+        As in ``model.engine.Engine``: EOS ends the answer and is not part of it.
+        """
+        if not self.options.ignore_eos and token in self.eos_ids:
+            return FinishReason.EOS
+        seq.generated.append(token)
+        # The tail is decoded only after a token that holds '>' (rare), not every step.
+        closing = token < len(self._closing) and self._closing[token]
+        if closing and not self.options.ignore_eos:
+            tail = self.tokenizer.decode(seq.generated[-_TAIL_TOKENS:])
+            if _HTML_END in tail.lower():
+                return FinishReason.HTML_COMPLETE
         if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:
             return FinishReason.LENGTH
         return None
@@ -367,6 +371,10 @@ class FastEngine:
     def _result(self, seq: _Sequence, reason: FinishReason) -> GenerationResult:
         now = time.perf_counter()
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        if reason == FinishReason.HTML_COMPLETE:
+            # Drop anything the last token carried past the closing tag.
+            end = text.lower().rfind(_HTML_END)
+            text = text[: end + len(_HTML_END)]
         first = (seq.first_token_at - seq.started) if seq.first_token_at is not None else 0.0
         return GenerationResult(
             request_id=seq.request.request_id,
