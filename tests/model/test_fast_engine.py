@@ -403,3 +403,26 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     for phase in report["phases"]:
         assert phase["failed"] == 0 and phase["jobs"] >= 1
         assert phase["tokens"] == 6 * phase["jobs"]
+
+
+def test_runs_bnb_4bit_layers_with_an_unmerged_adapter() -> None:
+    """The 4-bit path: NF4 layers and peft's 4-bit LoRA wrappers are called as they are."""
+    import warnings
+
+    from bench import serving
+
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    tokenizer = serving.build_tokenizer(serving.TINY_CPU["vocab_size"])
+    base = serving.build_base(serving.TINY_CPU, torch.device("cpu"), torch.float32)
+    quantized = serving.add_lora(serving.quantized_copy(base))
+    layer = quantized.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(layer).__module__ == "peft.tuners.lora.bnb"  # 4-bit base, LoRA unmerged
+    description = "a landing page w1000 w2000"
+    sampling = SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    expected = hf_text(quantized, tokenizer, description, sampling)
+    engine = make_engine(quantized, tokenizer, max_seq_len=256)
+    assert engine.generate([request(description, sampling)])[0].text == expected
+    # Not merged: the 4-bit weights are still there.
+    assert (
+        type(quantized.get_base_model().model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    )
