@@ -176,51 +176,48 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def scenarios(args: argparse.Namespace, vocab: int) -> list[Scenario]:
     generator = torch.Generator().manual_seed(0)
-    n = args.batch_512 * (args.warmup + args.steps)
-    lengths = sample_lengths(n * 4, args.median_len, generator, cap=2048)
-    result = [
+    steps = args.warmup + args.steps
+    lengths = sample_lengths(args.batch_512 * steps * 8, args.median_len, generator, cap=2048)
+    short = [min(length, 512) for length in lengths]  # max_seq_len 512 truncates like the seed
+    n_512, n_2048 = args.batch_512 * steps, args.batch_2048 * steps
+    packed_512 = pack(make_examples(short, vocab, generator), 512)
+    packed_2048 = pack(make_examples(lengths, vocab, generator), 2048)
+    b512, b2048 = args.batch_512, args.batch_2048
+    return [
         Scenario(
             "seed",
-            seed_batches(lengths[:n], vocab, args.batch_512, generator),
-            f"batch {args.batch_512} x 512, all padded, padding in loss",
-        )
-    ]
-    ex_512 = make_examples([min(length, 512) for length in lengths[:n]], vocab, generator)
-    result.append(
+            seed_batches(lengths[:n_512], vocab, b512, generator),
+            f"batch {b512} x 512, all padded, padding in loss",
+        ),
         Scenario(
             "ours-512",
-            batches_of(ex_512, args.batch_512),
-            f"batch {args.batch_512}, dynamic padding",
-        )
-    )
-    packed_512 = pack(
-        make_examples([min(length, 512) for length in lengths], vocab, generator), 512
-    )
-    result.append(
+            batches_of(make_examples(short[:n_512], vocab, generator), b512),
+            f"batch {b512}, dynamic padding",
+        ),
+        Scenario(
+            "ours-512-packed", batches_of(packed_512, b512)[:steps], f"batch {b512} x 512 packed"
+        ),
         Scenario(
             "ours-512-packed",
-            batches_of(packed_512, args.batch_512)[: args.warmup + args.steps],
-            f"batch {args.batch_512} x 512 packed",
-        )
-    )
-    n_2048 = args.batch_2048 * (args.warmup + args.steps)
-    ex_2048 = make_examples(lengths[:n_2048], vocab, generator)
-    result.append(
+            batches_of(packed_512, 2 * b512)[:steps],
+            f"batch {2 * b512} x 512 packed",
+        ),
         Scenario(
             "ours-2048",
-            batches_of(ex_2048, args.batch_2048),
-            f"batch {args.batch_2048}, dynamic padding",
-        )
-    )
-    packed_2048 = pack(make_examples(lengths, vocab, generator), 2048)
-    result.append(
+            batches_of(make_examples(lengths[:n_2048], vocab, generator), b2048),
+            f"batch {b2048}, dynamic padding",
+        ),
         Scenario(
             "ours-2048-packed",
-            batches_of(packed_2048, args.batch_2048)[: args.warmup + args.steps],
-            f"batch {args.batch_2048} x 2048 packed",
-        )
-    )
-    return result
+            batches_of(packed_2048, b2048)[:steps],
+            f"batch {b2048} x 2048 packed",
+        ),
+        Scenario(
+            "ours-2048-packed",
+            batches_of(packed_2048, 2 * b2048)[:steps],
+            f"batch {2 * b2048} x 2048 packed",
+        ),
+    ]
 
 
 def run_scenario(
