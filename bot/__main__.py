@@ -78,11 +78,24 @@ def load_engine(settings: Settings) -> Any:
         spec = resolve_spec(**settings.model_overrides())
         log.info("loading model %s (base %s, adapter %s)", spec.name, spec.base, spec.adapter)
         loaded = load_model(spec)
-        if settings.engine == "continuous":
+        on_gpu = loaded.device.type == "cuda"
+        if settings.engine == "continuous" or (settings.engine == "auto" and on_gpu):
             from model.fast_engine import FastEngine
 
-            log.info("continuous-batching engine")
-            return FastEngine.from_loaded(loaded)
+            try:
+                engine = FastEngine.from_loaded(loaded)
+            except ValueError as exc:  # not a Llama-family model
+                if settings.engine == "continuous":
+                    raise StartupError(f"ENGINE=continuous: {exc}", EXIT_MODEL) from None
+                log.warning("continuous engine unavailable (%s); using the standard one", exc)
+                from model.engine import Engine
+
+                return Engine(loaded)
+            if on_gpu:
+                # Capture the CUDA graphs now (~30 s for a 7B model), not on users' first jobs.
+                log.info("continuous-batching engine: capturing CUDA graphs")
+                engine.warmup(settings.max_batch)
+            return engine
         from model.engine import Engine
 
         return Engine(loaded)
