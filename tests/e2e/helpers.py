@@ -96,6 +96,7 @@ class ControlledEngine:
 
     * ``hold()`` / ``release()``: ``generate`` blocks (like a long GPU batch) until released,
       returning early with a cancelled result for requests cancelled meanwhile;
+      ``allow(n)`` while held lets exactly ``n`` more batches through;
     * ``fail_next(n)``: the next ``n`` ``generate`` calls raise ``RuntimeError``;
     * ``delay_s``: each batch takes at least this long.
 
@@ -105,8 +106,9 @@ class ControlledEngine:
     def __init__(self, inner: TextGenerator, *, delay_s: float = 0.0) -> None:
         self.inner = inner
         self.delay_s = delay_s
-        self._gate = threading.Event()
-        self._gate.set()
+        self._cond = threading.Condition()
+        self._held = False
+        self._permits = 0
         self._failures = 0
         self._lock = threading.Lock()
         self.batches: list[list[str]] = []
@@ -121,10 +123,28 @@ class ControlledEngine:
         return [p for batch in self.batches for p in batch]
 
     def hold(self) -> None:
-        self._gate.clear()
+        with self._cond:
+            self._held = True
+            self._permits = 0
 
     def release(self) -> None:
-        self._gate.set()
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def allow(self, batches: int = 1) -> None:
+        with self._cond:
+            self._permits += batches
+            self._cond.notify_all()
+
+    def _pass_gate(self, requests: Sequence[GenerationRequest]) -> None:
+        with self._cond:
+            while self._held and self._permits == 0:
+                if all(r.cancelled for r in requests):
+                    return
+                self._cond.wait(0.01)
+            if self._held:
+                self._permits -= 1
 
     def fail_next(self, n: int = 1) -> None:
         with self._lock:
@@ -137,9 +157,7 @@ class ControlledEngine:
         self.busy.set()
         try:
             started = time.monotonic()
-            while not self._gate.wait(0.01):
-                if all(r.cancelled for r in requests):
-                    break
+            self._pass_gate(requests)
             remaining = self.delay_s - (time.monotonic() - started)
             if remaining > 0:
                 time.sleep(remaining)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from model.types import TextGenerator
 from tests.e2e.helpers import BotRun, ControlledEngine, StartBot
 from tests.fake_discord import (
+    CALLBACK_PATH,
     CB_DEFERRED_MESSAGE,
     CB_MESSAGE,
     CB_UPDATE_MESSAGE,
@@ -87,14 +89,24 @@ async def test_defer_within_3s_while_gpu_busy_and_many_wait(
     assert run.bot.scheduler.queued_count == 150
     assert engine.prompts == ["the page that holds the GPU"]
 
-    # Shutting down tells every queued user, and the running job still finishes.
+    # Shutting down tells every queued user, and the running job still finishes. (Wait until
+    # the bot has seen every defer succeed: a shutdown racing a defer is another test.)
+    await fake.wait_until(
+        lambda: all(j.context.deferred.is_set() for j in run.bot.scheduler.pending()), 10
+    )
     engine.release()
+    closing = time.monotonic()
     await run.bot.close()
+    closed_in = time.monotonic() - closing
     await first.wait_for_file(".html", timeout=10)
     told = [i for i in interactions if "restarting" in (i.original or {}).get("content", "")]
     delivered = [i for i in interactions if i.html_files]
-    others = [i.contents for i in interactions if i not in told and i not in delivered]
-    assert len(told) + len(delivered) == 150, others[:5]
+    others = [
+        [(r.method, r.status, r.content) for r in i.requests]
+        for i in interactions
+        if i not in told and i not in delivered
+    ]
+    assert len(told) + len(delivered) == 150, (closed_in, others[:3])
     assert all(i.custom_ids() == [] for i in told)
 
 
@@ -108,26 +120,31 @@ async def test_queue_position_edits(
     ib = await fake.send_command("html", {"prompt": "page b"}, user=b)
     ic = await fake.send_command("html", {"prompt": "page c"}, user=c)
 
-    await ic.wait_until(lambda i: "position 2" in (i.original or {}).get("content", ""))
-    await ib.wait_until(lambda i: "position 1" in (i.original or {}).get("content", ""))
+    def showing(text: str) -> Callable[[FakeInteraction], bool]:
+        return lambda i: text in (i.original or {}).get("content", "")
+
+    await ic.wait_until(showing("position 2"))
+    await ib.wait_until(showing("position 1"))
     assert cancel_id(ic).startswith("htmlbot:cancel:")
-    await ia.wait_until(lambda i: "Generating" in (i.original or {}).get("content", ""))
+    await ia.wait_until(showing("Generating"))
     held_since = time.monotonic()
     await asyncio.sleep(1.0)  # several edit intervals while nothing changes
-    engine.release()
     held_for = time.monotonic() - held_since
-
-    for inter in (ia, ib, ic):
-        await inter.wait_for_file(".html", timeout=30)
-    # c moved up: position 2, then 1 (or straight to generating), then done.
-    history = ic.contents
-    assert any("position 2" in t for t in history)
-    later = history[[i for i, t in enumerate(history) if "position 2" in t][-1] + 1 :]
-    assert any("position 1" in t or "Generating" in t for t in later), history
-    # Edits are paced: only changes are sent, not one edit per tick.
     edits_while_held = [r for r in ic.ok_requests if r.method == "PATCH" and held_since <= r.time]
+
+    engine.allow(1)  # a finishes; b runs (and is held); c moves up
+    await ia.wait_for_file(".html", timeout=30)
+    await ic.wait_until(showing("position 1"))
+    await ib.wait_until(showing("Generating"))
+    engine.release()
+    for inter in (ib, ic):
+        await inter.wait_for_file(".html", timeout=30)
+
+    # c's message went position 2 -> position 1 -> done, with edits only on change.
+    history = [t for t in ic.contents if "position" in t]
+    assert "position 2" in history[0] and "position 1" in history[-1], history
     interval = run.settings.queue_edit_interval_s
-    assert len(edits_while_held) <= held_for / interval + 4
+    assert len(edits_while_held) <= held_for / interval + 1, edits_while_held
     assert all(len(i.html_files) == 1 for i in (ia, ib, ic))
 
 
@@ -352,3 +369,31 @@ async def test_queue_command_lists_own_jobs_and_managers_see_all(
     await everyone.wait_for_callback(timeout=3)
     assert "bob's queued page" in everyone.visible_text
     assert f"<@{b.id}>" in everyone.visible_text
+
+
+async def test_shutdown_during_a_burst_leaves_nobody_waiting(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    """Every interaction Discord saw acknowledged must end with a message, even when the
+    bot shuts down while its defers are still in flight."""
+    run, engine = await running_and_held(start_bot, fake, real_engine, max_batch=1)
+    first = await fake.send_command("html", {"prompt": "running"})
+    await wait_engine_busy(engine)
+    # Discord accepts these defers at once but its answers reach the bot late, so the
+    # shutdown starts while the bot still waits for them.
+    fake.delay_next("POST", CALLBACK_PATH, seconds=1.0, times=10)
+    burst = [
+        await fake.send_command("html", {"prompt": f"p{k}"}, user=fake.user(f"u{k}"))
+        for k in range(10)
+    ]
+    await fake.wait_until(lambda: all(i.callback_type for i in burst), 5)
+    engine.release()
+    await run.bot.close()
+    await first.wait_for_file(".html", timeout=10)
+    await asyncio.sleep(0.5)
+    silent = [
+        i.contents
+        for i in burst
+        if i.callback_type == CB_DEFERRED_MESSAGE and not i.html_files and not i.contents
+    ]
+    assert silent == [], f"{len(silent)} deferred interactions were never answered"

@@ -34,6 +34,7 @@ from .server import (
     FOLLOWUP_PATH,
     ORIGINAL_PATH,
     WEBHOOK_MESSAGE_PATH,
+    DelayRule,
     FakeDiscord,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "PERM_ADMINISTRATOR",
     "PERM_MANAGE_GUILD",
     "WEBHOOK_MESSAGE_PATH",
+    "DelayRule",
     "FailureRule",
     "FakeChannel",
     "FakeDiscord",

@@ -112,6 +112,16 @@ class DiscordError(Exception):
 
 
 @dataclass
+class DelayRule:
+    """Answer the next ``remaining`` matching requests ``seconds`` late."""
+
+    match: RequestPredicate
+    seconds: float
+    remaining: int
+    hits: list[RecordedRequest] = field(default_factory=list)
+
+
+@dataclass
 class GatewaySession:
     ws: web.WebSocketResponse
     compress: bool
@@ -187,6 +197,7 @@ class FakeDiscord:
         # Index for FakeInteraction.requests: tests poll it, and the load test has thousands.
         self.requests_by_token: dict[str, list[RecordedRequest]] = {}
         self.failures: list[FailureRule] = []
+        self.delays: list[DelayRule] = []
         self.interactions: dict[int, FakeInteraction] = {}
         self._by_token: dict[str, FakeInteraction] = {}
         self.messages: dict[int, dict[str, Any]] = {}
@@ -311,6 +322,28 @@ class FakeDiscord:
             body=body,
         )
         self.failures.append(rule)
+        return rule
+
+    def delay_next(
+        self,
+        method: str | None = None,
+        path: str | None = None,
+        *,
+        seconds: float,
+        times: int = 1,
+        predicate: RequestPredicate | None = None,
+    ) -> DelayRule:
+        """Answer the next ``times`` matching requests ``seconds`` late (after acting on them).
+
+        Models a slow network or a slow Discord: e.g. a defer that Discord accepted but
+        whose answer the bot has not seen yet.
+        """
+        rule = DelayRule(
+            match=request_matcher(method, path, predicate=predicate),
+            seconds=seconds,
+            remaining=times,
+        )
+        self.delays.append(rule)
         return rule
 
     def expire(self, interaction: FakeInteraction, *, status: int = 401) -> None:
@@ -736,6 +769,12 @@ class FakeDiscord:
             with contextlib.suppress(ValueError, TypeError):
                 record.response = json.loads(response.body)  # type: ignore[arg-type]
         self._notify()
+        delay = next((d for d in self.delays if d.remaining > 0 and d.match(record)), None)
+        if delay is not None:
+            # Discord has acted on the request; only the answer is slow to come back.
+            delay.remaining -= 1
+            delay.hits.append(record)
+            await asyncio.sleep(delay.seconds)
         return response
 
     def _add_routes(self, app: web.Application) -> None:
