@@ -56,7 +56,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    done = [path for path in root.glob("step-*") if (path / STATE_FILE).is_file()]
+    done = [
+        path
+        for path in root.glob("step-*")
+        if not path.name.endswith(".partial") and (path / STATE_FILE).is_file()
+    ]
     return sorted(done, key=lambda path: path.name)
 
 

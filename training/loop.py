@@ -312,7 +312,8 @@ def train(config: TrainConfig) -> TrainResult:
                     best_adapter = _adapter_snapshot(unwrapped)
             else:
                 state["epochs_without_improvement"] += 1
-        _checkpoint(accelerator, config, unwrapped, optimizer, scheduler, state)
+        if not (config.save_every and state["step"] % config.save_every == 0):
+            _checkpoint(accelerator, config, unwrapped, optimizer, scheduler, state)
         patience = config.early_stopping_patience
         if patience and state["epochs_without_improvement"] >= patience:
             log.info("early stopping: eval loss did not improve for %d epochs", patience)

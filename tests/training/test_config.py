@@ -23,12 +23,12 @@ def test_flags_parse_types() -> None:
     config = parse_config(
         [
             "--learning-rate", "1e-3", "--epochs", "2", "--target-modules", "q_proj,v_proj",
-            "--no-gradient-checkpointing", "--packing", "--max-steps", "none", "--resume",
+            "--no-gradient-checkpointing", "--no-packing", "--max-steps", "none", "--resume",
         ]
     )  # fmt: skip
     assert config.learning_rate == 1e-3 and config.epochs == 2
     assert config.target_modules == ["q_proj", "v_proj"]
-    assert config.gradient_checkpointing is False and config.packing is True
+    assert config.gradient_checkpointing is False and config.packing is False
     assert config.max_steps is None
     assert config.resume == "latest"
 

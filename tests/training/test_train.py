@@ -4,6 +4,7 @@ folder loads through the model package, and --resume continues exactly."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def tiny_config(base: Path, output_dir: Path, **changes: Any) -> TrainConfig:
         "learning_rate": 1e-2,
         "lora_dropout": 0.0,
         "gradient_checkpointing": False,  # exercised by the SmolLM2 run; slower here
+        "packing": False,  # one example a row keeps the step counts below easy to reason about
         "eval_generate": 0,
         "progress": False,
         "log_every": 5,
@@ -182,3 +184,28 @@ def test_resume_continues_with_same_step_and_optimizer_state(
 def test_resume_without_checkpoint_is_a_clear_error(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="no checkpoint in"):
         train(tiny_config(tiny_base, tmp_path / "none", resume="latest", max_rows=6))
+
+
+def test_packed_run_and_early_stopping(tiny_base: Path, tmp_path: Path) -> None:
+    """Packing puts several examples in a row; a run that stops improving stops early and
+    keeps the best epoch's adapter."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    config = tiny_config(
+        tiny_base,
+        tmp_path / "packed",
+        packing=True,
+        max_seq_len=1024,
+        max_rows=12,
+        epochs=5,
+        learning_rate=1e-9,  # too small to move the eval loss by the 1e-4 that counts
+        early_stopping_patience=1,
+    )
+    result = train(config)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    tokens = result.metrics["tokens"]["train"]
+    assert tokens["rows_after_packing"] < tokens["examples"]
+    assert result.metrics["early_stopped_at_epoch"] == 2
+    assert [epoch["epoch"] for epoch in result.metrics["epochs"]] == [1, 2]
+    assert all(math.isfinite(entry["loss"]) for entry in result.metrics["history"])
