@@ -1,8 +1,17 @@
 """Offline QLoRA fine-tuning that turns (description, HTML page) pairs into a LoRA adapter.
 
-``python -m training --data pages.jsonl --output-dir out/adapter`` trains; the output
-folder loads through :func:`model.loading.load_model` as an adapter. The prompt template
-comes from :mod:`model.prompting`, the same one inference uses.
+One GPU (NF4 QLoRA by default on CUDA; fp32 LoRA on CPU)::
+
+    python -m training --base codellama/CodeLlama-7b-Instruct-hf --output-dir out/html-lora
+    python -m training --config run.yaml --resume          # continue from the last checkpoint
+
+Several GPUs (DDP; the same flags)::
+
+    accelerate launch --multi_gpu --num_processes 4 -m training --config run.yaml
+
+The output folder loads through :func:`model.loading.load_model` as an adapter
+(``resolve_spec(base=..., adapter="out/html-lora")``). The prompt template comes from
+:mod:`model.prompting`, the same one inference uses.
 """
 
 from training.config import TrainConfig
