@@ -30,7 +30,8 @@ def test_short_lora_run_on_embedded_smollm2(tmp_path: Path) -> None:
     assert metrics["steps"] == 3 and metrics["quantization"] == "none"
     # A real pretrained model starts far below ln(vocab) = 10.8 on real pages.
     assert metrics["before"]["eval_loss"] < 5
-    assert metrics["after"]["eval_loss"] <= metrics["before"]["eval_loss"] + 0.05
+    # Three steps on pages like the eval one already help (1.33 -> 1.04 when measured).
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"] - 0.05
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and "lm_head" not in adapter["target_modules"]
     # fp32 LoRA weights, ~4.9M parameters: ~20 MB, against 540 MB for the base.
