@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,8 +16,11 @@ log = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (0 ok, 2 a user-facing error)."""
+    # Under torchrun / accelerate launch every process runs this; only rank 0 narrates.
+    main_process = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         config: TrainConfig = parse_config(argv)
@@ -26,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not main_process:
+        return 0
     before = metrics.get("before", {}).get("eval_loss", float("nan"))
     after = metrics.get("after", {}).get("eval_loss", float("nan"))
     print(f"done: {metrics['steps']} steps; eval loss {before:.4f} -> {after:.4f}")

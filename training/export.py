@@ -108,6 +108,12 @@ def save_checkpoint(
     log.info("checkpoint saved: %s", folder)
 
 
+def read_state(folder: Path) -> dict[str, Any]:
+    """The counters and run settings a checkpoint was saved with."""
+    state: dict[str, Any] = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    return state
+
+
 def load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns the counters."""
     from peft import set_peft_model_state_dict
@@ -133,7 +139,7 @@ def load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) ->
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    state: dict[str, Any] = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    state = read_state(folder)
     log.info("resumed from %s at step %d", folder, state["step"])
     return state
 

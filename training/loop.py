@@ -27,6 +27,7 @@ from training.export import (
     find_checkpoint,
     load_checkpoint,
     push_to_hub,
+    read_state,
     save_checkpoint,
     save_output,
 )
@@ -174,6 +175,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     unwrapped = accelerator.unwrap_model(model)
     state: dict[str, Any] = {
+        "run": _run_identity(config),
         "step": 0,
         "epoch": 0,
         "step_in_epoch": 0,
@@ -198,9 +200,9 @@ def train(config: TrainConfig) -> TrainResult:
     }
     eval_pairs = splits.eval[: config.eval_generate]
     if config.resume:
-        state = load_checkpoint(
-            find_checkpoint(output_dir, config.resume), unwrapped, optimizer, scheduler
-        )
+        folder = find_checkpoint(output_dir, config.resume)
+        _check_same_run(read_state(folder).get("run", {}), _run_identity(config))
+        state = load_checkpoint(folder, unwrapped, optimizer, scheduler)
         metrics["resumed_from_step"] = state["step"]
         metrics["before"] = state.get("before", {})
     else:
@@ -379,6 +381,26 @@ def _checkpoint(
             config.keep_checkpoints,
         )
     accelerator.wait_for_everyone()
+
+
+# Settings that decide which batch comes at which step: resuming with other values would
+# silently train on a different schedule than the checkpoint's.
+_RUN_KEYS = (
+    "data", "max_rows", "seed", "eval_fraction", "max_seq_len", "packing", "batch_size",
+    "grad_accum", "epochs", "max_steps", "lora_r", "target_modules",
+)  # fmt: skip
+
+
+def _run_identity(config: TrainConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    return {key: values[key] for key in _RUN_KEYS}
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    changed = [key for key in _RUN_KEYS if key in saved and saved[key] != current[key]]
+    if changed:
+        detail = ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
+        raise TrainingError(f"--resume: the checkpoint was made with other settings ({detail})")
 
 
 def _brief(values: dict[str, Any]) -> str:

@@ -180,6 +180,12 @@ def test_resume_continues_with_same_step_and_optimizer_state(
     reset()
     assert again.metrics["resumed_from_step"] == 6 and again.metrics["steps"] == 6
 
+    # Resuming with settings that change the batch schedule is refused, by name.
+    changed = {**common, "batch_size": 3}
+    with pytest.raises(TrainingError, match=r"other settings \(batch_size 2 -> 3\)"):
+        train(tiny_config(tiny_base, tmp_path / "full", resume="latest", **changed))
+    reset()
+
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="no checkpoint in"):
