@@ -69,3 +69,10 @@ def test_unknown_yaml_key(tmp_path: Path) -> None:
     file.write_text("epochz: 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'epochz'"):
         parse_config(["--config", str(file)])
+
+
+def test_shipped_production_config_parses() -> None:
+    file = Path(__file__).parents[2] / "training" / "configs" / "codellama-7b-qlora.yaml"
+    config = parse_config(["--config", str(file)])
+    assert config.base == "codellama/CodeLlama-7b-Instruct-hf" and config.quantization == "nf4"
+    assert config.packing and not config.train_lm_head

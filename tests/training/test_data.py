@@ -161,3 +161,22 @@ def test_offline_hub_dataset_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="can't load hub dataset 'jawerty/html_dataset'"):
         load_splits(TrainConfig())
+
+
+def test_hub_dataset_with_default_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub is faked at its edge: `datasets.load_dataset` returns a real Dataset."""
+    import datasets
+
+    rows = [
+        {"label": f"page {i}", "html": PAGE.replace("Hi", str(i)), "extra": i} for i in range(6)
+    ]
+    seen: list[tuple[str, str]] = []
+
+    def fake_load_dataset(name: str, split: str) -> datasets.Dataset:
+        seen.append((name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    splits = load_splits(TrainConfig())
+    assert seen == [("jawerty/html_dataset", "train")]
+    assert splits.report.kept == 6 and len(splits.eval) == 1
