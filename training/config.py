@@ -57,7 +57,7 @@ class TrainConfig:
     base: str | None = None  # hub id or local folder of the base model
     quantization: str | None = None  # nf4 | int8 | none; default nf4 on CUDA, none elsewhere
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda; pick GPUs with CUDA_VISIBLE_DEVICES / accelerate
     trust_remote_code: bool = False
     gradient_checkpointing: bool = True
 
@@ -136,6 +136,11 @@ class TrainConfig:
             )
         if self.quantization is not None and self.quantization not in ("nf4", "int8", "none"):
             raise ConfigError(f"quantization must be nf4, int8 or none, got {self.quantization!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(
+                f"device must be auto, cpu or cuda, got {self.device!r}; "
+                "choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch"
+            )
         if self.eval_generate < 0 or self.save_every < 0:
             raise ConfigError("eval_generate and save_every must be >= 0")
         if not self.target_modules:

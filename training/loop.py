@@ -141,7 +141,7 @@ def train(config: TrainConfig) -> TrainResult:
         gradient_accumulation_steps=config.grad_accum,
     )
     set_seed(config.seed)
-    device = accelerator.device if config.device == "auto" or cpu else torch.device(config.device)
+    device = accelerator.device  # this process's GPU under accelerate launch / torchrun
 
     splits = load_splits(config)
     loaded = load_for_training(config, device)

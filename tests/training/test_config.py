@@ -57,6 +57,7 @@ def test_saved_config_reads_back(tmp_path: Path) -> None:
         (["--quantization", "fp8"], "quantization must be nf4, int8 or none"),
         (["--push-to-hub"], "push_to_hub needs hub_model_id"),
         (["--eval-fraction", "1.5"], "eval_fraction must be in"),
+        (["--device", "cuda:1"], "device must be auto, cpu or cuda"),
     ],
 )
 def test_bad_values_are_named(argv: list[str], message: str) -> None:
