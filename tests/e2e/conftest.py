@@ -8,8 +8,6 @@ base model and run by the real ``model.engine.Engine``.
 from __future__ import annotations
 
 import asyncio
-import sys
-import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from tests.e2e.helpers import (
     ControlledEngine,
     StartBot,
     build_tiny_model,
+    close_bot,
     default_settings,
 )
 from tests.fake_discord import FakeDiscord
@@ -94,29 +93,8 @@ async def start_bot(
     for run in runs:
         if isinstance(run.engine, ControlledEngine):
             run.engine.release()
-        try:
-            await asyncio.wait_for(run.bot.close(), 30)
-            await asyncio.wait_for(run.task, 10)
-        except TimeoutError:
-            pytest.fail("HtmlBot.close() did not finish in 30 s\n" + _hang_report())
+        await close_bot(run)
         await run.bot.__aexit__(None, None, None)
-
-
-def _hang_report() -> str:
-    """Where every task and thread is, to tell why a shutdown hangs."""
-    lines = ["tasks:"]
-    for task in asyncio.all_tasks():
-        if task.done():
-            continue
-        frames = task.get_stack(limit=4)
-        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
-        lines.append(f"  {task.get_name()}: {where}")
-    lines.append("threads:")
-    for thread_id, frame in sys._current_frames().items():
-        stack = traceback.extract_stack(frame, limit=4)
-        where = " <- ".join(f"{s.name}:{s.lineno}" for s in reversed(stack))
-        lines.append(f"  {thread_id}: {where}")
-    return "\n".join(lines)
 
 
 async def _ready_and_synced(fake: FakeDiscord) -> list[dict[str, Any]]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -230,6 +232,35 @@ class BotRun:
     settings: Any
     engine: Any
     sync_payload: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def close_bot(run: BotRun, timeout: float = 40.0) -> None:  # noqa: ASYNC109
+    """``bot.close()`` and the end of ``bot.start()``, failing with every stack if it hangs."""
+    try:
+        await asyncio.wait_for(run.bot.close(), timeout)
+        await asyncio.wait_for(run.task, 10)
+    except TimeoutError:
+        pytest.fail(f"HtmlBot.close() did not finish in {timeout} s\n" + hang_report())
+
+
+def hang_report() -> str:
+    """Where every task and thread is, to tell why a shutdown hangs."""
+    lines = ["tasks:"]
+    for task in asyncio.all_tasks():
+        if task.done():
+            continue
+        frames = task.get_stack(limit=4)
+        where = " <- ".join(
+            f"{Path(f.f_code.co_filename).name}:{f.f_code.co_name}:{f.f_lineno}"
+            for f in reversed(frames)
+        )
+        lines.append(f"  {task.get_name()}: {where}")
+    lines.append("threads:")
+    for thread_id, frame in sys._current_frames().items():
+        stack = traceback.extract_stack(frame, limit=4)
+        where = " <- ".join(f"{Path(s.filename).name}:{s.name}:{s.lineno}" for s in reversed(stack))
+        lines.append(f"  {thread_id}: {where}")
+    return "\n".join(lines)
 
 
 StartBot = Callable[..., Awaitable[BotRun]]
