@@ -385,3 +385,21 @@ async def test_dm_interaction_carries_a_user_not_a_member(fake: FakeDiscord, run
     await inter.wait_for_callback()
     assert "member" not in inter.payload and "user" in inter.payload
     assert seen and seen[0].guild_id is None and isinstance(seen[0].user, discord.User)
+
+
+async def test_original_response_get_and_delete(fake: FakeDiscord, run_bot: Any) -> None:
+    fetched: list[discord.InteractionMessage] = []
+
+    async def behaviour(bot: MiniBot, interaction: discord.Interaction, *args: Any) -> None:
+        await interaction.response.send_message("first")
+        fetched.append(await interaction.original_response())
+        await interaction.delete_original_response()
+
+    bot = await run_bot(behaviour)
+    await fake.wait_for_sync()
+    inter = await fake.send_command("html", {"prompt": "x"})
+    await inter.wait_for_request("DELETE", timeout=5)
+    assert not bot.errors
+    assert fetched[0].content == "first" and fetched[0].id == inter.deleted_ids[0]
+    assert inter.original is None
+    assert [r.method for r in inter.requests] == ["POST", "GET", "DELETE"]
