@@ -1,6 +1,24 @@
 """An in-repo fake Discord (REST + gateway on 127.0.0.1) for end-to-end tests.
 
-The real discord.py client connects to it; see :class:`FakeDiscord`.
+The real discord.py client connects to it (no mocks of discord.py): set the bot's
+``DISCORD_API_BASE`` to :attr:`FakeDiscord.api_base`, ``DISCORD_GATEWAY_URL`` to
+:attr:`FakeDiscord.gateway_url` and its token to :attr:`FakeDiscord.bot_token`.
+
+What a test can do (all on the test's event loop):
+
+* ``await fake.start()`` / ``await fake.stop()``; ``await fake.wait_until_ready()`` (a client
+  identified and got READY + GUILD_CREATE); ``await fake.wait_for_sync()`` (the command
+  payload); ``fake.sync_payloads`` / ``fake.commands``;
+* ``fake.user(name, roles=...)`` makes a guild member; ``fake.mod_role`` has Manage Server;
+* ``await fake.send_command(name, options, user=..., permissions=..., attachment_size_limit=...,
+  age_s=..., in_guild=...)`` and ``await fake.press_button(custom_id, user=...)`` return a
+  :class:`FakeInteraction` that tracks the callback, @original, follow-ups, files and every
+  request, with ``wait_for_callback`` / ``wait_for_file`` / ``wait_for_request`` /
+  ``wait_until``;
+* ``fake.fail_next(method, path_regex, status=429|500|401|404|..., times=N, retry_after=...)``,
+  ``fake.delay_next(...)`` (slow answers), ``fake.expire(interaction)`` (dead token);
+* ``fake.requests`` (every request: time, method, path, JSON, multipart parts),
+  ``fake.wait_for_request(...)``, ``fake.unhandled_requests``.
 """
 
 from .payloads import (
