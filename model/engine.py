@@ -18,6 +18,7 @@ import torch
 
 from model.loading import LoadedModel
 from model.prompting import encode_prompt
+from model.stopping import ends_in_loop, should_check
 from model.types import (
     FinishReason,
     GenerationRequest,
@@ -218,6 +219,8 @@ class Engine:
                 seq.finish = FinishReason.HTML_COMPLETE
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
                 seq.finish = FinishReason.LENGTH
+            elif should_check(len(seq.generated)) and ends_in_loop(seq.generated):
+                seq.finish = FinishReason.REPETITION
         count = len(seq.generated)
         if progress is not None and (seq.finish is not None or count % PROGRESS_EVERY == 0):
             try:

@@ -29,6 +29,7 @@ from typing import Any
 
 from model.fast_llama import FastLlama
 from model.prompting import encode_prompt
+from model.stopping import ends_in_loop, should_check
 from model.types import (
     FinishReason,
     GenerationRequest,
@@ -323,6 +324,12 @@ class FastEngine:
                 return FinishReason.HTML_COMPLETE
         if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:
             return FinishReason.LENGTH
+        if (
+            not self.options.ignore_eos
+            and should_check(len(seq.generated))
+            and ends_in_loop(seq.generated)
+        ):
+            return FinishReason.REPETITION
         return None
 
     def _report(

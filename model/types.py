@@ -58,6 +58,7 @@ class FinishReason(StrEnum):
     HTML_COMPLETE = "html_complete"  # the page's closing </html> was generated
     EOS = "eos"  # the model ended its answer
     LENGTH = "length"  # hit max_new_tokens: the page is probably truncated
+    REPETITION = "repetition"  # stopped early: the answer had become a loop
     CANCELLED = "cancelled"
 
 

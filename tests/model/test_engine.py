@@ -167,6 +167,15 @@ def test_generation_stops_at_eos(loaded: LoadedModel) -> None:
     assert result.text == "<p>short</p>"
 
 
+def test_a_looping_answer_is_stopped_early(loaded: LoadedModel) -> None:
+    engine, _ = scripted_engine(loaded, "<p>intro</p>" + "<div>again</div>\n" * 400)
+    long = dataclasses.replace(GREEDY, max_new_tokens=1500)
+    (result,) = engine.generate([request("a bakery", long)])
+    assert result.finish_reason == FinishReason.REPETITION
+    assert result.generated_tokens < 300  # not the whole budget
+    assert result.text.startswith("<p>intro</p><div>again</div>")
+
+
 def test_repetition_penalty_discourages_repeats(loaded: LoadedModel) -> None:
     from model.engine import sample_next_tokens
 

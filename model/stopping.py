@@ -1,0 +1,41 @@
+"""Stop rules shared by both engines.
+
+A small model that falls into a loop ("<div></div><div></div>..." or the same paragraph again
+and again) would otherwise burn GPU time until ``max_new_tokens``, delaying everyone queued
+behind it. The post-processor cuts such a tail anyway (``model.html.detect_repetition``), so
+stopping early loses nothing a user wants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# A loop must cover this many tokens, in at least this many identical copies, before the
+# sequence is stopped: long enough that legitimate repeated markup (a row of five star
+# icons, a short list of identical placeholders) is never cut.
+MIN_LOOP_TOKENS = 160
+MIN_LOOP_COPIES = 4
+MAX_PERIOD_TOKENS = 128
+# How often, in generated tokens, the check runs (it costs a few list comparisons).
+CHECK_EVERY = 16
+
+
+def ends_in_loop(tokens: Sequence[int]) -> bool:
+    """True when the end of ``tokens`` is one block of tokens repeated over and over."""
+    count = len(tokens)
+    for period in range(1, MAX_PERIOD_TOKENS + 1):
+        copies = max(MIN_LOOP_COPIES, -(-MIN_LOOP_TOKENS // period))
+        span = period * copies
+        if span > count:
+            if period * MIN_LOOP_COPIES > count:
+                break
+            continue
+        tail = tokens[count - span :]
+        block = tail[-period:]
+        if all(tail[start : start + period] == block for start in range(0, span, period)):
+            return True
+    return False
+
+
+def should_check(generated_count: int) -> bool:
+    return generated_count >= MIN_LOOP_TOKENS and generated_count % CHECK_EVERY == 0
