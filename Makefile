@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	HF_HUB_OFFLINE=1 $(PY) -m model generate "$(PROMPT)" -o "$(OUT)"
+	HF_HUB_OFFLINE=1 $(PY) -m model generate "$(PROMPT)" -o "$(OUT)" --max-new-tokens 1024
 
 lint: venv
 	$(VENV)/bin/ruff check .
