@@ -38,8 +38,8 @@ def save_model_and_adapter(shape: dict[str, Any], root: Path) -> tuple[Path, Pat
     from bench.serving import build_tokenizer
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=1, eos_token_id=2))
-    model = model.to(torch.bfloat16)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, dtype=torch.bfloat16)
+    model = LlamaForCausalLM(config).to(dtype=torch.bfloat16)  # type: ignore[arg-type]
     base, adapter = root / "base", root / "adapter"
     model.save_pretrained(base)
     build_tokenizer(shape["vocab_size"]).save_pretrained(base)
