@@ -38,12 +38,12 @@ def save_model_and_adapter(shape: dict[str, Any], root: Path) -> tuple[Path, Pat
     from bench.serving import build_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, dtype=torch.bfloat16)
-    model = LlamaForCausalLM(config).to(dtype=torch.bfloat16)  # type: ignore[arg-type]
+    model: Any = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=1, eos_token_id=2))
+    model = model.to(torch.bfloat16)
     base, adapter = root / "base", root / "adapter"
     model.save_pretrained(base)
     build_tokenizer(shape["vocab_size"]).save_pretrained(base)
-    config = LoraConfig(
+    lora = LoraConfig(
         r=16,
         lora_alpha=64,
         target_modules=[
@@ -57,7 +57,7 @@ def save_model_and_adapter(shape: dict[str, Any], root: Path) -> tuple[Path, Pat
         ],
         init_lora_weights=False,  # non-zero B: the adapter really changes outputs
     )
-    get_peft_model(model, config).save_pretrained(str(adapter))
+    get_peft_model(model, lora).save_pretrained(str(adapter))
     return base, adapter
 
 
