@@ -514,8 +514,11 @@ class FakeDiscord:
     async def _wait_changed(self) -> None:
         # Wake on the next request/event, or after a short poll interval for conditions on
         # state outside the fake (the bot's own bookkeeping).
+        # (asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+        # cancellation by which an enclosing asyncio.timeout() ends a test's wait.)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), 0.05)
+            async with asyncio.timeout(0.05):
+                await self._changed.wait()
 
     def _find_command(self, name: str, in_guild: bool = True) -> tuple[dict[str, Any], int | None]:
         # Guild commands exist only in their guild; a DM sees global commands only.
