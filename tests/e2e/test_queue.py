@@ -11,6 +11,7 @@ cue so the queue's behaviour can be observed while "the GPU is busy".
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from tests.fake_discord import (
     FakeDiscord,
     FakeInteraction,
 )
+
+log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,7 +88,9 @@ async def test_defer_within_3s_while_gpu_busy_and_many_wait(
     latencies = [i.callback_latency for i in interactions]
     assert all(i.callback_type == CB_DEFERRED_MESSAGE for i in interactions)
     assert all(i.late_callbacks == 0 for i in interactions)
-    assert max(lat for lat in latencies if lat is not None) < 3.0
+    worst = max(lat for lat in latencies if lat is not None)
+    log.warning("150 defers while the GPU is busy: slowest %.2f s", worst)
+    assert worst < 3.0
     assert run.bot.scheduler.queued_count == 150
     assert engine.prompts == ["the page that holds the GPU"]
 
