@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # How long deliveries may take to finish once the worker has stopped, at shutdown.
 DELIVERY_DRAIN_S = 15.0
+# How long the background tasks (status board, lag monitor) get to end once cancelled.
+BACKGROUND_STOP_S = 5.0
 
 
 def point_at_discord(settings: Settings) -> None:
@@ -262,9 +264,14 @@ class HtmlBot(discord.Client):
             _done, pending = await asyncio.wait(set(self._tasks), timeout=DELIVERY_DRAIN_S)
             for task in pending:
                 task.cancel()
+        # The stop flag ends the board's loop even if a cancel were lost on the way.
+        self.board.stop()
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._background:
+            _done, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_S)
+            for task in stuck:
+                log.error("background task %s did not stop; leaving it behind", task.get_name())
         await self.board.aclose()
         self.metrics.stop()
         log.info("shutdown complete")

@@ -197,7 +197,9 @@ class Delivery:
         """Tell the job's user how it ended: the page, an error, or that it was cancelled."""
         ticket = ticket_of(job)
         try:
-            await asyncio.wait_for(ticket.deferred.wait(), DEFER_WAIT_S)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(DEFER_WAIT_S):
+                await ticket.deferred.wait()
         except TimeoutError:
             log.warning("job %s ended but its interaction was never deferred", job.job_id)
         latency = time.monotonic() - job.created_at

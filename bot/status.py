@@ -104,6 +104,7 @@ class StatusBoard:
         self._wake = asyncio.Event()
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self.edits_sent = 0
         # A token bucket: edits_per_second on average, bursts of up to one second's worth.
         self._allowance = edits_per_second
@@ -123,18 +124,31 @@ class StatusBoard:
         self._wake.set()
 
     async def run(self) -> None:
-        """Loop forever; cancel the task to stop."""
+        """Loop until :meth:`stop` (or until the task is cancelled)."""
         tick = min(1.0, self.interval_s)
-        while True:
+        while not self._stopping:
+            # Not asyncio.wait_for: on Python 3.11 it returns the event's result instead of
+            # raising when a cancel arrives just as the event is set (CPython gh-86296),
+            # and this loop would then outlive the one cancel meant to stop it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=tick)
+                async with asyncio.timeout(tick):
+                    await self._wake.wait()
+            if self._stopping:
+                break
             self._wake.clear()
             self.update_once()
             # Pace even when poked constantly: at most one pass per tick.
             await asyncio.sleep(tick / 2)
 
+    def stop(self) -> None:
+        """Make :meth:`run` return at its next step; no new status edits start."""
+        self._stopping = True
+        self._wake.set()
+
     def update_once(self) -> int:
         """Start the edits that are due now, within the budget; returns how many."""
+        if self._stopping:
+            return 0
         now = self._clock()
         positions = self.scheduler.positions()
         due: list[tuple[float, Job, str]] = []
@@ -184,6 +198,8 @@ class StatusBoard:
             self.edits_sent += 1
 
     async def aclose(self) -> None:
+        """Stop, and cancel the status edits in flight."""
+        self.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

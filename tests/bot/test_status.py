@@ -1,0 +1,55 @@
+"""The status board's loop stops when asked, whatever it was doing at that moment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from bot.scheduler import Scheduler, Throughput
+from bot.status import StatusBoard
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _board() -> StatusBoard:
+    sched = Scheduler(max_total=10, max_per_user=5, max_batch=2, throughput=Throughput(10.0))
+    return StatusBoard(sched, interval_s=5.0)
+
+
+async def _ended(task: asyncio.Task[None], limit_s: float = 1.0) -> bool:
+    done, _ = await asyncio.wait([task], timeout=limit_s)
+    if not done:  # clean up a loop that survived, so the test fails instead of hanging
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            async with asyncio.timeout(limit_s):
+                await task
+    return bool(done)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+async def test_cancel_stops_the_loop_even_when_poked_at_the_same_moment(steps: int) -> None:
+    # On Python 3.11, asyncio.wait_for returned the event's result instead of raising when
+    # the cancel came while the event had just been set (CPython gh-86296): run() looped
+    # on and HtmlBot.close() waited for it forever.
+    board = _board()
+    task = asyncio.create_task(board.run())
+    for _ in range(3):
+        await asyncio.sleep(0)  # run() now waits for its wake event
+    board.poke()
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    task.cancel()
+    assert await _ended(task)
+    assert task.cancelled()
+
+
+async def test_stop_ends_the_loop_without_a_cancel() -> None:
+    board = _board()
+    task = asyncio.create_task(board.run())
+    await asyncio.sleep(0.05)
+    board.stop()
+    assert await _ended(task)
+    assert not task.cancelled() and task.exception() is None
+    assert board.update_once() == 0  # no new edits once stopped
