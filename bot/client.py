@@ -225,6 +225,11 @@ class HtmlBot(discord.Client):
 
     # -- shutdown ---------------------------------------------------------------------
 
+    @property
+    def shutting_down(self) -> bool:
+        """True from the moment :meth:`close` is called."""
+        return self._shutdown is not None or self.is_closed()
+
     async def close(self) -> None:
         """Stop gracefully, then close the connection.
 
@@ -244,8 +249,12 @@ class HtmlBot(discord.Client):
         if dropped:
             log.info("shutting down: telling %d queued user(s)", len(dropped))
         for job in dropped:
-            if isinstance(job.context, Ticket) and job.context.deferred.is_set():
-                self.spawn(self.delivery.final_edit(job, SHUTDOWN_TEXT), name=f"bye-{job.job_id}")
+            if isinstance(job.context, Ticket):
+                # Also for jobs whose defer is still in flight: finish() waits for it to
+                # settle (DEFER_WAIT_S), and the deliveries are awaited before the HTTP
+                # session closes, so an acknowledged interaction always gets this message.
+                job.cancel_note = SHUTDOWN_TEXT
+                self.spawn(self.delivery.finish(job), name=f"bye-{job.job_id}")
         worker = self.worker
         if worker is not None:
             worker.stop()

@@ -13,6 +13,7 @@ import time
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -28,7 +29,7 @@ from bot.errors import (
 )
 from bot.jobs import Job, JobState
 from bot.scheduler import format_duration
-from bot.status import CANCEL_PREFIX, Ticket, ticket_of
+from bot.status import CANCEL_PREFIX, Ticket
 
 if TYPE_CHECKING:
     from bot.client import HtmlBot
@@ -79,6 +80,18 @@ def user_message_for(error: BaseException) -> str:
     return "❌ Something went wrong on our side. It has been logged; please try again."
 
 
+def is_connection_closed(exc: BaseException, bot: Any = None) -> bool:
+    """True when ``exc`` only says that the bot's connection to Discord is closed.
+
+    That is expected while the bot shuts down (discord.py closes its HTTP session while
+    handlers may still be talking to Discord), so it is logged without a traceback.
+    """
+    if isinstance(exc, RuntimeError) and "Session is closed" in str(exc):
+        return True
+    shutting_down = bool(getattr(bot, "shutting_down", False))
+    return shutting_down and isinstance(exc, aiohttp.ClientError | OSError)
+
+
 async def reply_ephemeral(interaction: discord.Interaction, text: str) -> None:
     """Answer ``interaction`` privately, whether or not it has been answered already."""
     if interaction.type is discord.InteractionType.autocomplete:
@@ -90,6 +103,10 @@ async def reply_ephemeral(interaction: discord.Interaction, text: str) -> None:
             await interaction.response.send_message(text, ephemeral=True)
     except discord.HTTPException as exc:
         log.warning("could not send an error reply: %s %s", exc.status, exc.text)
+    except Exception as exc:
+        if not is_connection_closed(exc, interaction.client):
+            raise
+        log.info("could not send an error reply: the bot is shutting down (%s)", exc)
 
 
 class Refused(app_commands.CheckFailure):
@@ -115,6 +132,10 @@ class HtmlCommandTree(app_commands.CommandTree):
         self, interaction: discord.Interaction, error: app_commands.AppCommandError, /
     ) -> None:
         original = getattr(error, "original", error)
+        if is_connection_closed(original, interaction.client):
+            # Shutting down: nothing can reach Discord any more, not even an error reply.
+            log.info("%s cut off by the shutdown: %s", _command_name(interaction), original)
+            return
         if isinstance(original, BotError):
             log.info(
                 "refused %s for user %s: %s",
@@ -229,7 +250,8 @@ async def handle_html(
         channel_id=interaction.channel_id,
         private=private,
     )
-    job.context = Ticket(interaction=interaction)
+    ticket = Ticket(interaction=interaction)
+    job.context = ticket
     try:
         position = bot.scheduler.submit(job)
     except (QueueFull, UserLimitReached) as exc:
@@ -237,15 +259,22 @@ async def handle_html(
         raise
     try:
         await interaction.response.defer(ephemeral=private, thinking=True)
-    except discord.HTTPException as exc:
-        # The interaction is gone (or Discord is down): nobody could get the page.
-        log.warning("defer failed for job %s (%s); cancelling it", job.job_id, exc.status)
-        cancelled = bot.scheduler.cancel(job.job_id)
-        if cancelled is not None:
-            ticket_of(job).final = True
-        return
-    ticket_of(job).deferred.set()
+    except Exception as exc:
+        # Settle the ticket whatever happened, so nobody waits for this defer any more.
+        ticket.mark_defer_failed()
+        bot.scheduler.cancel(job.job_id)
+        if isinstance(exc, discord.HTTPException):
+            # The interaction is gone (or Discord is down): nobody could get the page.
+            log.warning("defer failed for job %s (%s); cancelling it", job.job_id, exc.status)
+            return
+        if is_connection_closed(exc, bot):
+            log.info("defer of job %s cut off by the shutdown; cancelling it", job.job_id)
+            return
+        raise
+    ticket.mark_deferred()
     log.info("job %s queued for user %s at position %d", job.job_id, job.user_id, position)
+    # If the shutdown dropped the job while the defer was in flight, the board skips it and
+    # the shutdown's message (waiting for this defer) tells the user.
     bot.board.track(job)
 
 
@@ -344,6 +373,10 @@ async def _reassert_cancelled(job: Job, ticket: Ticket, text: str, edits_before:
             await ticket.interaction.edit_original_response(content=text, view=None)
         except discord.HTTPException as exc:
             log.info("job %s: restoring the cancelled text failed: %s", job.job_id, exc.status)
+        except Exception as exc:
+            if not is_connection_closed(exc, ticket.interaction.client):
+                raise
+            log.info("job %s: restoring the cancelled text cut off by the shutdown", job.job_id)
 
 
 async def on_component(bot: "HtmlBot", interaction: discord.Interaction) -> None:
@@ -358,5 +391,8 @@ async def on_component(bot: "HtmlBot", interaction: discord.Interaction) -> None
     except BotError as exc:
         await reply_ephemeral(interaction, user_message_for(exc))
     except Exception as exc:
+        if is_connection_closed(exc, bot):
+            log.info("Cancel button cut off by the shutdown: %s", exc)
+            return
         log.exception("Cancel button failed")
         await reply_ephemeral(interaction, user_message_for(exc))

@@ -196,11 +196,8 @@ class Delivery:
     async def finish(self, job: Job) -> None:
         """Tell the job's user how it ended: the page, an error, or that it was cancelled."""
         ticket = ticket_of(job)
-        try:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-            async with asyncio.timeout(DEFER_WAIT_S):
-                await ticket.deferred.wait()
-        except TimeoutError:
+        # Only a defer still in flight is waited for: a failed one settles the ticket at once.
+        if not await ticket.wait_settled(DEFER_WAIT_S):
             log.warning("job %s ended but its interaction was never deferred", job.job_id)
         latency = time.monotonic() - job.created_at
         try:

@@ -50,15 +50,42 @@ def cancel_view(job_id: str) -> discord.ui.View:
 
 @dataclass(eq=False)
 class Ticket:
-    """The Discord side of a job: its interaction and the state of its message."""
+    """The Discord side of a job: its interaction and the state of its message.
+
+    ``deferred`` is set once Discord has acknowledged the defer; ``settled`` once the defer
+    has been answered either way, so nobody waits for a defer that failed.
+    """
 
     interaction: Any  # discord.Interaction (Any so tests can pass a stand-in)
     deferred: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     shown: str | None = None
     last_edit: float = float("-inf")
     final: bool = False
     edits: int = 0
+
+    def mark_deferred(self) -> None:
+        """Discord acknowledged the defer: the message exists and may be edited."""
+        self.deferred.set()
+        self.settled.set()
+
+    def mark_defer_failed(self) -> None:
+        """The defer was refused or never arrived: no message will ever exist."""
+        self.final = True
+        self.settled.set()
+
+    async def wait_settled(self, limit_s: float) -> bool:
+        """Wait up to ``limit_s`` for the defer's outcome; False if none came in time."""
+        if self.deferred.is_set() or self.settled.is_set():
+            return True
+        try:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(limit_s):
+                await self.settled.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 def ticket_of(job: Job) -> Ticket:

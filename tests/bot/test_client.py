@@ -21,6 +21,7 @@ from model.types import FinishReason, GenerationRequest, GenerationResult
 from tests.bot.conftest import StartBot, eventually
 from tests.bot.fakes import BOOM, FakeEngine
 from tests.fake_discord import (
+    CALLBACK_PATH,
     CB_DEFERRED_MESSAGE,
     CB_MESSAGE,
     CB_UPDATE_MESSAGE,
@@ -464,3 +465,31 @@ async def test_metrics_endpoint_when_enabled(fake: FakeDiscord, start_bot: Start
     text = await asyncio.to_thread(scrape)
     assert 'htmlbot_jobs_total{outcome="done"} 1.0' in text
     assert "htmlbot_event_loop_lag_seconds" in text
+
+
+async def test_shutdown_while_defers_are_in_flight_tells_everyone(
+    fake: FakeDiscord, start_bot: StartBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Discord accepts the defers at once but its answers reach the bot 1 s late, so
+    # close() starts (and the scheduler drops these jobs) while the defers are in flight.
+    engine = FakeEngine()
+    engine.release.clear()
+    bot = await start_bot(engine, max_batch=1, shutdown_deadline_s=2.0)
+    running = await fake.send_command("html", {"prompt": "running"}, user=fake.user("ann"))
+    await asyncio.to_thread(engine.started.wait, 5)
+    fake.delay_next("POST", CALLBACK_PATH, seconds=1.0, times=4)
+    burst = [
+        await fake.send_command("html", {"prompt": f"p{k}"}, user=fake.user(f"u{k}"))
+        for k in range(4)
+    ]
+    await eventually(lambda: all(i.callback_type for i in burst), 5)
+    closing = asyncio.create_task(bot.close())
+    await eventually(lambda: bot.scheduler.closed)  # the burst's jobs are dropped
+    engine.release.set()  # the running job finishes within the deadline
+    await asyncio.wait_for(closing, 20)
+    assert running.html_files
+    for inter in burst:
+        assert inter.callback_type == CB_DEFERRED_MESSAGE
+        assert "restarting" in (inter.original or {}).get("content", ""), inter.contents
+    errors = [r for r in caplog.records if r.name.startswith("bot") and r.levelno >= logging.ERROR]
+    assert errors == []

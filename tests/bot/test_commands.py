@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
 
+import aiohttp
+import discord
 import pytest
 from discord import app_commands
 
-from bot.commands import user_message_for, validate_prompt
+from bot.client import HtmlBot
+from bot.commands import handle_html, user_message_for, validate_prompt
 from bot.errors import InvalidPrompt, QueueFull, UserLimitReached
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
 from bot.scheduler import Scheduler, Throughput
+from bot.settings import Settings
 from bot.status import StatusBoard, Ticket
+from tests.bot.fakes import FakeEngine
 
 
 @pytest.mark.parametrize(
@@ -120,3 +129,97 @@ def test_metrics_served_on_a_local_port() -> None:
     assert 'htmlbot_jobs_total{outcome="done"} 1.0' in text
     assert 'htmlbot_jobs_total{outcome="failed"} 1.0' in text
     assert "htmlbot_job_latency_seconds_count 1.0" in text
+
+
+class _Response:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def is_done(self) -> bool:
+        return False
+
+    async def defer(self, **kwargs: object) -> None:
+        self.calls += 1
+        raise self.error
+
+    async def send_message(self, *args: object, **kwargs: object) -> None:
+        self.calls += 1
+        raise self.error
+
+
+class _Interaction:
+    """Just what /html and the tree's error handler read, with every call failing."""
+
+    type = discord.InteractionType.application_command
+    guild_id = 1
+    channel_id = 2
+
+    def __init__(self, client: HtmlBot, error: Exception) -> None:
+        self.client = client
+        self.created_at = datetime.now(UTC)
+        self.user = SimpleNamespace(id=3, mention="<@3>")
+        self.response = _Response(error)
+        self.command = client.tree.get_command("html")
+
+
+@pytest.fixture
+def idle_bot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HtmlBot:
+    """An HtmlBot that never connects (HtmlBot sets these class attributes)."""
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    settings = Settings(
+        discord_token="x",  # type: ignore[arg-type]
+        discord_api_base="http://127.0.0.1:9/api/v10",
+        results_dir=tmp_path,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    return HtmlBot(settings, FakeEngine())
+
+
+def _closed_errors() -> list[Exception]:
+    # What discord.py raises once its HTTP session is closed, or while it closes.
+    return [RuntimeError("Session is closed"), aiohttp.ServerDisconnectedError()]
+
+
+@pytest.mark.parametrize("error", _closed_errors())
+async def test_a_defer_cut_off_by_the_shutdown_is_expected(
+    idle_bot: HtmlBot,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+) -> None:
+    monkeypatch.setattr(HtmlBot, "shutting_down", True)
+    interaction = _Interaction(idle_bot, error)
+    await handle_html(idle_bot, interaction, "a bakery", None, False)  # type: ignore[arg-type]
+    assert idle_bot.scheduler.pending() == []  # nobody could get the page: not run
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize("error", _closed_errors())
+async def test_errors_from_a_closed_session_are_logged_without_a_traceback(
+    idle_bot: HtmlBot,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+) -> None:
+    monkeypatch.setattr(HtmlBot, "shutting_down", True)
+    interaction = _Interaction(idle_bot, error)
+    wrapped = app_commands.CommandInvokeError(interaction.command, error)  # type: ignore[arg-type]
+    await idle_bot.tree.on_error(interaction, wrapped)  # type: ignore[arg-type]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert interaction.response.calls == 0  # no error reply tried: it could not get out
+
+
+async def test_other_errors_still_get_a_traceback_and_a_reply(
+    idle_bot: HtmlBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    interaction = _Interaction(idle_bot, aiohttp.ServerDisconnectedError())  # not shutting down
+    wrapped = app_commands.CommandInvokeError(
+        interaction.command,  # type: ignore[arg-type]
+        ValueError("a bug"),
+    )
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        # The error reply fails too, and that is not hidden either.
+        await idle_bot.tree.on_error(interaction, wrapped)  # type: ignore[arg-type]
+    errors = [r for r in caplog.records if r.name == "bot.commands" and r.levelno >= logging.ERROR]
+    assert errors and errors[0].exc_info is not None

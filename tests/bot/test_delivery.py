@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import time
 import zipfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,9 +17,15 @@ import discord
 import pytest
 from aiohttp import web
 
-from bot.delivery import fit_attachment, summary_line, with_retries
+from bot.delivery import DEFER_WAIT_S, Delivery, fit_attachment, summary_line, with_retries
 from bot.errors import DeliveryExpired
+from bot.jobs import Job, JobState
+from bot.metrics import Metrics
+from bot.status import Ticket
+from bot.store import ResultStore
 from model.naming import page_filename
+from model.types import FinishReason, GenerationResult
+from tests.bot.fakes import fake_page
 
 BARE_429 = 4290
 
@@ -234,3 +243,71 @@ def test_summary_line() -> None:
         filename="a.html", model="m", tokens=12, seconds=3.14159, warnings=("truncated",)
     )
     assert line == "**a.html** · m · 12 tokens · 3.1 s · ⚠️ truncated"
+
+
+class _Followup:
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    async def send(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append("followup")
+
+
+class _Interaction:
+    """Records every call the delivery makes with the job's token."""
+
+    filesize_limit = 10 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.followup = _Followup(self.calls)
+
+    async def edit_original_response(self, **kwargs: Any) -> None:
+        self.calls.append("edit")
+
+
+def _delivery(tmp_path: Path) -> Delivery:
+    return Delivery(ResultStore(tmp_path), Metrics(), model_name="fake-model")
+
+
+def _job(state: JobState) -> tuple[Job, _Interaction]:
+    job = Job.create(user_id=7, prompt="a bakery", ttl_s=900)
+    interaction = _Interaction()
+    job.context = Ticket(interaction=interaction)
+    job.state = state
+    if state is JobState.DONE:
+        job.result = GenerationResult(
+            request_id=job.job_id,
+            text=fake_page("a bakery"),
+            finish_reason=FinishReason.HTML_COMPLETE,
+            prompt_tokens=3,
+            generated_tokens=9,
+            time_to_first_token_s=0.1,
+            total_s=0.5,
+        )
+    return job, interaction
+
+
+@pytest.mark.parametrize("state", [JobState.CANCELLED])
+async def test_finish_does_not_wait_for_a_defer_that_failed(
+    tmp_path: Path, state: JobState
+) -> None:
+    delivery = _delivery(tmp_path)
+    job, interaction = _job(state)
+    job.context.mark_defer_failed()
+    started = time.monotonic()
+    await delivery.finish(job)
+    assert time.monotonic() - started < DEFER_WAIT_S / 4
+    assert interaction.calls == []  # nothing is sent with a token that never worked
+
+
+async def test_finish_waits_for_a_defer_in_flight(tmp_path: Path) -> None:
+    delivery = _delivery(tmp_path)
+    job, interaction = _job(JobState.CANCELLED)
+    job.cancel_note = "🔌 restarting"
+    finishing = asyncio.create_task(delivery.finish(job))
+    await asyncio.sleep(0.1)
+    assert not finishing.done()
+    job.context.mark_deferred()
+    await asyncio.wait_for(finishing, 2)
+    assert interaction.calls == ["edit"] and job.context.shown == "🔌 restarting"
