@@ -58,7 +58,6 @@ TINY_CPU: dict[str, Any] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ------------------------------------------------------------------------------ model
@@ -113,8 +112,15 @@ def add_lora(model: Any) -> Any:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from training.config import DEFAULT_TARGET_MODULES
+
     torch.manual_seed(1)
-    config = LoraConfig(r=16, lora_alpha=64, target_modules=LORA_TARGETS, init_lora_weights=False)
+    config = LoraConfig(
+        r=16,
+        lora_alpha=64,
+        target_modules=list(DEFAULT_TARGET_MODULES),
+        init_lora_weights=False,
+    )
     return get_peft_model(model, config).eval()
 
 

@@ -6,8 +6,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from training.config import DEFAULT_TARGET_MODULES
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def save_smollm2_tokenizer(folder: Path) -> Path:
@@ -95,7 +96,10 @@ def save_lora_adapter(folder: Path, base_dir: Path, *, seed: int = 1, rank: int 
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     config = LoraConfig(
-        r=rank, lora_alpha=rank * 4, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+        r=rank,
+        lora_alpha=rank * 4,
+        target_modules=list(DEFAULT_TARGET_MODULES),
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, config)
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ import torch
 
 from model.loading import LoadedModel, load_model
 from model.spec import ModelSpec, Quantization, resolve_spec
-from training.config import TrainConfig
+from training.config import DEFAULT_TARGET_MODULES, TrainConfig
 from training.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,7 @@ def build_lora_config(
     r: int = 16,
     alpha: int = 32,
     dropout: float = 0.05,
-    target_modules: list[str] | tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ),
+    target_modules: list[str] | tuple[str, ...] = DEFAULT_TARGET_MODULES,
     *,
     train_lm_head: bool = False,
     train_embeddings: bool = False,

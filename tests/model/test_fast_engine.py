@@ -21,6 +21,7 @@ from model.fast_sampling import sample_rows
 from model.prompting import encode_prompt
 from model.types import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 from tests import tiny
+from training.config import DEFAULT_TARGET_MODULES
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.0)
 DESCRIPTIONS = [
@@ -329,15 +330,7 @@ def test_merges_a_peft_adapter_and_matches_the_unmerged_model(tokenizer: Any) ->
     config = LoraConfig(
         r=4,
         lora_alpha=16,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=list(DEFAULT_TARGET_MODULES),
         init_lora_weights=False,  # non-zero B: the adapter really changes the outputs
     )
     peft_model = get_peft_model(base, config).eval()
