@@ -369,6 +369,8 @@ async def _reassert_cancelled(job: Job, ticket: Ticket, text: str, edits_before:
     async with ticket.lock:
         if ticket.edits == edits_before:
             return
+        if ticket.dead:
+            return
         try:
             await ticket.interaction.edit_original_response(content=text, view=None)
         except discord.HTTPException as exc:

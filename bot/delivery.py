@@ -294,10 +294,15 @@ class Delivery:
             await self.final_edit(job, f"✅ Done: **{stored.filename}** (below).")
         except discord.HTTPException as exc:
             log.info("job %s: marking the message done failed: %s", job.job_id, exc)
+        if ticket.dead:
+            raise DeliveryExpired(f"job {job.job_id} follow-up: the token is dead")
         try:
             await with_retries(
                 send, what=f"job {job.job_id} follow-up", attempts=self.attempts, sleep=self._sleep
             )
+        except DeliveryExpired:
+            ticket.dead = True
+            raise
         except discord.HTTPException as exc:
             log.error("job %s: sending the page failed: %s %s", job.job_id, exc.status, exc.text)
             with contextlib.suppress(discord.HTTPException, DeliveryExpired):
@@ -309,17 +314,29 @@ class Delivery:
                 )
 
     async def final_edit(self, job: Job, text: str, *, force: bool = False) -> None:
-        """Replace the job's message with ``text`` (no Cancel button), once unless ``force``."""
+        """Replace the job's message with ``text`` (no Cancel button), once unless ``force``.
+
+        Raises DeliveryExpired, without calling Discord, when the token is known to be dead.
+        """
         ticket = ticket_of(job)
         async with ticket.lock:
             if ticket.final and not force:
                 return
             ticket.final = True
+            if ticket.dead:
+                raise DeliveryExpired(f"job {job.job_id} final edit: the token is dead")
 
             async def edit() -> None:
                 await ticket.interaction.edit_original_response(content=text, view=None)
 
-            await with_retries(
-                edit, what=f"job {job.job_id} final edit", attempts=self.attempts, sleep=self._sleep
-            )
+            try:
+                await with_retries(
+                    edit,
+                    what=f"job {job.job_id} final edit",
+                    attempts=self.attempts,
+                    sleep=self._sleep,
+                )
+            except DeliveryExpired:
+                ticket.dead = True
+                raise
             ticket.shown = text

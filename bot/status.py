@@ -48,12 +48,20 @@ def cancel_view(job_id: str) -> discord.ui.View:
     return view
 
 
+# Discord's answers that mean an interaction token can no longer be used: 401 "Invalid
+# Webhook Token" once it has expired, 404 "Unknown Webhook"/"Unknown interaction".
+DEAD_TOKEN_STATUSES = (401, 404)
+
+
 @dataclass(eq=False)
 class Ticket:
     """The Discord side of a job: its interaction and the state of its message.
 
     ``deferred`` is set once Discord has acknowledged the defer; ``settled`` once the defer
-    has been answered either way, so nobody waits for a defer that failed.
+    has been answered either way, so nobody waits for a defer that failed. ``dead`` means
+    the token is unusable (the defer failed, or Discord answered 401/404 to a call made
+    with it): nothing more is sent with it, since Discord counts every refused call toward
+    its invalid-request limit.
     """
 
     interaction: Any  # discord.Interaction (Any so tests can pass a stand-in)
@@ -63,6 +71,7 @@ class Ticket:
     shown: str | None = None
     last_edit: float = float("-inf")
     final: bool = False
+    dead: bool = False
     edits: int = 0
 
     def mark_deferred(self) -> None:
@@ -73,6 +82,7 @@ class Ticket:
     def mark_defer_failed(self) -> None:
         """The defer was refused or never arrived: no message will ever exist."""
         self.final = True
+        self.dead = True
         self.settled.set()
 
     async def wait_settled(self, limit_s: float) -> bool:
@@ -181,7 +191,7 @@ class StatusBoard:
         due: list[tuple[float, Job, str]] = []
         for job_id, job in list(self._jobs.items()):
             ticket = job.context
-            if job.state.terminal or not isinstance(ticket, Ticket) or ticket.final:
+            if job.state.terminal or not isinstance(ticket, Ticket) or ticket.final or ticket.dead:
                 self._jobs.pop(job_id, None)
                 continue
             if not ticket.deferred.is_set() or ticket.lock.locked():
@@ -209,11 +219,22 @@ class StatusBoard:
     async def _send(self, job: Job, text: str) -> None:
         ticket = ticket_of(job)
         async with self._sem, ticket.lock:
-            if ticket.final or job.state.terminal:
+            if ticket.final or ticket.dead or job.state.terminal:
                 return
             try:
                 await self._edit(job, text)
             except discord.HTTPException as exc:
+                if exc.status in DEAD_TOKEN_STATUSES:
+                    # The token has expired (or the interaction is gone) and won't come
+                    # back: no more edits. The job goes on; its page is kept for /mypages.
+                    ticket.dead = True
+                    log.warning(
+                        "job %s: Discord refused its token (%s %s); no more status edits",
+                        job.job_id,
+                        exc.status,
+                        exc.text,
+                    )
+                    return
                 # A status line is not worth a retry: the next tick sends a fresh one.
                 log.info("status edit for job %s failed: %s %s", job.job_id, exc.status, exc.text)
                 return

@@ -493,3 +493,25 @@ async def test_shutdown_while_defers_are_in_flight_tells_everyone(
         assert "restarting" in (inter.original or {}).get("content", ""), inter.contents
     errors = [r for r in caplog.records if r.name.startswith("bot") and r.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_dead_token_gets_one_refused_status_edit_then_nothing(
+    fake: FakeDiscord, start_bot: StartBot
+) -> None:
+    engine = FakeEngine(tokens=30, token_delay_s=0.05)  # 1.5 s of progress reports
+    engine.release.clear()
+    bot = await start_bot(engine, max_batch=1, queue_edit_interval_s=0.1)
+    ann = fake.user("ann")
+    await fake.send_command("html", {"prompt": "blocker"}, user=fake.user("eve"))
+    await asyncio.to_thread(engine.started.wait, 5)
+    inter = await fake.send_command("html", {"prompt": "bakery"}, user=ann)
+    await inter.wait_until(lambda i: "position 1" in (i.original or {}).get("content", ""))
+    fake.expire(inter)
+    engine.release.set()  # the blocker, then ann's job: "Generating…", "N tokens so far"…
+    await eventually(lambda: bot.delivery.expired_deliveries == 1)
+    await asyncio.sleep(0.3)
+    refused = [r for r in inter.requests if r.status == 401]
+    assert len(refused) == 1 and refused[0].method == "PATCH", [r.content for r in refused]
+    assert inter.html_files == []
+    [page] = await bot.list_pages(ann.id)
+    assert page.path.read_bytes().startswith(b"<!DOCTYPE html>")

@@ -288,7 +288,7 @@ def _job(state: JobState) -> tuple[Job, _Interaction]:
     return job, interaction
 
 
-@pytest.mark.parametrize("state", [JobState.CANCELLED])
+@pytest.mark.parametrize("state", [JobState.CANCELLED, JobState.DONE])
 async def test_finish_does_not_wait_for_a_defer_that_failed(
     tmp_path: Path, state: JobState
 ) -> None:
@@ -311,3 +311,15 @@ async def test_finish_waits_for_a_defer_in_flight(tmp_path: Path) -> None:
     job.context.mark_deferred()
     await asyncio.wait_for(finishing, 2)
     assert interaction.calls == ["edit"] and job.context.shown == "🔌 restarting"
+
+
+async def test_a_dead_token_keeps_the_page_and_sends_nothing(tmp_path: Path) -> None:
+    delivery = _delivery(tmp_path)
+    job, interaction = _job(JobState.DONE)
+    job.context.mark_deferred()
+    job.context.dead = True  # a status edit got 401
+    await delivery.finish(job)
+    assert interaction.calls == []
+    assert delivery.expired_deliveries == 1
+    [page] = delivery.store.list(7)
+    assert page.job_id == job.job_id

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import discord
 import pytest
 
+from bot.jobs import Job
 from bot.scheduler import Scheduler, Throughput
-from bot.status import StatusBoard
+from bot.status import StatusBoard, Ticket
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,3 +55,35 @@ async def test_stop_ends_the_loop_without_a_cancel() -> None:
     assert await _ended(task)
     assert not task.cancelled() and task.exception() is None
     assert board.update_once() == 0  # no new edits once stopped
+
+
+class _Response:
+    """What discord.HTTPException reads from an aiohttp response."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.reason = "refused"
+
+
+@pytest.mark.parametrize("status", [401, 404])
+async def test_a_refused_token_gets_no_more_status_edits(status: int) -> None:
+    sched = Scheduler(max_total=10, max_per_user=5, max_batch=2, throughput=Throughput(10.0))
+    tried: list[str] = []
+
+    async def edit(job: Job, text: str) -> None:
+        tried.append(text)
+        raise discord.HTTPException(_Response(status), {"message": "Invalid Webhook Token"})
+
+    now = [100.0]
+    board = StatusBoard(sched, interval_s=0.2, edit=edit, clock=lambda: now[0])
+    job = Job.create(user_id=1, prompt="p", ttl_s=900)
+    job.context = Ticket(interaction=None)
+    job.context.mark_deferred()
+    sched.submit(job)
+    board.track(job)
+    for _ in range(5):  # the text never shows, so without the fix each pass retries it
+        board.update_once()
+        await asyncio.gather(*board._tasks)
+        now[0] += 1.0
+    assert len(tried) == 1
+    assert job.context.dead and not job.context.final
