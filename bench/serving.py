@@ -31,19 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import CODELLAMA_7B, random_llama
+
 log = logging.getLogger("bench.serving")
 
-CODELLAMA_7B: dict[str, Any] = {
-    "vocab_size": 32016,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 16384,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-5,
-}
 SMALL: dict[str, Any] = {
     **CODELLAMA_7B,
     "num_hidden_layers": 4,
@@ -93,18 +84,11 @@ def build_tokenizer(vocab_size: int) -> Any:
 def build_base(shape: dict[str, Any], device: Any, dtype: Any) -> Any:
     """A Llama with random weights made directly on ``device`` (no download, no CPU copy)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return random_llama(config, device, dtype).eval()
 
 
 def add_lora(model: Any) -> Any:

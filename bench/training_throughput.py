@@ -41,24 +41,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import CODELLAMA_7B, random_llama
 from training.config import TrainConfig
 from training.modeling import wrap_for_training
 from training.tokenization import IGNORE_INDEX, Collator, Example, pack
 
 PROMPT_TOKENS = 48
 
-CODELLAMA_7B = {
-    "vocab_size": 32016,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 16384,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-5,
-}
 TINY = {
+    **CODELLAMA_7B,
     "vocab_size": 1000,
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -66,8 +57,6 @@ TINY = {
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
     "max_position_embeddings": 4096,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-5,
 }
 
 
@@ -80,18 +69,12 @@ class Scenario:
 
 def build_model(shape: dict[str, Any], device: torch.device, quantize: bool) -> Any:
     """A random-weight Llama on ``device``; decoder linears as NF4 ``Linear4bit`` if asked."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(**shape, tie_word_embeddings=False)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config.dtype = dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = random_llama(config, device, dtype)
     if quantize:
         _quantize_nf4(model, device, dtype)
     return model
