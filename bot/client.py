@@ -43,6 +43,25 @@ DELIVERY_DRAIN_S = 15.0
 BACKGROUND_STOP_S = 5.0
 
 
+GUILDS_INTENT_NOTICE = "Guilds intent seems to be disabled"
+
+
+class _DropGuildsIntentNotice(logging.Filter):
+    """Drops discord.py's warning that the guilds intent is off.
+
+    The bot asks for no intents on purpose: interactions arrive without any, and the
+    guilds intent would make Discord send (and discord.py cache) every guild the bot is
+    in. discord.py warns about it at every start, which only trains people to ignore
+    warnings.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return GUILDS_INTENT_NOTICE not in record.getMessage()
+
+
+_GUILDS_NOTICE_FILTER = _DropGuildsIntentNotice()
+
+
 def point_at_discord(settings: Settings) -> None:
     """Send discord.py's REST calls to ``settings.discord_api_base``.
 
@@ -59,6 +78,8 @@ class HtmlBot(discord.Client):
         # Interactions arrive whatever the intents; none are needed. No message of ours may
         # ping anyone, whatever a prompt or a page name contains.
         options.setdefault("allowed_mentions", discord.AllowedMentions.none())
+        # addFilter ignores a filter already there, so this holds once per process.
+        logging.getLogger("discord.state").addFilter(_GUILDS_NOTICE_FILTER)
         super().__init__(intents=discord.Intents.none(), **options)
         self.settings = settings
         self.engine = engine

@@ -223,3 +223,13 @@ async def test_other_errors_still_get_a_traceback_and_a_reply(
         await idle_bot.tree.on_error(interaction, wrapped)  # type: ignore[arg-type]
     errors = [r for r in caplog.records if r.name == "bot.commands" and r.levelno >= logging.ERROR]
     assert errors and errors[0].exc_info is not None
+
+
+def test_no_guilds_intent_notice_at_start(
+    idle_bot: HtmlBot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The bot needs no intents; discord.py's warning about it would show at every start.
+    assert not idle_bot.intents.guilds
+    caplog.set_level(logging.INFO)
+    HtmlBot(idle_bot.settings, FakeEngine())
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("discord")] == []
