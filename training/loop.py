@@ -199,16 +199,13 @@ def train(config: TrainConfig) -> TrainResult:
         "total_steps": total_steps,
     }
     eval_pairs = splits.eval[: config.eval_generate]
-    if config.resume:
-        folder = find_checkpoint(output_dir, config.resume)
-        _check_same_run(read_state(folder).get("run", {}), _run_identity(config))
-        state = load_checkpoint(folder, unwrapped, optimizer, scheduler)
-        metrics["resumed_from_step"] = state["step"]
-        metrics["before"] = state.get("before", {})
-    else:
-        before = eval_loss(model, eval_loader, accelerator) if prepared.eval else {}
+
+    def evaluate() -> dict[str, Any]:
+        """Eval loss (all processes) and, on the main process, generation metrics: the
+        before-training and after-training numbers are measured the same way."""
+        result: dict[str, Any] = eval_loss(model, eval_loader, accelerator) if prepared.eval else {}
         if accelerator.is_main_process and eval_pairs:
-            before.update(
+            result.update(
                 generation_metrics(
                     loaded,
                     eval_pairs,
@@ -217,6 +214,16 @@ def train(config: TrainConfig) -> TrainResult:
                     seed=config.seed,
                 )
             )
+        return result
+
+    if config.resume:
+        folder = find_checkpoint(output_dir, config.resume)
+        _check_same_run(read_state(folder).get("run", {}), _run_identity(config))
+        state = load_checkpoint(folder, unwrapped, optimizer, scheduler)
+        metrics["resumed_from_step"] = state["step"]
+        metrics["before"] = state.get("before", {})
+    else:
+        before = evaluate()
         metrics["before"] = before
         state["before"] = before
         log.info("before training: %s", _brief(before))
@@ -330,17 +337,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         set_peft_model_state_dict(unwrapped, best_adapter)
         log.info("restored the adapter of the best epoch (eval loss %.4f)", state["best_eval_loss"])
-    after = eval_loss(model, eval_loader, accelerator) if prepared.eval else {}
-    if accelerator.is_main_process and eval_pairs:
-        after.update(
-            generation_metrics(
-                loaded,
-                eval_pairs,
-                max_new_tokens=config.eval_max_new_tokens,
-                style=config.style,
-                seed=config.seed,
-            )
-        )
+    after = evaluate()
     log.info("after training: %s", _brief(after))
     metrics.update(
         {
