@@ -33,28 +33,22 @@ TINY = {**SMALL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers
 def save_model_and_adapter(shape: dict[str, Any], root: Path) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
+    from bench.common import random_llama
     from bench.serving import build_tokenizer
+    from training.config import DEFAULT_TARGET_MODULES
 
     torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=1, eos_token_id=2))
-    model = model.to(torch.bfloat16)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2)
+    model = random_llama(config, "cpu", torch.bfloat16)
     base, adapter = root / "base", root / "adapter"
     model.save_pretrained(base)
     build_tokenizer(shape["vocab_size"]).save_pretrained(base)
     lora = LoraConfig(
         r=16,
         lora_alpha=64,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=list(DEFAULT_TARGET_MODULES),
         init_lora_weights=False,  # non-zero B: the adapter really changes outputs
     )
     get_peft_model(model, lora).save_pretrained(str(adapter))
