@@ -260,17 +260,19 @@ async def handle_html(
     try:
         await interaction.response.defer(ephemeral=private, thinking=True)
     except Exception as exc:
-        # Settle the ticket whatever happened, so nobody waits for this defer any more.
-        ticket.mark_defer_failed()
-        bot.scheduler.cancel(job.job_id)
         if isinstance(exc, discord.HTTPException):
             # The interaction is gone (or Discord is down): nobody could get the page.
             log.warning("defer failed for job %s (%s); cancelling it", job.job_id, exc.status)
-            return
-        if is_connection_closed(exc, bot):
+        elif is_connection_closed(exc, bot):
             log.info("defer of job %s cut off by the shutdown; cancelling it", job.job_id)
-            return
-        raise
+        else:
+            # Unknown outcome: the defer may have reached Discord, so the job stays and its
+            # delivery tries after DEFER_WAIT_S. The tree's on_error logs the traceback.
+            raise
+        # Settled, so nobody waits for this defer (the shutdown's message, the delivery).
+        ticket.mark_defer_failed()
+        bot.scheduler.cancel(job.job_id)
+        return
     ticket.mark_deferred()
     log.info("job %s queued for user %s at position %d", job.job_id, job.user_id, position)
     # If the shutdown dropped the job while the defer was in flight, the board skips it and
