@@ -97,7 +97,9 @@ class Engine:
         self.device = loaded.device
         self.stop_token_ids = self._stop_token_ids()
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both releases.
-        forward_params = inspect.signature(self.model.forward).parameters
+        # An unmerged peft model forwards keyword arguments to its base: ask the base.
+        base_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else None
+        forward_params = inspect.signature((base_model or self.model).forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
 
     @property

@@ -48,6 +48,18 @@ def test_batched_greedy_equals_one_at_a_time(engine: Engine) -> None:
     assert len({r.prompt_tokens for r in together}) == len(PROMPTS)
 
 
+def test_an_unmerged_adapter_generates_like_the_merged_one(
+    tiny_llama_dir: Path, tiny_adapter_dir: Path, engine: Engine
+) -> None:
+    unmerged = load_model(
+        resolve_spec(base=str(tiny_llama_dir), adapter=str(tiny_adapter_dir), merge_adapter="no")
+    )
+    assert not unmerged.merged
+    expected = engine.generate([request(prompt) for prompt in PROMPTS])
+    results = Engine(unmerged).generate([request(prompt) for prompt in PROMPTS])
+    assert [r.text for r in results] == [r.text for r in expected]
+
+
 def test_results_keep_request_order_and_ids(engine: Engine) -> None:
     requests = [request(prompt) for prompt in PROMPTS]
     results = engine.generate(requests)
