@@ -73,5 +73,7 @@ async def test_real_engine_keeps_the_loop_responsive_and_cancels(kind: str, load
     assert sink.progress  # progress reached the loop
     # Generation runs on the worker thread: the loop only ever waits for the GIL.
     print(f"{kind}: loop lag max {lag.max_lag_s * 1000:.1f} ms over {lag.samples} samples")
-    assert lag.samples > 20
+    # The monitor really ran while generating (how many times depends on how fast this
+    # machine generates, so only a floor), and never saw the loop blocked.
+    assert lag.samples >= 5
     assert lag.max_lag_s < 0.5
