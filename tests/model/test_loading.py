@@ -138,6 +138,15 @@ def test_quantization_without_cuda(tiny_llama_dir: Path, quantization: str) -> N
         load_model(resolve_spec(base=str(tiny_llama_dir), quantization=quantization))
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu0", "unknown device 'gpu0'"), ("cuda", "CUDA is not available here")],
+)
+def test_bad_device(tiny_llama_dir: Path, device: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(resolve_spec(base=str(tiny_llama_dir), device=device))
+
+
 def test_hub_id_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError, match="hub is offline.*local folder or the embedded model"):
