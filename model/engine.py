@@ -18,7 +18,13 @@ import torch
 
 from model.loading import LoadedModel
 from model.prompting import encode_prompt
-from model.stopping import ends_in_loop, should_check
+from model.stopping import (
+    cut_after_page,
+    ends_in_loop,
+    eos_token_ids,
+    page_closed,
+    should_check,
+)
 from model.types import (
     FinishReason,
     GenerationRequest,
@@ -29,12 +35,8 @@ from model.types import (
 
 log = logging.getLogger(__name__)
 
-HTML_END = "</html>"
 # How often (in tokens) the progress callback hears about each sequence.
 PROGRESS_EVERY = 16
-# Tokens decoded from the end of a sequence to look for "</html>" (a few tokens suffice;
-# decoding the whole sequence each step would be quadratic).
-_STOP_WINDOW_TOKENS = 12
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        self.stop_token_ids = self._stop_token_ids()
+        self.stop_token_ids = eos_token_ids(self.model, self.tokenizer)
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both releases.
         # An unmerged peft model forwards keyword arguments to its base: ask the base.
         base_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else None
@@ -105,15 +107,6 @@ class Engine:
     @property
     def model_name(self) -> str:
         return self.loaded.name
-
-    def _stop_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(int(token) for token in source)
-        return ids
 
     def _new_sequence(self, request: GenerationRequest, started: float) -> _Sequence:
         generator = None
@@ -217,7 +210,7 @@ class Engine:
             seq.finish = FinishReason.EOS
         else:
             seq.generated.append(token)
-            if self._page_closed(seq.generated):
+            if page_closed(self.tokenizer, seq.generated):
                 seq.finish = FinishReason.HTML_COMPLETE
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
                 seq.finish = FinishReason.LENGTH
@@ -230,17 +223,11 @@ class Engine:
             except Exception:  # a broken listener must not kill everyone's generation
                 log.exception("progress callback failed")
 
-    def _page_closed(self, generated: list[int]) -> bool:
-        tail = self.tokenizer.decode(generated[-_STOP_WINDOW_TOKENS:], skip_special_tokens=True)
-        return HTML_END in tail.lower()
-
     def _result(self, seq: _Sequence) -> GenerationResult:
         finished = time.perf_counter()
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         if seq.finish == FinishReason.HTML_COMPLETE:
-            # Drop anything the last token carried past the closing tag.
-            end = text.lower().rfind(HTML_END)
-            text = text[: end + len(HTML_END)]
+            text = cut_after_page(text)
         first = seq.first_token_at or finished
         return GenerationResult(
             request_id=seq.request.request_id,

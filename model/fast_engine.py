@@ -29,7 +29,13 @@ from typing import Any
 
 from model.fast_llama import FastLlama
 from model.prompting import encode_prompt
-from model.stopping import ends_in_loop, should_check
+from model.stopping import (
+    cut_after_page,
+    ends_in_loop,
+    eos_token_ids,
+    page_closed,
+    should_check,
+)
 from model.types import (
     FinishReason,
     GenerationRequest,
@@ -40,10 +46,6 @@ from model.types import (
 )
 
 log = logging.getLogger(__name__)
-
-_HTML_END = "</html>"
-# Enough tokens to hold "</html>" however the tokenizer splits it.
-_TAIL_TOKENS = 12
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class FastEngine:
             compile_kernels=opts.compile_kernels,
             attention=opts.attention,
         )
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self._closing = _closing_tokens(tokenizer, self.runner.vocab_size)
         self._lock = threading.Lock()  # one serve()/generate() at a time
 
@@ -318,10 +320,8 @@ class FastEngine:
         seq.generated.append(token)
         # The tail is decoded only after a token that holds '>' (rare), not every step.
         closing = token < len(self._closing) and self._closing[token]
-        if closing and not self.options.ignore_eos:
-            tail = self.tokenizer.decode(seq.generated[-_TAIL_TOKENS:])
-            if _HTML_END in tail.lower():
-                return FinishReason.HTML_COMPLETE
+        if closing and not self.options.ignore_eos and page_closed(self.tokenizer, seq.generated):
+            return FinishReason.HTML_COMPLETE
         if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:
             return FinishReason.LENGTH
         if (
@@ -379,9 +379,7 @@ class FastEngine:
         now = time.perf_counter()
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         if reason == FinishReason.HTML_COMPLETE:
-            # Drop anything the last token carried past the closing tag.
-            end = text.lower().rfind(_HTML_END)
-            text = text[: end + len(_HTML_END)]
+            text = cut_after_page(text)
         first = (seq.first_token_at - seq.started) if seq.first_token_at is not None else 0.0
         return GenerationResult(
             request_id=seq.request.request_id,
@@ -392,19 +390,6 @@ class FastEngine:
             time_to_first_token_s=first,
             total_s=now - seq.started,
         )
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config = getattr(model, "generation_config", None)
-    configured = getattr(config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    return frozenset(ids)
 
 
 def _closing_tokens(tokenizer: Any, vocab_size: int) -> list[bool]:

@@ -9,6 +9,7 @@ stopping early loses nothing a user wants.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 # A loop must cover this many tokens, in at least this many identical copies, before the
 # sequence is stopped: long enough that legitimate repeated markup (a row of five star
@@ -39,3 +40,35 @@ def ends_in_loop(tokens: Sequence[int]) -> bool:
 
 def should_check(generated_count: int) -> bool:
     return generated_count >= MIN_LOOP_TOKENS and generated_count % CHECK_EVERY == 0
+
+
+HTML_END = "</html>"
+# Tokens decoded from the end of a sequence to look for HTML_END: a few suffice, and
+# decoding the whole sequence every step would be quadratic.
+HTML_END_WINDOW_TOKENS = 12
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(token) for token in configured)
+    return frozenset(ids)
+
+
+def page_closed(tokenizer: Any, generated: Sequence[int]) -> bool:
+    """True when the last tokens of ``generated`` hold the page's closing tag."""
+    tail = tokenizer.decode(list(generated[-HTML_END_WINDOW_TOKENS:]), skip_special_tokens=True)
+    return HTML_END in tail.lower()
+
+
+def cut_after_page(text: str) -> str:
+    """``text`` up to and including its last ``</html>`` (what a final token carried past
+    the closing tag is dropped)."""
+    end = text.lower().rfind(HTML_END)
+    return text if end < 0 else text[: end + len(HTML_END)]
