@@ -1,4 +1,4 @@
-"""Stop rules shared by both engines.
+"""Stop rules shared by both engines: EOS, the page's closing ``</html>``, and loops.
 
 A small model that falls into a loop ("<div></div><div></div>..." or the same paragraph again
 and again) would otherwise burn GPU time until ``max_new_tokens``, delaying everyone queued
