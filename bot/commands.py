@@ -30,6 +30,7 @@ from bot.errors import (
 from bot.jobs import Job, JobState
 from bot.scheduler import format_duration
 from bot.status import CANCEL_PREFIX, Ticket
+from model.prompting import STYLE_HINTS
 
 if TYPE_CHECKING:
     from bot.client import HtmlBot
@@ -222,11 +223,7 @@ def register_commands(bot: "HtmlBot") -> None:
 
 
 def _style_names() -> list[str]:
-    try:
-        from model.prompting import STYLE_HINTS
-    except ImportError:  # pragma: no cover - model.prompting ships with the skeleton
-        return []
-    return list(STYLE_HINTS)[:25]
+    return list(STYLE_HINTS)[:25]  # Discord allows at most 25 choices
 
 
 async def handle_html(
