@@ -1,6 +1,9 @@
 """The in-flight loop detector both engines use."""
 
 import random
+from pathlib import Path
+
+import pytest
 
 from model.stopping import MIN_LOOP_TOKENS, ends_in_loop, should_check
 
@@ -39,3 +42,25 @@ def test_checks_run_periodically_after_the_minimum() -> None:
     assert not should_check(MIN_LOOP_TOKENS - 16)
     assert should_check(MIN_LOOP_TOKENS) == (MIN_LOOP_TOKENS % 16 == 0)
     assert sum(should_check(n) for n in range(1, 1001)) < 60
+
+
+@pytest.mark.parametrize("engine_kind", ["standard", "fast"])
+def test_both_engines_stop_a_model_stuck_in_a_loop(tiny_llama_dir: Path, engine_kind: str) -> None:
+    """A model whose final norm is zeroed gives all-zero logits, so greedy decoding repeats
+    one token forever: the engine must end it long before max_new_tokens."""
+    import torch
+
+    from model.engine import Engine
+    from model.fast_engine import FastEngine
+    from model.loading import load_model
+    from model.spec import resolve_spec
+    from model.types import FinishReason, GenerationRequest, SamplingParams
+
+    loaded = load_model(resolve_spec(base=str(tiny_llama_dir)))
+    with torch.no_grad():
+        loaded.model.model.norm.weight.zero_()
+    engine = FastEngine.from_loaded(loaded) if engine_kind == "fast" else Engine(loaded)
+    sampling = SamplingParams(max_new_tokens=1000, temperature=0, repetition_penalty=1.0)
+    (result,) = engine.generate([GenerationRequest("a bakery", sampling=sampling)])
+    assert result.finish_reason == FinishReason.REPETITION
+    assert MIN_LOOP_TOKENS <= result.generated_tokens < MIN_LOOP_TOKENS + 32
