@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from model.fast_sampling import sample_rows
 from model.loading import LoadedModel
 from model.prompting import encode_prompt
 from model.stopping import (
@@ -45,7 +47,7 @@ class _Sequence:
 
     request: GenerationRequest
     prompt_ids: list[int]
-    generator: torch.Generator | None
+    seed: int
     started: float
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
@@ -56,37 +58,40 @@ def sample_next_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     histories: Sequence[list[int]],
-    generators: Sequence[torch.Generator | None],
+    seeds: Sequence[int],
 ) -> list[int]:
-    """One token per row of ``logits`` [batch, vocab], each row with its own settings."""
-    logits = logits.float()
-    chosen: list[int] = []
-    for row, (setting, history, generator) in enumerate(
-        zip(params, histories, generators, strict=True)
-    ):
-        scores = logits[row]
-        if setting.repetition_penalty != 1.0 and history:
-            seen = torch.tensor(sorted(set(history)), device=scores.device)
-            previous = scores[seen]
-            # As in CTRL / transformers: shrink positive logits, push negative ones down.
-            scores = scores.clone()
-            scores[seen] = torch.where(
-                previous > 0,
-                previous / setting.repetition_penalty,
-                previous * setting.repetition_penalty,
-            )
-        if setting.temperature == 0:
-            chosen.append(int(torch.argmax(scores)))
-            continue
-        probs = torch.softmax(scores / setting.temperature, dim=-1)
-        if setting.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest set whose mass reaches top_p (always at least one token).
-            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > setting.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        chosen.append(int(torch.multinomial(probs, 1, generator=generator)))
-    return chosen
+    """One token per row of ``logits`` [batch, vocab], each row with its own settings.
+
+    The same sampler as the fast engine (:func:`model.fast_sampling.sample_rows`): each
+    row's draw depends only on its seed and position (``len(history)``), so a seeded request
+    gives the same page whichever engine runs it and whatever shares its batch.
+    """
+    rows, vocab = logits.shape
+    device = logits.device
+    seen = torch.zeros((rows, vocab), dtype=torch.bool, device=device)
+    for row, history in enumerate(histories):
+        if history:
+            seen[row, torch.tensor(history, device=device)] = True
+
+    def column(values: list[float] | list[int] | list[bool], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    greedy = [setting.temperature <= 0 for setting in params]
+    tokens = sample_rows(
+        logits.float(),
+        seen,
+        column(
+            [1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
+            torch.float32,
+        ),
+        column([p.top_p for p in params], torch.float32),
+        column([p.repetition_penalty for p in params], torch.float32),
+        column(greedy, torch.bool),
+        column([seed & 0xFFFFFFFF for seed in seeds], torch.int64),
+        column([len(history) for history in histories], torch.int64),
+        torch.arange(vocab, device=device),
+    )
+    return [int(token) for token in tokens.tolist()]
 
 
 class Engine:
@@ -109,15 +114,11 @@ class Engine:
         return self.loaded.name
 
     def _new_sequence(self, request: GenerationRequest, started: float) -> _Sequence:
-        generator = None
-        if request.sampling.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if request.sampling.seed is not None:
-                generator.manual_seed(request.sampling.seed)
-            else:
-                generator.seed()
+        seed = request.sampling.seed
+        if seed is None:
+            seed = random.getrandbits(32)
         prompt_ids = encode_prompt(self.tokenizer, request.prompt, request.style)
-        return _Sequence(request, prompt_ids, generator, started)
+        return _Sequence(request, prompt_ids, seed, started)
 
     @torch.inference_mode()
     def generate(
@@ -168,7 +169,7 @@ class Engine:
                 logits,
                 [seq.request.sampling for seq in active],
                 [seq.prompt_ids + seq.generated for seq in active],
-                [seq.generator for seq in active],
+                [seq.seed for seq in active],
             )
             now = time.perf_counter()
             keep: list[int] = []

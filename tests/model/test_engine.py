@@ -119,6 +119,17 @@ def test_seeded_sampling_is_reproducible_and_per_request(engine: Engine) -> None
     assert mixed[1].text == greedy_alone.text
 
 
+def test_a_seeded_request_samples_alike_in_both_engines(
+    loaded: LoadedModel, engine: Engine
+) -> None:
+    from model.fast_engine import FastEngine
+
+    hot = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=11)
+    standard = engine.generate([request(PROMPTS[1], hot)])[0]
+    fast = FastEngine.from_loaded(loaded).generate([request(PROMPTS[1], hot)])[0]
+    assert standard.text == fast.text
+
+
 def test_progress_reports_growing_token_counts(engine: Engine) -> None:
     seen: list[int] = []
     engine.generate(
@@ -194,8 +205,8 @@ def test_repetition_penalty_discourages_repeats(loaded: LoadedModel) -> None:
     logits = torch.tensor([[5.0, 4.9, 0.0]])
     plain = SamplingParams(temperature=0, repetition_penalty=1.0)
     penalised = SamplingParams(temperature=0, repetition_penalty=1.2)
-    assert sample_next_tokens(logits, [plain], [[0]], [None]) == [0]
-    assert sample_next_tokens(logits, [penalised], [[0]], [None]) == [1]
+    assert sample_next_tokens(logits, [plain], [[0]], [0]) == [0]
+    assert sample_next_tokens(logits, [penalised], [[0]], [0]) == [1]
 
 
 def test_top_p_keeps_only_the_nucleus() -> None:
@@ -203,6 +214,11 @@ def test_top_p_keeps_only_the_nucleus() -> None:
 
     logits = torch.tensor([[10.0, 9.0, -5.0, -5.0]])
     nucleus = SamplingParams(temperature=1.0, top_p=0.5, repetition_penalty=1.0)
-    generator = torch.Generator().manual_seed(0)
-    picks = {sample_next_tokens(logits, [nucleus], [[]], [generator])[0] for _ in range(50)}
+    picks = {sample_next_tokens(logits, [nucleus], [[]], [seed])[0] for seed in range(50)}
     assert picks == {0}
+    # Without the cut, the second token (e^-1 of the first's mass) is drawn now and then.
+    everything = dataclasses.replace(nucleus, top_p=1.0)
+    assert {sample_next_tokens(logits, [everything], [[]], [seed])[0] for seed in range(50)} == {
+        0,
+        1,
+    }
