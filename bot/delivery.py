@@ -27,7 +27,7 @@ import discord
 from bot.errors import DeliveryExpired
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
-from bot.status import Ticket, ticket_of
+from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
 from bot.store import ResultStore, StoredPage
 from model.errors import ModelError
 from model.naming import page_filename
@@ -140,7 +140,7 @@ async def with_retries(
         try:
             return await operation()
         except discord.HTTPException as exc:
-            if exc.status in (401, 404):
+            if exc.status in DEAD_TOKEN_STATUSES:
                 message = f"{what}: Discord answered {exc.status} ({exc.text})"
                 raise DeliveryExpired(message) from exc
             if exc.status == 429:
