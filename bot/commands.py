@@ -23,9 +23,7 @@ from bot.errors import (
     JobNotFound,
     NotAllowed,
     NotPermitted,
-    QueueFull,
     ResultNotFound,
-    UserLimitReached,
 )
 from bot.jobs import Job, JobState
 from bot.scheduler import format_duration
@@ -249,11 +247,9 @@ async def handle_html(
     )
     ticket = Ticket(interaction=interaction)
     job.context = ticket
-    try:
-        position = bot.scheduler.submit(job)
-    except (QueueFull, UserLimitReached) as exc:
-        bot.metrics.rejected.labels(type(exc).__name__).inc()
-        raise
+    # A refusal (QueueFull, UserLimitReached) propagates to the tree's on_error, which
+    # counts it in the rejected metric like every other BotError.
+    position = bot.scheduler.submit(job)
     try:
         await interaction.response.defer(ephemeral=private, thinking=True)
     except Exception as exc:

@@ -106,7 +106,7 @@ async def test_rejections_are_ephemeral_messages(fake: FakeDiscord, start_bot: S
 async def test_per_user_limit_and_full_queue(fake: FakeDiscord, start_bot: StartBot) -> None:
     engine = FakeEngine()
     engine.release.clear()
-    await start_bot(engine, queue_max_per_user=1, queue_max_total=1, max_batch=1)
+    bot = await start_bot(engine, queue_max_per_user=1, queue_max_total=1, max_batch=1)
     ann, bob, cid = fake.user("ann"), fake.user("bob"), fake.user("cid")
     await (await fake.send_command("html", {"prompt": "one"}, user=ann)).wait_for_callback()
     await asyncio.to_thread(engine.started.wait, 5)
@@ -118,6 +118,10 @@ async def test_per_user_limit_and_full_queue(fake: FakeDiscord, start_bot: Start
     await full.wait_for_callback()
     assert full.is_ephemeral_reply() and "queue is full" in full.visible_text
     assert "try again in about" in full.visible_text
+    # Each refusal is counted once, by reason.
+    count = bot.metrics.registry.get_sample_value
+    assert count("htmlbot_rejected_total", {"reason": "UserLimitReached"}) == 1
+    assert count("htmlbot_rejected_total", {"reason": "QueueFull"}) == 1
     engine.release.set()
 
 
