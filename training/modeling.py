@@ -1,8 +1,8 @@
-"""The model side of training: quantization and LoRA configs, and loading for training.
+"""The model side of training: the LoRA config, the base's spec, and loading for training.
 
-Pure builders (``build_quantization_config``, ``build_lora_config``) like TRL's scripts, and
-``load_for_training``, which loads the base through :func:`model.loading.load_model` (the
-same loader inference uses) and wraps it for QLoRA.
+A pure builder (``build_lora_config``) like TRL's scripts, and ``load_for_training``, which
+loads the base through :func:`model.loading.load_model` (the same loader inference uses, and
+the one place that builds the bitsandbytes config for nf4 / int8) and wraps it for QLoRA.
 """
 
 from __future__ import annotations
@@ -20,25 +20,6 @@ from training.config import DEFAULT_TARGET_MODULES, TrainConfig
 from training.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def build_quantization_config(
-    quantization: Quantization | str, compute_dtype: torch.dtype = torch.bfloat16
-) -> Any:
-    """``BitsAndBytesConfig`` for nf4 (QLoRA: NF4 + double quant) or int8; None for none."""
-    quantization = Quantization(quantization)
-    if quantization == Quantization.NONE:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == Quantization.NF4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def build_lora_config(
