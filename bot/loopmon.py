@@ -18,10 +18,6 @@ class LagMonitor:
         self.max_lag_s = 0.0
         self.samples = 0
 
-    def reset(self) -> None:
-        self.last_lag_s = self.max_lag_s = 0.0
-        self.samples = 0
-
     async def run(self) -> None:
         """Loop forever; cancel the task to stop."""
         loop = asyncio.get_running_loop()

@@ -177,10 +177,6 @@ class Scheduler:
         with self._cond:
             return self._positions_locked()
 
-    def position(self, job_id: str) -> int | None:
-        with self._cond:
-            return self._positions_locked().get(job_id)
-
     def eta_s(self, position: int) -> float:
         """Rough seconds until the job at ``position`` is finished, from measured speed."""
         rounds = math.ceil(position / max(self.max_batch, 1)) + 1

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def page_as_dict(page: StoredPage) -> dict:
-    """A JSON-friendly view (for logs and tests)."""
-    data = asdict(page)
-    data["path"] = str(page.path)
-    return data
