@@ -85,7 +85,7 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, splits: Splits) -> Pre
     return Prepared(train, evaluation, train_report, eval_report)
 
 
-def _mixed_precision(config: TrainConfig, device: torch.device, quantized: bool) -> str:
+def _mixed_precision(config: TrainConfig, device: torch.device) -> str:
     if config.mixed_precision != "auto":
         return config.mixed_precision
     if device.type == "cuda":
@@ -137,7 +137,7 @@ def train(config: TrainConfig) -> TrainResult:
     probe = torch.device("cpu") if cpu else torch.device("cuda")
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=_mixed_precision(config, probe, quantized=config.quantization != "none"),
+        mixed_precision=_mixed_precision(config, probe),
         gradient_accumulation_steps=config.grad_accum,
     )
     set_seed(config.seed)
@@ -147,10 +147,8 @@ def train(config: TrainConfig) -> TrainResult:
     loaded = load_for_training(config, device)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
     prepared = prepare_examples(config, tokenizer, splits)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    collator = Collator(pad_id, config.pad_to_multiple_of)
+    # model.loading.load_tokenizer always sets a pad token.
+    collator = Collator(tokenizer.pad_token_id, config.pad_to_multiple_of)
 
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(
