@@ -152,9 +152,7 @@ class Scheduler:
             job = self._queued.pop(job_id, None)
             if job is not None:
                 self._remove_from_queue_locked(job)
-                job.state = JobState.CANCELLED
-                job.finished_at = self._clock()
-                job.request.cancel()
+                self._cancel_queued_locked(job)
                 return job
             job = self._running.get(job_id)
             if job is not None:
@@ -202,9 +200,7 @@ class Scheduler:
             self._closed = True
             dropped = self._order_locked()
             for job in dropped:
-                job.state = JobState.CANCELLED
-                job.finished_at = self._clock()
-                job.request.cancel()
+                self._cancel_queued_locked(job)
             self._queues.clear()
             self._queued.clear()
             self._cond.notify_all()
@@ -293,6 +289,12 @@ class Scheduler:
         else:
             del self._queues[user_id]
         return job
+
+    def _cancel_queued_locked(self, job: Job) -> None:
+        # A queued job that leaves the queue unrun: cancel()d, or dropped by close().
+        job.state = JobState.CANCELLED
+        job.finished_at = self._clock()
+        job.request.cancel()
 
     def _remove_from_queue_locked(self, job: Job) -> None:
         queue = self._queues.get(job.user_id)
