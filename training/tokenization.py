@@ -57,22 +57,19 @@ class TokenizeReport:
         return data
 
 
-def encode_pair(
-    tokenizer: Any,
-    pair: Pair,
-    max_seq_len: int,
-    *,
-    style: str | None = None,
-    truncate: bool = False,
-) -> Example | None:
-    """The example for one pair, or ``None`` when it is over ``max_seq_len`` and not truncated.
-
-    A truncated page keeps no EOS: the model must not learn to stop in the middle of a page.
-    """
+def _encode(tokenizer: Any, pair: Pair, style: str | None) -> tuple[list[int], list[int]]:
+    """The whole prompt and answer ids of ``pair``; a truncated page keeps no EOS."""
     prompt = encode_prompt(tokenizer, pair.description, style)
     answer = encode_answer(tokenizer, pair.page)
     if pair.truncated and answer and answer[-1] == tokenizer.eos_token_id:
         answer = answer[:-1]
+    return prompt, answer
+
+
+def _fit(
+    tokenizer: Any, prompt: list[int], answer: list[int], max_seq_len: int, truncate: bool
+) -> Example | None:
+    """The example of ``prompt`` + ``answer`` in ``max_seq_len`` tokens, or ``None``."""
     if len(prompt) + len(answer) > max_seq_len:
         room = max_seq_len - len(prompt)
         if not truncate or room < 1:
@@ -87,6 +84,22 @@ def encode_pair(
     return Example(input_ids=input_ids, labels=labels)
 
 
+def encode_pair(
+    tokenizer: Any,
+    pair: Pair,
+    max_seq_len: int,
+    *,
+    style: str | None = None,
+    truncate: bool = False,
+) -> Example | None:
+    """The example for one pair, or ``None`` when it is over ``max_seq_len`` and not truncated.
+
+    A truncated page keeps no EOS: the model must not learn to stop in the middle of a page.
+    """
+    prompt, answer = _encode(tokenizer, pair, style)
+    return _fit(tokenizer, prompt, answer, max_seq_len, truncate)
+
+
 def encode_pairs(
     tokenizer: Any,
     pairs: Iterable[Pair],
@@ -99,18 +112,14 @@ def encode_pairs(
     report = TokenizeReport()
     examples: list[Example] = []
     for pair in pairs:
-        full = encode_pair(tokenizer, pair, 10**9, style=style)
-        assert full is not None
-        if len(full) > max_seq_len:
+        # Each pair is tokenized once; only an over-long one is then cut to fit.
+        prompt, answer = _encode(tokenizer, pair, style)
+        if len(prompt) + len(answer) > max_seq_len:
             if not truncate:
                 report.dropped_too_long += 1
                 continue
             report.truncated += 1
-        example = (
-            full
-            if len(full) <= max_seq_len
-            else encode_pair(tokenizer, pair, max_seq_len, style=style, truncate=True)
-        )
+        example = _fit(tokenizer, prompt, answer, max_seq_len, truncate)
         if example is None:
             report.dropped_too_long += 1
             continue
