@@ -80,27 +80,32 @@ def load_engine(settings: Settings) -> Any:
         loaded = load_model(spec)
         on_gpu = loaded.device.type == "cuda"
         if settings.engine == "continuous" or (settings.engine == "auto" and on_gpu):
-            from model.fast_engine import FastEngine
-
-            try:
-                engine = FastEngine.from_loaded(loaded)
-            except ValueError as exc:  # not a Llama-family model
-                if settings.engine == "continuous":
-                    raise StartupError(f"ENGINE=continuous: {exc}", EXIT_MODEL) from None
-                log.warning("continuous engine unavailable (%s); using the standard one", exc)
-                from model.engine import Engine
-
-                return Engine(loaded)
-            if on_gpu:
-                # Capture the CUDA graphs now (~30 s for a 7B model), not on users' first jobs.
-                log.info("continuous-batching engine: capturing CUDA graphs")
-                engine.warmup(settings.max_batch)
-            return engine
+            engine = _continuous_engine(loaded, settings, on_gpu=on_gpu)
+            if engine is not None:
+                return engine
         from model.engine import Engine
 
         return Engine(loaded)
     except ModelError as exc:
         raise StartupError(f"model: {exc}", EXIT_MODEL) from None
+
+
+def _continuous_engine(loaded: Any, settings: Settings, *, on_gpu: bool) -> Any | None:
+    """The continuous-batching engine; None (ENGINE=auto) when the model can't use it."""
+    from model.fast_engine import FastEngine
+
+    try:
+        engine = FastEngine.from_loaded(loaded)
+    except ValueError as exc:  # not a Llama-family model
+        if settings.engine == "continuous":
+            raise StartupError(f"ENGINE=continuous: {exc}", EXIT_MODEL) from None
+        log.warning("continuous engine unavailable (%s); using the standard one", exc)
+        return None
+    if on_gpu:
+        # Capture the CUDA graphs now (~30 s for a 7B model), not on users' first jobs.
+        log.info("continuous-batching engine: capturing CUDA graphs")
+        engine.warmup(settings.max_batch)
+    return engine
 
 
 async def check_token(settings: Settings) -> None:
