@@ -215,3 +215,14 @@ def test_packed_run_and_early_stopping(tiny_base: Path, tmp_path: Path) -> None:
     assert result.metrics["early_stopped_at_epoch"] == 2
     assert [epoch["epoch"] for epoch in result.metrics["epochs"]] == [1, 2]
     assert all(math.isfinite(entry["loss"]) for entry in result.metrics["history"])
+    # The adapter written out is epoch 1's (the best), not epoch 2's: bit for bit, since a
+    # 1e-9 learning rate moves the weights too little for a tolerance to tell them apart.
+    [best] = [
+        folder
+        for folder in (tmp_path / "packed" / "checkpoints").iterdir()
+        if json.loads((folder / "trainer_state.json").read_text())["epoch"] == 1
+    ]
+    written = load_file(str(tmp_path / "packed" / "adapter_model.safetensors"))
+    at_best = load_file(str(best / "adapter_model.safetensors"))
+    assert written.keys() == at_best.keys()
+    assert all(torch.equal(written[key], at_best[key]) for key in written)
