@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from training.config import TrainConfig
-from training.errors import DataError
+from training.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,8 @@ def _read_hub(dataset_id: str, split: str) -> Iterator[dict[str, Any]]:
     try:
         loaded = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # offline, unknown id, unknown split: all end the run here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"can't load hub dataset {dataset_id!r} (split {split!r}): {first}; "
+            f"can't load hub dataset {dataset_id!r} (split {split!r}): {first_line(exc)}; "
             "for offline use pass a local .jsonl/.csv/.parquet file with --data"
         ) from None
     yield from loaded

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from training.config import TrainConfig
-from training.errors import TrainingError
+from training.errors import TrainingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,5 @@ def push_to_hub(output_dir: Path, repo_id: str, private: bool = True) -> str:
             folder_path=str(output_dir), repo_id=repo_id, ignore_patterns=[f"{CHECKPOINTS}/*"]
         )
     except Exception as exc:  # network, auth and permission errors all end the upload here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"push to hub {repo_id!r} failed: {first}") from None
+        raise TrainingError(f"push to hub {repo_id!r} failed: {first_line(exc)}") from None
     return f"https://huggingface.co/{repo_id}"
