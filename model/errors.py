@@ -31,3 +31,10 @@ class QuantizationError(ModelError):
 
 class HtmlExtractionError(ModelError):
     """The model's output holds nothing that can become a page."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type name when empty): third-party errors
+    (hub, network, safetensors) often span many lines, and ours are one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

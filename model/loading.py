@@ -19,6 +19,7 @@ from model.errors import (
     ModelLoadError,
     OfflineError,
     QuantizationError,
+    first_line,
 )
 from model.spec import ModelSpec, Quantization
 
@@ -128,14 +129,13 @@ def _check_quantization(spec: ModelSpec, device: Any) -> Any:
 
 
 def _hub_error(what: str, name: str, error: Exception) -> ModelError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     unreachable = "couldn't connect" in str(error) or isinstance(error, ConnectionError)
     if not looks_like_local_path(name) and (hub_offline() or unreachable):
         return OfflineError(
             f"{what} {name!r} is a hub id but the hub is offline (HF_HUB_OFFLINE); "
             "use a local folder or the embedded model (--preset smollm2)"
         )
-    return ModelLoadError(f"could not load {what} {name!r}: {first_line}")
+    return ModelLoadError(f"could not load {what} {name!r}: {first_line(error)}")
 
 
 def load_tokenizer(spec: ModelSpec, location: str | None = None) -> Any:
@@ -220,8 +220,9 @@ def _attach_adapter(model: Any, spec: ModelSpec, for_training: bool) -> Any:
     ) as error:
         if not looks_like_local_path(spec.adapter) and hub_offline():
             raise _hub_error("adapter", spec.adapter, error) from None
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise AdapterError(f"could not load adapter {spec.adapter!r}: {first_line}") from None
+        raise AdapterError(
+            f"could not load adapter {spec.adapter!r}: {first_line(error)}"
+        ) from None
 
 
 def should_merge(spec: ModelSpec, for_training: bool) -> bool:
