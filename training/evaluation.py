@@ -19,6 +19,16 @@ from training.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
+# The headline measures (label, metrics key), before and after training: the log line after
+# each evaluation and the model card's table show these.
+HEADLINE_MEASURES = (
+    ("eval loss", "eval_loss"),
+    ("perplexity", "perplexity"),
+    ("complete-document rate", "complete_document_rate"),
+    ("truncation rate", "truncation_rate"),
+    ("repetition rate", "repetition_rate"),
+)
+
 
 @torch.no_grad()
 def eval_loss(

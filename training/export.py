@@ -24,6 +24,7 @@ import torch
 
 from training.config import TrainConfig
 from training.errors import TrainingError, first_line
+from training.evaluation import HEADLINE_MEASURES
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +157,9 @@ def model_card(config: TrainConfig, spec: Any, metrics: dict[str, Any]) -> str:
         value = values.get(key)
         return f"{value:.3f}" if isinstance(value, int | float) else "-"
 
-    rows = [
-        ("eval loss", "eval_loss"),
-        ("perplexity", "perplexity"),
-        ("complete-document rate", "complete_document_rate"),
-        ("truncation rate", "truncation_rate"),
-        ("repetition rate", "repetition_rate"),
-    ]
     table = "\n".join(
-        f"| {label} | {number(before, key)} | {number(after, key)} |" for label, key in rows
+        f"| {label} | {number(before, key)} | {number(after, key)} |"
+        for label, key in HEADLINE_MEASURES
     )
     data = metrics.get("data", {})
     modules = ", ".join(config.target_modules)

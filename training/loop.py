@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from training.config import TrainConfig
 from training.data import Splits, load_splits
 from training.errors import DataError, TrainingError
-from training.evaluation import eval_loss, generation_metrics
+from training.evaluation import HEADLINE_MEASURES, eval_loss, generation_metrics
 from training.export import (
     checkpoint_dir,
     find_checkpoint,
@@ -399,14 +399,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 
 def _brief(values: dict[str, Any]) -> str:
-    keys = (
-        "eval_loss",
-        "perplexity",
-        "complete_document_rate",
-        "truncation_rate",
-        "repetition_rate",
-    )
-    shown = [f"{key} {values[key]:.3f}" for key in keys if isinstance(values.get(key), int | float)]
+    shown = [
+        f"{key} {values[key]:.3f}"
+        for _, key in HEADLINE_MEASURES
+        if isinstance(values.get(key), int | float)
+    ]
     return ", ".join(shown) or "no eval data"
 
 
