@@ -216,7 +216,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     if config.resume:
         folder = find_checkpoint(output_dir, config.resume)
-        _check_same_run(read_state(folder).get("run", {}), _run_identity(config))
+        _check_same_run(read_state(folder).get("run", {}), state["run"])
         state = load_checkpoint(folder, unwrapped, optimizer, scheduler)
         metrics["resumed_from_step"] = state["step"]
         metrics["before"] = state.get("before", {})
