@@ -218,10 +218,14 @@ class Worker:
             "out of memory on a batch of %d; retrying as %d + %d", len(jobs), half, len(jobs) - half
         )
         for part in (jobs[:half], jobs[half:]):
-            fresh = [job for job in part if not job.request.cancelled]
+            # One read of each cancel flag: a cancel landing between two reads would have
+            # the job both reported cancelled and run again.
+            fresh: list[Job] = []
             for job in part:
                 if job.request.cancelled:
                     self._complete(job, _cancelled_result(job.request))
+                else:
+                    fresh.append(job)
             if fresh:
                 self._run_batch(fresh)
 
