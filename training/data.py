@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from model.errors import first_line
 from training.config import TrainConfig
-from training.errors import DataError, first_line
+from training.errors import DataError
 
 log = logging.getLogger(__name__)
 

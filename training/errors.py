@@ -11,10 +11,3 @@ class ConfigError(TrainingError):
 
 class DataError(TrainingError):
     """The dataset can't be read or holds nothing usable."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of ``error``'s message (its type name when empty): third-party errors
-    (hub, network) often span many lines, and this package's messages are one line."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from model.errors import first_line
 from training.config import TrainConfig
-from training.errors import TrainingError, first_line
+from training.errors import TrainingError
 from training.evaluation import HEADLINE_MEASURES
 
 log = logging.getLogger(__name__)
