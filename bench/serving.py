@@ -434,28 +434,48 @@ def single_stream(engine: Any, new_tokens: int) -> dict[str, Any]:
     }
 
 
-def step_times(engine: Any, batches: list[int], context: int) -> list[dict[str, Any]]:
-    """Median time of one captured decode step (graph replay) per batch size."""
+def step_times(
+    engine: Any, batches: list[int], context: int, mixed: bool = False
+) -> list[dict[str, Any]]:
+    """Median time of one captured decode step (graph replay) per batch size.
+
+    Every row at ``context - 64`` keys, or with ``mixed`` each row at a served page's midpoint
+    (a 64-256-token prompt plus 256 generated tokens) in the same context bucket.
+    """
     import torch
 
     runner = engine.runner
+    rng = random.Random(5)
     rows = []
     for b in batches:
         if b > runner.slots:
             continue
-        runner.positions[:b] = context - 64
+        if mixed:
+            keys = [min(rng.randint(64, 256) + 256, context) for _ in range(b)]
+        else:
+            keys = [context - 64] * b
+        positions = torch.tensor([k - 1 for k in keys], device=runner.positions.device)
+        runner.positions[:b] = positions
         runner.decode(b, context)  # captures if needed
         start = [torch.cuda.Event(enable_timing=True) for _ in range(30)]
         end = [torch.cuda.Event(enable_timing=True) for _ in range(30)]
         graph = runner._graphs[(runner.batch_bucket(b), runner.context_bucket(context))]
-        runner.positions[:b] = context - 64
         for i in range(30):
+            runner.positions[:b] = positions  # the step advances them
             start[i].record()
             graph.replay()
             end[i].record()
         torch.cuda.synchronize()
         ms = statistics.median(s.elapsed_time(e) for s, e in zip(start, end, strict=True))
-        rows.append({"batch": b, "context": context, "step_ms": ms, "tokens_per_s": b / ms * 1000})
+        rows.append(
+            {
+                "batch": b,
+                "context": context,
+                "mean_keys": statistics.mean(keys),
+                "step_ms": ms,
+                "tokens_per_s": b / ms * 1000,
+            }
+        )
     return rows
 
 
@@ -481,6 +501,8 @@ def profile_step(engine: Any, batch: int, context: int, path: Path | None) -> st
             kind = "matmul (weights)"
         elif "fmha" in name or "attention" in name or "flash" in name:
             kind = "attention (KV)"
+        elif "rope_store" in name:
+            kind = "rope + KV write (triton)"
         elif "sort" in name or "radix" in name or "scan" in name:
             kind = "sampling sort"
         elif "index" in name or "scatter" in name or "gather" in name:
@@ -588,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-tokens", type=int, default=128)
     parser.add_argument("--skip-4bit", action="store_true")
     parser.add_argument("--max-seq-len", type=int, default=1024)
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul"])
-    parser.add_argument("--compare-attention", action="store_true", help="time both first")
+    parser.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "matmul"])
+    parser.add_argument(
+        "--compare-attention", action="store_true", help="time the triton and sdpa steps first"
+    )
     parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM layout rows")
     parser.add_argument("--no-profile", action="store_true", help="skip the step profile")
     parser.add_argument("--json", type=Path, default=None)
@@ -694,29 +718,29 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         runner = engine.runner
         by_attention: dict[str, list[dict[str, Any]]] = {}
-        for attention in ("sdpa", "matmul") if args.compare_attention else (args.attention,):
+        serving_attention = runner.attention
+        kinds = ("triton", "sdpa") if args.compare_attention else (serving_attention,)
+        for attention in kinds:
             if runner.attention != attention:
-                runner.attention = attention
-                runner._graphs.clear()
+                runner.set_attention(attention)
             by_attention[attention] = step_times(engine, [1, 8, 32, 64], 512)
+            by_attention[attention] += step_times(engine, [8, 32], 640, mixed=True)
             for row in by_attention[attention]:
                 row["attention"] = attention
-                row["floor_tokens_per_s"] = floor(row["batch"], 512 - 64)
+                row["floor_tokens_per_s"] = floor(row["batch"], row["mean_keys"])
                 row["fraction_of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
                 print(
-                    f"decode step ({attention}) b={row['batch']:3d} ctx<=512: "
+                    f"decode step ({attention}) b={row['batch']:3d} "
+                    f"bucket {row['context']} mean keys {row['mean_keys']:.0f}: "
                     f"{row['step_ms']:.2f} ms, {row['tokens_per_s']:.0f} tok/s, "
                     f"{row['fraction_of_floor']:.2f} of floor",
                     flush=True,
                 )
-        # Serve with whichever attention gave the faster step at batch 32.
-        best = min(by_attention, key=lambda a: sum(r["step_ms"] for r in by_attention[a][1:3]))
-        if best != runner.attention or len(runner._graphs) < graphs:
-            runner.attention = best
-            runner._graphs.clear()
+        if runner.attention != serving_attention or len(runner._graphs) < graphs:
+            runner.set_attention(serving_attention)
             engine.warmup(max_batch=64)
-        print(f"serving with attention={best}", flush=True)
-        report["attention"] = best
+        print(f"serving with attention={serving_attention}", flush=True)
+        report["attention"] = serving_attention
         steps = [row for rows in by_attention.values() for row in rows]
         report["step_times"] = steps
         try:

@@ -63,7 +63,7 @@ class FastEngineOptions:
     prefill_tokens: int = 2048  # prompt tokens prefilled between two decode steps, at most
     use_cuda_graphs: bool = True
     compile_kernels: bool = True
-    attention: str = "sdpa"  # or "matmul"
+    attention: str = "auto"  # Triton kernels on CUDA, else "sdpa"; or "matmul"
     progress_interval_s: float = 0.25
     ignore_eos: bool = False
     idle_wait: bool = True  # pass wait=True to take() when nothing runs

@@ -14,6 +14,7 @@ views ``[:b]`` with no gather.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +22,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from model import fast_kernels
 from model.fast_sampling import penalize, race, sample_rows
 
 log = logging.getLogger(__name__)
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+
+# Prefill attention: flash / memory-efficient kernels (math on CPU), never cuDNN (see prefill).
+PREFILL_ATTENTION_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+ATTENTION_KINDS = ("auto", "triton", "sdpa", "matmul")
 
 BATCH_BUCKETS = [1, 2, 4, 8, *range(12, 33, 4), *range(40, 65, 8), 80, 96, 112, 128, 160, 192, 256]
 CONTEXT_BUCKETS = [
@@ -221,7 +233,7 @@ class FastLlama:
             )
             for layer in inner.layers
         ]
-        self.attention = attention
+        self.attention = self._choose_attention(attention)
         self.scale = self.head_dim**-0.5
         self.max_seq_len = int(max_seq_len)
         self._build_rope(llama, config)
@@ -246,7 +258,34 @@ class FastLlama:
         self.batch_buckets = _buckets(BATCH_BUCKETS, self.slots)
         self.context_buckets = _buckets(CONTEXT_BUCKETS, self.max_seq_len)
 
+    def set_attention(self, attention: str) -> None:
+        """Switch the decode attention (benchmarks compare them); graphs are captured again."""
+        self.attention = self._choose_attention(attention)
+        self._graphs.clear()
+        # A fresh pool: the old graphs' memory can't be handed to new captures while any
+        # tensor of theirs may still be referenced.
+        self._pool = None
+
     # ----------------------------------------------------------------- setup
+
+    def _choose_attention(self, attention: str) -> str:
+        """``auto``: the Triton kernels on CUDA when Triton is there, else SDPA.
+
+        ``triton`` may be forced on CPU (the tests run it under Triton's interpreter).
+        """
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {attention!r}")
+        # The kernels take whole power-of-two head dims (and halves of them) per program.
+        fits = self.head_dim >= 16 and self.head_dim & (self.head_dim - 1) == 0
+        if attention == "triton" and not fits:
+            raise ValueError(
+                f"the triton attention needs a power-of-two head dim, not {self.head_dim}"
+            )
+        if attention != "auto":
+            return attention
+        if self.device.type == "cuda" and fits and fast_kernels.available():
+            return "triton"
+        return "sdpa"
 
     def _build_rope(self, llama: Any, config: Any) -> None:
         # transformers 5 keeps these in rope_parameters; older configs in rope_theta/rope_scaling.
@@ -402,20 +441,40 @@ class FastLlama:
         positions = self.positions[:b]
         rows = self.rows[:b]
         x = self.embed[tokens]
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        visible = self.key_positions[:ctx][None, :] <= positions[:, None]
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        bias_dtype = self.dtype if self.attention == "sdpa" else torch.float32
-        bias = torch.where(visible, zero, -torch.inf).to(bias_dtype)[:, None, None, :]
+        triton = self.attention == "triton"
+        if triton:
+            # Scratch reused by every layer: the rotated queries and attention's output.
+            queries = torch.empty(
+                (b, self.n_heads, self.head_dim), dtype=self.dtype, device=x.device
+            )
+            attended = torch.empty(
+                (b, self.n_heads * self.head_dim), dtype=self.dtype, device=x.device
+            )
+        else:
+            cos = self.cos[positions][:, None, :]
+            sin = self.sin[positions][:, None, :]
+            visible = self.key_positions[:ctx][None, :] <= positions[:, None]
+            zero = torch.zeros((), dtype=self.dtype, device=self.device)
+            bias_dtype = self.dtype if self.attention == "sdpa" else torch.float32
+            bias = torch.where(visible, zero, -torch.inf).to(bias_dtype)[:, None, None, :]
         layers = self.layers
         h = self._norm(x, layers[0].input_norm, self.eps)
         for index, layer in enumerate(layers):
-            q, kv = self._rope_kv(layer.qkv(h), cos, sin, self.n_heads, self.n_kv)
-            # cache[index] is (2, slots, kv heads, T, D); this writes K and V of every row at
-            # its position in one kernel.
-            self.cache[index][:, rows, :, positions] = kv
-            attn = self._attend_decode(q, b, ctx, index, bias)
+            if triton:
+                keys, values = self.cache[index, 0], self.cache[index, 1]
+                fast_kernels.rope_store(
+                    layer.qkv(h), self.cos, self.sin, positions, keys, values, queries
+                )
+                fast_kernels.decode_attention(
+                    queries, keys, values, positions, ctx, self.scale, attended
+                )
+                attn = attended
+            else:
+                q, kv = self._rope_kv(layer.qkv(h), cos, sin, self.n_heads, self.n_kv)
+                # cache[index] is (2, slots, kv heads, T, D); this writes K and V of every
+                # row at its position in one kernel.
+                self.cache[index][:, rows, :, positions] = kv
+                attn = self._attend_decode(q, b, ctx, index, bias)
             x, h = self._add_norm(x, layer.o(attn), layer.post_norm, self.eps)
             down = layer.down(self._silu_mul(layer.gate_up(h)))
             following = layers[index + 1].input_norm if index + 1 < len(layers) else None
@@ -533,46 +592,60 @@ class FastLlama:
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run the prompts into the cache rows; returns last-position logits (n, V) float32.
 
-        Eager on purpose: prompt shapes vary with every batch, and compiled helpers would
-        recompile on new shapes in the middle of serving (seconds of stall). Prefill is
-        matmul-bound, so the unfused elementwise ops cost little here.
+        The prompts are packed into one sequence (no padding: the projections and the MLP run
+        on exactly the prompt tokens) and attention runs per prompt. Eager on purpose: prompt
+        shapes vary with every batch, and compiled helpers would recompile on new shapes in the
+        middle of serving (seconds of stall). Attention is kept off cuDNN, which builds a plan
+        for every new prompt length (~80 ms on an H100, more than the whole prefill).
         """
-        n = len(rows)
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
-        with torch.inference_mode():
-            ids = torch.zeros((n, longest), dtype=torch.int64)
-            for i, prompt in enumerate(prompts):
-                ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-            ids = ids.to(self.device)
-            row_index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        with torch.inference_mode(), sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
+            device = self.device
+            ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
+            positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths])
+            slot_of_token = torch.repeat_interleave(
+                torch.tensor(rows, dtype=torch.int64), torch.tensor(lengths)
+            )
+            positions, slot_of_token = positions.to(device), slot_of_token.to(device)
+            total = len(ids)
             x = self.embed[ids]
-            cos = self.cos[:longest][None, None]
-            sin = self.sin[:longest][None, None]
+            cos = self.cos[positions][:, None, :]
+            sin = self.sin[positions][:, None, :]
             hq = self.n_heads * self.head_dim
             hkv = self.n_kv * self.head_dim
+            bounds = [0]
+            for n in lengths:
+                bounds.append(bounds[-1] + n)
             for index, layer in enumerate(self.layers):
                 h = rms_norm(x, layer.input_norm, self.eps)
                 qkv = layer.qkv(h)
-                q = qkv[..., :hq].view(n, longest, self.n_heads, self.head_dim).transpose(1, 2)
-                k = qkv[..., hq : hq + hkv].view(n, longest, self.n_kv, self.head_dim)
-                v = qkv[..., hq + hkv :].view(n, longest, self.n_kv, self.head_dim)
-                q = _rotate(q, cos, sin)
-                k = _rotate(k.transpose(1, 2), cos, sin)
-                v = v.transpose(1, 2)
-                self.cache[index, 0, :, :, :longest][row_index] = k
-                self.cache[index, 1, :, :, :longest][row_index] = v
-                if self.group > 1:
-                    k = k.repeat_interleave(self.group, dim=1)
-                    v = v.repeat_interleave(self.group, dim=1)
-                # Right padding: every real query sees only real keys under the causal mask.
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-                x = x + layer.o(attn.transpose(1, 2).reshape(n, longest, hq))
+                q = _rotate(qkv[:, :hq].view(total, self.n_heads, self.head_dim), cos, sin)
+                k = _rotate(qkv[:, hq : hq + hkv].view(total, self.n_kv, self.head_dim), cos, sin)
+                v = qkv[:, hq + hkv :].view(total, self.n_kv, self.head_dim)
+                # cache[index] is (2, slots, kv heads, T, D): every token's K and V at its
+                # (slot, position) in one write.
+                self.cache[index][:, slot_of_token, :, positions] = torch.stack((k, v), dim=1)
+                attn = torch.cat(
+                    [
+                        self._attend_prompt(q[a:b], k[a:b], v[a:b])
+                        for a, b in itertools.pairwise(bounds)
+                    ]
+                )
+                x = x + layer.o(attn)
                 h = rms_norm(x, layer.post_norm, self.eps)
                 x = x + layer.down(_silu_mul(layer.gate_up(h)))
-            last = torch.tensor([length - 1 for length in lengths], device=self.device)
-            x = x[torch.arange(n, device=self.device), last]
-            return self.lm_head(rms_norm(x, self.final_norm, self.eps)).float()
+            last = torch.tensor(bounds[1:], device=device) - 1
+            return self.lm_head(rms_norm(x[last], self.final_norm, self.eps)).float()
+
+    def _attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention within one prompt: (n, heads, D) queries -> (n, heads * D)."""
+        n = q.shape[0]
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if self.group > 1:
+            k = k.repeat_interleave(self.group, dim=0)
+            v = v.repeat_interleave(self.group, dim=0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
 
     def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
         """Sample one token per row from given logits (used after prefill)."""

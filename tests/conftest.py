@@ -16,6 +16,10 @@ from tests import tiny
 
 # Tests never touch the hub, whatever the caller's environment says.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The fast engine's Triton kernels run on CPU under Triton's interpreter. Triton reads this
+# when triton.language is imported (its own helpers such as tl.sum are jit functions), so it
+# is set before any test module imports the engine.
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,314 @@
+"""Triton kernels for the fast engine's decode step: rotary + KV write, and decode attention.
+
+Two things the generic kernels can't do well inside a CUDA graph:
+
+* **Per-row lengths.** Dense SDPA over the slot cache reads every row's keys up to the
+  step's context bucket, however short the row is; with prompts of 64-256 tokens that is a
+  quarter of the KV traffic thrown away. :func:`decode_attention` is split-K ("flash
+  decoding"): each program takes one (row, head, key chunk) and stops at the row's own length,
+  read from the positions tensor at run time, so one captured graph serves any mix of lengths.
+* **Fewer launches.** :func:`rope_store` rotates q and k, writes k and v into the cache at each
+  row's position, and leaves q for attention: one kernel where there were two (Inductor's
+  rope and an ``index_put``).
+
+The kernels are built on first use (:func:`kernels`), so this module imports without Triton
+(the engine then keeps SDPA), and the tests can build them under Triton's CPU interpreter
+(``TRITON_INTERPRET=1``).
+Arithmetic is float32 inside the kernels and rounds once on store.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU installs without Triton: the engine keeps SDPA
+    HAVE_TRITON = False
+
+# Keys per split-K program (a multiple of BLOCK_KEYS) and keys per loop iteration. Chosen on an
+# H100 (bench/serving.py --attention-sweep); any values give the same result.
+SPLIT_KEYS = 64
+BLOCK_KEYS = 64
+MAX_SPLITS = 32  # longer contexts use bigger chunks instead of more of them
+ATTENTION_WARPS = 2
+
+
+def available() -> bool:
+    """Whether Triton can be imported (it ships with CUDA builds of PyTorch)."""
+    return HAVE_TRITON
+
+
+@functools.cache
+def kernels() -> Any:
+    """Compile-on-first-use kernels; a namespace with ``rope_store``, ``partial``, ``reduce``.
+
+    Defined here rather than at import: ``triton.jit`` decides at definition time whether to
+    interpret (``TRITON_INTERPRET``). ``tl`` stays a module global, which the interpreter
+    patches while it runs a kernel.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("the triton attention needs Triton (pip install triton)")
+
+    @triton.jit
+    def rope_store_kernel(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        positions_ptr,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        stride_qkv_row,
+        stride_cos,
+        stride_q_row,
+        stride_q_head,
+        stride_cache_row,
+        stride_cache_head,
+        stride_cache_pos,
+        max_position,
+        HEADS: tl.constexpr,
+        KV_HEADS: tl.constexpr,
+        HALF: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)  # 0..HEADS-1: a query head; then the KV heads
+        position = tl.minimum(tl.load(positions_ptr + row), max_position)
+        offs = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + position * stride_cos + offs).to(tl.float32)
+        sin = tl.load(sin_ptr + position * stride_cos + offs).to(tl.float32)
+        source = qkv_ptr + row * stride_qkv_row + head * (2 * HALF)
+        first = tl.load(source + offs).to(tl.float32)
+        second = tl.load(source + HALF + offs).to(tl.float32)
+        # rotate_half: (x1, x2) -> (-x2, x1); cos/sin repeat across the two halves.
+        rotated_first = first * cos - second * sin
+        rotated_second = second * cos + first * sin
+        if head < HEADS:
+            target = q_ptr + row * stride_q_row + head * stride_q_head
+            tl.store(target + offs, rotated_first.to(q_ptr.dtype.element_ty))
+            tl.store(target + HALF + offs, rotated_second.to(q_ptr.dtype.element_ty))
+        else:
+            kv_head = head - HEADS
+            slot = (
+                row * stride_cache_row + kv_head * stride_cache_head + position * stride_cache_pos
+            )
+            dtype = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + slot + offs, rotated_first.to(dtype))
+            tl.store(k_cache_ptr + slot + HALF + offs, rotated_second.to(dtype))
+            value = qkv_ptr + row * stride_qkv_row + (HEADS + KV_HEADS + kv_head) * (2 * HALF)
+            tl.store(v_cache_ptr + slot + offs, tl.load(value + offs))
+            tl.store(v_cache_ptr + slot + HALF + offs, tl.load(value + HALF + offs))
+
+    @triton.jit
+    def attention_partial_kernel(
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        positions_ptr,
+        acc_ptr,
+        max_ptr,
+        sum_ptr,
+        stride_q_row,
+        stride_q_head,
+        stride_cache_row,
+        stride_cache_head,
+        stride_cache_pos,
+        context,
+        scale,
+        GROUP: tl.constexpr,
+        SPLITS: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK: tl.constexpr,
+        DIM: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        # Keys [0, position] are live (the current token's was just written); rows padding a
+        # batch bucket may hold any position, so the context bucket bounds them too.
+        length = tl.minimum(tl.load(positions_ptr + row) + 1, context)
+        start = split * SPLIT
+        end = tl.minimum(start + SPLIT, length)
+        offs_d = tl.arange(0, DIM)
+        q = tl.load(q_ptr + row * stride_q_row + head * stride_q_head + offs_d).to(tl.float32)
+        q = q * scale
+        base = row * stride_cache_row + (head // GROUP) * stride_cache_head
+        best = tl.full((), float("-inf"), tl.float32)
+        total = tl.full((), 0.0, tl.float32)
+        acc = tl.zeros((DIM,), dtype=tl.float32)
+        for block in range(start, end, BLOCK):
+            offs_n = block + tl.arange(0, BLOCK)
+            live = offs_n < end
+            where = base + offs_n[:, None] * stride_cache_pos + offs_d[None, :]
+            # Both loads issued before any arithmetic: the block's V is in flight meanwhile.
+            keys = tl.load(k_cache_ptr + where, mask=live[:, None], other=0.0).to(tl.float32)
+            values = tl.load(v_cache_ptr + where, mask=live[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(keys * q[None, :], axis=1)
+            scores = tl.where(live, scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            correction = tl.exp(best - new_best)
+            weights = tl.exp(scores - new_best)
+            acc = acc * correction + tl.sum(weights[:, None] * values, axis=0)
+            total = total * correction + tl.sum(weights, axis=0)
+            best = new_best
+        index = (row * tl.num_programs(1) + head) * SPLITS + split
+        tl.store(acc_ptr + index * DIM + offs_d, acc)
+        tl.store(max_ptr + index, best)
+        tl.store(sum_ptr + index, total)
+
+    @triton.jit
+    def attention_reduce_kernel(
+        acc_ptr,
+        max_ptr,
+        sum_ptr,
+        positions_ptr,
+        out_ptr,
+        stride_out_row,
+        context,
+        SPLITS: tl.constexpr,
+        SPLITS_POW2: tl.constexpr,
+        SPLIT: tl.constexpr,
+        DIM: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        length = tl.minimum(tl.load(positions_ptr + row) + 1, context)
+        used = (length + SPLIT - 1) // SPLIT  # splits past the row's length wrote nothing
+        offs_s = tl.arange(0, SPLITS_POW2)
+        valid = (offs_s < used) & (offs_s < SPLITS)
+        first = (row * tl.num_programs(1) + head) * SPLITS
+        maxima = tl.load(max_ptr + first + offs_s, mask=valid, other=float("-inf"))
+        sums = tl.load(sum_ptr + first + offs_s, mask=valid, other=0.0)
+        best = tl.max(maxima, axis=0)
+        weights = tl.where(valid, tl.exp(maxima - best), 0.0)
+        offs_d = tl.arange(0, DIM)
+        accs = tl.load(
+            acc_ptr + (first + offs_s[:, None]) * DIM + offs_d[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        out = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * sums, axis=0)
+        target = out_ptr + row * stride_out_row + head * DIM + offs_d
+        tl.store(target, out.to(out_ptr.dtype.element_ty))
+
+    class Kernels:
+        rope_store = rope_store_kernel
+        partial = attention_partial_kernel
+        reduce = attention_reduce_kernel
+        next_power_of_2 = staticmethod(triton.next_power_of_2)
+
+    return Kernels
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_out: torch.Tensor,
+) -> None:
+    """Rotate a decode step's fused ``q|k|v`` and store: q into ``q_out``, k and v in the cache.
+
+    ``qkv`` is (b, (heads + 2 * kv_heads) * dim); ``cos``/``sin`` (max_positions, dim);
+    ``k_cache``/``v_cache`` (slots, kv_heads, max_positions, dim), row ``i`` of the batch being
+    slot ``i``; ``q_out`` (b, heads, dim).
+    """
+    b, heads, dim = q_out.shape
+    kv_heads = k_cache.shape[1]
+    if qkv.stride(-1) != 1 or cos.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("rope_store needs contiguous last dimensions")
+    kernels().rope_store[(b, heads + kv_heads)](
+        qkv,
+        cos,
+        sin,
+        positions,
+        q_out,
+        k_cache,
+        v_cache,
+        qkv.stride(0),
+        cos.stride(0),
+        q_out.stride(0),
+        q_out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        k_cache.shape[2] - 1,
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        HALF=dim // 2,
+    )
+
+
+def split_size(context: int) -> int:
+    """Keys per split-K program for a context bucket: ``SPLIT_KEYS``, or more for long ones."""
+    size = SPLIT_KEYS
+    while -(-context // size) > MAX_SPLITS:
+        size *= 2
+    return size
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    context: int,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """One query per row over its own keys ``[0, min(position + 1, context))``, into ``out``.
+
+    ``q`` (b, heads, dim); caches (slots, kv_heads, T, dim) with rows ``[:b]`` in use;
+    ``out`` (b, heads * dim). Query head ``h`` reads KV head ``h // (heads // kv_heads)``.
+    """
+    b, heads, dim = q.shape
+    group = heads // k_cache.shape[1]
+    split = split_size(context)
+    splits = -(-context // split)
+    ops = kernels()
+    acc = torch.empty((b, heads, splits, dim), dtype=torch.float32, device=q.device)
+    maxima = torch.empty((b, heads, splits), dtype=torch.float32, device=q.device)
+    sums = torch.empty((b, heads, splits), dtype=torch.float32, device=q.device)
+    ops.partial[(b, heads, splits)](
+        q,
+        k_cache,
+        v_cache,
+        positions,
+        acc,
+        maxima,
+        sums,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        context,
+        scale,
+        GROUP=group,
+        SPLITS=splits,
+        SPLIT=split,
+        BLOCK=min(BLOCK_KEYS, split),
+        DIM=dim,
+        num_warps=ATTENTION_WARPS,
+    )
+    ops.reduce[(b, heads)](
+        acc,
+        maxima,
+        sums,
+        positions,
+        out,
+        out.stride(0),
+        context,
+        SPLITS=splits,
+        SPLITS_POW2=ops.next_power_of_2(splits),
+        SPLIT=split,
+        DIM=dim,
+    )
