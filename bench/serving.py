@@ -479,6 +479,55 @@ def step_times(
     return rows
 
 
+def prefill_times(engine: Any, rounds: int = 4) -> list[dict[str, Any]]:
+    """Wall time of a prefill (prompts in, first logits out) for prompt lengths not seen before.
+
+    The engine's own backends (flash / memory-efficient) against every backend enabled (SDPA's
+    default choice, which on an H100 is cuDNN: it builds an execution plan for every new shape).
+    """
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from model import fast_llama
+
+    runner = engine.runner
+    rng = random.Random(11)
+    default_backends = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
+    rows = []
+    for label, backends in (
+        ("flash/efficient (engine)", fast_llama.PREFILL_ATTENTION_BACKENDS),
+        ("cuDNN allowed", default_backends),
+    ):
+        for prompts in (1, 8):
+            times = []
+            for _ in range(rounds):
+                lengths = [rng.randint(64, 256) for _ in range(prompts)]
+                saved = fast_llama.PREFILL_ATTENTION_BACKENDS
+                fast_llama.PREFILL_ATTENTION_BACKENDS = backends
+                try:
+                    torch.cuda.synchronize()
+                    began = time.perf_counter()
+                    runner.prefill(list(range(prompts)), [[5] * n for n in lengths])
+                    torch.cuda.synchronize()
+                finally:
+                    fast_llama.PREFILL_ATTENTION_BACKENDS = saved
+                times.append((time.perf_counter() - began) * 1000)
+            rows.append(
+                {
+                    "backends": label,
+                    "prompts": prompts,
+                    "median_ms": statistics.median(times),
+                    "max_ms": max(times),
+                }
+            )
+    return rows
+
+
 def profile_step(engine: Any, batch: int, context: int, path: Path | None) -> str:
     """Kernel time by kind for one eager decode step (the graph runs the same kernels)."""
     import torch
@@ -616,10 +665,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM layout rows")
     parser.add_argument("--no-profile", action="store_true", help="skip the step profile")
+    parser.add_argument("--verbose", action="store_true", help="log every prefill (DEBUG)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile-out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.verbose:
+        logging.getLogger("model.fast_engine").setLevel(logging.DEBUG)
 
     import torch
     import transformers
@@ -751,6 +803,15 @@ def main(argv: list[str] | None = None) -> int:
             report["profile"] = breakdown
         except Exception as error:  # the profile is a nice-to-have; keep the numbers
             print(f"profile failed: {error!r}")
+
+        prefills = prefill_times(engine)
+        report["prefill_times"] = prefills
+        for row in prefills:
+            print(
+                f"prefill of {row['prompts']} new-length prompt(s) of 64-256 tokens, "
+                f"{row['backends']}: median {row['median_ms']:.1f} ms, max {row['max_ms']:.1f} ms",
+                flush=True,
+            )
 
         layouts = [] if args.no_gemm else gemm_layouts(shape, [1, 8, 32])
         report["gemm_layouts"] = layouts

@@ -67,6 +67,9 @@ class FastEngineOptions:
     progress_interval_s: float = 0.25
     ignore_eos: bool = False
     idle_wait: bool = True  # pass wait=True to take() when nothing runs
+    # After an idle engine takes a request, how long it waits for others arriving with it
+    # (many users at once): they then share one prefill instead of one each.
+    burst_window_s: float = 0.005
 
 
 @dataclass
@@ -135,8 +138,13 @@ class FastEngine:
         return self.runner.slots
 
     def warmup(self, max_batch: int | None = None) -> int:
-        """Capture the decode graphs now rather than on first use; returns how many."""
-        return self.runner.capture_all(max_batch)
+        """Capture the decode graphs and run the prefill shapes now rather than on first use.
+
+        Returns how many graphs were captured. Call before serving (it uses slot 0 as scratch).
+        """
+        graphs = self.runner.capture_all(max_batch)
+        self.runner.warm_prefill(self.options.prefill_tokens)
+        return graphs
 
     # ------------------------------------------------------------ TextGenerator
 
@@ -190,7 +198,12 @@ class FastEngine:
                     free = self.runner.slots - len(live) - len(waiting)
                     if free > 0:
                         idle = not live and not waiting and inflight is None
-                        for request in take(free, idle and self.options.idle_wait):
+                        taken = take(free, idle and self.options.idle_wait)
+                        window = self.options.burst_window_s
+                        if idle and taken and len(taken) < free and window > 0:
+                            time.sleep(window)  # nobody is decoding: this delays no one
+                            taken += take(free - len(taken), False)
+                        for request in taken:
                             self._admit(request, waiting, finished)
                     if waiting:
                         self._prefill(live, waiting, finished, progress)
@@ -267,9 +280,17 @@ class FastEngine:
                 seed=seed,
             )
         rows = [s.row for s in batch]
+        began = time.perf_counter()
         logits = runner.prefill(rows, [s.prompt for s in batch])
         tokens = runner.sample(rows, logits, [len(s.prompt) for s in batch])
         now = time.perf_counter()
+        log.debug(
+            "prefill: %d prompt(s), %d tokens, %.1f ms (%d still waiting)",
+            len(batch),
+            sum(len(s.prompt) for s in batch),
+            (now - began) * 1000,
+            len(waiting),
+        )
         live.extend(batch)
         done: list[tuple[_Sequence, FinishReason]] = []
         for seq, token in zip(batch, tokens, strict=True):

@@ -38,6 +38,9 @@ PREFILL_ATTENTION_BACKENDS = [
     SDPBackend.MATH,
 ]
 
+# Prefill pads its packed tokens to a multiple of this, so its matmuls see few shapes.
+PREFILL_TOKEN_BUCKET = 128
+
 ATTENTION_KINDS = ("auto", "triton", "sdpa", "matmul")
 
 BATCH_BUCKETS = [1, 2, 4, 8, *range(12, 33, 4), *range(40, 65, 8), 80, 96, 112, 128, 160, 192, 256]
@@ -592,60 +595,94 @@ class FastLlama:
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run the prompts into the cache rows; returns last-position logits (n, V) float32.
 
-        The prompts are packed into one sequence (no padding: the projections and the MLP run
-        on exactly the prompt tokens) and attention runs per prompt. Eager on purpose: prompt
-        shapes vary with every batch, and compiled helpers would recompile on new shapes in the
-        middle of serving (seconds of stall). Attention is kept off cuDNN, which builds a plan
-        for every new prompt length (~80 ms on an H100, more than the whole prefill).
+        The prompts are packed into one sequence, padded to a multiple of
+        ``PREFILL_TOKEN_BUCKET`` tokens: the projections and the MLP see only a few shapes,
+        which :meth:`warm_prefill` runs once at start-up (a matmul's first call at a new
+        shape costs tens of milliseconds on an H100; a prefill costs ~20). Attention runs on
+        the prompts gathered into a right-padded batch. Eager on purpose: compiled code would
+        recompile for new shapes in the middle of serving. Attention is kept off cuDNN, which
+        builds a plan for every new prompt length (~80 ms on an H100).
         """
         lengths = [len(p) for p in prompts]
+        n, longest, total = len(prompts), max(lengths), sum(lengths)
+        padded = -(-total // PREFILL_TOKEN_BUCKET) * PREFILL_TOKEN_BUCKET
+        device = self.device
         with torch.inference_mode(), sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
-            device = self.device
-            ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
-            positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths])
-            slot_of_token = torch.repeat_interleave(
-                torch.tensor(rows, dtype=torch.int64), torch.tensor(lengths)
+            flat = torch.zeros(padded, dtype=torch.int64)
+            flat[:total] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
+            positions = torch.zeros(padded, dtype=torch.int64)
+            positions[:total] = torch.cat([torch.arange(length) for length in lengths])
+            slot_of_token = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths))
+            # (n, longest): the packed index of each prompt's tokens. Padding repeats the
+            # prompt's last token; it sits after every real query, so the causal mask hides it.
+            starts = torch.tensor([0, *itertools.accumulate(lengths)][:-1])
+            offsets = torch.arange(longest)
+            gather = starts[:, None] + torch.minimum(offsets, torch.tensor(lengths)[:, None] - 1)
+            real = offsets[None, :] < torch.tensor(lengths)[:, None]
+            ids, positions = flat.to(device), positions.to(device)
+            slot_of_token, gather, real = (
+                slot_of_token.to(device),
+                gather.to(device),
+                real.to(device),
             )
-            positions, slot_of_token = positions.to(device), slot_of_token.to(device)
-            total = len(ids)
             x = self.embed[ids]
             cos = self.cos[positions][:, None, :]
             sin = self.sin[positions][:, None, :]
             hq = self.n_heads * self.head_dim
             hkv = self.n_kv * self.head_dim
-            bounds = [0]
-            for n in lengths:
-                bounds.append(bounds[-1] + n)
             for index, layer in enumerate(self.layers):
                 h = rms_norm(x, layer.input_norm, self.eps)
                 qkv = layer.qkv(h)
-                q = _rotate(qkv[:, :hq].view(total, self.n_heads, self.head_dim), cos, sin)
-                k = _rotate(qkv[:, hq : hq + hkv].view(total, self.n_kv, self.head_dim), cos, sin)
-                v = qkv[:, hq + hkv :].view(total, self.n_kv, self.head_dim)
-                # cache[index] is (2, slots, kv heads, T, D): every token's K and V at its
-                # (slot, position) in one write.
-                self.cache[index][:, slot_of_token, :, positions] = torch.stack((k, v), dim=1)
-                attn = torch.cat(
-                    [
-                        self._attend_prompt(q[a:b], k[a:b], v[a:b])
-                        for a, b in itertools.pairwise(bounds)
-                    ]
-                )
+                q = _rotate(qkv[:, :hq].view(padded, self.n_heads, self.head_dim), cos, sin)
+                k = _rotate(qkv[:, hq : hq + hkv].view(padded, self.n_kv, self.head_dim), cos, sin)
+                v = qkv[:, hq + hkv :].view(padded, self.n_kv, self.head_dim)
+                # cache[index] is (2, slots, kv heads, T, D): every real token's K and V at
+                # its (slot, position) in one write.
+                kv = torch.stack((k[:total], v[:total]), dim=1)
+                self.cache[index][:, slot_of_token, :, positions[:total]] = kv
+                attn = torch.zeros((padded, hq), dtype=x.dtype, device=device)
+                attn[:total] = self._attend_prompts(q, k, v, gather, real)
                 x = x + layer.o(attn)
                 h = rms_norm(x, layer.post_norm, self.eps)
                 x = x + layer.down(_silu_mul(layer.gate_up(h)))
-            last = torch.tensor(bounds[1:], device=device) - 1
-            return self.lm_head(rms_norm(x[last], self.final_norm, self.eps)).float()
+            # lm_head on a batch-bucket of rows, so its shapes are the decode step's ones.
+            last = [*itertools.accumulate(lengths)]
+            last += [last[-1]] * (self.batch_bucket(n) - n)
+            x = rms_norm(x[torch.tensor(last, device=device) - 1], self.final_norm, self.eps)
+            return self.lm_head(x).float()[:n]
 
-    def _attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention within one prompt: (n, heads, D) queries -> (n, heads * D)."""
-        n = q.shape[0]
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    def _attend_prompts(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gather: torch.Tensor,
+        real: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal attention within each prompt, from packed (tokens, heads, D) to packed
+        (real tokens, heads * D), through one right-padded batch (n, heads, longest, D)."""
+        q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))
         if self.group > 1:
-            k = k.repeat_interleave(self.group, dim=0)
-            v = v.repeat_interleave(self.group, dim=0)
+            k = k.repeat_interleave(self.group, dim=1)
+            v = v.repeat_interleave(self.group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
+        out = out.transpose(1, 2)[real]  # (real tokens in packed order, heads, D)
+        return out.reshape(out.shape[0], self.n_heads * self.head_dim)
+
+    def warm_prefill(self, max_tokens: int) -> int:
+        """Run one prefill per token bucket up to ``max_tokens`` (first-call costs paid now).
+
+        Row 0 is used as scratch: call before serving. Returns how many prefills ran.
+        """
+        limit = min(max_tokens, self.max_seq_len - 1)
+        sizes = range(PREFILL_TOKEN_BUCKET, limit + PREFILL_TOKEN_BUCKET, PREFILL_TOKEN_BUCKET)
+        for size in sizes:
+            self.prefill([0], [[0] * min(size, limit)])
+        # A few multi-prompt batches: their attention and lm_head shapes differ.
+        for count in (2, 4, 8):
+            if count <= self.slots and count * 16 <= limit:
+                self.prefill(list(range(count)), [[0] * 16] * count)
+        return len(sizes)
 
     def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
         """Sample one token per row from given logits (used after prefill)."""

@@ -95,6 +95,14 @@ def test_greedy_matches_transformers_alone_and_batched(model: Any, tokenizer: An
         assert 0 < result.time_to_first_token_s <= result.total_s
 
 
+def test_warmup_then_serving_still_matches_transformers(model: Any, tokenizer: Any) -> None:
+    """Warm-up prefills every token bucket through slot 0; real requests are unaffected."""
+    engine = make_engine(model, tokenizer, max_seq_len=256, prefill_tokens=300)
+    engine.warmup()
+    results = engine.generate([request(d) for d in DESCRIPTIONS])
+    assert [r.text for r in results] == [hf_text(model, tokenizer, d, GREEDY) for d in DESCRIPTIONS]
+
+
 def test_rows_moving_when_others_finish_keep_their_tokens(model: Any, tokenizer: Any) -> None:
     """Different lengths: the short ones leave first and the last rows move into their slots."""
     lengths = [3, 14, 6]
@@ -157,6 +165,37 @@ def test_request_arriving_mid_decode_joins_and_matches(model: Any, tokenizer: An
     assert results[second.request_id].text == hf_text(model, tokenizer, DESCRIPTIONS[0], GREEDY)
     # The newcomer got its first token before the first request finished.
     assert results[second.request_id].total_s < results[first.request_id].total_s
+
+
+@pytest.mark.parametrize(("window_s", "prefills"), [(0.05, [3]), (0.0, [1, 2])])
+def test_a_burst_reaching_an_idle_engine_shares_one_prefill(
+    model: Any, tokenizer: Any, window_s: float, prefills: list[int]
+) -> None:
+    """Requests that arrive together (one first, the rest a moment later, as Discord
+    interactions do) are prefilled together, unless the burst window is off."""
+    first, *others = (request(d) for d in DESCRIPTIONS)
+    engine = make_engine(model, tokenizer, max_seq_len=256, burst_window_s=window_s)
+    queue = [first]
+    prefill_sizes: list[int] = []
+    real_prefill = engine.runner.prefill
+
+    def counting_prefill(rows: list[int], prompts: list[list[int]]) -> Any:
+        prefill_sizes.append(len(prompts))
+        return real_prefill(rows, prompts)
+
+    engine.runner.prefill = counting_prefill  # type: ignore[method-assign]
+
+    def take(count: int, wait: bool) -> list[GenerationRequest]:
+        batch = queue[:count]
+        del queue[:count]
+        if batch and batch[0] is first:
+            queue.extend(others)  # the rest of the burst lands just after the first
+        return batch
+
+    results, _ = serve_in_thread(engine, take, None, expected=3)
+    assert prefill_sizes == prefills
+    for r, description in zip((first, *others), DESCRIPTIONS, strict=True):
+        assert results[r.request_id].text == hf_text(model, tokenizer, description, GREEDY)
 
 
 def test_cancelling_one_frees_its_slot_and_leaves_others_intact(model: Any, tokenizer: Any) -> None:
