@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -574,6 +575,103 @@ def profile_step(engine: Any, batch: int, context: int, path: Path | None) -> st
     return "\n".join(lines)
 
 
+def _graph_time_ms(fn: Callable[[], Any], repeats: int = 32) -> float:
+    """GPU time of one ``fn()`` call, captured ``repeats`` times in a CUDA graph (no launch
+    overhead, as inside the decode graph)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compiles
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
+    for i in range(20):
+        start[i].record()
+        graph.replay()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(start, end, strict=True)) / repeats
+
+
+def attention_sweep(shape: dict[str, Any]) -> list[dict[str, Any]]:
+    """One layer's decode attention at CodeLlama-7B's heads: cuDNN SDPA over the slot cache
+    with a length mask vs the Triton kernel at each (keys per program, keys per block, warps).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from model import fast_kernels
+
+    heads = shape["num_attention_heads"]
+    dim = shape["hidden_size"] // heads
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    cache = torch.randn(2, 32, heads, 1024, dim, device=device, dtype=dtype)
+    saved = (fast_kernels.SPLIT_KEYS, fast_kernels.BLOCK_KEYS, fast_kernels.ATTENTION_WARPS)
+    rows = []
+    try:
+        for batch, context, mixed in ((8, 512, False), (8, 640, True), (32, 640, True)):
+            rng = random.Random(0)
+            keys = [rng.randint(64, 256) + 300 if mixed else 448 for _ in range(batch)]
+            positions = torch.tensor([min(k, context) - 1 for k in keys], device=device)
+            q = torch.randn(batch, heads, dim, device=device, dtype=dtype)
+            out = torch.empty(batch, heads * dim, device=device, dtype=dtype)
+            visible = torch.arange(context, device=device)[None, :] <= positions[:, None]
+            bias = torch.zeros(visible.shape, device=device, dtype=dtype)
+            bias = bias.masked_fill(~visible, -torch.inf)[:, None, None, :]
+
+            sdpa = functools.partial(
+                F.scaled_dot_product_attention,
+                q.view(batch, heads, 1, dim),
+                cache[0, :batch, :, :context],
+                cache[1, :batch, :, :context],
+                attn_mask=bias,
+            )
+            # decode_attention reads the module's settings at each call: the sweep sets them.
+            kernel = functools.partial(
+                fast_kernels.decode_attention,
+                q,
+                cache[0],
+                cache[1],
+                positions,
+                context,
+                dim**-0.5,
+                out,
+            )
+
+            row: dict[str, Any] = {
+                "batch": batch,
+                "context": context,
+                "mean_keys": statistics.mean(min(k, context) for k in keys),
+                "sdpa_us": _graph_time_ms(sdpa) * 1000,
+            }
+            timings = []
+            for split in (64, 128, 256):
+                for block in (32, 64, 128):
+                    for warps in (2, 4, 8):
+                        if block > split:
+                            continue
+                        fast_kernels.SPLIT_KEYS = split
+                        fast_kernels.BLOCK_KEYS = block
+                        fast_kernels.ATTENTION_WARPS = warps
+                        timings.append((_graph_time_ms(kernel) * 1000, split, block, warps))
+            timings.sort()
+            row["triton_best"] = [
+                {"us": us, "split": sp, "block": bl, "warps": w} for us, sp, bl, w in timings[:3]
+            ]
+            fast_kernels.SPLIT_KEYS, fast_kernels.BLOCK_KEYS, fast_kernels.ATTENTION_WARPS = saved
+            row["triton_default_us"] = _graph_time_ms(kernel) * 1000
+            rows.append(row)
+    finally:
+        fast_kernels.SPLIT_KEYS, fast_kernels.BLOCK_KEYS, fast_kernels.ATTENTION_WARPS = saved
+    return rows
+
+
 def gemm_layouts(shape: dict[str, Any], batches: list[int]) -> list[dict[str, Any]]:
     """Weight-read bandwidth of the decode matmuls: x @ W.T (the engine's) vs x @ Wt."""
     import torch
@@ -666,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM layout rows")
     parser.add_argument("--no-profile", action="store_true", help="skip the step profile")
     parser.add_argument("--verbose", action="store_true", help="log every prefill (DEBUG)")
+    parser.add_argument(
+        "--attention-sweep",
+        action="store_true",
+        help="time one layer's attention: SDPA vs the Triton kernel's settings",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -803,6 +906,18 @@ def main(argv: list[str] | None = None) -> int:
             report["profile"] = breakdown
         except Exception as error:  # the profile is a nice-to-have; keep the numbers
             print(f"profile failed: {error!r}")
+
+        if args.attention_sweep:
+            report["attention_sweep"] = attention_sweep(shape)
+            for sweep in report["attention_sweep"]:
+                best = sweep["triton_best"][0]
+                print(
+                    f"attention, one layer, b={sweep['batch']} bucket {sweep['context']} "
+                    f"mean keys {sweep['mean_keys']:.0f}: sdpa {sweep['sdpa_us']:.1f} us, "
+                    f"triton default {sweep['triton_default_us']:.1f} us, best {best['us']:.1f} "
+                    f"us (split {best['split']}, block {best['block']}, warps {best['warps']})",
+                    flush=True,
+                )
 
         prefills = prefill_times(engine)
         report["prefill_times"] = prefills

@@ -33,7 +33,7 @@ except ImportError:  # CPU installs without Triton: the engine keeps SDPA
     HAVE_TRITON = False
 
 # Keys per split-K program (a multiple of BLOCK_KEYS) and keys per loop iteration. Chosen on an
-# H100 (bench/serving.py --attention-sweep); any values give the same result.
+# H100 (python -m bench.serving --attention-sweep); any values give the same result.
 SPLIT_KEYS = 64
 BLOCK_KEYS = 64
 MAX_SPLITS = 32  # longer contexts use bigger chunks instead of more of them
