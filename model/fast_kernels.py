@@ -247,6 +247,46 @@ def rope_store(
     )
 
 
+def self_check(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int
+) -> None:
+    """Compile and run both kernels once on ``device``; raise if they fail or are wrong.
+
+    The engine calls this before choosing the kernels, so a GPU or Triton build that can't run
+    them (an old architecture, a broken install) falls back to SDPA at start-up instead of
+    failing every request.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    length, rows = 70, 2
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    keys, values = draw(rows, kv_heads, length, dim), draw(rows, kv_heads, length, dim)
+    positions = torch.tensor([length - 1, 5], device=device)
+    angles = torch.zeros(length, dim, device=device, dtype=dtype)
+    queries = torch.empty(rows, heads, dim, device=device, dtype=dtype)
+    qkv = draw(rows, (heads + 2 * kv_heads) * dim)
+    # cos 1, sin 0: the rotation is the identity, so q comes back as it went in.
+    rope_store(qkv, angles + 1, angles, positions, keys, values, queries)
+    if not torch.equal(queries.reshape(rows, -1), qkv[:, : heads * dim]):
+        raise RuntimeError("rope_store wrote wrong queries")
+    written = keys[torch.arange(rows, device=device), :, positions].reshape(rows, -1)
+    if not torch.equal(written, qkv[:, heads * dim : (heads + kv_heads) * dim]):
+        raise RuntimeError("rope_store wrote wrong keys")
+    out = torch.empty(rows, heads * dim, device=device, dtype=dtype)
+    decode_attention(queries, keys, values, positions, length, dim**-0.5, out)
+    group = heads // kv_heads
+    for row, position in enumerate(positions.tolist()):
+        k = keys[row, :, : position + 1].float().repeat_interleave(group, dim=0)
+        v = values[row, :, : position + 1].float().repeat_interleave(group, dim=0)
+        q = queries[row].float()[:, None, :]
+        expected = torch.softmax(q @ k.transpose(1, 2) * dim**-0.5, dim=-1) @ v
+        error = (out[row].float() - expected.reshape(-1)).abs().max().item()
+        if not error < 0.05:
+            raise RuntimeError(f"decode attention differs from the reference by {error:.3g}")
+
+
 def split_size(context: int) -> int:
     """Keys per split-K program for a context bucket: ``SPLIT_KEYS``, or more for long ones."""
     size = SPLIT_KEYS

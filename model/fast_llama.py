@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import fast_kernels
+from model.errors import first_line
 from model.fast_sampling import penalize, race, sample_rows
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,17 @@ class FastLlama:
         if attention != "auto":
             return attention
         if self.device.type == "cuda" and fits and fast_kernels.available():
+            try:
+                fast_kernels.self_check(
+                    self.device, self.dtype, self.n_heads, self.n_kv, self.head_dim
+                )
+            except Exception as error:  # an optimisation only: SDPA is still correct
+                log.warning(
+                    "the Triton decode kernels failed on this GPU (%s); using SDPA",
+                    first_line(error),
+                )
+                return "sdpa"
+            log.info("decode attention: Triton kernels (per-row lengths)")
             return "triton"
         return "sdpa"
 

@@ -147,3 +147,16 @@ def test_auto_attention_stays_on_sdpa_on_cpu(smollm2_tokenizer_dir: Path) -> Non
     assert engine.runner.attention == "sdpa"
     with pytest.raises(ValueError, match="attention must be one of"):
         make_engine(tiny_llama(tokenizer), tokenizer, max_seq_len=128, attention="flash")
+
+
+def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the engine runs before it picks the kernels on a GPU (else it keeps SDPA)."""
+    fast_kernels.self_check(torch.device("cpu"), torch.float32, 4, 2, 16)
+
+    def off_by_one(q: torch.Tensor, k: Any, v: Any, positions: torch.Tensor, *rest: Any) -> None:
+        real_attention(q, k, v, positions - 1, *rest)  # misses each row's newest key
+
+    real_attention = fast_kernels.decode_attention
+    monkeypatch.setattr(fast_kernels, "decode_attention", off_by_one)
+    with pytest.raises(RuntimeError, match="differs from the reference"):
+        fast_kernels.self_check(torch.device("cpu"), torch.float32, 4, 2, 16)
