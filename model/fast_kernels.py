@@ -12,9 +12,8 @@ Two things the generic kernels can't do well inside a CUDA graph:
   rope and an ``index_put``).
 
 The kernels are built on first use (:func:`kernels`), so this module imports without Triton
-(the engine then keeps SDPA), and the tests can build them under Triton's CPU interpreter
-(``TRITON_INTERPRET=1``).
-Arithmetic is float32 inside the kernels and rounds once on store.
+(the engine then keeps SDPA), and the tests run them under Triton's CPU interpreter
+(``TRITON_INTERPRET=1``). Arithmetic is float32 inside the kernels and rounds once on store.
 """
 
 from __future__ import annotations
@@ -49,9 +48,9 @@ def available() -> bool:
 def kernels() -> Any:
     """Compile-on-first-use kernels; a namespace with ``rope_store``, ``partial``, ``reduce``.
 
-    Defined here rather than at import: ``triton.jit`` decides at definition time whether to
-    interpret (``TRITON_INTERPRET``). ``tl`` stays a module global, which the interpreter
-    patches while it runs a kernel.
+    Defined on first use, so importing the engine compiles nothing. With ``TRITON_INTERPRET=1``
+    set before Triton is imported (tests/conftest.py does) they run on CPU; ``tl`` stays a
+    module global, which the interpreter patches while it runs a kernel.
     """
     if not HAVE_TRITON:
         raise RuntimeError("the triton attention needs Triton (pip install triton)")

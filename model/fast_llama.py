@@ -610,7 +610,7 @@ class FastLlama:
         The prompts are packed into one sequence, padded to a multiple of
         ``PREFILL_TOKEN_BUCKET`` tokens: the projections and the MLP see only a few shapes,
         which :meth:`warm_prefill` runs once at start-up (a matmul's first call at a new
-        shape costs tens of milliseconds on an H100; a prefill costs ~20). Attention runs on
+        shape costs tens of milliseconds on an H100; a whole prefill ~20-50 ms). Attention runs on
         the prompts gathered into a right-padded batch. Eager on purpose: compiled code would
         recompile for new shapes in the middle of serving. Attention is kept off cuDNN, which
         builds a plan for every new prompt length (~80 ms on an H100).
