@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
@@ -41,6 +41,11 @@ from training.tokenization import (
     pack,
 )
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from model.loading import LoadedModel
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +60,8 @@ class Prepared:
 
 
 def prepare_examples(config: TrainConfig, tokenizer: Any, splits: Splits) -> Prepared:
+    """Tokenize both splits as ``config`` says (dropping or truncating overlong pairs,
+    packing if asked); a train split with nothing left is a :class:`DataError`."""
     truncate = config.overlong == "truncate"
     train, train_report = encode_pairs(
         tokenizer, splits.train, config.max_seq_len, style=config.style, truncate=truncate
@@ -127,52 +134,50 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run a whole training job as ``config`` says; the output folder is written on return."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
+    run = _Run.setup(config)
+    if config.resume:
+        run.resume(config.resume)
+    else:
+        run.measure_before()
+    run.fit()
+    return run.finish()
 
-    output_dir = Path(config.output_dir)
+
+def _make_accelerator(config: TrainConfig) -> Accelerator:
+    """The Accelerator for ``config``'s device, mixed precision and gradient accumulation."""
+    from accelerate import Accelerator
+
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    # Accelerator first: under `accelerate launch` it picks this process's GPU.
     probe = torch.device("cpu") if cpu else torch.device("cuda")
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=cpu,
         mixed_precision=_mixed_precision(config, probe),
         gradient_accumulation_steps=config.grad_accum,
     )
-    set_seed(config.seed)
-    device = accelerator.device  # this process's GPU under accelerate launch / torchrun
 
-    splits = load_splits(config)
-    loaded = load_for_training(config, device)
-    model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
-    prepared = prepare_examples(config, tokenizer, splits)
-    # model.loading.load_tokenizer always sets a pad token.
-    collator = Collator(tokenizer.pad_token_id, config.pad_to_multiple_of)
 
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = accelerator.prepare(
-        _epoch_loader(prepared.eval, config, collator, 0, shuffle=False)
-    )
+@dataclass(frozen=True)
+class _Schedule:
+    """How many optimizer steps the run takes, per epoch and in all, and how many warm up."""
 
-    batches_per_epoch = len(
-        accelerator.prepare(_epoch_loader(prepared.train, config, collator, 0, True))
-    )
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+
+def _plan_schedule(config: TrainConfig, batches_per_epoch: int) -> _Schedule:
+    """Optimizer steps from this process's batches an epoch, the epochs and ``max_steps``."""
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     warmup = math.ceil(total_steps * config.warmup_ratio)
-    # The scheduler is stepped by hand once per optimizer step, not prepared: accelerate's
-    # wrapper would step it once per process.
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return _Schedule(steps_per_epoch, total_steps, warmup)
 
-    unwrapped = accelerator.unwrap_model(model)
-    state: dict[str, Any] = {
+
+def _initial_state(config: TrainConfig) -> dict[str, Any]:
+    """The counters of a fresh run; checkpoints save this dict as their trainer state."""
+    return {
         "run": _run_identity(config),
         "step": 0,
         "epoch": 0,
@@ -182,7 +187,13 @@ def train(config: TrainConfig) -> TrainResult:
         "history": [],
         "train_tokens": 0,
     }
-    metrics: dict[str, Any] = {
+
+
+def _initial_metrics(
+    splits: Splits, prepared: Prepared, spec: Any, total_steps: int
+) -> dict[str, Any]:
+    """What is known of the run before it trains: data, token counts, base model, steps."""
+    return {
         "data": {
             **splits.report.as_dict(),
             "train_rows": len(splits.train),
@@ -196,186 +207,378 @@ def train(config: TrainConfig) -> TrainResult:
         "quantization": str(spec.quantization),
         "total_steps": total_steps,
     }
-    eval_pairs = splits.eval[: config.eval_generate]
 
-    def evaluate() -> dict[str, Any]:
+
+@dataclass
+class _Throughput:
+    """Tokens, summed loss and micro-batches since the last optimizer step, and since when."""
+
+    tokens: int = 0
+    loss: float = 0.0
+    batches: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, tokens: int, loss: float) -> None:
+        """Count one micro-batch."""
+        self.tokens += tokens
+        self.loss += loss
+        self.batches += 1
+
+    def reset(self) -> None:
+        """Start a new window (after an optimizer step)."""
+        self.tokens, self.start, self.loss, self.batches = 0, time.perf_counter(), 0.0, 0
+
+
+@dataclass
+class _Run:
+    """One training run: what :func:`train` builds, the counters it moves, and its steps."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    loaded: LoadedModel  # its model is the unprepared PeftModel, used for generation metrics
+    model: Any  # as accelerate prepared it (DDP-wrapped under several processes)
+    unwrapped: Any
+    trainable: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    collator: Collator
+    prepared: Prepared
+    eval_loader: Any
+    eval_pairs: list[Any]
+    schedule: _Schedule
+    state: dict[str, Any]  # the counters; saved as the checkpoints' trainer state
+    metrics: dict[str, Any]
+    best_adapter: dict[str, torch.Tensor] | None = None
+    progress: Any = None
+    window: _Throughput = field(default_factory=_Throughput)
+
+    @classmethod
+    def setup(cls, config: TrainConfig) -> _Run:
+        """Accelerator, data, model with a fresh adapter, optimizer, loaders and schedule."""
+        from accelerate.utils import set_seed
+        from transformers import get_linear_schedule_with_warmup
+
+        # Accelerator first: under `accelerate launch` it picks this process's GPU.
+        accelerator = _make_accelerator(config)
+        set_seed(config.seed)
+        device = accelerator.device  # this process's GPU under accelerate launch / torchrun
+
+        splits = load_splits(config)
+        loaded = load_for_training(config, device)
+        prepared = prepare_examples(config, loaded.tokenizer, splits)
+        # model.loading.load_tokenizer always sets a pad token.
+        collator = Collator(loaded.tokenizer.pad_token_id, config.pad_to_multiple_of)
+
+        trainable = [
+            parameter for parameter in loaded.model.parameters() if parameter.requires_grad
+        ]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        model, optimizer = accelerator.prepare(loaded.model, optimizer)
+        eval_loader = accelerator.prepare(
+            _epoch_loader(prepared.eval, config, collator, 0, shuffle=False)
+        )
+
+        batches_per_epoch = len(
+            accelerator.prepare(_epoch_loader(prepared.train, config, collator, 0, True))
+        )
+        schedule = _plan_schedule(config, batches_per_epoch)
+        # The scheduler is stepped by hand once per optimizer step, not prepared: accelerate's
+        # wrapper would step it once per process.
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, schedule.warmup, schedule.total_steps
+        )
+
+        return cls(
+            config=config,
+            accelerator=accelerator,
+            loaded=loaded,
+            model=model,
+            unwrapped=accelerator.unwrap_model(model),
+            trainable=trainable,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            collator=collator,
+            prepared=prepared,
+            eval_loader=eval_loader,
+            eval_pairs=splits.eval[: config.eval_generate],
+            schedule=schedule,
+            state=_initial_state(config),
+            metrics=_initial_metrics(splits, prepared, loaded.spec, schedule.total_steps),
+        )
+
+    # --- before and after training ----------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
         """Eval loss (all processes) and, on the main process, generation metrics: the
         before-training and after-training numbers are measured the same way."""
-        result: dict[str, Any] = eval_loss(model, eval_loader, accelerator) if prepared.eval else {}
-        if accelerator.is_main_process and eval_pairs:
+        result: dict[str, Any] = self._eval_loss()
+        if self.accelerator.is_main_process and self.eval_pairs:
             result.update(
                 generation_metrics(
-                    loaded,
-                    eval_pairs,
-                    max_new_tokens=config.eval_max_new_tokens,
-                    style=config.style,
-                    seed=config.seed,
+                    self.loaded,
+                    self.eval_pairs,
+                    max_new_tokens=self.config.eval_max_new_tokens,
+                    style=self.config.style,
+                    seed=self.config.seed,
                 )
             )
         return result
 
-    if config.resume:
-        folder = find_checkpoint(output_dir, config.resume)
-        _check_same_run(read_state(folder).get("run", {}), state["run"])
-        state = load_checkpoint(folder, unwrapped, optimizer, scheduler)
-        metrics["resumed_from_step"] = state["step"]
-        metrics["before"] = state.get("before", {})
-    else:
-        before = evaluate()
-        metrics["before"] = before
-        state["before"] = before
+    def resume(self, checkpoint: str) -> None:
+        """Restore adapter, optimizer, scheduler, RNG and counters from the checkpoint
+        ``--resume`` names ("latest" or a folder), after checking it was made with the same
+        batch schedule."""
+        folder = find_checkpoint(self.output_dir, checkpoint)
+        _check_same_run(read_state(folder).get("run", {}), self.state["run"])
+        self.state = load_checkpoint(folder, self.unwrapped, self.optimizer, self.scheduler)
+        self.metrics["resumed_from_step"] = self.state["step"]
+        self.metrics["before"] = self.state.get("before", {})
+
+    def measure_before(self) -> None:
+        """Evaluate the untrained adapter; kept in the state so a resumed run reports it too."""
+        before = self.evaluate()
+        self.metrics["before"] = before
+        self.state["before"] = before
         log.info("before training: %s", _brief(before))
 
-    best_adapter: dict[str, torch.Tensor] | None = None
-    model.train()
-    progress = None
-    if config.progress and accelerator.is_local_main_process:
+    def finish(self) -> TrainResult:
+        """Restore the best epoch's adapter if early stopping kept one, evaluate, and write
+        the output folder (and push it) on the main process."""
+        state, metrics = self.state, self.metrics
+        self._restore_best_adapter()
+        after = self.evaluate()
+        log.info("after training: %s", _brief(after))
+        metrics.update(
+            {
+                "after": after,
+                "steps": state["step"],
+                "train_tokens": state["train_tokens"],
+                "epochs": state.get("epochs", []),
+                "history": state["history"],
+            }
+        )
+        self._write_output()
+        return TrainResult(metrics, self.unwrapped, self.loaded.tokenizer, self.output_dir)
+
+    @property
+    def output_dir(self) -> Path:
+        """The folder the adapter, metrics and checkpoints go to."""
+        return Path(self.config.output_dir)
+
+    def _restore_best_adapter(self) -> None:
+        """Put back the best epoch's adapter when later epochs did not improve on it."""
+        if self.best_adapter is None or self.state["epochs_without_improvement"] <= 0:
+            return
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unwrapped, self.best_adapter)
+        log.info(
+            "restored the adapter of the best epoch (eval loss %.4f)", self.state["best_eval_loss"]
+        )
+
+    def _write_output(self) -> None:
+        """The main process saves the output folder and pushes it if asked; all wait."""
+        config, metrics = self.config, self.metrics
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_output(
+                self.output_dir,
+                self.unwrapped,
+                self.loaded.tokenizer,
+                config,
+                self.loaded.spec,
+                metrics,
+            )
+            if config.push_to_hub:
+                assert config.hub_model_id is not None
+                metrics["hub_url"] = push_to_hub(
+                    self.output_dir, config.hub_model_id, config.hub_private
+                )
+                log.info("pushed to %s", metrics["hub_url"])
+        self.accelerator.wait_for_everyone()
+
+    # --- the training loop --------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train epoch by epoch from where the state says until the steps run out or early
+        stopping ends it; records the training time."""
+        state, config = self.state, self.config
+        self.model.train()
+        self.progress = self._open_progress()
+        self.window = _Throughput()
+        stop = state["step"] >= self.schedule.total_steps
+        started = time.perf_counter()
+        for epoch in range(state["epoch"], config.epochs):
+            if stop:
+                break
+            stop = self._train_epoch(epoch)
+            self._end_epoch(epoch, stopped_early=stop)
+            if self._should_stop_early(epoch):
+                break
+        if self.progress is not None:
+            self.progress.close()
+        self.metrics["train_seconds"] = time.perf_counter() - started
+
+    def _open_progress(self) -> Any:
+        """A tqdm bar over the optimizer steps (on the local main process), or None."""
+        if not (self.config.progress and self.accelerator.is_local_main_process):
+            return None
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step")
+        return tqdm(
+            total=self.schedule.total_steps,
+            initial=self.state["step"],
+            desc="training",
+            unit="step",
+        )
 
-    window_tokens, window_start, window_loss, window_batches = 0, time.perf_counter(), 0.0, 0
-    stop = state["step"] >= total_steps
-    started = time.perf_counter()
-    for epoch in range(state["epoch"], config.epochs):
-        if stop:
-            break
-        loader = accelerator.prepare(
-            _epoch_loader(prepared.train, config, collator, epoch, shuffle=True)
+    def _epoch_batches(self, epoch: int) -> Any:
+        """This epoch's prepared train loader, less the batches a resumed run already saw."""
+        state, config = self.state, self.config
+        loader = self.accelerator.prepare(
+            _epoch_loader(self.prepared.train, config, self.collator, epoch, shuffle=True)
         )
         skip = state["step_in_epoch"] * config.grad_accum if epoch == state["epoch"] else 0
         if skip:
-            loader = accelerator.skip_first_batches(loader, skip)
-        state["epoch"] = epoch
-        for batch in loader:
-            with accelerator.accumulate(model):
-                outputs = model(**batch, use_cache=False)
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_tokens += count_tokens(batch)
-            window_loss += float(outputs.loss.detach())
-            window_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            state["train_tokens"] += window_tokens * accelerator.num_processes
-            elapsed = time.perf_counter() - window_start
-            loss = window_loss / max(window_batches, 1)
-            tokens_per_s = window_tokens * accelerator.num_processes / max(elapsed, 1e-9)
-            lr = scheduler.get_last_lr()[0]
-            state["history"].append({"step": state["step"], "loss": loss, "lr": lr})
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}"
-                )
-                progress.update(1)
-            if state["step"] % config.log_every == 0:
-                log.info(
-                    "step %d: loss %.4f lr %.2e %.0f tokens/s",
-                    state["step"],
-                    loss,
-                    lr,
-                    tokens_per_s,
-                )
-            window_tokens, window_start, window_loss, window_batches = (
-                0,
-                time.perf_counter(),
-                0.0,
-                0,
-            )
-            if config.save_every and state["step"] % config.save_every == 0:
-                _checkpoint(accelerator, config, unwrapped, optimizer, scheduler, state)
-            if state["step"] >= total_steps:
-                stop = True
-                break
+            loader = self.accelerator.skip_first_batches(loader, skip)
+        return loader
 
-        epoch_done = not stop or state["step_in_epoch"] >= steps_per_epoch
+    def _train_epoch(self, epoch: int) -> bool:
+        """One epoch's (remaining) batches; True when the run's last step was reached in it."""
+        loader = self._epoch_batches(epoch)
+        self.state["epoch"] = epoch
+        for batch in loader:
+            loss = self._forward_backward(batch)
+            self.window.add(count_tokens(batch), float(loss.detach()))
+            if not self.accelerator.sync_gradients:
+                continue  # gradients still accumulating: no optimizer step yet
+            self._after_optimizer_step()
+            if self.state["step"] >= self.schedule.total_steps:
+                return True
+        return False
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward one micro-batch; clip and step the optimizer when accelerate
+        says the accumulated gradients are synced (its optimizer wrapper skips otherwise)."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            outputs = self.model(**batch, use_cache=False)
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        loss: torch.Tensor = outputs.loss
+        return loss
+
+    def _after_optimizer_step(self) -> None:
+        """Step the scheduler and counters, record and show the step's loss, lr and
+        throughput, and write a checkpoint when one is due."""
+        state = self.state
+        window = self.window
+        processes = self.accelerator.num_processes
+        self.scheduler.step()
+        state["step"] += 1
+        state["step_in_epoch"] += 1
+        state["train_tokens"] += window.tokens * processes
+        elapsed = time.perf_counter() - window.start
+        loss = window.loss / max(window.batches, 1)
+        tokens_per_s = window.tokens * processes / max(elapsed, 1e-9)
+        lr = self.scheduler.get_last_lr()[0]
+        state["history"].append({"step": state["step"], "loss": loss, "lr": lr})
+        self._report_step(loss, lr, tokens_per_s)
+        window.reset()
+        if self._checkpoint_due():
+            self._checkpoint()
+
+    def _report_step(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Advance the progress bar and, every ``log_every`` steps, log the step."""
+        step = self.state["step"]
+        if self.progress is not None:
+            self.progress.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}"
+            )
+            self.progress.update(1)
+        if step % self.config.log_every == 0:
+            log.info("step %d: loss %.4f lr %.2e %.0f tokens/s", step, loss, lr, tokens_per_s)
+
+    def _end_epoch(self, epoch: int, stopped_early: bool) -> None:
+        """Move the counters past a finished epoch, evaluate it, and checkpoint."""
+        state = self.state
+        # A run that ran out of steps inside the epoch keeps its place in it, so a resume
+        # with more steps continues there.
+        epoch_done = not stopped_early or state["step_in_epoch"] >= self.schedule.steps_per_epoch
         if epoch_done:
             state["epoch"] = epoch + 1
             state["step_in_epoch"] = 0
-        result = eval_loss(model, eval_loader, accelerator) if prepared.eval else {}
-        if result:
-            result.update({"epoch": epoch + 1, "step": state["step"]})
-            state.setdefault("epochs", []).append(result)
-            log.info(
-                "epoch %d: eval loss %.4f, perplexity %.2f",
-                epoch + 1,
-                result["eval_loss"],
-                result["perplexity"],
-            )
-            improved = (
-                state["best_eval_loss"] is None
-                or result["eval_loss"] < state["best_eval_loss"] - 1e-4
-            )
-            if improved:
-                state["best_eval_loss"] = result["eval_loss"]
-                state["epochs_without_improvement"] = 0
-                if config.early_stopping_patience:
-                    best_adapter = _adapter_snapshot(unwrapped)
-            else:
-                state["epochs_without_improvement"] += 1
-        if not (config.save_every and state["step"] % config.save_every == 0):
-            _checkpoint(accelerator, config, unwrapped, optimizer, scheduler, state)
-        patience = config.early_stopping_patience
-        if patience and state["epochs_without_improvement"] >= patience:
-            log.info("early stopping: eval loss did not improve for %d epochs", patience)
-            metrics["early_stopped_at_epoch"] = epoch + 1
-            break
-    if progress is not None:
-        progress.close()
+        self._evaluate_epoch(epoch)
+        # Every epoch ends with a checkpoint, unless its last step just wrote one.
+        if not self._checkpoint_due():
+            self._checkpoint()
 
-    metrics["train_seconds"] = time.perf_counter() - started
-    if best_adapter is not None and state["epochs_without_improvement"] > 0:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(unwrapped, best_adapter)
-        log.info("restored the adapter of the best epoch (eval loss %.4f)", state["best_eval_loss"])
-    after = evaluate()
-    log.info("after training: %s", _brief(after))
-    metrics.update(
-        {
-            "after": after,
-            "steps": state["step"],
-            "train_tokens": state["train_tokens"],
-            "epochs": state.get("epochs", []),
-            "history": state["history"],
-        }
-    )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_output(output_dir, unwrapped, tokenizer, config, spec, metrics)
-        if config.push_to_hub:
-            assert config.hub_model_id is not None
-            metrics["hub_url"] = push_to_hub(output_dir, config.hub_model_id, config.hub_private)
-            log.info("pushed to %s", metrics["hub_url"])
-    accelerator.wait_for_everyone()
-    return TrainResult(metrics, unwrapped, tokenizer, output_dir)
-
-
-def _checkpoint(
-    accelerator: Any,
-    config: TrainConfig,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    state: dict[str, Any],
-) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(
-            checkpoint_dir(config.output_dir, state["step"]),
-            model,
-            optimizer,
-            scheduler,
-            state,
-            config.keep_checkpoints,
+    def _evaluate_epoch(self, epoch: int) -> None:
+        """Eval loss after an epoch: logged, kept in the state, and compared with the best so
+        far for early stopping (whose best adapter is snapshotted)."""
+        result = self._eval_loss()
+        if not result:
+            return
+        state = self.state
+        result.update({"epoch": epoch + 1, "step": state["step"]})
+        state.setdefault("epochs", []).append(result)
+        log.info(
+            "epoch %d: eval loss %.4f, perplexity %.2f",
+            epoch + 1,
+            result["eval_loss"],
+            result["perplexity"],
         )
-    accelerator.wait_for_everyone()
+        improved = (
+            state["best_eval_loss"] is None or result["eval_loss"] < state["best_eval_loss"] - 1e-4
+        )
+        if improved:
+            state["best_eval_loss"] = result["eval_loss"]
+            state["epochs_without_improvement"] = 0
+            if self.config.early_stopping_patience:
+                self.best_adapter = _adapter_snapshot(self.unwrapped)
+        else:
+            state["epochs_without_improvement"] += 1
+
+    def _should_stop_early(self, epoch: int) -> bool:
+        """True (logged and put in the metrics) when the eval loss has not improved for
+        ``early_stopping_patience`` epochs."""
+        patience = self.config.early_stopping_patience
+        if not (patience and self.state["epochs_without_improvement"] >= patience):
+            return False
+        log.info("early stopping: eval loss did not improve for %d epochs", patience)
+        self.metrics["early_stopped_at_epoch"] = epoch + 1
+        return True
+
+    def _eval_loss(self) -> dict[str, Any]:
+        """Eval loss and perplexity over the eval split (all processes); {} without one."""
+        if not self.prepared.eval:
+            return {}
+        return eval_loss(self.model, self.eval_loader, self.accelerator)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        """Whether this step is one that ``save_every`` checkpoints."""
+        return bool(self.config.save_every and self.state["step"] % self.config.save_every == 0)
+
+    def _checkpoint(self) -> None:
+        """Save a checkpoint of the current step on the main process; all processes wait."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(
+                checkpoint_dir(self.config.output_dir, self.state["step"]),
+                self.unwrapped,
+                self.optimizer,
+                self.scheduler,
+                self.state,
+                self.config.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
 
 
 # Settings that decide which batch comes at which step: resuming with other values would
