@@ -449,6 +449,10 @@ class _Run:
         """One epoch's (remaining) batches; True when the run's last step was reached in it."""
         loader = self._epoch_batches(epoch)
         self.state["epoch"] = epoch
+        if not self.window.batches:
+            # The previous epoch's evaluation and checkpoint are not training time: without
+            # this, the first step's tokens/s would count them.
+            self.window.reset()
         for batch in loader:
             loss = self._forward_backward(batch)
             self.window.add(count_tokens(batch), float(loss.detach()))
