@@ -16,7 +16,8 @@ Scenarios (same model, same step code; only the batches differ):
 - ``ours-512-packed``: whole examples packed into full 512-token rows.
 - ``ours-2048`` / ``ours-2048-packed``: the same at max_seq_len 2048 (no truncation at 512).
 
-"Real tokens/s" counts only non-padding tokens: the work that teaches the model.
+"Real tokens/s" counts only non-padding tokens (``training.tokenization.count_tokens``, what
+the training loop's progress bar counts): the work that teaches the model.
 Example lengths are drawn from a log-normal (median ``--median-len`` tokens, sigma 0.6)
 as a stand-in for page lengths; the prompt is the first 48 tokens.
 
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import CODELLAMA_7B, random_llama
 from training.config import TrainConfig
 from training.modeling import wrap_for_training
-from training.tokenization import IGNORE_INDEX, Collator, Example, pack
+from training.tokenization import IGNORE_INDEX, Collator, Example, count_tokens, pack
 
 PROMPT_TOKENS = 48
 
@@ -149,14 +150,6 @@ def batches_of(examples: list[Example], batch: int) -> list[dict[str, torch.Tens
     return [collator(examples[i : i + batch]) for i in range(0, len(examples) - batch + 1, batch)]
 
 
-def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(
-        batch["input_ids"].numel()
-    )  # packed rows: full by construction (padding tail counted)
-
-
 def scenarios(args: argparse.Namespace, vocab: int) -> list[Scenario]:
     generator = torch.Generator().manual_seed(0)
     steps = args.warmup + args.steps
@@ -230,7 +223,7 @@ def run_scenario(
         elapsed = time.perf_counter() - start
         if index >= args.warmup:
             times.append(elapsed)
-            counted_real += real_tokens(batch)
+            counted_real += count_tokens(batch)
             counted_all += batch["input_ids"].numel()
     del optimizer
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
