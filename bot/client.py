@@ -22,8 +22,7 @@ from bot.delivery import (
     SHUTDOWN_STOPPED_TEXT,
     SHUTDOWN_TEXT,
     Delivery,
-    fit_attachment,
-    with_retries,
+    send_page_followup,
 )
 from bot.jobs import Job
 from bot.loopmon import LagMonitor
@@ -227,22 +226,15 @@ class HtmlBot(discord.Client):
         self, interaction: discord.Interaction, page: StoredPage, data: bytes
     ) -> None:
         """Send a kept page again, privately, as a follow-up of ``interaction``."""
-        attachment = fit_attachment(page.filename, data, interaction.filesize_limit)
-        if attachment is None:
-            await interaction.followup.send(
-                f"**{page.filename}** is too big for this server's upload limit.", ephemeral=True
-            )
-            return
-
-        async def send() -> None:
-            await interaction.followup.send(
-                f"**{page.filename}** · {page.model} · {page.generated_tokens} tokens\n"
-                f"{attachment.note}".strip(),
-                file=attachment.to_file(),
-                ephemeral=True,
-            )
-
-        await with_retries(send, what=f"resend {page.job_id}")
+        await send_page_followup(
+            interaction,
+            filename=page.filename,
+            data=data,
+            content=f"**{page.filename}** · {page.model} · {page.generated_tokens} tokens",
+            too_big=f"**{page.filename}** is too big for this server's upload limit.",
+            ephemeral=True,
+            what=f"resend {page.job_id}",
+        )
 
     # -- shutdown ---------------------------------------------------------------------
 

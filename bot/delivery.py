@@ -161,6 +161,45 @@ async def with_retries(
     raise AssertionError("unreachable")
 
 
+def attachment_limit(interaction: Any) -> int:
+    """The interaction's upload limit in bytes (Discord's default when it names none)."""
+    return int(getattr(interaction, "filesize_limit", 0) or DEFAULT_ATTACHMENT_LIMIT)
+
+
+async def send_page_followup(
+    interaction: Any,
+    *,
+    filename: str,
+    data: bytes,
+    content: str,
+    too_big: str,
+    ephemeral: bool,
+    what: str,
+    limit: int | None = None,
+    attempts: int = 5,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> Attachment | None:
+    """Send a page as a follow-up of ``interaction``: the one way pages go out.
+
+    The page is attached as it is, or zipped when over ``limit`` (default: the
+    interaction's); the message is ``content`` plus the attachment's note. When even
+    the zip is too big, ``too_big`` is sent instead, without a file. Retries as
+    :func:`with_retries` does. Returns what was attached (None: nothing was).
+    """
+    limit = attachment_limit(interaction) if limit is None else limit
+    attachment = fit_attachment(filename, data, limit)
+    text = too_big if attachment is None else f"{content}\n{attachment.note}".strip()
+
+    async def send() -> None:
+        kwargs: dict[str, Any] = {"content": text, "ephemeral": ephemeral, "wait": True}
+        if attachment is not None:
+            kwargs["file"] = attachment.to_file()  # a fresh File each attempt
+        await interaction.followup.send(**kwargs)
+
+    await with_retries(send, what=what, attempts=attempts, sleep=sleep)
+    return attachment
+
+
 def build_page_for(job: Job, *, strip_scripts: bool) -> Any:
     """``model.html.build_page`` for the job's result (blocking: run it in a thread)."""
     from model.html import build_page
@@ -273,23 +312,12 @@ class Delivery:
         """
         ticket = ticket_of(job)
         interaction = ticket.interaction
-        limit = int(getattr(interaction, "filesize_limit", 0) or DEFAULT_ATTACHMENT_LIMIT)
-        attachment = fit_attachment(stored.filename, data, limit)
-        if attachment is None:
-            content = (
-                f"{summary}\nThe page is {_mb(len(data))}, more than this server's upload limit "
-                f"({_mb(limit)}) even zipped. It is kept for you: `/mypages page:{job.job_id}` "
-                "in a server with a higher limit, or ask for a smaller page."
-            )
-        else:
-            content = f"{summary}\n{attachment.note}".strip()
-
-        async def send() -> None:
-            kwargs: dict[str, Any] = {"content": content, "ephemeral": job.private, "wait": True}
-            if attachment is not None:
-                kwargs["file"] = attachment.to_file()  # a fresh File each attempt
-            await interaction.followup.send(**kwargs)
-
+        limit = attachment_limit(interaction)
+        too_big = (
+            f"{summary}\nThe page is {_mb(len(data))}, more than this server's upload limit "
+            f"({_mb(limit)}) even zipped. It is kept for you: `/mypages page:{job.job_id}` "
+            "in a server with a higher limit, or ask for a smaller page."
+        )
         try:
             await self.final_edit(job, f"✅ Done: **{stored.filename}** (below).")
         except discord.HTTPException as exc:
@@ -297,8 +325,17 @@ class Delivery:
         if ticket.dead:
             raise DeliveryExpired(f"job {job.job_id} follow-up: the token is dead")
         try:
-            await with_retries(
-                send, what=f"job {job.job_id} follow-up", attempts=self.attempts, sleep=self._sleep
+            await send_page_followup(
+                interaction,
+                filename=stored.filename,
+                data=data,
+                content=summary,
+                too_big=too_big,
+                limit=limit,
+                ephemeral=job.private,
+                what=f"job {job.job_id} follow-up",
+                attempts=self.attempts,
+                sleep=self._sleep,
             )
         except DeliveryExpired:
             ticket.dead = True

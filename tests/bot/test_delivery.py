@@ -17,7 +17,14 @@ import discord
 import pytest
 from aiohttp import web
 
-from bot.delivery import DEFER_WAIT_S, Delivery, fit_attachment, summary_line, with_retries
+from bot.delivery import (
+    DEFER_WAIT_S,
+    Delivery,
+    fit_attachment,
+    send_page_followup,
+    summary_line,
+    with_retries,
+)
 from bot.errors import DeliveryExpired
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
@@ -323,3 +330,48 @@ async def test_a_dead_token_keeps_the_page_and_sends_nothing(tmp_path: Path) -> 
     assert delivery.expired_deliveries == 1
     [page] = delivery.store.list(7)
     assert page.job_id == job.job_id
+
+
+class _RecordingFollowup:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, **kwargs: Any) -> None:
+        self.sent.append(kwargs)
+
+
+class _ResendInteraction:
+    def __init__(self, limit: int) -> None:
+        self.filesize_limit = limit
+        self.followup = _RecordingFollowup()
+
+
+async def test_send_page_followup_attaches_zips_or_explains() -> None:
+    small = b"<html>" + b"a" * 100 + b"</html>"
+    big = b"<html>" + b"lorem ipsum " * 5000 + b"</html>"
+    for data, limit, expected in [(small, 1000, "x.html"), (big, 10_000, "x.zip")]:
+        interaction = _ResendInteraction(limit)
+        attached = await send_page_followup(
+            interaction,
+            filename="x.html",
+            data=data,
+            content="**x.html** · m",
+            too_big="too big",
+            ephemeral=True,
+            what="t",
+        )
+        [sent] = interaction.followup.sent
+        assert attached is not None and sent["file"].filename == expected
+        assert sent["content"].startswith("**x.html** · m") and sent["ephemeral"] is True
+    interaction = _ResendInteraction(1000)
+    attached = await send_page_followup(
+        interaction,
+        filename="x.html",
+        data=os.urandom(50_000),
+        content="**x.html**",
+        too_big="too big",
+        ephemeral=False,
+        what="t",
+    )
+    assert attached is None
+    assert interaction.followup.sent == [{"content": "too big", "ephemeral": False, "wait": True}]
