@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create .venv, install, generate a page with the embedded model
-#   make test   create .venv, install, run ruff, mypy and the whole test suite
+#   make test   create .venv, install, install Chromium if missing (apt), run ruff, mypy and
+#               the whole test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a landing page for a bakery
 OUT ?= out/bakery.html
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,21 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: venv lint
+# Headless Chromium renders the page previews, and their tests use the real one. Installed
+# with apt (Debian/Ubuntu) when no chromium, chromium-browser or google-chrome is on PATH;
+# through sudo only when not root. The bot itself runs without it (PREVIEW=auto).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	|| command -v google-chrome >/dev/null 2>&1 || { \
+		command -v apt-get >/dev/null 2>&1 \
+			|| { echo "Chromium is missing and there is no apt-get: install it yourself" >&2; exit 1; }; \
+		SUDO=; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi; \
+		echo "installing chromium with apt-get (about a minute)"; \
+		$$SUDO apt-get update -qq \
+		&& $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	}
+
+test: venv lint chromium
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:

@@ -27,6 +27,7 @@ from bot.delivery import (
 from bot.jobs import Job
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
+from bot.preview import Previewer, find_chromium
 from bot.scheduler import Scheduler, Throughput
 from bot.settings import DEFAULT_API_BASE, Settings
 from bot.status import StatusBoard, Ticket
@@ -59,6 +60,27 @@ class _DropGuildsIntentNotice(logging.Filter):
 
 
 _GUILDS_NOTICE_FILTER = _DropGuildsIntentNotice()
+
+
+def make_previewer(settings: Settings) -> Previewer | None:
+    """The page previewer ``PREVIEW`` asks for; None when it is off or finds no Chromium."""
+    if settings.preview == "off":
+        return None
+    binary = find_chromium(settings.preview_chromium)
+    if binary is None:
+        if settings.preview == "on":
+            # The settings refuse PREVIEW=on without Chromium; it went away since.
+            log.error("PREVIEW=on but Chromium is gone; pages go out without a preview image")
+        else:
+            log.info("PREVIEW=auto: no Chromium found; pages go out without a preview image")
+        return None
+    log.info("page previews: %s at %dx%d", binary, settings.preview_width, settings.preview_height)
+    return Previewer(
+        binary,
+        width=settings.preview_width,
+        height=settings.preview_height,
+        timeout_s=settings.preview_timeout_s,
+    )
 
 
 def point_at_discord(settings: Settings) -> None:
@@ -94,11 +116,13 @@ class HtmlBot(discord.Client):
             delivery_margin_s=settings.delivery_margin_s,
         )
         self.store = ResultStore(settings.results_dir, settings.results_keep_per_user)
+        self.previewer = make_previewer(settings)
         self.delivery = Delivery(
             self.store,
             self.metrics,
             model_name=self.model_name,
             strip_scripts=settings.strip_scripts,
+            previewer=self.previewer,
         )
         self.board = StatusBoard(
             self.scheduler,

@@ -1,7 +1,8 @@
 """Turning a finished job into what the user sees.
 
-A page goes out as a follow-up with a ``.html`` attachment named from the prompt, plus a
-one-line summary; it is zipped when it exceeds the interaction's attachment limit. Every
+A page goes out as a follow-up with a ``.html`` attachment named from the prompt, a PNG
+preview of it when a :class:`~bot.preview.Previewer` is configured (and both fit), plus a
+one-line summary; the page is zipped when it exceeds the interaction's attachment limit. Every
 page is first saved in the :class:`~bot.store.ResultStore`, so a page whose interaction
 token has expired (Discord answers 401/404) is not lost: the user fetches it with
 ``/mypages``. Discord's 429 and 5xx answers are retried, honouring ``retry_after``.
@@ -27,6 +28,7 @@ import discord
 from bot.errors import DeliveryExpired
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
+from bot.preview import Previewer
 from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
 from bot.store import ResultStore, StoredPage
 from model.errors import ModelError
@@ -40,6 +42,10 @@ T = TypeVar("T")
 # Wait this long for the defer to complete before giving up on a job's message.
 DEFER_WAIT_S = 10.0
 DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
+# A preview may only use the token's remaining lifetime less this (the upload needs time).
+PREVIEW_SEND_MARGIN_S = 5.0
+# Not worth starting a render with less time than this.
+PREVIEW_MIN_S = 1.0
 
 EXPIRED_TEXT = (
     "⌛ Not run: Discord only lets a bot answer an interaction for 15 minutes, and your "
@@ -176,28 +182,38 @@ async def send_page_followup(
     ephemeral: bool,
     what: str,
     limit: int | None = None,
+    preview: bytes | None = None,
     attempts: int = 5,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-) -> Attachment | None:
+) -> list[Attachment]:
     """Send a page as a follow-up of ``interaction``: the one way pages go out.
 
     The page is attached as it is, or zipped when over ``limit`` (default: the
     interaction's); the message is ``content`` plus the attachment's note. When even
-    the zip is too big, ``too_big`` is sent instead, without a file. Retries as
-    :func:`with_retries` does. Returns what was attached (None: nothing was).
+    the zip is too big, ``too_big`` is sent instead, without a file. ``preview`` (PNG
+    bytes) goes along as ``<stem>.png`` when page and preview fit ``limit`` together;
+    it is the first thing dropped. Retries as :func:`with_retries` does. Returns what
+    was attached (empty: nothing was).
     """
     limit = attachment_limit(interaction) if limit is None else limit
     attachment = fit_attachment(filename, data, limit)
     text = too_big if attachment is None else f"{content}\n{attachment.note}".strip()
+    attachments = [attachment] if attachment is not None else []
+    if attachment is not None and preview is not None:
+        if len(attachment.data) + len(preview) <= limit:
+            stem = filename.rsplit(".", 1)[0]
+            attachments.append(Attachment(f"{stem}.png", preview))
+        else:
+            log.info("%s: the preview does not fit the upload limit; sending the page alone", what)
 
     async def send() -> None:
         kwargs: dict[str, Any] = {"content": text, "ephemeral": ephemeral, "wait": True}
-        if attachment is not None:
-            kwargs["file"] = attachment.to_file()  # a fresh File each attempt
+        if attachments:
+            kwargs["files"] = [a.to_file() for a in attachments]  # fresh Files each attempt
         await interaction.followup.send(**kwargs)
 
     await with_retries(send, what=what, attempts=attempts, sleep=sleep)
-    return attachment
+    return attachments
 
 
 def build_page_for(job: Job, *, strip_scripts: bool) -> Any:
@@ -221,6 +237,7 @@ class Delivery:
         *,
         model_name: str,
         strip_scripts: bool = False,
+        previewer: Previewer | None = None,
         attempts: int = 5,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
@@ -228,6 +245,7 @@ class Delivery:
         self.metrics = metrics
         self.model_name = model_name
         self.strip_scripts = strip_scripts
+        self.previewer = previewer
         self.attempts = attempts
         self._sleep = sleep
         self.expired_deliveries = 0
@@ -300,11 +318,33 @@ class Delivery:
             seconds=result.total_s,
             warnings=warnings,
         )
-        await self.send_page(job, stored, page.data, summary)
+        preview = None if ticket.dead else await self.render_preview(job, page.data)
+        await self.send_page(job, stored, page.data, summary, preview=preview)
         return True
 
-    async def send_page(self, job: Job, stored: StoredPage, data: bytes, summary: str) -> None:
-        """Mark the deferred message done, then send the page as a follow-up.
+    async def render_preview(self, job: Job, data: bytes) -> bytes | None:
+        """The page's PNG preview, or None (no previewer, no time left, or it failed)."""
+        if self.previewer is None:
+            return None
+        what = f"job {job.job_id}"
+        # Never let a slow render cost the page its interaction token.
+        left_s = job.expires_at - time.monotonic() - PREVIEW_SEND_MARGIN_S
+        if left_s < PREVIEW_MIN_S:
+            log.warning("%s: no preview: the interaction token expires too soon", what)
+            return None
+        timeout_s = min(self.previewer.timeout_s, left_s)
+        return await self.previewer.try_render(data, what=what, timeout_s=timeout_s)
+
+    async def send_page(
+        self,
+        job: Job,
+        stored: StoredPage,
+        data: bytes,
+        summary: str,
+        *,
+        preview: bytes | None = None,
+    ) -> None:
+        """Mark the deferred message done, then send the page (and its preview) as a follow-up.
 
         In that order because Discord turns the first follow-up after a "thinking" defer
         into the deferred message itself; once edited, the follow-up is a message of its
@@ -332,6 +372,7 @@ class Delivery:
                 content=summary,
                 too_big=too_big,
                 limit=limit,
+                preview=preview,
                 ephemeral=job.private,
                 what=f"job {job.job_id} follow-up",
                 attempts=self.attempts,

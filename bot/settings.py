@@ -12,8 +12,10 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bot.preview import CHROMIUM_NAMES, find_chromium
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,14 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
 
+    # PNG preview of each page (bot/preview.py). PREVIEW_CHROMIUM comes first: PREVIEW's
+    # check reads it.
+    preview_chromium: str | None = None
+    preview: Literal["auto", "on", "off"] = "auto"
+    preview_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    preview_width: int = Field(default=1280, ge=64, le=4096)
+    preview_height: int = Field(default=800, ge=64, le=4096)
+
     @field_validator("discord_token")
     @classmethod
     def _token_shape(cls, value: SecretStr) -> SecretStr:
@@ -118,6 +128,7 @@ class Settings(BaseSettings):
         "model_quantization",
         "model_device",
         "discord_gateway_url",
+        "preview_chromium",
         mode="before",
     )
     @classmethod
@@ -136,6 +147,31 @@ class Settings(BaseSettings):
     def _gateway(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("ws://", "wss://")):
             raise ValueError("must start with ws:// or wss://")
+        return value
+
+    @field_validator("preview_chromium")
+    @classmethod
+    def _chromium_exists(cls, value: str | None) -> str | None:
+        if value is not None and find_chromium(value) is None:
+            raise ValueError(f"is {value!r}, which is not an executable file or a command on PATH")
+        return value
+
+    @field_validator("preview", mode="before")
+    @classmethod
+    def _preview_mode(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("preview")
+    @classmethod
+    def _preview_needs_chromium(cls, value: str, info: ValidationInfo) -> str:
+        # A PREVIEW_CHROMIUM that failed its own check is reported on its own line.
+        configured = info.data.get("preview_chromium")
+        if value == "on" and "preview_chromium" in info.data and not find_chromium(configured):
+            raise ValueError(
+                "is on but no Chromium was found: install chromium, set PREVIEW_CHROMIUM "
+                f"to its path (looked for {', '.join(CHROMIUM_NAMES)} on PATH), or set "
+                "PREVIEW=auto or off"
+            )
         return value
 
     @field_validator("log_level")

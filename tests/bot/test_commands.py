@@ -171,6 +171,7 @@ def idle_bot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HtmlBot:
         discord_token="x",  # type: ignore[arg-type]
         discord_api_base="http://127.0.0.1:9/api/v10",
         results_dir=tmp_path,
+        preview="off",
         _env_file=None,  # type: ignore[call-arg]
     )
     return HtmlBot(settings, FakeEngine())

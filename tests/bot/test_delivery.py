@@ -361,7 +361,7 @@ async def test_send_page_followup_attaches_zips_or_explains() -> None:
             what="t",
         )
         [sent] = interaction.followup.sent
-        assert attached is not None and sent["file"].filename == expected
+        assert [a.filename for a in attached] == [f.filename for f in sent["files"]] == [expected]
         assert sent["content"].startswith("**x.html** · m") and sent["ephemeral"] is True
     interaction = _ResendInteraction(1000)
     attached = await send_page_followup(
@@ -373,5 +373,5 @@ async def test_send_page_followup_attaches_zips_or_explains() -> None:
         ephemeral=False,
         what="t",
     )
-    assert attached is None
+    assert attached == []
     assert interaction.followup.sent == [{"content": "too big", "ephemeral": False, "wait": True}]

@@ -47,6 +47,16 @@ async def test_missing_token_is_one_line(tmp_path: Path) -> None:
     )
 
 
+async def test_preview_on_without_chromium_stops_at_start_up(tmp_path: Path) -> None:
+    env = bot_env(tmp_path, DISCORD_TOKEN="x", PREVIEW="on", PATH=str(tmp_path))  # no chromium
+    env.pop("PREVIEW_CHROMIUM", None)
+    process = await run_bot(tmp_path, env)
+    _out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    [line] = err.decode().strip().splitlines()
+    assert line.startswith("error: PREVIEW is on but no Chromium was found: install chromium")
+
+
 async def test_rejected_token_is_one_line_without_traceback_or_token(tmp_path: Path) -> None:
     async with FakeDiscord() as fake:
         env = bot_env(

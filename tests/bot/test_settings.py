@@ -112,3 +112,38 @@ def test_env_example_lists_every_setting_and_loads(
     monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
     settings = load_settings()
     assert settings.metrics_port is None and settings.model_preset is None
+
+
+def test_preview_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    settings = load_settings()
+    assert (settings.preview, settings.preview_chromium) == ("auto", None)
+    assert (settings.preview_width, settings.preview_height) == (1280, 800)
+    assert settings.preview_timeout_s == 15
+    fake = tmp_path / "my-chromium"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PREVIEW", "ON")
+    monkeypatch.setenv("PREVIEW_CHROMIUM", str(fake))
+    monkeypatch.setenv("PREVIEW_WIDTH", "640")
+    assert load_settings().preview == "on" and load_settings().preview_width == 640
+
+
+def test_preview_on_without_chromium_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no chromium here
+    monkeypatch.setenv("PREVIEW", "auto")
+    assert load_settings().preview == "auto"  # auto: fine, just no previews
+    monkeypatch.setenv("PREVIEW", "on")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).startswith("PREVIEW is on but no Chromium was found")
+    assert "PREVIEW_CHROMIUM" in str(info.value)
+    monkeypatch.setenv("PREVIEW_CHROMIUM", str(tmp_path / "nope"))
+    monkeypatch.setenv("PREVIEW", "off")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).startswith("PREVIEW_CHROMIUM is '")
+    assert "not an executable file" in str(info.value)

@@ -281,6 +281,8 @@ def default_settings(fake: FakeDiscord, tmp_path: Path, **overrides: Any) -> Any
         "shutdown_deadline_s": 5.0,
         "initial_job_seconds": 1.0,
         "log_level": "INFO",
+        # Previews cost a Chromium run each: only the tests about them turn them on.
+        "preview": "off",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -11,6 +11,7 @@ import html5lib
 import pytest
 
 from model.prompting import STYLE_HINTS
+from tests.bot.png import png_size
 from tests.e2e.helpers import FixedAnswer, StartBot, bot_errors, discord_problems
 from tests.fake_discord import (
     CB_DEFERRED_MESSAGE,
@@ -214,3 +215,34 @@ async def test_interaction_lost_before_defer_is_dropped(
     )
     await asyncio.sleep(0.5)
     assert [r.status for r in inter.requests] == [404]  # nothing sent to a dead interaction
+
+
+async def test_page_arrives_with_a_png_preview(
+    start_bot: StartBot, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = await start_bot(preview="on", preview_width=800, preview_height=600)
+    assert run.bot.previewer is not None  # the real Chromium
+    ann = fake.user("ann")
+    inter = await fake.send_command("html", {"prompt": "a landing page for a bakery"}, user=ann)
+    page = await inter.wait_for_file(".html", timeout=60)
+    # One follow-up, one multipart body: payload_json, the page, then its preview.
+    [followup] = [r for r in inter.ok_requests if r.files]
+    assert re.search(FOLLOWUP_PATH, followup.path)
+    assert [p.name for p in followup.parts] == ["payload_json", "files[0]", "files[1]"]
+    html_part, png_part = followup.files
+    assert html_part.filename == page.filename == "landing-bakery.html"
+    assert png_part.filename == "landing-bakery.png"
+    assert png_size(png_part.data) == (800, 600)
+    assert png_part.content_type in (None, "image/png", "application/octet-stream")
+    [message] = [m for m in inter.followups if m.get("attachments")]
+    assert [a["filename"] for a in message["attachments"]] == [
+        "landing-bakery.html",
+        "landing-bakery.png",
+    ]
+    assert bot_errors(caplog) == []
+
+    # /mypages sends the kept page again, without a preview.
+    [stored] = run.bot.store.list(ann.id)
+    again = await fake.send_command("mypages", {"page": stored.job_id}, user=ann)
+    await again.wait_for_file(".html", timeout=10)
+    assert [p.filename for p in again.delivered_files] == ["landing-bakery.html"]
