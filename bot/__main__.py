@@ -92,10 +92,12 @@ def load_engine(settings: Settings) -> Any:
 
 def _continuous_engine(loaded: Any, settings: Settings, *, on_gpu: bool) -> Any | None:
     """The continuous-batching engine; None (ENGINE=auto) when the model can't use it."""
-    from model.fast_engine import FastEngine
+    from model.fast_engine import FastEngine, FastEngineOptions
 
+    # An explicit MAX_BATCH also bounds the KV cache; unset, it is sized from free memory.
+    options = FastEngineOptions(max_slots=settings.max_batch)
     try:
-        engine = FastEngine.from_loaded(loaded)
+        engine = FastEngine.from_loaded(loaded, options)
     except ValueError as exc:  # not a Llama-family model
         if settings.engine == "continuous":
             raise StartupError(f"ENGINE=continuous: {exc}", EXIT_MODEL) from None
@@ -104,7 +106,7 @@ def _continuous_engine(loaded: Any, settings: Settings, *, on_gpu: bool) -> Any 
     if on_gpu:
         # Capture the CUDA graphs now (~30 s for a 7B model), not on users' first jobs.
         log.info("continuous-batching engine: capturing CUDA graphs")
-        engine.warmup(settings.max_batch)
+        engine.warmup(settings.batch_size(engine))
     return engine
 
 

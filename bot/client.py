@@ -108,10 +108,11 @@ class HtmlBot(discord.Client):
         self.tree = HtmlCommandTree(self)
         self.metrics = Metrics()
         self.throughput = Throughput(settings.initial_job_seconds)
+        self.max_batch = settings.batch_size(engine)
         self.scheduler = Scheduler(
             max_total=settings.queue_max_total,
             max_per_user=settings.queue_max_per_user,
-            max_batch=settings.max_batch,
+            max_batch=self.max_batch,
             throughput=self.throughput,
             delivery_margin_s=settings.delivery_margin_s,
         )
@@ -150,9 +151,7 @@ class HtmlBot(discord.Client):
     async def setup_hook(self) -> None:
         await self._resolve_gateway()
         loop = asyncio.get_running_loop()
-        self.worker = Worker(
-            self.engine, self.scheduler, self, loop, max_batch=self.settings.max_batch
-        )
+        self.worker = Worker(self.engine, self.scheduler, self, loop, max_batch=self.max_batch)
         self.worker.start()
         self._background = [
             asyncio.create_task(self.board.run(), name="htmlbot-status-board"),

@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# MAX_BATCH when unset. The standard engine pads a batch to its longest prompt and runs it
+# to its longest answer, so small batches suit it (and a CPU).
+STANDARD_MAX_BATCH = 8
+# The continuous engine takes as many jobs as its KV cache has slots, up to this: past 64 a
+# decode step grows to ~11 ms on an H100 (bench/RESULTS.md), ~90 tokens/s for each user.
+AUTO_MAX_BATCH = 64
 
 IdList = Annotated[tuple[int, ...], NoDecode]
 
@@ -66,7 +72,8 @@ class Settings(BaseSettings):
     # Queue and worker
     queue_max_total: int = Field(default=1000, ge=1)
     queue_max_per_user: int = Field(default=3, ge=1)
-    max_batch: int = Field(default=8, ge=1, le=256)
+    # None ("auto"): see batch_size().
+    max_batch: int | None = Field(default=None, ge=1, le=256)
     max_prompt_chars: int = Field(default=1000, ge=1, le=6000)
     interaction_ttl_s: float = Field(default=900.0, gt=0)
     queue_edit_interval_s: float = Field(default=5.0, gt=0)
@@ -116,7 +123,7 @@ class Settings(BaseSettings):
             return tuple(ids)
         return value
 
-    @field_validator("dev_guild_id", "metrics_port", mode="before")
+    @field_validator("dev_guild_id", "metrics_port", "max_batch", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -181,6 +188,17 @@ class Settings(BaseSettings):
         if level not in _LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
         return level
+
+    def batch_size(self, engine: Any) -> int:
+        """How many jobs the worker runs together: ``MAX_BATCH``, or when it is unset the
+        continuous engine's KV-cache slots (sized from free GPU memory; at most
+        ``AUTO_MAX_BATCH``), else ``STANDARD_MAX_BATCH`` for the standard engine."""
+        if self.max_batch is not None:
+            return self.max_batch
+        slots = getattr(engine, "slots", None)
+        if isinstance(slots, int) and slots > 0:
+            return min(slots, AUTO_MAX_BATCH)
+        return STANDARD_MAX_BATCH
 
     def model_overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``model.spec.resolve_spec`` (``None`` means the default)."""

@@ -129,7 +129,8 @@ async def test_full_run_serves_a_page_and_stops_on_sigterm(tmp_path: Path, engin
     assert process.returncode == 0, log_text[-3000:]
     # The engine asked for is the one that served (the page alone can't tell them apart).
     mode = "continuous" if engine == "continuous" else "batch"
-    assert f"worker started ({mode} mode" in log_text
+    # MAX_BATCH unset: 8 for the standard engine, the continuous engine's slots (8 on a CPU).
+    assert f"worker started ({mode} mode, max batch 8)" in log_text
     assert "SIGTERM received: shutting down" in log_text
     assert "shutdown complete" in log_text
     assert fake.bot_token not in log_text

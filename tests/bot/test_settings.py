@@ -147,3 +147,29 @@ def test_preview_on_without_chromium_is_a_settings_error(
         load_settings()
     assert str(info.value).startswith("PREVIEW_CHROMIUM is '")
     assert "not an executable file" in str(info.value)
+
+
+class _EngineWithSlots:
+    """Stands in for the continuous engine: only its slot count matters here."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+
+
+def test_max_batch_auto_follows_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.settings import AUTO_MAX_BATCH, STANDARD_MAX_BATCH
+
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv("MAX_BATCH", "")
+    auto = load_settings()
+    assert auto.max_batch is None
+    assert auto.batch_size(object()) == STANDARD_MAX_BATCH == 8  # the standard engine
+    assert auto.batch_size(_EngineWithSlots(5)) == 5  # a small card's KV cache
+    assert auto.batch_size(_EngineWithSlots(300)) == AUTO_MAX_BATCH == 64
+    monkeypatch.setenv("MAX_BATCH", "12")
+    explicit = load_settings()
+    assert explicit.batch_size(_EngineWithSlots(300)) == 12
+    assert explicit.batch_size(object()) == 12
+    monkeypatch.setenv("MAX_BATCH", "0")
+    with pytest.raises(SettingsError, match="MAX_BATCH"):
+        load_settings()
