@@ -95,7 +95,13 @@ def _continuous_engine(loaded: Any, settings: Settings, *, on_gpu: bool) -> Any 
     from model.fast_engine import FastEngine, FastEngineOptions
 
     # An explicit MAX_BATCH also bounds the KV cache; unset, it is sized from free memory.
-    options = FastEngineOptions(max_slots=settings.max_batch)
+    # Each slot holds a whole prompt (the template's few dozen tokens plus MAX_PROMPT_CHARS at two
+    # characters a token or more) and a whole answer, so no answer is cut short by the cache.
+    prompt_tokens = 256 + settings.max_prompt_chars // 2
+    options = FastEngineOptions(
+        max_slots=settings.max_batch,
+        max_seq_len=max(FastEngineOptions.max_seq_len, prompt_tokens + settings.max_new_tokens),
+    )
     try:
         engine = FastEngine.from_loaded(loaded, options)
     except ValueError as exc:  # not a Llama-family model
