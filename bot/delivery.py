@@ -30,7 +30,7 @@ from bot.jobs import Job, JobState
 from bot.metrics import Metrics
 from bot.preview import Previewer
 from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
-from bot.store import ResultStore, StoredPage
+from bot.store import ResultStore
 from model.errors import ModelError
 from model.naming import page_filename
 from model.types import FinishReason
@@ -299,18 +299,28 @@ class Delivery:
         filename = page_filename(job.prompt)
         warnings = tuple(str(w) for w in page.warnings)
         # Keep it before sending anything: an expired token must not lose the page.
-        stored = await asyncio.to_thread(
-            self.store.save,
-            user_id=job.user_id,
-            job_id=job.job_id,
-            filename=filename,
-            data=page.data,
-            prompt=job.prompt,
-            model=self.model_name,
-            generated_tokens=result.generated_tokens,
-            seconds=result.total_s,
-            warnings=warnings,
-        )
+        try:
+            await asyncio.to_thread(
+                self.store.save,
+                user_id=job.user_id,
+                job_id=job.job_id,
+                filename=filename,
+                data=page.data,
+                prompt=job.prompt,
+                model=self.model_name,
+                generated_tokens=result.generated_tokens,
+                seconds=result.total_s,
+                warnings=warnings,
+            )
+            kept = True
+        except OSError as exc:  # a full or read-only disk: the user still gets the page now
+            log.error(
+                "job %s: could not keep the page in %s (%s); sending it anyway",
+                job.job_id,
+                self.store.root,
+                exc,
+            )
+            kept = False
         summary = summary_line(
             filename=filename,
             model=self.model_name,
@@ -319,7 +329,7 @@ class Delivery:
             warnings=warnings,
         )
         preview = None if ticket.dead else await self.render_preview(job, page.data)
-        await self.send_page(job, stored, page.data, summary, preview=preview)
+        await self.send_page(job, filename, page.data, summary, preview=preview, kept=kept)
         return True
 
     async def render_preview(self, job: Job, data: bytes) -> bytes | None:
@@ -338,28 +348,35 @@ class Delivery:
     async def send_page(
         self,
         job: Job,
-        stored: StoredPage,
+        filename: str,
         data: bytes,
         summary: str,
         *,
         preview: bytes | None = None,
+        kept: bool = True,
     ) -> None:
         """Mark the deferred message done, then send the page (and its preview) as a follow-up.
 
         In that order because Discord turns the first follow-up after a "thinking" defer
         into the deferred message itself; once edited, the follow-up is a message of its
-        own, so the page arrives as a new message at the bottom of the channel.
+        own, so the page arrives as a new message at the bottom of the channel. ``kept``:
+        whether the page is in the store (``/mypages`` can send it again).
         """
         ticket = ticket_of(job)
         interaction = ticket.interaction
         limit = attachment_limit(interaction)
+        where = (
+            f"It is kept for you: `/mypages page:{job.job_id}` in a server with a higher limit, "
+            "or ask for a smaller page."
+            if kept
+            else "Ask for a smaller page."
+        )
         too_big = (
             f"{summary}\nThe page is {_mb(len(data))}, more than this server's upload limit "
-            f"({_mb(limit)}) even zipped. It is kept for you: `/mypages page:{job.job_id}` "
-            "in a server with a higher limit, or ask for a smaller page."
+            f"({_mb(limit)}) even zipped. {where}"
         )
         try:
-            await self.final_edit(job, f"✅ Done: **{stored.filename}** (below).")
+            await self.final_edit(job, f"✅ Done: **{filename}** (below).")
         except discord.HTTPException as exc:
             log.info("job %s: marking the message done failed: %s", job.job_id, exc)
         if ticket.dead:
@@ -367,7 +384,7 @@ class Delivery:
         try:
             await send_page_followup(
                 interaction,
-                filename=stored.filename,
+                filename=filename,
                 data=data,
                 content=summary,
                 too_big=too_big,
@@ -383,12 +400,14 @@ class Delivery:
             raise
         except discord.HTTPException as exc:
             log.error("job %s: sending the page failed: %s %s", job.job_id, exc.status, exc.text)
+            again = (
+                f"The page is kept: get it with `/mypages page:{job.job_id}`."
+                if kept
+                else "Please ask again."
+            )
             with contextlib.suppress(discord.HTTPException, DeliveryExpired):
                 await self.final_edit(
-                    job,
-                    f"❌ Discord refused the upload ({exc.status}). The page is kept: get it "
-                    f"with `/mypages page:{job.job_id}`.",
-                    force=True,
+                    job, f"❌ Discord refused the upload ({exc.status}). {again}", force=True
                 )
 
     async def final_edit(self, job: Job, text: str, *, force: bool = False) -> None:

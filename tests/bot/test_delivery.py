@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
@@ -330,6 +331,33 @@ async def test_a_dead_token_keeps_the_page_and_sends_nothing(tmp_path: Path) -> 
     assert delivery.expired_deliveries == 1
     [page] = delivery.store.list(7)
     assert page.job_id == job.job_id
+
+
+class _NoSpaceStore(ResultStore):
+    """A store on a full disk: writing the page fails the way a full disk does."""
+
+    def save(self, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("broken", ["full disk", "root is a file"])
+async def test_a_page_that_cannot_be_kept_is_still_sent(
+    tmp_path: Path, broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if broken == "full disk":
+        store: ResultStore = _NoSpaceStore(tmp_path)
+    else:
+        blocker = tmp_path / "results"
+        blocker.write_text("not a folder")  # mkdir under it fails with a real OSError
+        store = ResultStore(blocker)
+    delivery = Delivery(store, Metrics(), model_name="fake-model")
+    job, interaction = _job(JobState.DONE)
+    job.context.mark_deferred()
+    await delivery.finish(job)
+    assert interaction.calls == ["edit", "followup"]  # marked done, then the page itself
+    assert "could not keep the page" in caplog.text
+    done = delivery.metrics.registry.get_sample_value("htmlbot_jobs_total", {"outcome": "done"})
+    assert done == 1
 
 
 class _RecordingFollowup:
