@@ -458,16 +458,12 @@ def step_times(
         positions = torch.tensor([k - 1 for k in keys], device=runner.positions.device)
         runner.positions[:b] = positions
         runner.decode(b, context)  # captures if needed
-        start = [torch.cuda.Event(enable_timing=True) for _ in range(30)]
-        end = [torch.cuda.Event(enable_timing=True) for _ in range(30)]
         graph = runner._graphs[(runner.batch_bucket(b), runner.context_bucket(context))]
-        for i in range(30):
+
+        def rewind(b: int = b, positions: Any = positions) -> None:
             runner.positions[:b] = positions  # the step advances them
-            start[i].record()
-            graph.replay()
-            end[i].record()
-        torch.cuda.synchronize()
-        ms = statistics.median(s.elapsed_time(e) for s, e in zip(start, end, strict=True))
+
+        ms = _median_ms(graph.replay, 30, prepare=rewind)
         rows.append(
             {
                 "batch": b,
@@ -575,6 +571,25 @@ def profile_step(engine: Any, batch: int, context: int, path: Path | None) -> st
     return "\n".join(lines)
 
 
+def _median_ms(
+    run: Callable[[], Any], times: int, prepare: Callable[[], Any] | None = None
+) -> float:
+    """Median GPU time of ``run()`` over ``times`` calls, by CUDA events; ``prepare()`` runs
+    before each call, outside the timed span."""
+    import torch
+
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(times)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(times)]
+    for i in range(times):
+        if prepare is not None:
+            prepare()
+        start[i].record()
+        run()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(start, end, strict=True))
+
+
 def _graph_time_ms(fn: Callable[[], Any], repeats: int = 32) -> float:
     """GPU time of one ``fn()`` call, captured ``repeats`` times in a CUDA graph (no launch
     overhead, as inside the decode graph)."""
@@ -589,14 +604,7 @@ def _graph_time_ms(fn: Callable[[], Any], repeats: int = 32) -> float:
     with torch.cuda.graph(graph):
         for _ in range(repeats):
             fn()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
-    for i in range(20):
-        start[i].record()
-        graph.replay()
-        end[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(start, end, strict=True)) / repeats
+    return _median_ms(graph.replay, 20) / repeats
 
 
 def attention_sweep(shape: dict[str, Any]) -> list[dict[str, Any]]:
