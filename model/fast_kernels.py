@@ -263,11 +263,11 @@ def self_check(
 
     keys, values = draw(rows, kv_heads, length, dim), draw(rows, kv_heads, length, dim)
     positions = torch.tensor([length - 1, 5], device=device)
-    angles = torch.zeros(length, dim, device=device, dtype=dtype)
+    zeros = torch.zeros(length, dim, device=device, dtype=dtype)
     queries = torch.empty(rows, heads, dim, device=device, dtype=dtype)
     qkv = draw(rows, (heads + 2 * kv_heads) * dim)
     # cos 1, sin 0: the rotation is the identity, so q comes back as it went in.
-    rope_store(qkv, angles + 1, angles, positions, keys, values, queries)
+    rope_store(qkv, zeros + 1, zeros, positions, keys, values, queries)
     if not torch.equal(queries.reshape(rows, -1), qkv[:, : heads * dim]):
         raise RuntimeError("rope_store wrote wrong queries")
     written = keys[torch.arange(rows, device=device), :, positions].reshape(rows, -1)

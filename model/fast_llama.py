@@ -454,7 +454,6 @@ class FastLlama:
         """One decode step for rows ``[:b]`` with keys ``[0, ctx)``; updates state in place."""
         tokens = self.tokens[:b]
         positions = self.positions[:b]
-        rows = self.rows[:b]
         x = self.embed[tokens]
         triton = self.attention == "triton"
         if triton:
@@ -488,7 +487,7 @@ class FastLlama:
                 q, kv = self._rope_kv(layer.qkv(h), cos, sin, self.n_heads, self.n_kv)
                 # cache[index] is (2, slots, kv heads, T, D); this writes K and V of every
                 # row at its position in one kernel.
-                self.cache[index][:, rows, :, positions] = kv
+                self.cache[index][:, self.rows[:b], :, positions] = kv
                 attn = self._attend_decode(q, b, ctx, index, bias)
             x, h = self._add_norm(x, layer.o(attn), layer.post_norm, self.eps)
             down = layer.down(self._silu_mul(layer.gate_up(h)))
@@ -624,13 +623,14 @@ class FastLlama:
             flat[:total] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
             positions = torch.zeros(padded, dtype=torch.int64)
             positions[:total] = torch.cat([torch.arange(length) for length in lengths])
-            slot_of_token = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths))
+            sizes = torch.tensor(lengths)
+            slot_of_token = torch.repeat_interleave(torch.tensor(rows), sizes)
             # (n, longest): the packed index of each prompt's tokens. Padding repeats the
             # prompt's last token; it sits after every real query, so the causal mask hides it.
-            starts = torch.tensor([0, *itertools.accumulate(lengths)][:-1])
+            starts = torch.cumsum(sizes, 0) - sizes
             offsets = torch.arange(longest)
-            gather = starts[:, None] + torch.minimum(offsets, torch.tensor(lengths)[:, None] - 1)
-            real = offsets[None, :] < torch.tensor(lengths)[:, None]
+            gather = starts[:, None] + torch.minimum(offsets, sizes[:, None] - 1)
+            real = offsets[None, :] < sizes[:, None]
             ids, positions = flat.to(device), positions.to(device)
             slot_of_token, gather, real = (
                 slot_of_token.to(device),
