@@ -64,18 +64,25 @@ class Throughput:
 
     def record_tokens(self, tokens: int) -> None:
         """Tokens just generated (a finished batch's, or one finished job's)."""
+        now = self._clock()
         with self._lock:
-            self._generated.append((self._clock(), tokens))
+            # Pruned here too: with metrics off nobody reads the rate, and the window must
+            # not grow by one entry per job for the life of the bot.
+            self._drop_old_locked(now)
+            self._generated.append((now, tokens))
 
     @property
     def tokens_per_second(self) -> float:
         now = self._clock()
         with self._lock:
-            while self._generated and self._generated[0][0] < now - self._window_s:
-                self._generated.popleft()
+            self._drop_old_locked(now)
             total = sum(tokens for _, tokens in self._generated)
         span = min(self._window_s, now - self._started)
         return total / span if span > 0 else 0.0
+
+    def _drop_old_locked(self, now: float) -> None:
+        while self._generated and self._generated[0][0] < now - self._window_s:
+            self._generated.popleft()
 
 
 class Scheduler:

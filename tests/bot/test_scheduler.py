@@ -207,3 +207,14 @@ def test_tokens_per_second_is_the_aggregate_over_a_window() -> None:
     assert meter.tokens_per_second == pytest.approx(50.0)  # 250 tokens in 5 s
     clock.now += 20.0
     assert meter.tokens_per_second == 0.0  # idle: nothing in the last 10 s
+
+
+def test_the_token_window_stays_bounded_when_nobody_reads_the_rate() -> None:
+    # With metrics off nothing reads tokens_per_second; recording must still forget old jobs.
+    clock = Clock()
+    meter = Throughput(initial_job_seconds=1.0, window_s=10.0, clock=clock)
+    for _ in range(1000):
+        clock.now += 1.0
+        meter.record_tokens(10)
+    assert len(meter._generated) <= 11
+    assert meter.tokens_per_second == pytest.approx(11.0)  # 11 records within 10 s, ends included
