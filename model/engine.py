@@ -21,10 +21,10 @@ from model.fast_sampling import sample_rows
 from model.loading import LoadedModel
 from model.prompting import encode_prompt
 from model.stopping import (
+    PageEndDetector,
     cut_after_page,
     ends_in_loop,
     eos_token_ids,
-    page_closed,
     should_check,
 )
 from model.types import (
@@ -103,6 +103,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.stop_token_ids = eos_token_ids(self.model, self.tokenizer)
+        self.page_end = PageEndDetector(self.tokenizer)
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both releases.
         # An unmerged peft model forwards keyword arguments to its base: ask the base.
         base_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else None
@@ -211,7 +212,7 @@ class Engine:
             seq.finish = FinishReason.EOS
         else:
             seq.generated.append(token)
-            if page_closed(self.tokenizer, seq.generated):
+            if self.page_end.closed(seq.generated):
                 seq.finish = FinishReason.HTML_COMPLETE
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
                 seq.finish = FinishReason.LENGTH

@@ -30,10 +30,10 @@ from typing import Any
 from model.fast_llama import FastLlama
 from model.prompting import encode_prompt
 from model.stopping import (
+    PageEndDetector,
     cut_after_page,
     ends_in_loop,
     eos_token_ids,
-    page_closed,
     should_check,
 )
 from model.types import (
@@ -121,7 +121,7 @@ class FastEngine:
             attention=opts.attention,
         )
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self._closing = _closing_tokens(tokenizer, self.runner.vocab_size)
+        self.page_end = PageEndDetector(tokenizer, self.runner.vocab_size)
         self._lock = threading.Lock()  # one serve()/generate() at a time
 
     @classmethod
@@ -339,9 +339,7 @@ class FastEngine:
         if not self.options.ignore_eos and token in self.eos_ids:
             return FinishReason.EOS
         seq.generated.append(token)
-        # The tail is decoded only after a token that holds '>' (rare), not every step.
-        closing = token < len(self._closing) and self._closing[token]
-        if closing and not self.options.ignore_eos and page_closed(self.tokenizer, seq.generated):
+        if not self.options.ignore_eos and self.page_end.closed(seq.generated):
             return FinishReason.HTML_COMPLETE
         if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:
             return FinishReason.LENGTH
@@ -411,13 +409,3 @@ class FastEngine:
             time_to_first_token_s=first,
             total_s=now - seq.started,
         )
-
-
-def _closing_tokens(tokenizer: Any, vocab_size: int) -> list[bool]:
-    """Per token id: could this token complete ``</html>`` (does its text hold '>')?
-
-    Checked first so the tail of a sequence is decoded only on the rare steps that matter.
-    """
-    size = min(vocab_size, len(tokenizer))
-    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-    return [piece is not None and ">" in piece for piece in pieces]

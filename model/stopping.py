@@ -72,3 +72,23 @@ def cut_after_page(text: str) -> str:
     the closing tag is dropped)."""
     end = text.lower().rfind(HTML_END)
     return text if end < 0 else text[: end + len(HTML_END)]
+
+
+class PageEndDetector:
+    """Tells when a sequence's newest token completes the page's ``</html>``.
+
+    Only a token whose text holds '>' can complete the tag, so the tail is decoded (by
+    :func:`page_closed`) only after such a token: a rare step, instead of every step.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+        size = len(tokenizer) if vocab_size is None else min(vocab_size, len(tokenizer))
+        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+        self.tokenizer = tokenizer
+        self._may_close = [piece is not None and ">" in piece for piece in pieces]
+
+    def closed(self, generated: Sequence[int]) -> bool:
+        token = generated[-1]
+        if not (0 <= token < len(self._may_close) and self._may_close[token]):
+            return False
+        return page_closed(self.tokenizer, generated)

@@ -64,3 +64,36 @@ def test_both_engines_stop_a_model_stuck_in_a_loop(tiny_llama_dir: Path, engine_
     (result,) = engine.generate([GenerationRequest("a bakery", sampling=sampling)])
     assert result.finish_reason == FinishReason.REPETITION
     assert MIN_LOOP_TOKENS <= result.generated_tokens < MIN_LOOP_TOKENS + 32
+
+
+def test_page_end_detector_agrees_with_decoding_every_step(smollm2_tokenizer_dir: Path) -> None:
+    """Skipping the decode after tokens without '>' stops at the same token as decoding the
+    tail every step (the engines stop at the first step that sees the tag)."""
+    from transformers import AutoTokenizer
+
+    from model.stopping import PageEndDetector, page_closed
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    decodes = 0
+    real_decode = tokenizer.decode
+
+    def counting_decode(*args: object, **kwargs: object) -> str:
+        nonlocal decodes
+        decodes += 1
+        return str(real_decode(*args, **kwargs))
+
+    detector = PageEndDetector(tokenizer)
+    tokenizer.decode = counting_decode  # the detector holds this tokenizer
+    for page, closes in (
+        ("<html><body><p>a > b</p></body></html>\n<p>after</p>", True),
+        ("<HTML><body>x</body></HTML>", True),
+        ("<html><body><p>no end yet</p></body>", False),
+    ):
+        ids = tokenizer.encode(page, add_special_tokens=False)
+        every_step = [page_closed(tokenizer, ids[: i + 1]) for i in range(len(ids))]
+        decodes = 0
+        skipping = [detector.closed(ids[: i + 1]) for i in range(len(ids))]
+        first = every_step.index(True) if True in every_step else None
+        assert (skipping.index(True) if True in skipping else None) == first
+        assert decodes < len(ids)  # the tail was not decoded on every step
+        assert (first is not None) == closes
