@@ -18,7 +18,7 @@ import logging
 import random
 import time
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -216,6 +216,19 @@ async def send_page_followup(
     return attachments
 
 
+@contextlib.contextmanager
+def _live_token(ticket: Ticket, what: str) -> Iterator[None]:
+    """Guard a call made with the ticket's token: :class:`DeliveryExpired` at once, without
+    calling Discord, when the token is known to be dead; marks it dead when Discord says so."""
+    if ticket.dead:
+        raise DeliveryExpired(f"{what}: the token is dead")
+    try:
+        yield
+    except DeliveryExpired:
+        ticket.dead = True
+        raise
+
+
 def build_page_for(job: Job, *, strip_scripts: bool) -> Any:
     """``model.html.build_page`` for the job's result (blocking: run it in a thread)."""
     from model.html import build_page
@@ -379,25 +392,22 @@ class Delivery:
             await self.final_edit(job, f"✅ Done: **{filename}** (below).")
         except discord.HTTPException as exc:
             log.info("job %s: marking the message done failed: %s", job.job_id, exc)
-        if ticket.dead:
-            raise DeliveryExpired(f"job {job.job_id} follow-up: the token is dead")
+        what = f"job {job.job_id} follow-up"
         try:
-            await send_page_followup(
-                interaction,
-                filename=filename,
-                data=data,
-                content=summary,
-                too_big=too_big,
-                limit=limit,
-                preview=preview,
-                ephemeral=job.private,
-                what=f"job {job.job_id} follow-up",
-                attempts=self.attempts,
-                sleep=self._sleep,
-            )
-        except DeliveryExpired:
-            ticket.dead = True
-            raise
+            with _live_token(ticket, what):
+                await send_page_followup(
+                    interaction,
+                    filename=filename,
+                    data=data,
+                    content=summary,
+                    too_big=too_big,
+                    limit=limit,
+                    preview=preview,
+                    ephemeral=job.private,
+                    what=what,
+                    attempts=self.attempts,
+                    sleep=self._sleep,
+                )
         except discord.HTTPException as exc:
             log.error("job %s: sending the page failed: %s %s", job.job_id, exc.status, exc.text)
             again = (
@@ -420,20 +430,11 @@ class Delivery:
             if ticket.final and not force:
                 return
             ticket.final = True
-            if ticket.dead:
-                raise DeliveryExpired(f"job {job.job_id} final edit: the token is dead")
 
             async def edit() -> None:
                 await ticket.interaction.edit_original_response(content=text, view=None)
 
-            try:
-                await with_retries(
-                    edit,
-                    what=f"job {job.job_id} final edit",
-                    attempts=self.attempts,
-                    sleep=self._sleep,
-                )
-            except DeliveryExpired:
-                ticket.dead = True
-                raise
+            what = f"job {job.job_id} final edit"
+            with _live_token(ticket, what):
+                await with_retries(edit, what=what, attempts=self.attempts, sleep=self._sleep)
             ticket.shown = text
