@@ -11,8 +11,15 @@ import html5lib
 import pytest
 
 from model.prompting import STYLE_HINTS
+from model.types import TextGenerator
 from tests.bot.png import png_size
-from tests.e2e.helpers import FixedAnswer, StartBot, bot_errors, discord_problems
+from tests.e2e.helpers import (
+    ControlledEngine,
+    FixedAnswer,
+    StartBot,
+    bot_errors,
+    discord_problems,
+)
 from tests.fake_discord import (
     CB_DEFERRED_MESSAGE,
     CB_MESSAGE,
@@ -203,17 +210,25 @@ async def test_upload_refused_is_explained_and_kept(start_bot: StartBot, fake: F
 
 
 async def test_interaction_lost_before_defer_is_dropped(
-    start_bot: StartBot, fake: FakeDiscord
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
 ) -> None:
-    run = await start_bot()
+    # The GPU is busy with another page, so the lost job waits in the queue: it must leave
+    # the queue when its defer fails, not run later into a dead interaction.
+    engine = ControlledEngine(real_engine)
+    engine.hold()
+    run = await start_bot(engine, max_batch=1)
+    first = await fake.send_command("html", {"prompt": "the page that holds the GPU"})
+    await first.wait_for_callback()
+    await fake.wait_until(engine.busy.is_set, 5)
     fake.callback_window_s = 0.0  # Discord refuses every callback: "Unknown interaction"
     inter = await fake.send_command("html", {"prompt": "nobody will see this"})
     refused = await inter.wait_for_request("POST", r"/callback$", timeout=5)
     assert refused.status == 404 and refused.response["code"] == 10062
-    await fake.wait_until(
-        lambda: run.bot.scheduler.queued_count + run.bot.scheduler.running_count == 0, 10
-    )
+    await fake.wait_until(lambda: run.bot.scheduler.queued_count == 0, 5)
+    engine.release()
+    await first.wait_for_file(".html", timeout=30)
     await asyncio.sleep(0.5)
+    assert engine.prompts == ["the page that holds the GPU"]  # never reached the engine
     assert [r.status for r in inter.requests] == [404]  # nothing sent to a dead interaction
 
 
