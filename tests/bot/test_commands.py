@@ -63,7 +63,7 @@ def test_user_messages_come_from_one_place() -> None:
 def _tracked_job(board: StatusBoard, sched: Scheduler, user: int) -> Job:
     job = Job.create(user_id=user, prompt=f"p{user}", ttl_s=900)
     job.context = Ticket(interaction=None)
-    job.context.deferred.set()
+    job.context.mark_deferred()
     sched.submit(job)
     board.track(job)
     return job
