@@ -77,42 +77,14 @@ def build_model(shape: dict[str, Any], device: torch.device, quantize: bool) -> 
     config.dtype = dtype
     model = random_llama(config, device, dtype)
     if quantize:
-        _quantize_nf4(model, device, dtype)
+        from bench.serving import quantized_copy
+
+        # The serving benchmark's NF4 (double-quant) copy; the bf16 linears go with `model`.
+        model = quantized_copy(model)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return model
-
-
-def _quantize_nf4(model: Any, device: torch.device, compute_dtype: torch.dtype) -> None:
-    import bitsandbytes as bnb
-
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in targets:
-                linear = getattr(parent, name, None)
-                if linear is None:
-                    continue
-                quantized = bnb.nn.Linear4bit(
-                    linear.in_features,
-                    linear.out_features,
-                    bias=False,
-                    compute_dtype=compute_dtype,
-                    compress_statistics=True,  # double quantization, as QLoRA loads it
-                    quant_type="nf4",
-                    device="meta",
-                )
-                quantized.weight = bnb.nn.Params4bit(
-                    linear.weight.data.to(compute_dtype),
-                    requires_grad=False,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                ).to(device)  # type: ignore[misc]  # moving to the device quantizes
-                setattr(parent, name, quantized)
-                del linear
-    # What transformers sets after a 4-bit load; peft reads it to pick its bnb LoRA layers.
-    model.is_loaded_in_4bit = True
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def sample_lengths(count: int, median: int, generator: torch.Generator, cap: int) -> list[int]:
