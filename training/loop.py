@@ -404,17 +404,14 @@ class _Run:
     def fit(self) -> None:
         """Train epoch by epoch from where the state says until the steps run out or early
         stopping ends it; records the training time."""
-        state, config = self.state, self.config
         self.model.train()
         self.progress = self._open_progress()
-        self.window = _Throughput()
-        stop = state["step"] >= self.schedule.total_steps
         started = time.perf_counter()
-        for epoch in range(state["epoch"], config.epochs):
-            if stop:
+        for epoch in range(self.state["epoch"], self.config.epochs):
+            if self._out_of_steps():
                 break
-            stop = self._train_epoch(epoch)
-            self._end_epoch(epoch, stopped_early=stop)
+            self._train_epoch(epoch)
+            self._end_epoch(epoch)
             if self._should_stop_early(epoch):
                 break
         if self.progress is not None:
@@ -445,8 +442,12 @@ class _Run:
             loader = self.accelerator.skip_first_batches(loader, skip)
         return loader
 
-    def _train_epoch(self, epoch: int) -> bool:
-        """One epoch's (remaining) batches; True when the run's last step was reached in it."""
+    def _out_of_steps(self) -> bool:
+        """Whether the run has taken all its optimizer steps."""
+        return bool(self.state["step"] >= self.schedule.total_steps)
+
+    def _train_epoch(self, epoch: int) -> None:
+        """One epoch's (remaining) batches, or fewer if the run's last step comes first."""
         loader = self._epoch_batches(epoch)
         self.state["epoch"] = epoch
         if not self.window.batches:
@@ -459,9 +460,8 @@ class _Run:
             if not self.accelerator.sync_gradients:
                 continue  # gradients still accumulating: no optimizer step yet
             self._after_optimizer_step()
-            if self.state["step"] >= self.schedule.total_steps:
-                return True
-        return False
+            if self._out_of_steps():
+                return
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward one micro-batch; clip and step the optimizer when accelerate
@@ -508,12 +508,14 @@ class _Run:
         if step % self.config.log_every == 0:
             log.info("step %d: loss %.4f lr %.2e %.0f tokens/s", step, loss, lr, tokens_per_s)
 
-    def _end_epoch(self, epoch: int, stopped_early: bool) -> None:
+    def _end_epoch(self, epoch: int) -> None:
         """Move the counters past a finished epoch, evaluate it, and checkpoint."""
         state = self.state
         # A run that ran out of steps inside the epoch keeps its place in it, so a resume
         # with more steps continues there.
-        epoch_done = not stopped_early or state["step_in_epoch"] >= self.schedule.steps_per_epoch
+        epoch_done = (
+            not self._out_of_steps() or state["step_in_epoch"] >= self.schedule.steps_per_epoch
+        )
         if epoch_done:
             state["epoch"] = epoch + 1
             state["step_in_epoch"] = 0
