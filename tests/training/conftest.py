@@ -40,12 +40,16 @@ def tiny_base(
     )
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so that the next training run starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # PartialState too
+    GradientState._reset_state()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state() -> Iterator[None]:
     """accelerate keeps process-wide singletons; each training run in a test starts clean."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()

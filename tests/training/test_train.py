@@ -20,7 +20,7 @@ from training.config import TrainConfig, load_yaml
 from training.errors import TrainingError
 from training.loop import TrainResult, train
 
-from .conftest import FIXTURE
+from .conftest import FIXTURE, reset_accelerate_state
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +48,13 @@ def tiny_config(base: Path, output_dir: Path, **changes: Any) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    from accelerate.state import AcceleratorState, GradientState
-
     out = tmp_path_factory.mktemp("trained")
     # 30 train rows, batch 2: 15 optimizer steps an epoch.
     config = tiny_config(tiny_base, out, epochs=2, eval_generate=2, eval_max_new_tokens=8)
     try:
         return train(config)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
 
 
 def test_loss_falls_clearly(trained: TrainResult) -> None:
@@ -137,17 +134,11 @@ def test_adapter_loads_through_model_package_and_changes_output(
 def test_resume_continues_with_same_step_and_optimizer_state(
     tiny_base: Path, tmp_path: Path
 ) -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset() -> None:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
     # 10 train rows, batch 2, grad_accum 2: 3 optimizer steps an epoch (the last one on a
     # single micro-batch), 6 in all; a checkpoint every 2 steps and at each epoch's end.
     common = {"max_rows": 12, "epochs": 2, "grad_accum": 2, "save_every": 2, "keep_checkpoints": 10}
     full = train(tiny_config(tiny_base, tmp_path / "full", **common))
-    reset()
+    reset_accelerate_state()
     assert full.metrics["steps"] == 6
     steps = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
     assert steps == ["step-000002", "step-000003", "step-000004", "step-000006"]
@@ -155,7 +146,7 @@ def test_resume_continues_with_same_step_and_optimizer_state(
     # Resume mid-epoch (step 2) into a fresh folder: the rest of the run must be the same.
     checkpoint = tmp_path / "full" / "checkpoints" / "step-000002"
     resumed = train(tiny_config(tiny_base, tmp_path / "resumed", resume=str(checkpoint), **common))
-    reset()
+    reset_accelerate_state()
     assert resumed.metrics["resumed_from_step"] == 2
     assert [entry["step"] for entry in resumed.metrics["history"]] == [1, 2, 3, 4, 5, 6]
     assert resumed.metrics["history"][:2] == full.metrics["history"][:2]
@@ -177,14 +168,14 @@ def test_resume_continues_with_same_step_and_optimizer_state(
 
     # `--resume` (latest) picks the newest checkpoint: the run is already finished.
     again = train(tiny_config(tiny_base, tmp_path / "full", resume="latest", **common))
-    reset()
+    reset_accelerate_state()
     assert again.metrics["resumed_from_step"] == 6 and again.metrics["steps"] == 6
 
     # Resuming with settings that change the batch schedule is refused, by name.
     changed = {**common, "batch_size": 3}
     with pytest.raises(TrainingError, match=r"other settings \(batch_size 2 -> 3\)"):
         train(tiny_config(tiny_base, tmp_path / "full", resume="latest", **changed))
-    reset()
+    reset_accelerate_state()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_base: Path, tmp_path: Path) -> None:
@@ -195,8 +186,6 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_base: Path, tmp_path: P
 def test_packed_run_and_early_stopping(tiny_base: Path, tmp_path: Path) -> None:
     """Packing puts several examples in a row; a run that stops improving stops early and
     keeps the best epoch's adapter."""
-    from accelerate.state import AcceleratorState, GradientState
-
     config = tiny_config(
         tiny_base,
         tmp_path / "packed",
@@ -208,8 +197,7 @@ def test_packed_run_and_early_stopping(tiny_base: Path, tmp_path: Path) -> None:
         early_stopping_patience=1,
     )
     result = train(config)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     tokens = result.metrics["tokens"]["train"]
     assert tokens["rows_after_packing"] < tokens["examples"]
     assert result.metrics["early_stopped_at_epoch"] == 2
