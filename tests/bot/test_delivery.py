@@ -368,7 +368,10 @@ class _RecordingFollowup:
         self.sent.append(kwargs)
 
 
-class _ResendInteraction:
+class RecordingInteraction:
+    """An interaction with upload limit ``limit`` whose follow-ups are recorded in
+    ``followup.sent`` (what :func:`send_page_followup` needs)."""
+
     def __init__(self, limit: int) -> None:
         self.filesize_limit = limit
         self.followup = _RecordingFollowup()
@@ -378,7 +381,7 @@ async def test_send_page_followup_attaches_zips_or_explains() -> None:
     small = b"<html>" + b"a" * 100 + b"</html>"
     big = b"<html>" + b"lorem ipsum " * 5000 + b"</html>"
     for data, limit, expected in [(small, 1000, "x.html"), (big, 10_000, "x.zip")]:
-        interaction = _ResendInteraction(limit)
+        interaction = RecordingInteraction(limit)
         attached = await send_page_followup(
             interaction,
             filename="x.html",
@@ -391,7 +394,7 @@ async def test_send_page_followup_attaches_zips_or_explains() -> None:
         [sent] = interaction.followup.sent
         assert [a.filename for a in attached] == [f.filename for f in sent["files"]] == [expected]
         assert sent["content"].startswith("**x.html** · m") and sent["ephemeral"] is True
-    interaction = _ResendInteraction(1000)
+    interaction = RecordingInteraction(1000)
     attached = await send_page_followup(
         interaction,
         filename="x.html",

@@ -19,6 +19,7 @@ from bot.preview import Previewer
 from bot.store import ResultStore
 from tests.bot.conftest import StartBot
 from tests.bot.fakes import FakeEngine
+from tests.bot.test_delivery import RecordingInteraction
 from tests.bot.test_preview import fake_chromium
 from tests.fake_discord import FOLLOWUP_PATH, FakeDiscord
 
@@ -27,22 +28,8 @@ pytestmark = pytest.mark.timeout(60)
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 992  # 1000 bytes
 
 
-class _Followup:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    async def send(self, **kwargs: Any) -> None:
-        self.sent.append(kwargs)
-
-
-class _Interaction:
-    def __init__(self, limit: int) -> None:
-        self.filesize_limit = limit
-        self.followup = _Followup()
-
-
 async def _send(limit: int, data: bytes) -> list[str]:
-    interaction = _Interaction(limit)
+    interaction = RecordingInteraction(limit)
     await send_page_followup(
         interaction,
         filename="bakery.html",
