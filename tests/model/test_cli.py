@@ -106,7 +106,7 @@ def test_prompt_uses_the_chat_template_when_there_is_one(tiny_tokenizer: object)
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_prompt_falls_back_to_codellama_instruct_format(tiny_tokenizer: object) -> None:
+def test_prompt_falls_back_to_codellama_instruct_format() -> None:
     class NoTemplate:
         chat_template = None
         bos_token = "<s>"
@@ -116,14 +116,15 @@ def test_prompt_falls_back_to_codellama_instruct_format(tiny_tokenizer: object) 
     assert text.endswith("Create a web page: a bakery [/INST]")
 
 
-def test_encoded_prompt_has_exactly_one_bos(tiny_tokenizer: object) -> None:
+def test_encoded_prompt_has_exactly_one_bos(
+    tiny_tokenizer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import PreTrainedTokenizerBase
 
     assert isinstance(tiny_tokenizer, PreTrainedTokenizerBase)
-    tiny_tokenizer.chat_template = None  # force the [INST] format with its BOS text
-    try:
-        ids = encode_prompt(tiny_tokenizer, "a bakery")
-    finally:
-        del tiny_tokenizer.chat_template
+    # Force the [INST] format with its BOS text; monkeypatch puts the session tokenizer's
+    # chat template back afterwards (``del`` would leave it with no template at all).
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", None)
+    ids = encode_prompt(tiny_tokenizer, "a bakery")
     assert ids.count(tiny_tokenizer.bos_token_id) == 1
     assert ids[0] == tiny_tokenizer.bos_token_id
