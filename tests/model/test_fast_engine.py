@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from model.fast_engine import FastEngine, FastEngineOptions
 from model.fast_sampling import sample_rows
@@ -33,8 +33,9 @@ DESCRIPTIONS = [
 
 
 @pytest.fixture
-def tokenizer(smollm2_tokenizer_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+def tokenizer(tiny_tokenizer: Any) -> Any:
+    """The session's SmolLM2 tokenizer (loaded once; nothing here changes it)."""
+    return tiny_tokenizer
 
 
 def tiny_llama(tokenizer: Any, seed: int = 0) -> LlamaForCausalLM:

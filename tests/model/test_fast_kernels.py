@@ -7,12 +7,10 @@ program with numpy, which checks the indexing, the masks and the split-K arithme
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from model import fast_kernels
 from model.fast_llama import _rotate
@@ -128,11 +126,9 @@ def test_decode_attention_in_bfloat16_matches_within_rounding() -> None:
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=1e-2)
 
 
-def test_fast_engine_with_triton_attention_matches_transformers(
-    smollm2_tokenizer_dir: Path,
-) -> None:
+def test_fast_engine_with_triton_attention_matches_transformers(tiny_tokenizer: Any) -> None:
     """The whole decode path with the kernels (rope + KV write, split-K attention) in place."""
-    tokenizer: Any = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer = tiny_tokenizer
     model = tiny_llama(tokenizer)
     expected = [hf_text(model, tokenizer, d, GREEDY) for d in DESCRIPTIONS]
     engine = make_engine(model, tokenizer, max_seq_len=256, attention="triton")
@@ -141,12 +137,12 @@ def test_fast_engine_with_triton_attention_matches_transformers(
     assert [r.text for r in results] == expected
 
 
-def test_auto_attention_stays_on_sdpa_on_cpu(smollm2_tokenizer_dir: Path) -> None:
-    tokenizer: Any = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    engine = make_engine(tiny_llama(tokenizer), tokenizer, max_seq_len=128)
+def test_auto_attention_stays_on_sdpa_on_cpu(tiny_tokenizer: Any) -> None:
+    model = tiny_llama(tiny_tokenizer)
+    engine = make_engine(model, tiny_tokenizer, max_seq_len=128)
     assert engine.runner.attention == "sdpa"
     with pytest.raises(ValueError, match="attention must be one of"):
-        make_engine(tiny_llama(tokenizer), tokenizer, max_seq_len=128, attention="flash")
+        make_engine(model, tiny_tokenizer, max_seq_len=128, attention="flash")
 
 
 def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
