@@ -96,7 +96,7 @@ async def test_html_delivers_a_parseable_page(
     assert run.bot.model_name in summary
 
     # The deferred message ends marked done, without a Cancel button.
-    await inter.wait_until(lambda i: "Done" in (i.original or {}).get("content", ""))
+    await inter.wait_until(lambda i: "Done" in i.original_content)
     assert inter.original is not None
     assert not inter.original["flags"] & FLAG_LOADING
     assert inter.custom_ids() == []

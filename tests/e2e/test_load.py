@@ -52,7 +52,7 @@ def outcome(inter: FakeInteraction) -> str:
 def finished(inter: FakeInteraction) -> bool:
     if inter.callback_type == CB_MESSAGE:
         return True
-    return bool(inter.html_files) or "❌" in (inter.original or {}).get("content", "")
+    return bool(inter.html_files) or "❌" in inter.original_content
 
 
 async def test_300_simultaneous_interactions_from_50_users(
@@ -142,7 +142,7 @@ async def run_load(
     assert not fake.unhandled_requests
     for inter in interactions:
         if inter.callback_type == CB_DEFERRED_MESSAGE:
-            assert "Done" in (inter.original or {}).get("content", ""), inter.contents
+            assert "Done" in inter.original_content, inter.contents
             assert inter.custom_ids() == []
     assert run.bot.scheduler.queued_count == 0 and run.bot.scheduler.running_count == 0
     assert discord_problems(caplog) == []

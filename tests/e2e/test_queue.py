@@ -104,7 +104,7 @@ async def test_defer_within_3s_while_gpu_busy_and_many_wait(
     await close_bot(run)
     closed_in = time.monotonic() - closing
     await first.wait_for_file(".html", timeout=10)
-    told = [i for i in interactions if "restarting" in (i.original or {}).get("content", "")]
+    told = [i for i in interactions if "restarting" in i.original_content]
     delivered = [i for i in interactions if i.html_files]
     others = [
         [(r.method, r.status, r.content) for r in i.requests]
@@ -126,7 +126,7 @@ async def test_queue_position_edits(
     ic = await fake.send_command("html", {"prompt": "page c"}, user=c)
 
     def showing(text: str) -> Callable[[FakeInteraction], bool]:
-        return lambda i: text in (i.original or {}).get("content", "")
+        return lambda i: text in i.original_content
 
     await ic.wait_until(showing("position 2"))
     await ib.wait_until(showing("position 1"))
@@ -167,7 +167,7 @@ async def test_cancel_by_requester_while_queued(
     press = await fake.press_button(button, user=b)
     await press.wait_for_callback(timeout=3)
     assert press.callback_type == CB_UPDATE_MESSAGE
-    assert "Cancelled" in (ib.original or {}).get("content", "")
+    assert "Cancelled" in ib.original_content
     assert ib.custom_ids() == []
     assert run.bot.scheduler.queued_count == 0
 
@@ -175,7 +175,7 @@ async def test_cancel_by_requester_while_queued(
     await ia.wait_for_file(".html", timeout=30)
     await asyncio.sleep(0.5)  # room for any (wrong) late edit or delivery
     assert ib.html_files == []
-    assert "Cancelled" in (ib.original or {}).get("content", "")
+    assert "Cancelled" in ib.original_content
     assert "page b" not in engine.prompts  # dropped before reaching the engine
 
 
@@ -197,7 +197,7 @@ async def test_cancel_by_requester_while_generating(
     await fake.wait_until(lambda: run.bot.scheduler.running_count == 0, timeout=5)
     await asyncio.sleep(0.3)
     assert ia.html_files == []
-    assert "Cancelled" in (ia.original or {}).get("content", "")
+    assert "Cancelled" in ia.original_content
 
     # The worker still serves the next request.
     engine.release()
@@ -221,12 +221,12 @@ async def test_cancel_by_someone_else_is_refused_but_a_manager_may(
     await press.wait_for_callback(timeout=3)
     assert press.callback_type == CB_MESSAGE and press.is_ephemeral_reply()
     assert "Only the person who asked" in press.visible_text
-    assert "Cancelled" not in (ia.original or {}).get("content", "")
+    assert "Cancelled" not in ia.original_content
 
     by_manager = await fake.press_button(button_c, user=manager)
     await by_manager.wait_for_callback(timeout=3)
     assert by_manager.callback_type == CB_UPDATE_MESSAGE
-    assert "Cancelled by" in (ic.original or {}).get("content", "")
+    assert "Cancelled by" in ic.original_content
 
     engine.release()
     await ia.wait_for_file(".html", timeout=30)  # a's job went on
@@ -286,7 +286,7 @@ async def test_worker_exception_then_next_job_succeeds(
     await start_bot(engine, max_batch=1)
     a, b = fake.user("ann"), fake.user("bob")
     failed = await fake.send_command("html", {"prompt": "unlucky page"}, user=a)
-    await failed.wait_until(lambda i: "❌" in (i.original or {}).get("content", ""), timeout=10)
+    await failed.wait_until(lambda i: "❌" in i.original_content, timeout=10)
     assert "internal error" in failed.visible_text
     assert failed.html_files == [] and failed.custom_ids() == []
 
@@ -349,7 +349,7 @@ async def test_job_that_would_expire_is_not_run(
     await doomed.wait_for_callback(timeout=3)
     await asyncio.sleep(2.0)  # b's token would now expire before delivery
     engine.release()
-    await doomed.wait_until(lambda i: "Not run" in (i.original or {}).get("content", ""), 10)
+    await doomed.wait_until(lambda i: "Not run" in i.original_content, 10)
     assert "too late" not in engine.prompts
     assert doomed.html_files == []
     await first.wait_for_file(".html", timeout=30)

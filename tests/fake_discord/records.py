@@ -208,6 +208,11 @@ class FakeInteraction:
         return self._server.messages.get(self.original_message_id)
 
     @property
+    def original_content(self) -> str:
+        """The original response's text as it is now ("" while there is none)."""
+        return str((self.original or {}).get("content") or "")
+
+    @property
     def followups(self) -> list[dict[str, Any]]:
         """Follow-up messages that still exist (the one that replaced a loading original isn't)."""
         return [
