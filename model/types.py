@@ -34,12 +34,40 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
 
 
+class PageMode(StrEnum):
+    """How the model's answer becomes a page (``model.page``).
+
+    ``document``: the model writes the whole HTML document, starting from the project's
+    skeleton (doctype, head, the theme's CSS); for models that write good markup.
+    ``compose``: the model writes the page's content as JSON under a grammar, and the project
+    renders it through its own themed templates; the page comes out right whatever the model.
+    """
+
+    DOCUMENT = "document"
+    COMPOSE = "compose"
+
+
+class SafetyPolicy(StrEnum):
+    """What a delivered page may do (``SAFETY``; ``model.page.safety`` applies it).
+
+    ``standard``: inline scripts stay, remote loads and form posts are blocked by a
+    Content-Security-Policy placed first in ``<head>``. ``strict``: scripts and handlers are
+    removed by a sanitizer too. ``off``: the model's page passes through.
+    """
+
+    STRICT = "strict"
+    STANDARD = "standard"
+    OFF = "off"
+
+
 @dataclass
 class GenerationRequest:
     """One page to generate. ``cancel()`` may be called from any thread."""
 
     prompt: str
     style: str | None = None
+    mode: PageMode = PageMode.DOCUMENT
+    safety: SafetyPolicy = SafetyPolicy.STANDARD
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancel_event: threading.Event = field(

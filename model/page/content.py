@@ -1,0 +1,591 @@
+"""What a page says, apart from how it looks: the data ``compose`` mode asks the model for.
+
+In ``compose`` mode the model does not write markup. It fills in a small JSON object (title,
+tagline, a block that fits the kind of page the prompt asks for, a few sections, a call to
+action, a footer) under a grammar built from :func:`schema_for`, so its answer always parses,
+and the project's themed templates turn it into the page. Every field is short and bounded:
+a 135M model writes usable prose in a sentence or two and rambles past that.
+
+The kind of page (pricing, FAQ, form, ...) comes from the prompt's words
+(:func:`classify_prompt`); each kind has its own block and a worked example
+(:data:`EXAMPLES`, about another subject, so the model copies the shape and not the words).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "EXAMPLES",
+    "PageContent",
+    "PageKind",
+    "classify_prompt",
+    "close_json",
+    "parse_content",
+    "schema_for",
+]
+
+
+class PageKind(StrEnum):
+    """The kinds of page compose mode knows; each has its own content block."""
+
+    LANDING = "landing"
+    PRICING = "pricing"
+    FORM = "form"
+    FAQ = "faq"
+    ARTICLE = "article"
+    DASHBOARD = "dashboard"
+    ITINERARY = "itinerary"
+    PORTFOLIO = "portfolio"
+    RESUME = "resume"
+    MENU = "menu"
+    EVENT = "event"
+
+
+# First match wins, so the more specific kinds come first ("a pricing page for a café" is
+# pricing, not a menu). Words are matched at word starts, case-insensitively.
+_KIND_WORDS: list[tuple[PageKind, tuple[str, ...]]] = [
+    (PageKind.PRICING, ("pricing", "price list", "plans", "subscription", "tiers")),
+    (PageKind.FAQ, ("faq", "frequently asked", "questions and answers", "q&a", "help center")),
+    (
+        PageKind.FORM,
+        ("form", "sign up", "signup", "sign-up", "register", "registration", "rsvp", "survey"),
+    ),
+    (PageKind.RESUME, ("resume", "résumé", "cv", "curriculum vitae")),
+    (PageKind.DASHBOARD, ("dashboard", "analytics", "admin panel", "metrics", "statistics")),
+    (PageKind.ITINERARY, ("itinerary", "trip", "travel plan", "road trip", "day-by-day")),
+    (PageKind.PORTFOLIO, ("portfolio", "gallery", "showcase", "projects")),
+    (PageKind.MENU, ("menu", "restaurant", "café", "cafe", "bistro", "pizzeria", "food truck")),
+    (PageKind.EVENT, ("event", "conference", "wedding", "festival", "meetup", "concert")),
+    (PageKind.ARTICLE, ("blog", "article", "post", "essay", "news", "story", "recipe")),
+]
+
+
+def classify_prompt(prompt: str) -> PageKind:
+    """The kind of page a prompt asks for; :attr:`PageKind.LANDING` when nothing says more."""
+    text = prompt.lower()
+    for kind, words in _KIND_WORDS:
+        for word in words:
+            if re.search(r"(?<![\w])" + re.escape(word), text):
+                return kind
+    return PageKind.LANDING
+
+
+# ------------------------------------------------------------------------------- the data
+
+_SHORT = 40
+_LINE = 90
+_SENTENCES = 240
+
+
+def _text(max_length: int) -> Any:
+    return Field(min_length=1, max_length=max_length)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+
+class Section(_Strict):
+    heading: str = _text(_SHORT)
+    text: str = _text(_SENTENCES)
+    items: list[str] = Field(default_factory=list, max_length=4)
+
+
+class Card(_Strict):
+    title: str = _text(_SHORT)
+    text: str = _text(140)
+
+
+class CallToAction(_Strict):
+    text: str = _text(_LINE)
+    button: str = _text(24)
+
+
+class Plan(_Strict):
+    name: str = _text(24)
+    price: str = _text(12)
+    features: list[str] = Field(min_length=1, max_length=4)
+
+
+class FormField(_Strict):
+    label: str = _text(30)
+    type: Literal["text", "email", "tel", "number", "date", "textarea"] = "text"
+    required: bool = False
+
+
+class Form(_Strict):
+    fields: list[FormField] = Field(min_length=1, max_length=6)
+    submit: str = _text(24)
+
+
+class Question(_Strict):
+    question: str = _text(_LINE)
+    answer: str = _text(_SENTENCES)
+
+
+class Stat(_Strict):
+    label: str = _text(24)
+    value: str = _text(12)
+
+
+class Table(_Strict):
+    columns: list[str] = Field(min_length=2, max_length=4)
+    rows: list[list[str]] = Field(min_length=1, max_length=5)
+
+
+class Day(_Strict):
+    name: str = _text(16)
+    title: str = _text(_SHORT)
+    activities: list[str] = Field(min_length=1, max_length=4)
+
+
+class Role(_Strict):
+    role: str = _text(_SHORT)
+    organization: str = _text(_SHORT)
+    period: str = _text(20)
+    summary: str = _text(160)
+
+
+class Dish(_Strict):
+    name: str = _text(_SHORT)
+    description: str = _text(100)
+    price: str = _text(10)
+
+
+class Slot(_Strict):
+    time: str = _text(12)
+    title: str = _text(60)
+
+
+class PageContent(_Strict):
+    """Everything a composed page shows. Only the block of the page's kind is filled."""
+
+    title: str = _text(60)
+    tagline: str = Field(default="", max_length=140)
+    features: list[Card] | None = None  # landing
+    plans: list[Plan] | None = None  # pricing
+    form: Form | None = None  # form
+    questions: list[Question] | None = None  # faq
+    paragraphs: list[str] | None = None  # article
+    stats: list[Stat] | None = None  # dashboard
+    table: Table | None = None  # dashboard
+    days: list[Day] | None = None  # itinerary
+    projects: list[Card] | None = None  # portfolio
+    experience: list[Role] | None = None  # resume
+    skills: list[str] | None = None  # resume
+    dishes: list[Dish] | None = None  # menu
+    schedule: list[Slot] | None = None  # event
+    sections: list[Section] = Field(default_factory=list, max_length=5)
+    call_to_action: CallToAction | None = None
+    footer: str = Field(default="", max_length=_LINE)
+
+
+# -------------------------------------------------------------------- the grammar's schema
+
+
+def _string(max_length: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_length}
+
+
+def _array(items: dict[str, Any], low: int, high: int) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": low, "maxItems": high}
+
+
+def _object(**properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+_CARD = _object(title=_string(_SHORT), text=_string(140))
+
+# The block each kind adds between the tagline and the sections, as JSON-schema properties.
+_BLOCKS: dict[PageKind, dict[str, dict[str, Any]]] = {
+    PageKind.LANDING: {"features": _array(_CARD, 3, 3)},
+    PageKind.PRICING: {
+        "plans": _array(
+            _object(
+                name=_string(24), price=_string(12), features=_array(_string(48), 3, 4)
+            ),
+            3,
+            3,
+        )
+    },
+    PageKind.FORM: {
+        "form": _object(
+            fields=_array(
+                _object(
+                    label=_string(30),
+                    type={"enum": ["text", "email", "tel", "number", "date", "textarea"]},
+                    required={"type": "boolean"},
+                ),
+                3,
+                6,
+            ),
+            submit=_string(24),
+        )
+    },
+    PageKind.FAQ: {
+        "questions": _array(_object(question=_string(_LINE), answer=_string(200)), 4, 6)
+    },
+    PageKind.ARTICLE: {"paragraphs": _array(_string(_SENTENCES), 3, 5)},
+    PageKind.DASHBOARD: {
+        "stats": _array(_object(label=_string(24), value=_string(12)), 3, 4),
+        "table": _object(
+            columns=_array(_string(20), 3, 4),
+            rows=_array(_array(_string(20), 3, 4), 3, 5),
+        ),
+    },
+    PageKind.ITINERARY: {
+        "days": _array(
+            _object(
+                name=_string(16), title=_string(_SHORT), activities=_array(_string(80), 2, 3)
+            ),
+            3,
+            5,
+        )
+    },
+    PageKind.PORTFOLIO: {"projects": _array(_CARD, 3, 4)},
+    PageKind.RESUME: {
+        "experience": _array(
+            _object(
+                role=_string(_SHORT),
+                organization=_string(_SHORT),
+                period=_string(20),
+                summary=_string(160),
+            ),
+            2,
+            3,
+        ),
+        "skills": _array(_string(24), 4, 6),
+    },
+    PageKind.MENU: {
+        "dishes": _array(
+            _object(name=_string(_SHORT), description=_string(100), price=_string(10)), 4, 6
+        )
+    },
+    PageKind.EVENT: {
+        "schedule": _array(_object(time=_string(12), title=_string(60)), 3, 5)
+    },
+}
+
+_SECTION = _object(
+    heading=_string(_SHORT), text=_string(_SENTENCES), items=_array(_string(80), 0, 3)
+)
+
+
+def schema_for(kind: PageKind) -> dict[str, Any]:
+    """The JSON schema the grammar enforces for ``kind``: every key required and in this
+    order (title, tagline, the kind's block, sections, call to action, footer), so the model
+    spends its tokens on the values and never on choosing keys."""
+    properties: dict[str, dict[str, Any]] = {
+        "title": _string(60),
+        "tagline": _string(140),
+        **_BLOCKS[kind],
+        "sections": _array(_SECTION, 2, 3),
+        "call_to_action": _object(text=_string(_LINE), button=_string(24)),
+        "footer": _string(_LINE),
+    }
+    return _object(**properties)
+
+
+# --------------------------------------------------------------------------- worked examples
+
+_COMMON_TAIL = {
+    "call_to_action": {"text": "Questions before you start?", "button": "Contact us"},
+}
+
+# One example per kind, each about a subject the prompts are unlikely to share; the prompt
+# says to copy the shape, not the words. Kept short: every example token is prompt to prefill.
+EXAMPLES: dict[PageKind, dict[str, Any]] = {
+    PageKind.LANDING: {
+        "title": "Green Thumb Gardening",
+        "tagline": "Garden care for busy people in Leeds.",
+        "features": [
+            {"title": "Weekly visits", "text": "We mow, weed and water so you don't have to."},
+            {"title": "Seasonal planting", "text": "Fresh flowers chosen for each season."},
+            {"title": "Fair prices", "text": "One flat monthly fee, no surprises."},
+        ],
+        "sections": [
+            {
+                "heading": "About us",
+                "text": "A small team of gardeners who have loved plants for twenty years.",
+                "items": [],
+            },
+            {
+                "heading": "How it works",
+                "text": "Book a free visit and we plan your garden together.",
+                "items": ["Book a visit", "Get a plan", "Enjoy your garden"],
+            },
+        ],
+        "call_to_action": {"text": "Ready for a greener garden?", "button": "Book a visit"},
+        "footer": "Green Thumb Gardening, Leeds",
+    },
+    PageKind.PRICING: {
+        "title": "CloudNote Pricing",
+        "tagline": "Simple plans for notes that follow you everywhere.",
+        "plans": [
+            {"name": "Free", "price": "$0", "features": ["100 notes", "1 device", "Sync"]},
+            {"name": "Pro", "price": "$4/mo", "features": ["Unlimited notes", "5 devices",
+                                                          "Offline mode"]},
+            {"name": "Team", "price": "$12/mo", "features": ["Shared folders", "Admin tools",
+                                                             "Priority support"]},
+        ],
+        "sections": [
+            {"heading": "Every plan includes", "text": "Encryption and daily backups.",
+             "items": ["Encryption", "Backups"]},
+            {"heading": "Cancel anytime", "text": "No contracts. Change plans in one click.",
+             "items": []},
+        ],
+        **_COMMON_TAIL,
+        "footer": "CloudNote, 2025",
+    },
+    PageKind.FORM: {
+        "title": "Join the Chess Club",
+        "tagline": "Weekly games for players of every level.",
+        "form": {
+            "fields": [
+                {"label": "Full name", "type": "text", "required": True},
+                {"label": "Email", "type": "email", "required": True},
+                {"label": "Your rating", "type": "number", "required": False},
+            ],
+            "submit": "Sign me up",
+        },
+        "sections": [
+            {"heading": "When we meet", "text": "Every Tuesday at 7 pm in the library.",
+             "items": []},
+            {"heading": "What to bring", "text": "Just yourself. We have boards and clocks.",
+             "items": []},
+        ],
+        **_COMMON_TAIL,
+        "footer": "City Chess Club",
+    },
+    PageKind.FAQ: {
+        "title": "Bike Rental FAQ",
+        "tagline": "Answers to what riders ask us most.",
+        "questions": [
+            {"question": "Do I need a helmet?", "answer": "Yes, and we lend one for free."},
+            {"question": "How long can I rent?", "answer": "From one hour to one week."},
+            {"question": "Can I cancel?", "answer": "Cancel up to a day before at no cost."},
+            {"question": "Are e-bikes available?", "answer": "Yes, book them online."},
+        ],
+        "sections": [
+            {"heading": "Still unsure?", "text": "Call us and we will help.", "items": []},
+            {"heading": "Opening hours", "text": "Every day from 8 am to 8 pm.", "items": []},
+        ],
+        **_COMMON_TAIL,
+        "footer": "Pedal Rentals",
+    },
+    PageKind.ARTICLE: {
+        "title": "Why I Switched to Cold Showers",
+        "tagline": "One month of cold water, and what changed.",
+        "paragraphs": [
+            "It started as a dare from a friend in January.",
+            "The first week was hard, but I felt awake every morning.",
+            "By the end of the month I slept better and felt calmer.",
+        ],
+        "sections": [
+            {"heading": "What I learned", "text": "Small habits add up.", "items": []},
+            {"heading": "Try it yourself", "text": "Start with thirty seconds.",
+             "items": ["Go slowly", "Breathe"]},
+        ],
+        "call_to_action": {"text": "Want more stories like this?", "button": "Subscribe"},
+        "footer": "Written by Sam Lee",
+    },
+    PageKind.DASHBOARD: {
+        "title": "Solar Farm Dashboard",
+        "tagline": "Today's output at a glance.",
+        "stats": [
+            {"label": "Output", "value": "4.2 MW"},
+            {"label": "Panels online", "value": "98%"},
+            {"label": "Savings", "value": "$1,240"},
+        ],
+        "table": {
+            "columns": ["Site", "Output", "Status"],
+            "rows": [["North", "2.1 MW", "OK"], ["South", "1.4 MW", "OK"],
+                     ["East", "0.7 MW", "Check"]],
+        },
+        "sections": [
+            {"heading": "Alerts", "text": "East site needs a panel check.", "items": []},
+            {"heading": "Weather", "text": "Sunny all day.", "items": []},
+        ],
+        "call_to_action": {"text": "Need the full report?", "button": "Download"},
+        "footer": "Updated every hour",
+    },
+    PageKind.ITINERARY: {
+        "title": "Three Days in Kyoto",
+        "tagline": "Temples, gardens and food.",
+        "days": [
+            {"name": "Day 1", "title": "Eastern temples",
+             "activities": ["Kiyomizu-dera", "Walk to Gion"]},
+            {"name": "Day 2", "title": "Bamboo and gardens",
+             "activities": ["Arashiyama grove", "Tenryu-ji garden"]},
+            {"name": "Day 3", "title": "Markets", "activities": ["Nishiki market", "Tea class"]},
+        ],
+        "sections": [
+            {"heading": "Getting around", "text": "Buses reach every stop.", "items": []},
+            {"heading": "Packing", "text": "Comfortable shoes.", "items": ["Shoes", "Umbrella"]},
+        ],
+        "call_to_action": {"text": "Want this trip?", "button": "Plan it"},
+        "footer": "Happy travels",
+    },
+    PageKind.PORTFOLIO: {
+        "title": "Mia Chen, Illustrator",
+        "tagline": "Children's books and editorial art.",
+        "projects": [
+            {"title": "The Lost Kite", "text": "A picture book about a kite and a girl."},
+            {"title": "City Birds", "text": "Twelve prints of birds in the city."},
+            {"title": "Food Magazine", "text": "Monthly covers for a cooking magazine."},
+        ],
+        "sections": [
+            {"heading": "About me", "text": "I draw with ink and watercolour.", "items": []},
+            {"heading": "Clients", "text": "Publishers and magazines.", "items": []},
+        ],
+        "call_to_action": {"text": "Have a project in mind?", "button": "Get in touch"},
+        "footer": "Mia Chen Studio",
+    },
+    PageKind.RESUME: {
+        "title": "Alex Rivera",
+        "tagline": "Data analyst who turns numbers into decisions.",
+        "experience": [
+            {"role": "Data Analyst", "organization": "Metro Bank", "period": "2021-now",
+             "summary": "Built weekly reports used by 40 branches."},
+            {"role": "Intern", "organization": "City Council", "period": "2020",
+             "summary": "Cleaned survey data."},
+        ],
+        "skills": ["SQL", "Python", "Excel", "Tableau"],
+        "sections": [
+            {"heading": "Education", "text": "BSc Statistics, 2020.", "items": []},
+            {"heading": "Languages", "text": "English and Spanish.", "items": []},
+        ],
+        "call_to_action": {"text": "Looking for an analyst?", "button": "Email me"},
+        "footer": "Alex Rivera",
+    },
+    PageKind.MENU: {
+        "title": "Luna Noodle Bar",
+        "tagline": "Hand-pulled noodles since 2010.",
+        "dishes": [
+            {"name": "Beef noodles", "description": "Slow broth, fresh noodles.", "price": "$12"},
+            {"name": "Veggie bowl", "description": "Tofu, greens, sesame.", "price": "$10"},
+            {"name": "Dumplings", "description": "Six pork dumplings.", "price": "$7"},
+            {"name": "Iced tea", "description": "Jasmine, lightly sweet.", "price": "$3"},
+        ],
+        "sections": [
+            {"heading": "Opening hours", "text": "Tuesday to Sunday, noon to 10 pm.",
+             "items": []},
+            {"heading": "Find us", "text": "12 Harbour Street.", "items": []},
+        ],
+        "call_to_action": {"text": "Hungry?", "button": "Book a table"},
+        "footer": "Luna Noodle Bar",
+    },
+    PageKind.EVENT: {
+        "title": "Harbour Jazz Night",
+        "tagline": "Live jazz by the water, June 14.",
+        "schedule": [
+            {"time": "18:00", "title": "Doors open"},
+            {"time": "19:00", "title": "The Blue Trio"},
+            {"time": "21:00", "title": "Late jam session"},
+        ],
+        "sections": [
+            {"heading": "Tickets", "text": "Free entry, donations welcome.", "items": []},
+            {"heading": "Getting there", "text": "Tram 4 to the harbour.", "items": []},
+        ],
+        "call_to_action": {"text": "Coming along?", "button": "Save my spot"},
+        "footer": "Harbour Arts",
+    },
+}
+
+
+def example_json(kind: PageKind) -> str:
+    """The worked example for ``kind`` as the compact JSON the grammar makes the model write."""
+    return json.dumps(EXAMPLES[kind], ensure_ascii=False, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def close_json(prefix: str) -> str:
+    """Close a JSON text that was cut off (strings, arrays, objects left open).
+
+    Under the grammar every prefix of the answer is the start of a valid document, so
+    closing what is open (and dropping a dangling key or comma) makes a document of what
+    was written when the token limit cut it.
+    """
+    stack: list[str] = []
+    in_string = False
+    escaped = False
+    for char in prefix:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append("}" if char == "{" else "]")
+        elif char in "}]" and stack:
+            stack.pop()
+    text = prefix
+    if in_string:
+        if escaped:
+            text = text[:-1]
+        text += '"'
+    # Drop what can't end a value: a trailing comma, a key without its value, a bare colon,
+    # or a literal cut short (tru, fal, nul, a number's sign).
+    text = re.sub(r'(,\s*"(?:[^"\\]|\\.)*"\s*:?\s*|,\s*|:\s*|\b(?:t|tr|tru|f|fa|fal|fals|n|nu|nul)|-)$',
+                  "", text)
+    if stack and stack[-1] == "}" and re.search(r'[{,]\s*"(?:[^"\\]|\\.)*"$', text):
+        # A key with no value left at the end of an object.
+        text = re.sub(r',?\s*"(?:[^"\\]|\\.)*"$', "", text)
+    return text + "".join(reversed(stack))
+
+
+def parse_content(text: str) -> tuple[PageContent, bool]:
+    """The page content in a model's JSON answer, and whether it had to be closed (cut off).
+
+    Raises ``ValueError`` when the text holds no usable content (not JSON, or no title).
+    Fields that fail their bounds are dropped one at a time rather than losing the page.
+    """
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("the answer holds no JSON object")
+    body = text[start:]
+    closed = False
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        try:
+            data = json.loads(close_json(body))
+            closed = True
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the answer is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the answer's JSON is not an object")
+    return _validate_leniently(data), closed
+
+
+def _validate_leniently(data: dict[str, Any]) -> PageContent:
+    """Validate, dropping each optional top-level field that fails its bounds (a block cut
+    short by the token limit); only a missing or unusable title loses the page."""
+    data = dict(data)
+    while True:
+        try:
+            return PageContent.model_validate(data)
+        except ValidationError as error:
+            bad = {str(issue["loc"][0]) for issue in error.errors() if issue["loc"]}
+            if not bad or "title" in bad:
+                raise ValueError(f"the answer has no usable title: {error}") from None
+            for key in bad:
+                data.pop(key, None)
