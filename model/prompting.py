@@ -6,7 +6,13 @@ this field, so nothing else in the project builds prompts.
 
 from __future__ import annotations
 
+import html as html_lib
+import re
+from dataclasses import dataclass, field
 from typing import Any
+
+from model.page.content import PageKind, classify_prompt, example_json, schema_for
+from model.types import GenerationRequest, PageMode, SafetyPolicy
 
 SYSTEM_PROMPT = (
     "You are an expert web developer. Answer with one complete, self-contained HTML5 "
@@ -27,6 +33,35 @@ _LLAMA2_SYSTEM = "<<SYS>>\n{system}\n<</SYS>>\n\n"
 _LLAMA2_TURN = "[INST] {user} [/INST]"
 
 
+COMPOSE_SYSTEM_PROMPT = (
+    "You write the words of web pages. Answer with one JSON object in the shape of the "
+    "example, about the user's subject, and nothing else."
+)
+
+# Leading words that say what kind of page it is rather than what it is about:
+# "a landing page for a bakery in Lyon" is about "a bakery in Lyon".
+_PAGE_WORDS_RE = re.compile(
+    r"^(?:please\s+)?(?:(?:create|make|build|write|design|generate|give me)\s+)?"
+    r"(?:(?:a|an|the|my|our)\s+)?"
+    r"(?:(?:simple|modern|dark|minimal|clean|beautiful|playful|corporate|retro|responsive|"
+    r"one[- ]page|single[- ]page|small|new)\s+)*"
+    r"(?:(?:landing|home|web|pricing|faq|contact|signup|sign-up|registration|portfolio|"
+    r"resume|cv|blog|dashboard|menu|event|product|about|itinerary)\s+)?"
+    r"(?:page|site|website|homepage|post)\s+(?:for|about|of|on)\s+",
+    re.IGNORECASE,
+)
+
+
+def page_subject(description: str) -> str:
+    """What the page is about, for its title: "a landing page for a bakery" -> "A bakery"."""
+    text = " ".join(description.split())
+    subject = _PAGE_WORDS_RE.sub("", text, count=1) or text
+    subject = subject.rstrip(" .!")
+    if len(subject) > 60:
+        subject = subject[:60].rsplit(" ", 1)[0].rstrip(" ,.;:") + "…"
+    return subject[:1].upper() + subject[1:] if subject else "Generated page"
+
+
 def user_message(description: str, style: str | None = None) -> str:
     """The user's turn: the description, plus a style hint when one is chosen."""
     text = f"Create a web page: {description.strip()}"
@@ -36,30 +71,128 @@ def user_message(description: str, style: str | None = None) -> str:
     return text
 
 
-def build_prompt(tokenizer: Any, description: str, style: str | None = None) -> str:
+def compose_user_message(description: str, style: str | None, kind: PageKind) -> str:
+    """The user's turn in compose mode: the subject, the kind of page, the worked example."""
+    text = f"Write the content of a {kind.value} web page about: {description.strip()}"
+    if style:
+        text += f"\nTone: {STYLE_HINTS.get(style, style)}."
+    return (
+        f"{text}\nExample of the JSON shape, about another subject:\n{example_json(kind)}\n"
+        f"Now write the JSON for: {description.strip()}"
+    )
+
+
+def document_prefix(description: str) -> str:
+    """The start every document-mode answer is given: doctype, a complete head, ``<body>``.
+
+    The model continues inside the body, so it can neither garble the doctype nor open a
+    code fence before the page; the theme's CSS is added to this head afterwards
+    (``model.page``), not spent as prompt tokens.
+    """
+    title = html_lib.escape(page_subject(description), quote=False)
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{title}</title>\n</head>\n<body>\n"
+    )
+
+
+def _chat(tokenizer: Any, system: str, user: str) -> str:
+    """System + user turn in the tokenizer's chat template (or CodeLlama's), ending where
+    the model's answer starts."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(text)
+    bos = tokenizer.bos_token or ""
+    return bos + _LLAMA2_TURN.format(user=_LLAMA2_SYSTEM.format(system=system) + user)
+
+
+def build_prompt(
+    tokenizer: Any,
+    description: str,
+    style: str | None = None,
+    mode: PageMode = PageMode.DOCUMENT,
+) -> str:
     """The full prompt text, ending where the model's answer starts.
 
     Uses the tokenizer's chat template when it has one, CodeLlama-Instruct's
     ``[INST] ... [/INST]`` format otherwise. The text starts with the BOS token's text
-    when the format wants one; encode it with :func:`encode_prompt`.
+    when the format wants one; encode it with :func:`encode_prompt`. In document mode the
+    answer's fixed start (:func:`document_prefix`) is not part of it: see
+    :func:`plan_answer`.
     """
-    user = user_message(description, style)
-    if getattr(tokenizer, "chat_template", None):
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user},
-        ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return str(text)
-    bos = tokenizer.bos_token or ""
-    return bos + _LLAMA2_TURN.format(user=_LLAMA2_SYSTEM.format(system=SYSTEM_PROMPT) + user)
+    if mode is PageMode.COMPOSE:
+        kind = classify_prompt(description)
+        return _chat(
+            tokenizer, COMPOSE_SYSTEM_PROMPT, compose_user_message(description, style, kind)
+        )
+    return _chat(tokenizer, SYSTEM_PROMPT, user_message(description, style))
 
 
-def encode_prompt(tokenizer: Any, description: str, style: str | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer: Any,
+    description: str,
+    style: str | None = None,
+    mode: PageMode = PageMode.DOCUMENT,
+) -> list[int]:
     """Token ids of :func:`build_prompt`, with exactly one BOS where the format has one."""
-    text = build_prompt(tokenizer, description, style)
+    text = build_prompt(tokenizer, description, style, mode)
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids
+
+
+# Strings a document-mode answer may not contain, by policy: a code fence (the page would
+# hold markdown), and under standard/strict every way markup loads something remote (the
+# CSP blocks it anyway; banning it while decoding keeps the page from depending on it).
+_FENCE = ("```",)
+_REMOTE_LOADS = (
+    "<script src",
+    "<link",
+    "@import",
+    "url(http",
+    "url(//",
+    "url('http",
+    'url("http',
+    'src="http',
+    "src='http",
+    'src="//',
+    "src='//",
+)
+BANNED_STRINGS: dict[SafetyPolicy, tuple[str, ...]] = {
+    SafetyPolicy.OFF: _FENCE,
+    SafetyPolicy.STANDARD: _FENCE + _REMOTE_LOADS,
+    SafetyPolicy.STRICT: _FENCE + _REMOTE_LOADS,
+}
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """How one request is decoded, whichever engine runs it.
+
+    ``prompt_ids`` end where the answer starts; in document mode they include the encoded
+    ``prefix`` (the skeleton), and the result's text starts with ``prefix`` too.
+    ``json_schema`` (compose) is the grammar the answer must follow; ``banned`` (document)
+    are strings the answer may not contain (case-insensitive).
+    """
+
+    prompt_ids: list[int]
+    prefix: str = ""
+    json_schema: dict[str, Any] | None = None
+    banned: tuple[str, ...] = field(default=())
+    kind: PageKind | None = None
+
+
+def plan_answer(tokenizer: Any, request: GenerationRequest) -> AnswerPlan:
+    """The :class:`AnswerPlan` for ``request`` (its mode, style and safety policy)."""
+    if request.mode is PageMode.COMPOSE:
+        kind = classify_prompt(request.prompt)
+        ids = encode_prompt(tokenizer, request.prompt, request.style, PageMode.COMPOSE)
+        return AnswerPlan(prompt_ids=ids, json_schema=schema_for(kind), kind=kind)
+    prefix = document_prefix(request.prompt)
+    text = build_prompt(tokenizer, request.prompt, request.style) + prefix
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return AnswerPlan(prompt_ids=ids, prefix=prefix, banned=BANNED_STRINGS[request.safety])
 
 
 def encode_answer(tokenizer: Any, page: str) -> list[int]:

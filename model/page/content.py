@@ -213,9 +213,7 @@ _BLOCKS: dict[PageKind, dict[str, dict[str, Any]]] = {
     PageKind.LANDING: {"features": _array(_CARD, 3, 3)},
     PageKind.PRICING: {
         "plans": _array(
-            _object(
-                name=_string(24), price=_string(12), features=_array(_string(48), 3, 4)
-            ),
+            _object(name=_string(24), price=_string(12), features=_array(_string(48), 3, 4)),
             3,
             3,
         )
@@ -247,9 +245,7 @@ _BLOCKS: dict[PageKind, dict[str, dict[str, Any]]] = {
     },
     PageKind.ITINERARY: {
         "days": _array(
-            _object(
-                name=_string(16), title=_string(_SHORT), activities=_array(_string(80), 2, 3)
-            ),
+            _object(name=_string(16), title=_string(_SHORT), activities=_array(_string(80), 2, 3)),
             3,
             5,
         )
@@ -273,9 +269,7 @@ _BLOCKS: dict[PageKind, dict[str, dict[str, Any]]] = {
             _object(name=_string(_SHORT), description=_string(100), price=_string(10)), 4, 6
         )
     },
-    PageKind.EVENT: {
-        "schedule": _array(_object(time=_string(12), title=_string(60)), 3, 5)
-    },
+    PageKind.EVENT: {"schedule": _array(_object(time=_string(12), title=_string(60)), 3, 5)},
 }
 
 _SECTION = _object(
@@ -335,16 +329,28 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
         "tagline": "Simple plans for notes that follow you everywhere.",
         "plans": [
             {"name": "Free", "price": "$0", "features": ["100 notes", "1 device", "Sync"]},
-            {"name": "Pro", "price": "$4/mo", "features": ["Unlimited notes", "5 devices",
-                                                          "Offline mode"]},
-            {"name": "Team", "price": "$12/mo", "features": ["Shared folders", "Admin tools",
-                                                             "Priority support"]},
+            {
+                "name": "Pro",
+                "price": "$4/mo",
+                "features": ["Unlimited notes", "5 devices", "Offline mode"],
+            },
+            {
+                "name": "Team",
+                "price": "$12/mo",
+                "features": ["Shared folders", "Admin tools", "Priority support"],
+            },
         ],
         "sections": [
-            {"heading": "Every plan includes", "text": "Encryption and daily backups.",
-             "items": ["Encryption", "Backups"]},
-            {"heading": "Cancel anytime", "text": "No contracts. Change plans in one click.",
-             "items": []},
+            {
+                "heading": "Every plan includes",
+                "text": "Encryption and daily backups.",
+                "items": ["Encryption", "Backups"],
+            },
+            {
+                "heading": "Cancel anytime",
+                "text": "No contracts. Change plans in one click.",
+                "items": [],
+            },
         ],
         **_COMMON_TAIL,
         "footer": "CloudNote, 2025",
@@ -361,10 +367,16 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
             "submit": "Sign me up",
         },
         "sections": [
-            {"heading": "When we meet", "text": "Every Tuesday at 7 pm in the library.",
-             "items": []},
-            {"heading": "What to bring", "text": "Just yourself. We have boards and clocks.",
-             "items": []},
+            {
+                "heading": "When we meet",
+                "text": "Every Tuesday at 7 pm in the library.",
+                "items": [],
+            },
+            {
+                "heading": "What to bring",
+                "text": "Just yourself. We have boards and clocks.",
+                "items": [],
+            },
         ],
         **_COMMON_TAIL,
         "footer": "City Chess Club",
@@ -395,8 +407,11 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
         ],
         "sections": [
             {"heading": "What I learned", "text": "Small habits add up.", "items": []},
-            {"heading": "Try it yourself", "text": "Start with thirty seconds.",
-             "items": ["Go slowly", "Breathe"]},
+            {
+                "heading": "Try it yourself",
+                "text": "Start with thirty seconds.",
+                "items": ["Go slowly", "Breathe"],
+            },
         ],
         "call_to_action": {"text": "Want more stories like this?", "button": "Subscribe"},
         "footer": "Written by Sam Lee",
@@ -411,8 +426,11 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
         ],
         "table": {
             "columns": ["Site", "Output", "Status"],
-            "rows": [["North", "2.1 MW", "OK"], ["South", "1.4 MW", "OK"],
-                     ["East", "0.7 MW", "Check"]],
+            "rows": [
+                ["North", "2.1 MW", "OK"],
+                ["South", "1.4 MW", "OK"],
+                ["East", "0.7 MW", "Check"],
+            ],
         },
         "sections": [
             {"heading": "Alerts", "text": "East site needs a panel check.", "items": []},
@@ -425,10 +443,16 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
         "title": "Three Days in Kyoto",
         "tagline": "Temples, gardens and food.",
         "days": [
-            {"name": "Day 1", "title": "Eastern temples",
-             "activities": ["Kiyomizu-dera", "Walk to Gion"]},
-            {"name": "Day 2", "title": "Bamboo and gardens",
-             "activities": ["Arashiyama grove", "Tenryu-ji garden"]},
+            {
+                "name": "Day 1",
+                "title": "Eastern temples",
+                "activities": ["Kiyomizu-dera", "Walk to Gion"],
+            },
+            {
+                "name": "Day 2",
+                "title": "Bamboo and gardens",
+                "activities": ["Arashiyama grove", "Tenryu-ji garden"],
+            },
             {"name": "Day 3", "title": "Markets", "activities": ["Nishiki market", "Tea class"]},
         ],
         "sections": [
@@ -457,10 +481,18 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
         "title": "Alex Rivera",
         "tagline": "Data analyst who turns numbers into decisions.",
         "experience": [
-            {"role": "Data Analyst", "organization": "Metro Bank", "period": "2021-now",
-             "summary": "Built weekly reports used by 40 branches."},
-            {"role": "Intern", "organization": "City Council", "period": "2020",
-             "summary": "Cleaned survey data."},
+            {
+                "role": "Data Analyst",
+                "organization": "Metro Bank",
+                "period": "2021-now",
+                "summary": "Built weekly reports used by 40 branches.",
+            },
+            {
+                "role": "Intern",
+                "organization": "City Council",
+                "period": "2020",
+                "summary": "Cleaned survey data.",
+            },
         ],
         "skills": ["SQL", "Python", "Excel", "Tableau"],
         "sections": [
@@ -480,8 +512,7 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
             {"name": "Iced tea", "description": "Jasmine, lightly sweet.", "price": "$3"},
         ],
         "sections": [
-            {"heading": "Opening hours", "text": "Tuesday to Sunday, noon to 10 pm.",
-             "items": []},
+            {"heading": "Opening hours", "text": "Tuesday to Sunday, noon to 10 pm.", "items": []},
             {"heading": "Find us", "text": "12 Harbour Street.", "items": []},
         ],
         "call_to_action": {"text": "Hungry?", "button": "Book a table"},
@@ -544,8 +575,11 @@ def close_json(prefix: str) -> str:
         text += '"'
     # Drop what can't end a value: a trailing comma, a key without its value, a bare colon,
     # or a literal cut short (tru, fal, nul, a number's sign).
-    text = re.sub(r'(,\s*"(?:[^"\\]|\\.)*"\s*:?\s*|,\s*|:\s*|\b(?:t|tr|tru|f|fa|fal|fals|n|nu|nul)|-)$',
-                  "", text)
+    text = re.sub(
+        r'(,\s*"(?:[^"\\]|\\.)*"\s*:?\s*|,\s*|:\s*|\b(?:t|tr|tru|f|fa|fal|fals|n|nu|nul)|-)$',
+        "",
+        text,
+    )
     if stack and stack[-1] == "}" and re.search(r'[{,]\s*"(?:[^"\\]|\\.)*"$', text):
         # A key with no value left at the end of an object.
         text = re.sub(r',?\s*"(?:[^"\\]|\\.)*"$', "", text)
