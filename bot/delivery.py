@@ -230,8 +230,8 @@ def _live_token(ticket: Ticket, what: str) -> Iterator[None]:
 
 
 def build_page_for(job: Job, *, strip_scripts: bool) -> Any:
-    """``model.html.build_page`` for the job's result (blocking: run it in a thread)."""
-    from model.html import build_page
+    """``model.page.build_page`` for the job's result (blocking: run it in a thread)."""
+    from model.page import build_page
 
     assert job.result is not None
     truncated = job.result.finish_reason is FinishReason.LENGTH

@@ -127,9 +127,9 @@ class _ProgressBar:
 
 def run_generate(args: argparse.Namespace) -> int:
     from model.engine import Engine
-    from model.html import build_page
     from model.loading import load_model
     from model.naming import page_filename
+    from model.page import build_page
     from model.types import FinishReason, GenerationRequest
 
     prompt = _validate_prompt(args.prompt)

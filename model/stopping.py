@@ -2,7 +2,7 @@
 
 A small model that falls into a loop ("<div></div><div></div>..." or the same paragraph again
 and again) would otherwise burn GPU time until ``max_new_tokens``, delaying everyone queued
-behind it. The post-processor cuts such a tail anyway (``model.html.detect_repetition``), so
+behind it. The post-processor cuts such a tail anyway (``model.page.detect_repetition``), so
 stopping early loses nothing a user wants.
 """
 

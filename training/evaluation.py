@@ -1,7 +1,7 @@
 """Evaluation: token-level eval loss / perplexity, and page quality of generated pages.
 
 The page measures (complete-document, truncation and repetition rates) come from
-:func:`model.html.summarize_pages`, generated through :class:`model.engine.Engine`: the same
+:func:`model.page.summarize_pages`, generated through :class:`model.engine.Engine`: the same
 code path the bot serves with, so "after training" numbers mean what users will see.
 """
 
@@ -75,7 +75,7 @@ def generation_metrics(
         return {}
     from model.engine import Engine
     from model.errors import HtmlExtractionError
-    from model.html import build_page, summarize_pages
+    from model.page import build_page, summarize_pages
     from model.types import FinishReason, GenerationRequest, SamplingParams
 
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)

@@ -1,4 +1,5 @@
-"""model.html: the page comes out of whatever the model said, complete, well-formed and flagged.
+"""model.page, document mode: the page comes out of whatever the model said, complete,
+well-formed and flagged.
 
 Each case of the table is a nasty model output with its expected result: the exact set of
 warnings, the title, elements that must be there or gone, and always a document that
@@ -16,7 +17,7 @@ import html5lib
 import pytest
 
 from model.errors import HtmlExtractionError
-from model.html import (
+from model.page import (
     HtmlPage,
     PageWarning,
     build_page,

@@ -1,0 +1,90 @@
+"""Document mode: the model wrote the whole page; make it one safe, complete, well-formed page.
+
+:func:`build_page` runs the stages in order: text hygiene and repetition (``text``),
+extraction (``extract``), size and shape (``guard``), then parsing, completion and
+serialization (``markup``). See each module for what its stage does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from model.errors import HtmlExtractionError
+from model.page.extract import HTML_CLOSE_RE, HTML_OPEN_RE, extract_source, prose_to_html
+from model.page.guard import guard_markup
+from model.page.markup import MIN_MAX_BYTES, render, source_repairs
+from model.page.result import WARNING_ORDER, HtmlPage, PageWarning
+from model.page.text import clean_text, detect_repetition
+
+log = logging.getLogger(__name__)
+
+
+def build_page(
+    model_output: str | bytes,
+    *,
+    prompt: str,
+    truncated: bool = False,
+    strip_scripts: bool = False,
+    max_bytes: int = 1_000_000,
+) -> HtmlPage:
+    """Make a complete, well-formed, UTF-8 page out of a model's answer.
+
+    ``truncated`` says the generation hit its token limit. ``strip_scripts`` removes scripts,
+    event handlers and ``javascript:`` URLs. ``max_bytes`` bounds the page (at least 4096).
+    See the module docstring for each step and :class:`PageWarning` for what is reported.
+
+    Raises :class:`HtmlExtractionError` when the output holds nothing usable (empty or
+    whitespace only, after removing invalid characters and empty fences).
+    """
+    if not isinstance(model_output, str | bytes | bytearray):
+        raise TypeError(f"model_output must be str or bytes, not {type(model_output).__name__}")
+    if max_bytes < MIN_MAX_BYTES:
+        raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES}")
+    warnings: set[PageWarning] = set()
+    if truncated:
+        warnings.add(PageWarning.TRUNCATED)
+    text, invalid = clean_text(model_output)
+    if invalid:
+        warnings.add(PageWarning.INVALID_TEXT)
+    if not text.strip():
+        raise HtmlExtractionError("the model's output is empty")
+
+    text, repeated = detect_repetition(text)
+    extraction = extract_source(text)
+    not_html = not extraction.html
+    if not_html:
+        source = prose_to_html(text, extraction.blocks)
+        if not source:
+            raise HtmlExtractionError("the model's output holds no page and no text")
+        warnings.add(PageWarning.NOT_HTML)
+        complete = False
+    else:
+        source = extraction.html
+        complete = bool(HTML_OPEN_RE.search(source) and HTML_CLOSE_RE.search(source))
+        source, repeated_inside = detect_repetition(source)
+        repeated = repeated or repeated_inside
+    if repeated:
+        warnings.add(PageWarning.REPETITION)
+    source_repaired = not not_html and source_repairs(source)
+    guarded = guard_markup(source)
+    source, too_deep = guarded.source, guarded.degenerate
+    if too_deep:
+        warnings.add(PageWarning.DEGENERATE)
+
+    rendered = render(source, prompt=prompt, strip_scripts=strip_scripts, max_bytes=max_bytes)
+    if rendered.oversize:
+        warnings.add(PageWarning.OVERSIZE)
+    # A cut of our own explains an unfinished tag or unclosed elements; flag only the model's.
+    our_cut = repeated or too_deep or rendered.oversize
+    if (rendered.cut_mid_tag or guarded.cut_tag) and not our_cut:
+        warnings.add(PageWarning.TRUNCATED)
+    if not not_html and (
+        source_repaired or rendered.head_repaired or (rendered.closed_elements and not our_cut)
+    ):
+        warnings.add(PageWarning.REPAIRED)
+    if rendered.scripts_removed:
+        warnings.add(PageWarning.SCRIPTS_REMOVED)
+    ordered = tuple(sorted(warnings, key=WARNING_ORDER.__getitem__))
+    if ordered:
+        log.debug("page built with warnings: %s", ", ".join(ordered))
+    return HtmlPage(html=rendered.html, title=rendered.title, warnings=ordered, complete=complete)

@@ -1,0 +1,64 @@
+"""What the page pipeline hands back: :class:`HtmlPage` and its :class:`PageWarning` flags."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class PageWarning(StrEnum):
+    """Something :func:`build_page` noticed or changed; listed in this order on a page."""
+
+    TRUNCATED = "truncated"  # generation hit max tokens, or the output was cut mid-tag
+    REPETITION = "repetition"  # a degenerate repeated tail was removed
+    NOT_HTML = "not_html"  # the model answered with prose only; it was wrapped into a page
+    REPAIRED = "repaired"  # doctype/html/head/body/charset/viewport/title added or elements closed
+    SCRIPTS_REMOVED = "scripts_removed"  # only with strip_scripts=True
+    OVERSIZE = "oversize"  # the source was cut to max_bytes
+    INVALID_TEXT = "invalid_text"  # NUL, control chars or invalid UTF-8 were removed/replaced
+    DEGENERATE = "degenerate"  # thousands of unclosed elements or attributes in a tag; cut there
+
+
+WARNING_ORDER = {w: i for i, w in enumerate(PageWarning)}
+
+
+@dataclass(frozen=True)
+class HtmlPage:
+    """A finished page.
+
+    ``html`` is a complete, well-formed document; ``title`` is its title as plain text (the
+    HTML holds it escaped); ``complete`` tells whether the model's own output already was a
+    full ``<html>…</html>`` document before any repair.
+    """
+
+    html: str
+    title: str
+    warnings: tuple[PageWarning, ...]
+    complete: bool
+
+    @property
+    def data(self) -> bytes:
+        """The page as UTF-8 bytes, ready to attach as a file."""
+        return self.html.encode("utf-8")
+
+
+def summarize_pages(pages: Sequence[HtmlPage]) -> dict[str, float]:
+    """Quality rates over many pages (e.g. an evaluation run): ``count``, ``mean_bytes``,
+    ``complete_document_rate``, ``truncation_rate``, ``repetition_rate``, ``not_html_rate``,
+    ``repaired_rate``. Rates are fractions in [0, 1]; all zero for no pages."""
+    count = len(pages)
+
+    def rate(predicate: Any) -> float:
+        return sum(1 for p in pages if predicate(p)) / count if count else 0.0
+
+    return {
+        "count": float(count),
+        "mean_bytes": sum(len(p.data) for p in pages) / count if count else 0.0,
+        "complete_document_rate": rate(lambda p: p.complete),
+        "truncation_rate": rate(lambda p: PageWarning.TRUNCATED in p.warnings),
+        "repetition_rate": rate(lambda p: PageWarning.REPETITION in p.warnings),
+        "not_html_rate": rate(lambda p: PageWarning.NOT_HTML in p.warnings),
+        "repaired_rate": rate(lambda p: PageWarning.REPAIRED in p.warnings),
+    }
