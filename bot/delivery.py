@@ -33,7 +33,6 @@ from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
 from bot.store import ResultStore
 from model.errors import ModelError
 from model.naming import page_filename
-from model.types import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +229,16 @@ def _live_token(ticket: Ticket, what: str) -> Iterator[None]:
 
 
 def build_page_for(job: Job, *, strip_scripts: bool) -> Any:
-    """``model.page.build_page`` for the job's result (blocking: run it in a thread)."""
-    from model.page import build_page
+    """``model.page.page_from_result`` for the job's result (blocking: run it in a thread).
+    ``strip_scripts`` (the bot's setting) makes every page follow the strict SAFETY policy."""
+    from model.page import page_from_result
+    from model.types import SafetyPolicy
 
     assert job.result is not None
-    truncated = job.result.finish_reason is FinishReason.LENGTH
-    return build_page(
-        job.result.text, prompt=job.prompt, truncated=truncated, strip_scripts=strip_scripts
+    request = job.request
+    safety = SafetyPolicy.STRICT if strip_scripts else request.safety
+    return page_from_result(
+        job.result, prompt=job.prompt, mode=request.mode, style=request.style, safety=safety
     )
 
 

@@ -129,8 +129,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from model.engine import Engine
     from model.loading import load_model
     from model.naming import page_filename
-    from model.page import build_page
-    from model.types import FinishReason, GenerationRequest
+    from model.page import page_from_result
+    from model.types import GenerationRequest, SafetyPolicy
 
     prompt = _validate_prompt(args.prompt)
     sampling = SamplingParams(
@@ -151,12 +151,8 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    page = build_page(
-        result.text,
-        prompt=prompt,
-        truncated=result.finish_reason == FinishReason.LENGTH,
-        strip_scripts=args.strip_scripts,
-    )
+    safety = SafetyPolicy.STRICT if args.strip_scripts else SafetyPolicy.STANDARD
+    page = page_from_result(result, prompt=prompt, style=args.style, safety=safety)
     output: Path = args.output or Path("out") / page_filename(prompt)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

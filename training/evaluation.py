@@ -75,8 +75,8 @@ def generation_metrics(
         return {}
     from model.engine import Engine
     from model.errors import HtmlExtractionError
-    from model.page import build_page, summarize_pages
-    from model.types import FinishReason, GenerationRequest, SamplingParams
+    from model.page import page_from_result, summarize_pages
+    from model.types import GenerationRequest, SamplingParams
 
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
     requests = [
@@ -97,13 +97,7 @@ def generation_metrics(
     unusable = 0
     for request, result in zip(requests, results, strict=True):
         try:
-            pages.append(
-                build_page(
-                    result.text,
-                    prompt=request.prompt,
-                    truncated=result.finish_reason == FinishReason.LENGTH,
-                )
-            )
+            pages.append(page_from_result(result, prompt=request.prompt, style=style))
         except HtmlExtractionError:
             unusable += 1
     # Rates over the pages that could be built; outputs with nothing page-like are counted

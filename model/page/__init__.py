@@ -4,13 +4,15 @@
 extracted, guarded, parsed, completed and serialized, one module per stage (``text``,
 ``extract``, ``guard``, ``parse``, ``tree``, ``serialize``, with ``markup`` tying the last three
 together). ``compose`` mode: the model fills in structured content (``content``) that the
-project's themes render.
+project's themes render. :func:`page_from_result` takes an engine's result through the
+mode's builder and the SAFETY policy; the bot, the CLI and evaluation all use it.
 """
 
 from __future__ import annotations
 
 from model.page.document import build_page
 from model.page.extract import extract_html
+from model.page.pipeline import page_from_result
 from model.page.result import HtmlPage, PageWarning, summarize_pages
 from model.page.text import detect_repetition
 from model.page.tree import title_from_prompt
@@ -21,6 +23,7 @@ __all__ = [
     "build_page",
     "detect_repetition",
     "extract_html",
+    "page_from_result",
     "summarize_pages",
     "title_from_prompt",
 ]

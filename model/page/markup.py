@@ -108,3 +108,12 @@ def render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> 
         used = len(part.encode("utf-8"))
         budget = max(0, min(used - 1024, int(used * max_bytes / size * 0.95) - 1024))
         source = part
+
+
+def strip_page_scripts(page_html: str) -> tuple[str, bool]:
+    """``page_html`` (a page :func:`render` wrote) without scripts, as ``strip_scripts=True``
+    would have rendered it; and whether anything was removed."""
+    root, _errors = parse_robustly(page_html)
+    if not remove_scripts(root):
+        return page_html, False
+    return settle(serialize(root), strip_scripts=True), True
