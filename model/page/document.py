@@ -29,7 +29,7 @@ def build_page(
 ) -> HtmlPage:
     """Make a complete, well-formed, UTF-8 page out of a model's answer.
 
-    ``truncated`` says the generation hit its token limit. ``strip_scripts`` removes scripts,
+    ``truncated`` says the generation hit its token limit (the only source of that flag). ``strip_scripts`` removes scripts,
     event handlers and ``javascript:`` URLs. ``max_bytes`` bounds the page (at least 4096).
     See the module docstring for each step and :class:`PageWarning` for what is reported.
 
@@ -75,12 +75,11 @@ def build_page(
     if rendered.oversize:
         warnings.add(PageWarning.OVERSIZE)
     # A cut of our own explains an unfinished tag or unclosed elements; flag only the model's.
+    # A tag the model left unfinished is mended (dropped), not a sign of truncation: only the
+    # caller knows whether the length limit cut the answer off (``truncated``).
     our_cut = repeated or too_deep or rendered.oversize
-    if (rendered.cut_mid_tag or guarded.cut_tag) and not our_cut:
-        warnings.add(PageWarning.TRUNCATED)
-    if not not_html and (
-        source_repaired or rendered.head_repaired or (rendered.closed_elements and not our_cut)
-    ):
+    mended = rendered.cut_mid_tag or guarded.cut_tag or rendered.closed_elements
+    if not not_html and (source_repaired or rendered.head_repaired or (mended and not our_cut)):
         warnings.add(PageWarning.REPAIRED)
     if rendered.scripts_removed:
         warnings.add(PageWarning.SCRIPTS_REMOVED)

@@ -11,7 +11,7 @@ from typing import Any
 class PageWarning(StrEnum):
     """Something :func:`build_page` noticed or changed; listed in this order on a page."""
 
-    TRUNCATED = "truncated"  # generation hit max tokens, or the output was cut mid-tag
+    TRUNCATED = "truncated"  # the caller says generation hit its length limit
     REPETITION = "repetition"  # a degenerate repeated tail was removed
     NOT_HTML = "not_html"  # the model answered with prose only; it was wrapped into a page
     REPAIRED = "repaired"  # doctype/html/head/body/charset/viewport/title added or elements closed

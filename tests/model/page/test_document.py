@@ -246,7 +246,7 @@ CASES = [
     pytest.param(
         Case(
             HEAD + "<h1>Fresh bread</h1>\n<di",
-            {W.TRUNCATED, W.REPAIRED},
+            {W.REPAIRED},  # the cut tag was mended; only the caller says "truncated"
             present=("<h1>Fresh bread</h1>",),
             absent=("<di>", "&lt;di"),
             complete=False,
@@ -256,7 +256,7 @@ CASES = [
     pytest.param(
         Case(
             HEAD + '<h1>Fresh bread</h1>\n<a class="btn" href="https://exa',
-            {W.TRUNCATED, W.REPAIRED},
+            {W.REPAIRED},  # the cut tag was mended; only the caller says "truncated"
             absent=("<a", "exa", "btn"),
             complete=False,
         ),
@@ -265,7 +265,7 @@ CASES = [
     pytest.param(
         Case(
             HEAD + "<h1>Fresh bread</h1>\n</",
-            {W.TRUNCATED, W.REPAIRED},
+            {W.REPAIRED},  # the cut tag was mended; only the caller says "truncated"
             absent=("&lt;",),
         ),
         id="cut-after-lt-slash",
@@ -273,7 +273,7 @@ CASES = [
     pytest.param(
         Case(
             HEAD + "<h1>Fresh bread</h1>\n<!-- the menu goes he",
-            {W.TRUNCATED, W.REPAIRED},
+            {W.REPAIRED},  # the cut tag was mended; only the caller says "truncated"
             present=("<!-- the menu goes he-->",),
         ),
         id="cut-in-comment",
@@ -281,7 +281,7 @@ CASES = [
     pytest.param(
         Case(
             HEAD + "<h1>Fresh bread</h1>\n<script>\nconst items = [1, 2",
-            {W.TRUNCATED, W.REPAIRED},
+            {W.REPAIRED},  # the cut tag was mended; only the caller says "truncated"
             present=("<script>\nconst items = [1, 2</script>",),
         ),
         id="cut-in-script",
@@ -855,3 +855,36 @@ def test_the_page_is_parsed_not_pattern_matched() -> None:
     assert [el.tag for el in body] == ["ul", "p", "p"]
     assert [li.text for li in body[0]] == ["one", "two"]
     assert ElementTree.tostring(body[2], encoding="unicode") == "<p><b>next</b></p>"
+
+
+# --------------------------------------------------------------------------------------------
+# Flags that tell the truth
+
+WORDS_60 = " ".join(f"loaf{i}" for i in range(60))
+FULL_DOC = HEAD + f"<h1>Fresh bread</h1>\n<p>{WORDS_60}</p>" + TAIL  # no flag at all
+
+
+def test_a_full_document_with_enough_words_has_no_flag() -> None:
+    page = build_page(FULL_DOC, prompt=PROMPT)
+    assert page.warnings == ()
+    assert page.complete
+
+
+def test_unclosed_script_at_the_end_is_not_truncated() -> None:
+    """The model ended its answer inside a <script>: mended, but it was not cut off."""
+    output = HEAD + f"<p>{WORDS_60}</p>\n<script>\nconst items = [1, 2"
+    page = build_page(output, prompt=PROMPT)
+    assert W.TRUNCATED not in page.warnings
+    assert W.REPAIRED in page.warnings
+    assert "<script>\nconst items = [1, 2</script>" in page.html
+
+
+@pytest.mark.parametrize("tail", ["<di", '<a href="https://exa', "<!-- menu", "</"])
+def test_a_tag_cut_mid_way_is_repaired_not_truncated(tail: str) -> None:
+    page = build_page(HEAD + f"<p>{WORDS_60}</p>\n" + tail, prompt=PROMPT)
+    assert set(page.warnings) == {W.REPAIRED}
+
+
+def test_truncated_comes_from_the_caller() -> None:
+    assert W.TRUNCATED in build_page(FULL_DOC, prompt=PROMPT, truncated=True).warnings
+    assert W.TRUNCATED not in build_page(FULL_DOC, prompt=PROMPT).warnings
