@@ -24,13 +24,16 @@ def build_page(
     *,
     prompt: str,
     truncated: bool = False,
+    repetition: bool = False,
     strip_scripts: bool = False,
     max_bytes: int = 1_000_000,
 ) -> HtmlPage:
     """Make a complete, well-formed, UTF-8 page out of a model's answer.
 
-    ``truncated`` says the generation hit its token limit (the only source of that flag). ``strip_scripts`` removes scripts,
-    event handlers and ``javascript:`` URLs. ``max_bytes`` bounds the page (at least 4096).
+    ``truncated`` says the generation hit its token limit (the only source of that flag);
+    ``repetition`` that the engine stopped it on a loop (the text may show none any more).
+    ``strip_scripts`` removes scripts, event handlers and ``javascript:`` URLs. ``max_bytes``
+    bounds the page (at least 4096).
     See the module docstring for each step and :class:`PageWarning` for what is reported.
 
     Raises :class:`HtmlExtractionError` when the output holds nothing usable (empty or
@@ -63,7 +66,7 @@ def build_page(
         complete = bool(HTML_OPEN_RE.search(source) and HTML_CLOSE_RE.search(source))
         source, repeated_inside = detect_repetition(source)
         repeated = repeated or repeated_inside
-    if repeated:
+    if repeated or repetition:
         warnings.add(PageWarning.REPETITION)
     source_repaired = not not_html and source_repairs(source)
     guarded = guard_markup(source)

@@ -44,6 +44,7 @@ def page_from_result(
             result.text,
             prompt=prompt,
             truncated=result.finish_reason is FinishReason.LENGTH,
+            repetition=result.finish_reason is FinishReason.REPETITION,
         )
     html, added = _apply_safety(page.html, safety)
     if not added and html == page.html:

@@ -12,7 +12,7 @@ class PageWarning(StrEnum):
     """Something :func:`build_page` noticed or changed; listed in this order on a page."""
 
     TRUNCATED = "truncated"  # the caller says generation hit its length limit
-    REPETITION = "repetition"  # a degenerate repeated tail was removed
+    REPETITION = "repetition"  # the engine stopped a loop, or a repeated tail was cut
     NOT_HTML = "not_html"  # the model answered with prose only; it was wrapped into a page
     REPAIRED = "repaired"  # doctype/html/head/body/charset/viewport/title added or elements closed
     SCRIPTS_REMOVED = "scripts_removed"  # only with strip_scripts=True

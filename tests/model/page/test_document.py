@@ -888,3 +888,12 @@ def test_a_tag_cut_mid_way_is_repaired_not_truncated(tail: str) -> None:
 def test_truncated_comes_from_the_caller() -> None:
     assert W.TRUNCATED in build_page(FULL_DOC, prompt=PROMPT, truncated=True).warnings
     assert W.TRUNCATED not in build_page(FULL_DOC, prompt=PROMPT).warnings
+
+
+def test_repetition_when_the_engine_stopped_a_loop() -> None:
+    """The engine stops a loop early, so the text may hold too few copies to be cut."""
+    output = FULL_DOC.replace("</p>", "</p>\n" + "<p>again and again</p>\n" * 3)
+    assert W.REPETITION not in build_page(output, prompt=PROMPT).warnings
+    page = build_page(output, prompt=PROMPT, repetition=True)
+    assert W.REPETITION in page.warnings
+    assert page.html.count("again and again") == 3  # flagged, nothing cut

@@ -80,3 +80,8 @@ def test_compose_is_a_hook_not_yet_wired() -> None:
 def test_nothing_usable_raises() -> None:
     with pytest.raises(HtmlExtractionError):
         page_from_result(_result("  \n", FinishReason.EOS), prompt=PROMPT)
+
+
+def test_the_engine_stopping_a_loop_means_repetition() -> None:
+    page = page_from_result(_result(DOC, FinishReason.REPETITION), prompt=PROMPT)
+    assert page.warnings == (W.REPETITION,)
