@@ -40,70 +40,218 @@ class TrainConfig:
     """All settings of one training run. Defaults are the production QLoRA recipe."""
 
     # --- data ---
-    data: str = DEFAULT_DATASET  # hub dataset id, or a local .json/.jsonl/.csv/.parquet file
-    data_split: str = "train"  # split of a hub dataset
-    description_column: str = "label"
-    page_column: str = "html"
-    max_page_chars: int = 60_000  # longer pages are dropped or truncated (overlong)
-    overlong: OverlongPolicy = "drop"  # also applies to sequences over max_seq_len tokens
-    max_row_bytes: int = 2_000_000  # a bigger row is an error: it is not a web page
-    max_rows: int | None = None  # use only the first N rows (quick experiments)
-    eval_fraction: float = 0.1
-    max_eval_rows: int = 200
-    seed: int = 42
+    data: str = field(
+        default=DEFAULT_DATASET,
+        metadata={"help": "hub dataset id, or a local .json/.jsonl/.csv/.parquet file"},
+    )
+    data_split: str = field(default="train", metadata={"help": "split of a hub dataset to read"})
+    description_column: str = field(
+        default="label", metadata={"help": "column holding the page description (prompt)"}
+    )
+    page_column: str = field(
+        default="html", metadata={"help": "column holding the page's HTML (the answer)"}
+    )
+    max_page_chars: int = field(
+        default=60_000,
+        metadata={"help": "pages longer than this many characters are overlong (see --overlong)"},
+    )
+    overlong: OverlongPolicy = field(
+        default="drop",
+        metadata={
+            "help": "what to do with an overlong page or a sequence over --max-seq-len tokens: "
+            "drop the row or truncate it"
+        },
+    )
+    max_row_bytes: int = field(
+        default=2_000_000,
+        metadata={"help": "a row bigger than this many bytes is an error (it is not a web page)"},
+    )
+    max_rows: int | None = field(
+        default=None,
+        metadata={"help": "read only the first N rows, for quick experiments (none: all rows)"},
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "fraction of the rows held out for evaluation, in [0, 1)"}
+    )
+    max_eval_rows: int = field(
+        default=200, metadata={"help": "at most this many held-out evaluation rows"}
+    )
+    seed: int = field(
+        default=42,
+        metadata={
+            "help": "random seed: train/eval split, batch order, LoRA init, evaluation sampling"
+        },
+    )
 
     # --- model ---
-    preset: str | None = None  # a model.spec preset; default: the embedded SmolLM2
-    base: str | None = None  # hub id or local folder of the base model
-    quantization: str | None = None  # nf4 | int8 | none; default nf4 on CUDA, none elsewhere
-    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32
-    device: str = "auto"  # auto | cpu | cuda; pick GPUs with CUDA_VISIBLE_DEVICES / accelerate
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = True
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "model.spec preset (smollm2, codellama-html, ...); none: the embedded SmolLM2"
+        },
+    )
+    base: str | None = field(
+        default=None,
+        metadata={"help": "hub id or local folder of the base model; overrides the preset's base"},
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "base weights' quantization: nf4, int8 or none "
+            "(not given: nf4 on CUDA, none elsewhere)"
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto, cpu or cuda; pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch"
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "run the base model's own Python code from the hub (only for models you trust)"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "recompute activations in the backward pass: much less memory, slower steps"
+        },
+    )
 
     # --- LoRA ---
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    train_lm_head: bool = False  # LoRA on lm_head too (the seed's adapter did: 687 MB)
-    train_embeddings: bool = False
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (size of the low-rank update)"})
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r"}
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "dropout on the LoRA input, in [0, 1)"}
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "comma-separated linear layers that get LoRA adapters"},
+    )
+    train_lm_head: bool = field(
+        default=False,
+        metadata={"help": "LoRA on lm_head too (the seed's adapter did, which made it 687 MB)"},
+    )
+    train_embeddings: bool = field(
+        default=False, metadata={"help": "LoRA on the input embeddings too"}
+    )
 
     # --- tokenization ---
-    max_seq_len: int = 2048  # prompt + page + EOS, in tokens
-    # Several whole examples in one row of up to max_seq_len tokens, kept apart by restarted
-    # position ids. On by default: a QLoRA step costs about the same from 1k to 8k tokens, so
-    # full rows train 1.3-4x faster than padded ones (bench/RESULTS.md, Training).
-    packing: bool = True
-    pad_to_multiple_of: int | None = 8
-    style: str | None = None  # a model.prompting.STYLE_HINTS name used in every prompt
+    max_seq_len: int = field(
+        default=2048, metadata={"help": "longest training sequence: prompt + page + EOS, in tokens"}
+    )
+    # On by default: a QLoRA step costs about the same from 1k to 8k tokens, so full rows
+    # train 1.3-4x faster than padded ones (bench/RESULTS.md, Training).
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "pack several whole examples into each row of up to --max-seq-len tokens "
+            "(kept apart by restarted position ids)"
+        },
+    )
+    pad_to_multiple_of: int | None = field(
+        default=8,
+        metadata={
+            "help": "pad each batch's length up to a multiple of N tokens (none: no rounding)"
+        },
+    )
+    style: str | None = field(
+        default=None,
+        metadata={
+            "help": "style hint put in every prompt: a model.prompting.STYLE_HINTS name "
+            "(modern, minimal, playful, corporate, dark, retro) or free text"
+        },
+    )
 
     # --- loop ---
-    output_dir: str = "out/adapter"
-    epochs: int = 3
-    max_steps: int | None = None  # optimizer steps; stops before the epochs end if set
-    batch_size: int = 4  # per device, per micro-batch
-    grad_accum: int = 4
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on CUDA, no elsewhere
-    early_stopping_patience: int | None = None  # epochs without eval-loss improvement
-    save_every: int = 0  # checkpoint every N optimizer steps (0: at each epoch's end only)
-    keep_checkpoints: int = 2
-    resume: str | None = None  # "latest" or a checkpoint folder
-    log_every: int = 10
-    progress: bool = True
+    output_dir: str = field(
+        default="out/adapter", metadata={"help": "folder for the adapter, checkpoints and config"}
+    )
+    epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many optimizer steps, even before the epochs end"},
+    )
+    batch_size: int = field(default=4, metadata={"help": "rows per micro-batch, per device"})
+    grad_accum: int = field(
+        default=4,
+        metadata={
+            "help": "micro-batches per optimizer step "
+            "(effective batch = batch-size x this x devices)"
+        },
+    )
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "peak AdamW learning rate (after warm-up)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(
+        default=0.03,
+        metadata={"help": "fraction of the steps spent warming the learning rate up, in [0, 1)"},
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the gradient norm to this value"}
+    )
+    mixed_precision: MixedPrecision = field(
+        default="auto",
+        metadata={
+            "help": "accelerate mixed precision: auto (bf16 on CUDA, no elsewhere), no, bf16, fp16"
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many epochs without a better eval loss (none: never)"},
+    )
+    save_every: int = field(
+        default=0,
+        metadata={
+            "help": "save a checkpoint every N optimizer steps (0: only at each epoch's end)"
+        },
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "how many of the newest checkpoints to keep"}
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "resume from a checkpoint folder, or 'latest' (the flag alone) "
+            "for the newest one in --output-dir"
+        },
+    )
+    log_every: int = field(
+        default=10, metadata={"help": "log loss and throughput every N optimizer steps"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     # --- evaluation by generation ---
-    eval_generate: int = 8  # eval prompts to generate pages for, before and after (0: off)
-    eval_max_new_tokens: int = 1024
+    eval_generate: int = field(
+        default=8,
+        metadata={
+            "help": "held-out prompts to generate pages for, before and after training (0: off)"
+        },
+    )
+    eval_max_new_tokens: int = field(
+        default=1024, metadata={"help": "token budget of each of those evaluation pages"}
+    )
 
     # --- export ---
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = True
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "upload the adapter to the hub at the end"}
+    )
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={"help": "hub repository for --push-to-hub, e.g. you/codellama-html-lora"},
+    )
+    hub_private: bool = field(default=True, metadata={"help": "make that hub repository private"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -234,22 +382,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def setting_help(name: str) -> str:
+    """The description of config field ``name`` (the text its flag's ``--help`` shows)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return str(fields[name].metadata.get("help", ""))
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.default is not dataclasses.MISSING:
+        default: Any = f.default
+    else:
+        default = f.default_factory()  # type: ignore[operator]
+    if isinstance(default, list):
+        return ",".join(default)
+    return "none" if default is None else str(default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field, plus ``--config``."""
     parser = argparse.ArgumentParser(
         prog="python -m training",
         description="Fine-tune a LoRA adapter that writes HTML pages from descriptions.",
+        epilog="Every flag is also a key of the --config YAML file, with underscores "
+        "(--max-seq-len 1024 is max_seq_len: 1024); flags given here win over the file.",
     )
     parser.add_argument("--config", help="YAML file with settings; flags override it")
     hints = _field_types()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint, _ = _base_type(hints[f.name])
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        else:
-            default = f.default_factory()  # type: ignore[operator]
-        help_text = f"default: {default}"
+        # argparse %-formats help texts, so a literal % must be doubled.
+        described = setting_help(f.name).replace("%", "%%")
+        help_text = f"{described} (default: {_shown_default(f)})"
         if hint is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
