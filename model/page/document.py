@@ -81,8 +81,10 @@ def build_page(
     # A tag the model left unfinished is mended (dropped), not a sign of truncation: only the
     # caller knows whether the length limit cut the answer off (``truncated``).
     our_cut = repeated or too_deep or rendered.oversize
-    mended = rendered.cut_mid_tag or guarded.cut_tag or rendered.closed_elements
-    if not not_html and (source_repaired or rendered.head_repaired or (mended and not our_cut)):
+    # Charset, viewport and title are added to every page that lacks them: routine, not a repair.
+    cut_or_unclosed = rendered.cut_mid_tag or guarded.cut_tag or rendered.closed_elements
+    mended = rendered.misnested or (cut_or_unclosed and not our_cut)
+    if not not_html and (source_repaired or mended):
         warnings.add(PageWarning.REPAIRED)
     if rendered.scripts_removed:
         warnings.add(PageWarning.SCRIPTS_REMOVED)

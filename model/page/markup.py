@@ -12,7 +12,13 @@ import re
 from dataclasses import dataclass
 
 from model.page.guard import cut_to_bytes
-from model.page.parse import CUT_ERRORS, UNCLOSED_ERRORS, parse, parse_robustly
+from model.page.parse import (
+    CUT_ERRORS,
+    MISNESTED_ERRORS,
+    UNCLOSED_ERRORS,
+    parse,
+    parse_robustly,
+)
 from model.page.scripts import remove_scripts
 from model.page.serialize import serialize
 from model.page.tree import complete_head, sanitize_tree
@@ -32,16 +38,17 @@ class Rendered:
     oversize: bool  # the source was cut to fit max_bytes
     cut_mid_tag: bool  # the source ended inside a tag, comment or raw-text element
     closed_elements: bool  # the parser closed elements that were left open
-    head_repaired: bool  # charset, viewport or title had to be added
+    misnested: bool  # the parser moved, split or dropped elements to build the tree
     scripts_removed: bool
 
 
 def source_repairs(source: str) -> bool:
-    """Whether the model's markup lacked a structural piece that a full document has."""
+    """Whether the model's markup lacked a structural piece that a full document has: the
+    doctype, ``<html>``, ``<body>`` or ``</html>``. (A missing ``<head>`` is not one: the
+    parser implies it without an error, and what goes in it is routine completion.)"""
     checks = (
         r"<!doctype\s+html",
         r"<html(?=[\s>])",
-        r"<head(?=[\s>])",
         r"<body(?=[\s>])",
         r"</html\s*>",
     )
@@ -91,7 +98,7 @@ def render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> 
         )
         sanitize_tree(root, scrub_text="illegal-codepoint-for-numeric-entity" in errors)
         scripts_removed = strip_scripts and remove_scripts(root)
-        title, head_repaired = complete_head(root, prompt)
+        title = complete_head(root, prompt)
         page_html = settle(serialize(root), strip_scripts=strip_scripts)
         size = len(page_html.encode("utf-8"))
         if size <= max_bytes:
@@ -101,7 +108,7 @@ def render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> 
                 oversize=oversize,
                 cut_mid_tag=bool(dangling or errors & CUT_ERRORS),
                 closed_elements=bool(errors & UNCLOSED_ERRORS),
-                head_repaired=head_repaired,
+                misnested=bool(errors & MISNESTED_ERRORS),
                 scripts_removed=scripts_removed,
             )
         # Serialization grew the source (escaping, implied end tags): cut it in proportion.

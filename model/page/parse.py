@@ -52,6 +52,54 @@ CUT_ERRORS = frozenset(
 UNCLOSED_ERRORS = frozenset(
     {"expected-closing-tag-but-got-eof", "eof-in-table", "eof-in-select", "eof-in-frameset"}
 )
+# Parse errors meaning the parser built a tree that differs from what the markup says: it
+# moved, split, closed early or dropped elements (misnesting, stray end tags, content fostered
+# out of tables or moved back into <body>). Tokenizer-level errors (attributes, entities,
+# comments) are left out: the tree they give is the one the markup meant.
+MISNESTED_ERRORS = frozenset(
+    {
+        "unexpected-end-tag",
+        "unexpected-end-tag-treated-as",
+        "unexpected-end-tag-before-html",
+        "missing-end-tag",
+        "missing-end-tags",
+        "no-end-tag",
+        "expected-one-end-tag-but-got-another",
+        "end-tag-too-early",
+        "end-tag-too-early-named",
+        "end-tag-too-early-ignored",
+        "adoption-agency-1.1",
+        "adoption-agency-1.2",
+        "adoption-agency-1.3",
+        "adoption-agency-4.4",
+        "unexpected-start-tag",
+        "unexpected-start-tag-ignored",
+        "unexpected-start-tag-implies-end-tag",
+        "unexpected-start-tag-out-of-my-head",
+        "two-heads-are-not-better-than-one",
+        "unexpected-char-implies-table-voodoo",
+        "unexpected-start-tag-implies-table-voodoo",
+        "unexpected-end-tag-implies-table-voodoo",
+        "unexpected-form-in-table",
+        "unexpected-implied-end-tag-in-table",
+        "unexpected-implied-end-tag-in-table-body",
+        "unexpected-implied-end-tag-in-table-row",
+        "unexpected-cell-in-table-body",
+        "unexpected-cell-end-tag",
+        "unexpected-end-tag-in-table-body",
+        "unexpected-end-tag-in-table-row",
+        "unexpected-select-in-select",
+        "unexpected-input-in-select",
+        "unexpected-start-tag-in-select",
+        "unexpected-end-tag-in-select",
+        "unexpected-table-element-start-tag-in-select-in-table",
+        "unexpected-table-element-end-tag-in-select-in-table",
+        "unexpected-char-after-body",
+        "unexpected-start-tag-after-body",
+        "unexpected-end-tag-after-body",
+        "unexpected-html-element-in-foreign-content",
+    }
+)
 
 
 _CHARACTERS = tokenTypes["Characters"]

@@ -14,7 +14,8 @@ class PageWarning(StrEnum):
     TRUNCATED = "truncated"  # the caller says generation hit its length limit
     REPETITION = "repetition"  # the engine stopped a loop, or a repeated tail was cut
     NOT_HTML = "not_html"  # the model answered with prose only; it was wrapped into a page
-    REPAIRED = "repaired"  # doctype/html/head/body/charset/viewport/title added or elements closed
+    REPAIRED = "repaired"  # markup mended: elements closed or misnesting fixed, a cut tag
+    # dropped, doctype/html/body/</html> missing (not the routine charset/viewport/title)
     SCRIPTS_REMOVED = "scripts_removed"  # only with strip_scripts=True
     OVERSIZE = "oversize"  # the source was cut to max_bytes
     INVALID_TEXT = "invalid_text"  # NUL, control chars or invalid UTF-8 were removed/replaced

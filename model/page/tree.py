@@ -129,31 +129,24 @@ def sanitize_tree(root: Element, scrub_text: bool) -> None:
             el.tail = scrub(el.tail)
 
 
-def complete_head(root: Element, prompt: str) -> tuple[str, bool]:
-    """Ensure charset, viewport and title; return the title and whether anything was added."""
-    repaired = False
+def complete_head(root: Element, prompt: str) -> str:
+    """Ensure charset, viewport and title (routine additions, not repairs); return the title."""
     head = root.find("head")
     if head is None:  # html5lib always creates one; be safe anyway
         head = Element("head")
         root.insert(0, head)
-        repaired = True
     parents = {child: parent for parent in root.iter() for child in parent}
 
-    had_utf8 = False
     for meta in [m for m in root.iter("meta")]:
         charset = meta.get("charset")
         equiv = (meta.get("http-equiv") or "").lower()
         if charset is not None or equiv == "content-type":
-            declared = (charset or meta.get("content") or "").lower().replace("-", "")
-            had_utf8 = had_utf8 or "utf8" in declared
             remove(parents, meta)
     head.insert(0, Element("meta", {"charset": "utf-8"}))
-    repaired = repaired or not had_utf8
 
     viewports = [m for m in root.iter("meta") if (m.get("name") or "").lower() == "viewport"]
     if not viewports:
         head.insert(1, Element("meta", {"name": "viewport", "content": _VIEWPORT}))
-        repaired = True
 
     title_el = next(iter(root.iter("title")), None)
     title = " ".join((title_el.text or "").split()) if title_el is not None else ""
@@ -167,5 +160,4 @@ def complete_head(root: Element, prompt: str) -> tuple[str, bool]:
     if not title:
         title = title_from_prompt(prompt)
         title_el.text = title
-        repaired = True
-    return title, repaired
+    return title

@@ -455,7 +455,7 @@ CASES = [
     pytest.param(
         Case(
             "<!DOCTYPE html>\n<html>\n<body>\n<h1>Fresh bread</h1>\n</body>\n</html>",
-            {W.REPAIRED},
+            set(),  # head, charset, viewport and title: routine, not repairs
             present=(
                 '<head><meta charset="utf-8"><meta name="viewport" content="width=device-width,'
                 ' initial-scale=1"><title>A landing page for a bakery</title></head>',
@@ -487,13 +487,13 @@ CASES = [
         id="unfenced-fragment-in-prose",
     ),
     pytest.param(
-        Case(DOC_NO_TITLE, {W.REPAIRED}, title=PROMPT_TITLE, complete=True),
+        Case(DOC_NO_TITLE, set(), title=PROMPT_TITLE, complete=True),
         id="title-missing",
     ),
     pytest.param(
         Case(
             DOC.replace("<title>Bakery</title>", "<title>  \n </title>"),
-            {W.REPAIRED},
+            set(),
             title=PROMPT_TITLE,
         ),
         id="title-empty",
@@ -501,7 +501,7 @@ CASES = [
     pytest.param(
         Case(
             DOC_NO_TITLE,
-            {W.REPAIRED},
+            set(),
             present=("<title>Tom &amp; Jerry &lt;fan&gt; page</title>",),
             absent=("<fan>",),
             title="Tom & Jerry <fan> page",
@@ -556,7 +556,7 @@ CASES = [
     pytest.param(
         Case(
             DOC.replace('<meta charset="utf-8">', '<meta charset="ISO-8859-1">'),
-            {W.REPAIRED},
+            set(),
             counts={"charset": 1, 'charset="utf-8"': 1},
         ),
         id="wrong-charset-replaced",
@@ -580,7 +580,7 @@ CASES = [
             + "<table><tr><td>a</td>stray<p>foster</table>\n<p><div>block in p</div></p>\n"
             + "<b><i>misnested</b></i><a><a>nested a</a></a><form><form></form>"
             + TAIL,
-            set(),
+            {W.REPAIRED},  # misnesting fixed
             present=('<div ok="y">x</div>', "<!-- a - - b - -->"),
         ),
         id="parse-errors-in-the-model-markup",
@@ -897,3 +897,33 @@ def test_repetition_when_the_engine_stopped_a_loop() -> None:
     page = build_page(output, prompt=PROMPT, repetition=True)
     assert W.REPETITION in page.warnings
     assert page.html.count("again and again") == 3  # flagged, nothing cut
+
+
+def test_routine_head_additions_are_not_repairs() -> None:
+    """No charset, no viewport, no title, no head: all added to every page, not repairs."""
+    output = f"<!DOCTYPE html>\n<html>\n<body>\n<h1>Fresh bread</h1>\n<p>{WORDS_60}</p>" + TAIL
+    page = build_page(output, prompt=PROMPT)
+    assert page.warnings == ()
+    assert page.title == PROMPT_TITLE
+    assert '<meta charset="utf-8"><meta name="viewport"' in page.html
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param("<div><div><p>{words}</p>", id="unclosed-divs"),
+        pytest.param("<div><p>{words}</div></p>", id="stray-end-tag"),
+        pytest.param("<b><i>{words}</b></i>", id="misnested-inline"),
+        pytest.param(
+            "<table><tr><td>a</td></tr><p>{words}</p></table>", id="fostered-out-of-a-table"
+        ),
+    ],
+)
+def test_mended_markup_is_repaired(body: str) -> None:
+    output = HEAD + body.format(words=WORDS_60) + TAIL
+    assert set(build_page(output, prompt=PROMPT).warnings) == {W.REPAIRED}
+
+
+def test_a_missing_doctype_is_repaired() -> None:
+    page = build_page(FULL_DOC.replace("<!DOCTYPE html>\n", ""), prompt=PROMPT)
+    assert set(page.warnings) == {W.REPAIRED}
