@@ -13,7 +13,7 @@ from model.errors import HtmlExtractionError
 from model.page.extract import HTML_CLOSE_RE, HTML_OPEN_RE, extract_source, prose_to_html
 from model.page.guard import guard_markup
 from model.page.markup import MIN_MAX_BYTES, render, source_repairs
-from model.page.result import WARNING_ORDER, HtmlPage, PageWarning
+from model.page.result import WARNING_ORDER, HtmlPage, PageWarning, size_warning
 from model.page.text import clean_text, detect_repetition
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ def build_page(
     mended = rendered.misnested or (cut_or_unclosed and not our_cut)
     if not not_html and (source_repaired or mended):
         warnings.add(PageWarning.REPAIRED)
+    size = size_warning(rendered.visible_words)
+    if size is not None:
+        warnings.add(size)
     if rendered.scripts_removed:
         warnings.add(PageWarning.SCRIPTS_REMOVED)
     ordered = tuple(sorted(warnings, key=WARNING_ORDER.__getitem__))

@@ -21,7 +21,7 @@ from model.page.parse import (
 )
 from model.page.scripts import remove_scripts
 from model.page.serialize import serialize
-from model.page.tree import complete_head, sanitize_tree
+from model.page.tree import complete_head, sanitize_tree, visible_words
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Rendered:
     cut_mid_tag: bool  # the source ended inside a tag, comment or raw-text element
     closed_elements: bool  # the parser closed elements that were left open
     misnested: bool  # the parser moved, split or dropped elements to build the tree
+    visible_words: int  # words a reader sees in the body
     scripts_removed: bool
 
 
@@ -109,6 +110,7 @@ def render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> 
                 cut_mid_tag=bool(dangling or errors & CUT_ERRORS),
                 closed_elements=bool(errors & UNCLOSED_ERRORS),
                 misnested=bool(errors & MISNESTED_ERRORS),
+                visible_words=visible_words(root),
                 scripts_removed=scripts_removed,
             )
         # Serialization grew the source (escaping, implied end tags): cut it in proportion.

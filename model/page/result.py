@@ -14,6 +14,8 @@ class PageWarning(StrEnum):
     TRUNCATED = "truncated"  # the caller says generation hit its length limit
     REPETITION = "repetition"  # the engine stopped a loop, or a repeated tail was cut
     NOT_HTML = "not_html"  # the model answered with prose only; it was wrapped into a page
+    EMPTY = "empty"  # the page shows fewer than EMPTY_BELOW_WORDS words
+    THIN = "thin"  # the page shows fewer than THIN_BELOW_WORDS words (and is not empty)
     REPAIRED = "repaired"  # markup mended: elements closed or misnesting fixed, a cut tag
     # dropped, doctype/html/body/</html> missing (not the routine charset/viewport/title)
     SCRIPTS_REMOVED = "scripts_removed"  # only with strip_scripts=True
@@ -23,6 +25,21 @@ class PageWarning(StrEnum):
 
 
 WARNING_ORDER = {w: i for i, w in enumerate(PageWarning)}
+
+# Words a reader sees in the page's body (text outside script, style and template), below
+# which the page is flagged: a landing page, a form or a FAQ has dozens; a model that failed
+# leaves a heading or nothing at all.
+EMPTY_BELOW_WORDS = 5
+THIN_BELOW_WORDS = 40
+
+
+def size_warning(visible_words: int) -> PageWarning | None:
+    """``EMPTY``, ``THIN`` or ``None`` for a page that shows ``visible_words`` words."""
+    if visible_words < EMPTY_BELOW_WORDS:
+        return PageWarning.EMPTY
+    if visible_words < THIN_BELOW_WORDS:
+        return PageWarning.THIN
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,8 @@ class HtmlPage:
 def summarize_pages(pages: Sequence[HtmlPage]) -> dict[str, float]:
     """Quality rates over many pages (e.g. an evaluation run): ``count``, ``mean_bytes``,
     ``complete_document_rate``, ``truncation_rate``, ``repetition_rate``, ``not_html_rate``,
-    ``repaired_rate``. Rates are fractions in [0, 1]; all zero for no pages."""
+    ``empty_rate``, ``thin_rate``, ``repaired_rate``. Rates are fractions in [0, 1]; all zero
+    for no pages."""
     count = len(pages)
 
     def rate(predicate: Any) -> float:
@@ -61,5 +79,7 @@ def summarize_pages(pages: Sequence[HtmlPage]) -> dict[str, float]:
         "truncation_rate": rate(lambda p: PageWarning.TRUNCATED in p.warnings),
         "repetition_rate": rate(lambda p: PageWarning.REPETITION in p.warnings),
         "not_html_rate": rate(lambda p: PageWarning.NOT_HTML in p.warnings),
+        "empty_rate": rate(lambda p: PageWarning.EMPTY in p.warnings),
+        "thin_rate": rate(lambda p: PageWarning.THIN in p.warnings),
         "repaired_rate": rate(lambda p: PageWarning.REPAIRED in p.warnings),
     }

@@ -3,7 +3,7 @@
 Trees that markup cannot express are normalized (comments with ``--``, invalid attribute
 names, ``<plaintext>``, forms inside tables, table parts inside SVG), and the head is
 completed: a first ``<meta charset="utf-8">``, a viewport meta and a ``<title>`` (from the
-prompt when the model gave none).
+prompt when the model gave none). :func:`visible_words` counts what a reader would see.
 """
 
 from __future__ import annotations
@@ -161,3 +161,29 @@ def complete_head(root: Element, prompt: str) -> str:
         title = title_from_prompt(prompt)
         title_el.text = title
     return title
+
+
+_HIDDEN_TAGS = frozenset({"script", "style", "template"})
+
+
+def visible_words(root: Element) -> int:
+    """Words of text in ``<body>`` outside script, style, template and comments.
+
+    Iterative (degenerate pages nest deeply); an element's tail is text of its parent, so it
+    counts even when the element itself is hidden.
+    """
+    body = root.find("body")
+    if body is None:
+        return 0
+    words = len((body.text or "").split())
+    stack = list(body)
+    while stack:
+        el = stack.pop()
+        words += len((el.tail or "").split())
+        if el.tag is ElementTree.Comment:
+            continue
+        if isinstance(el.tag, str) and split_tag(el.tag)[1].lower() in _HIDDEN_TAGS:
+            continue
+        words += len((el.text or "").split())
+        stack.extend(el)
+    return words
