@@ -158,12 +158,24 @@ def _is_numeric(cell: str) -> bool:
     return bool(_NUMERIC_RE.match(cell))
 
 
+def _numeric_columns(rows: list[list[str]]) -> set[int]:
+    """The columns (after the first, the row headers) whose filled cells are all numbers."""
+    width = len(rows[0]) if rows else 0
+    return {
+        column
+        for column in range(1, width)
+        if any(row[column] for row in rows)
+        and all(_is_numeric(row[column]) for row in rows if row[column])
+    }
+
+
 def _template_context(content: PageContent, theme: str, description: str) -> dict[str, Any]:
     blocks = _blocks(content)
     section_ids = _section_ids(content)
     nav = [(block["id"], block["heading"]) for block in blocks]
     nav += [(sid, section.heading) for sid, section in zip(section_ids, content.sections)]
     hero_target = "form" if content.form else _CTA_ID
+    rows = _table_rows(content)
     return {
         "content": content,
         "theme": theme,
@@ -177,8 +189,8 @@ def _template_context(content: PageContent, theme: str, description: str) -> dic
         # The call-to-action band's button leads to the page's main block (the plans, the
         # form...), or back to the top when there is none: the content names no URL.
         "cta_target": blocks[0]["id"] if blocks else "top",
-        "table_rows": _table_rows(content),
-        "is_numeric": _is_numeric,
+        "table_rows": rows,
+        "numeric_columns": _numeric_columns(rows),
     }
 
 

@@ -1,0 +1,385 @@
+"""The guided form a compose-mode answer fills in, its grammar, and its parser.
+
+A small model asked for a JSON object copies the worked example's words, or rambles once it
+is past the title (measured on SmolLM2-135M: a bakery page about gardening in Leeds, a yoga
+pricing page selling "Camel Cakes"). The same model answers a plain question about the
+subject well in a sentence. So the answer is a form of short lines, each one led by a
+question about the subject that the grammar writes for the model::
+
+    Tagline (one short sentence about a bakery in Lyon): Fresh bread every morning.
+    Something a bakery in Lyon offers (a few words): Sourdough loaves
+    That, in one sentence: Baked overnight with organic flour.
+    ...
+
+The grammar (xgrammar EBNF, :func:`grammar_for`) makes every answer a complete form: the
+lead-ins are literal text (the engines feed them without sampling where they can), values
+are one line of bounded length, prices, times and years follow small patterns. The result
+always parses (:func:`parse_answer`) into :class:`~model.page.content.PageContent`, which the
+themed templates render. :func:`answer_text` writes the form for given content, which is
+how training builds compose examples from existing pages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from model.page.content import PageContent, PageKind
+
+__all__ = [
+    "FormField",
+    "answer_text",
+    "form_for",
+    "grammar_for",
+    "parse_answer",
+]
+
+# Value patterns, as EBNF right-hand sides. A line never holds a newline, so each value
+# ends where the next lead-in starts.
+_LINE = '[^\\n]{{1,{n}}}'
+_PRICE = '" "? [$€£] [0-9]{1,3} ("." [0-9] [0-9])?'
+_NUMBER = '" "? [0-9] [0-9,.]{0,6} ("%" | "k" | "M")?'
+_TIME = '" "? [0-2]? [0-9] ":" [0-5] [0-9]'
+_YEARS = '" "? [12] [0-9] [0-9] [0-9] ("-" ([12] [0-9] [0-9] [0-9] | "now"))?'
+_STATUS = '" " ("OK" | "Warning" | "Late" | "Done" | "Pending")'
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One line of the form: where its value goes, the lead-in before it, its pattern.
+
+    ``path`` names the place in the content ("tagline", "plans.1.price"; a ``[]`` suffix
+    splits a comma-separated value into a list). ``lead`` may hold ``{subject}``.
+    """
+
+    path: str
+    lead: str
+    max_chars: int = 100
+    pattern: str | None = None  # EBNF; None = one line of up to max_chars characters
+
+    def value_rule(self) -> str:
+        return self.pattern or _LINE.format(n=self.max_chars)
+
+
+def _numbered(count: int, *fields: tuple[str, str, int, str | None]) -> list[FormField]:
+    """``count`` copies of a group of fields, ``{i}`` numbered from 1 in paths and leads."""
+    return [
+        FormField(path.format(i=i - 1), lead.format(i=i, subject="{subject}"), size, pattern)
+        for i in range(1, count + 1)
+        for path, lead, size, pattern in fields
+    ]
+
+
+def _sections(second_lead: str) -> list[FormField]:
+    return [
+        FormField("sections.0.text", "About {subject}, in two sentences", 240),
+        FormField("sections.1.text", second_lead, 240),
+    ]
+
+
+# The headings of the two sections every kind ends with (the first is "About <title>").
+_SECOND_HEADING: dict[PageKind, str] = {
+    PageKind.LANDING: "Why people choose us",
+    PageKind.PRICING: "Every plan includes",
+    PageKind.FORM: "What happens next",
+    PageKind.FAQ: "Still have questions?",
+    PageKind.ARTICLE: "The takeaway",
+    PageKind.DASHBOARD: "Notes",
+    PageKind.ITINERARY: "Travel tips",
+    PageKind.PORTFOLIO: "Working together",
+    PageKind.RESUME: "Education",
+    PageKind.MENU: "Visit us",
+    PageKind.EVENT: "Getting there",
+}
+_SECOND_LEAD: dict[PageKind, str] = {
+    PageKind.LANDING: "Why people choose {subject}, in two sentences",
+    PageKind.PRICING: "What every plan includes, in one sentence",
+    PageKind.FORM: "What happens after someone sends the form, in one sentence",
+    PageKind.FAQ: "How to get more help, in one sentence",
+    PageKind.ARTICLE: "The main lesson of the post, in one sentence",
+    PageKind.DASHBOARD: "The most important thing to notice today, in one sentence",
+    PageKind.ITINERARY: "One travel tip for this trip, in one sentence",
+    PageKind.PORTFOLIO: "How to work with {subject}, in one sentence",
+    PageKind.RESUME: "Education, in one sentence",
+    PageKind.MENU: "Opening hours and where to find {subject}, in one sentence",
+    PageKind.EVENT: "How to get to the event, in one sentence",
+}
+
+_BLOCK_FIELDS: dict[PageKind, list[FormField]] = {
+    PageKind.LANDING: _numbered(
+        3,
+        ("features.{i}.title", "Something {subject} offers (a few words)", 40, None),
+        ("features.{i}.text", "That, in one sentence", 140, None),
+    ),
+    PageKind.PRICING: _numbered(
+        3,
+        ("plans.{i}.name", "Plan {i} name (one word)", 16, None),
+        ("plans.{i}.price", "Plan {i} price per month", 12, _PRICE),
+        ("plans.{i}.features[]", "Plan {i} includes (three things, comma-separated)", 120, None),
+    ),
+    PageKind.FORM: [
+        *_numbered(4, ("form.fields.{i}.label", "Field {i} the form asks for", 30, None)),
+        FormField("form.submit", "Label of the send button (two or three words)", 24),
+    ],
+    PageKind.FAQ: _numbered(
+        4,
+        ("questions.{i}.question", "Question {i} a visitor asks about {subject}", 90, None),
+        ("questions.{i}.answer", "Answer {i}, in one or two sentences", 200, None),
+    ),
+    PageKind.ARTICLE: _numbered(
+        3, ("paragraphs.{i}", "Paragraph {i} of the post (two sentences)", 280, None)
+    ),
+    PageKind.DASHBOARD: [
+        *_numbered(
+            3,
+            ("stats.{i}.label", "Metric {i} on the dashboard (two words)", 24, None),
+            ("stats.{i}.value", "Metric {i} value", 10, _NUMBER),
+        ),
+        *_numbered(
+            3,
+            ("table.rows.{i}.0", "Table row {i} name", 20, None),
+            ("table.rows.{i}.1", "Table row {i} value", 10, _NUMBER),
+            ("table.rows.{i}.2", "Table row {i} status", 8, _STATUS),
+        ),
+    ],
+    PageKind.ITINERARY: _numbered(
+        3,
+        ("days.{i}.title", "Day {i} plan (a few words)", 40, None),
+        ("days.{i}.activities[]", "Day {i} activities (two, comma-separated)", 120, None),
+    ),
+    PageKind.PORTFOLIO: _numbered(
+        3,
+        ("projects.{i}.title", "Project {i} name", 40, None),
+        ("projects.{i}.text", "Project {i}, in one sentence", 140, None),
+    ),
+    PageKind.RESUME: [
+        *_numbered(
+            2,
+            ("experience.{i}.role", "Job {i} title", 40, None),
+            ("experience.{i}.organization", "Job {i} employer", 40, None),
+            ("experience.{i}.period", "Job {i} years", 10, _YEARS),
+            ("experience.{i}.summary", "Job {i}, what was done, in one sentence", 160, None),
+        ),
+        FormField("skills[]", "Skills (five, comma-separated)", 120),
+    ],
+    PageKind.MENU: _numbered(
+        4,
+        ("dishes.{i}.name", "Dish {i} name", 40, None),
+        ("dishes.{i}.description", "Dish {i} in a few words", 100, None),
+        ("dishes.{i}.price", "Dish {i} price", 8, _PRICE),
+    ),
+    PageKind.EVENT: _numbered(
+        4,
+        ("schedule.{i}.time", "Schedule item {i} time", 6, _TIME),
+        ("schedule.{i}.title", "Schedule item {i}", 60, None),
+    ),
+}
+
+_HEAD_FIELDS = [FormField("tagline", "Tagline (one short sentence about {subject})", 120)]
+_TAIL_FIELDS = [
+    FormField("call_to_action.text", "An invitation to visitors, in one sentence", 90),
+    FormField("call_to_action.button", "Its button label (two or three words)", 24),
+]
+
+
+def form_for(kind: PageKind) -> list[FormField]:
+    """The fields of ``kind``'s form, in the order the answer gives them."""
+    return [
+        *_HEAD_FIELDS,
+        *_BLOCK_FIELDS[kind],
+        *_sections(_SECOND_LEAD[kind]),
+        *_TAIL_FIELDS,
+    ]
+
+
+def _subject_phrase(subject: str) -> str:
+    """The subject as it reads inside a sentence: "A bakery in Lyon" -> "a bakery in Lyon"."""
+    first, _, rest = subject.partition(" ")
+    if first in {"A", "An", "The", "My", "Our"}:
+        return f"{first.lower()} {rest}".strip()
+    return subject
+
+
+def _leads(kind: PageKind, subject: str) -> Iterator[tuple[FormField, str]]:
+    phrase = _subject_phrase(subject).replace("\n", " ")
+    for index, field in enumerate(form_for(kind)):
+        lead = field.lead.replace("{subject}", phrase) + ":"
+        yield field, ("" if index == 0 else "\n") + lead
+
+
+def _ebnf_literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def grammar_for(kind: PageKind, subject: str) -> str:
+    """The EBNF grammar of ``kind``'s form about ``subject``: lead-ins literal, values bounded.
+
+    The answer ends with a newline after the last value; the engine then ends it (EOS).
+    """
+    rules = []
+    names = []
+    for index, (field, lead) in enumerate(_leads(kind, subject)):
+        name = f"f{index}"
+        names.append(name)
+        rules.append(f"{name} ::= {_ebnf_literal(lead)} {field.value_rule()}")
+    return "\n".join([f'root ::= {" ".join(names)} "\\n"', *rules]) + "\n"
+
+
+def first_lead(kind: PageKind, subject: str) -> str:
+    """The answer's opening words (the first lead-in), which the engine can put in the prompt."""
+    return next(_leads(kind, subject))[1]
+
+
+def parse_answer(text: str, *, kind: PageKind, title: str, subject: str) -> PageContent:
+    """The content of a compose answer (a form written under :func:`grammar_for`).
+
+    Values are found by their lead-ins, in order; a form cut short by the token limit keeps
+    the fields it has (lists cut mid-way drop their incomplete entries). Raises
+    ``ValueError`` when not even the tagline is there.
+    """
+    data: dict[str, Any] = {"title": title}
+    position = 0
+    found = 0
+    for field, lead in _leads(kind, subject):
+        start = text.find(lead.lstrip("\n"), position)
+        if start < 0:
+            break
+        value_start = start + len(lead.lstrip("\n"))
+        end = text.find("\n", value_start)
+        value = text[value_start : end if end >= 0 else len(text)].strip()
+        position = end if end >= 0 else len(text)
+        if value:
+            _put(data, field.path, value)
+            found += 1
+    if not found:
+        raise ValueError("the answer holds none of the form's fields")
+    _add_fixed_parts(data, kind, title)
+    return _lenient(data)
+
+
+def _put(data: dict[str, Any], path: str, value: str) -> None:
+    """Set ``path`` ("plans.1.features[]") in nested dicts/lists, creating them as needed."""
+    as_list = path.endswith("[]")
+    keys = path.removesuffix("[]").split(".")
+    node: Any = data
+    for key, following in zip(keys, [*keys[1:], None], strict=True):
+        container: Any = [] if following is not None and following.isdigit() else {}
+        if following is None:
+            final: Any = _split_list(value) if as_list else value
+            if isinstance(node, list):
+                _grow(node, int(key))
+                node[int(key)] = final
+            else:
+                node[key] = final
+            return
+        if isinstance(node, list):
+            _grow(node, int(key))
+            if node[int(key)] is None:
+                node[int(key)] = container
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, container)
+
+
+def _grow(items: list[Any], index: int) -> None:
+    items.extend([None] * (index + 1 - len(items)))
+
+
+def _split_list(value: str) -> list[str]:
+    parts = [part.strip(" .;") for part in re.split(r",|;| and ", value)]
+    return [part for part in parts if part][:4]
+
+
+def _add_fixed_parts(data: dict[str, Any], kind: PageKind, title: str) -> None:
+    """Headings and parts the form does not ask for: section headings, table columns,
+    form field types (from the label's words), the footer."""
+    headings = [f"About {title}", _SECOND_HEADING[kind]]
+    sections = data.get("sections") or []
+    data["sections"] = [
+        {"heading": heading, "text": section["text"]}
+        for heading, section in zip(headings, sections, strict=False)
+        if isinstance(section, dict) and section.get("text")
+    ]
+    table = data.get("table")
+    if isinstance(table, dict):
+        table["columns"] = ["Name", "Value", "Status"]
+        table["rows"] = [row for row in table.get("rows") or [] if row and all(row)]
+    form = data.get("form")
+    if isinstance(form, dict):
+        for field in form.get("fields") or []:
+            if isinstance(field, dict):
+                field["type"] = _input_type(str(field.get("label", "")))
+                field["required"] = True
+        form.setdefault("submit", "Send")
+    data["footer"] = title
+
+
+_INPUT_TYPES = [
+    ("email", ("email", "e-mail", "mail")),
+    ("tel", ("phone", "telephone", "mobile")),
+    ("date", ("date", "birthday", "day")),
+    ("number", ("number", "age", "guests", "people", "quantity", "how many")),
+    ("textarea", ("message", "comment", "question", "notes", "details", "tell us")),
+]
+
+
+def _input_type(label: str) -> str:
+    lowered = label.lower()
+    for input_type, words in _INPUT_TYPES:
+        if any(word in lowered for word in words):
+            return input_type
+    return "text"
+
+
+def _lenient(data: dict[str, Any]) -> PageContent:
+    """Validate, dropping list entries that a cut-off left incomplete, then whole fields."""
+    for key, value in list(data.items()):
+        if isinstance(value, list):
+            data[key] = [item for item in value if item not in (None, "", [], {})]
+    from pydantic import ValidationError
+
+    while True:
+        try:
+            return PageContent.model_validate(data)
+        except ValidationError as error:
+            bad = {str(issue["loc"][0]) for issue in error.errors() if issue["loc"]}
+            if not bad or "title" in bad:
+                raise ValueError(f"the answer's content is unusable: {error}") from None
+            for key in bad:
+                data.pop(key, None)
+
+
+def answer_text(content: PageContent, kind: PageKind, subject: str) -> str:
+    """The form filled in with ``content``: the answer a model should give (for training).
+
+    Fields the content lacks are left out of the text, which is then not a complete form;
+    :func:`is_complete_answer` tells.
+    """
+    flat = content.model_dump()
+    lines = []
+    for field, lead in _leads(kind, subject):
+        value = _get(flat, field.path)
+        if value is None:
+            return "".join(lines)
+        lines.append(f"{lead} {value}")
+    return "".join(lines) + "\n"
+
+
+def _get(data: Any, path: str) -> str | None:
+    as_list = path.endswith("[]")
+    node = data
+    for key in path.removesuffix("[]").split("."):
+        if isinstance(node, list):
+            index = int(key)
+            node = node[index] if index < len(node) else None
+        elif isinstance(node, dict):
+            node = node.get(key)
+        if node is None:
+            return None
+    if as_list and isinstance(node, list):
+        return ", ".join(str(item) for item in node) or None
+    text = " ".join(str(node).split())
+    return text or None
