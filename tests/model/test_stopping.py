@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from model.stopping import MIN_LOOP_TOKENS, ends_in_loop, should_check
+from model.stopping import MIN_LOOP_TOKENS, closes_page, ends_in_loop, should_check
 
 
 def test_a_long_loop_is_detected() -> None:
@@ -97,3 +97,58 @@ def test_page_end_detector_agrees_with_decoding_every_step(smollm2_tokenizer_dir
         assert (skipping.index(True) if True in skipping else None) == first
         assert decodes < len(ids)  # the tail was not decoded on every step
         assert (first is not None) == closes
+
+
+@pytest.mark.parametrize(
+    ("text", "closes"),
+    [
+        pytest.param("<html><body>x</body></html>", True, id="plain"),
+        pytest.param("<html><body>x</body></HTML >\n\n", True, id="case-space-newlines"),
+        pytest.param("<html><body>x</body></html> and more", False, id="not-at-the-end"),
+        pytest.param("<html><body>x</body>", False, id="no-end-tag"),
+        pytest.param("<html><body><pre>\n<html>\n</html>", False, id="in-pre"),
+        pytest.param("<html><body><pre><code>&lt;p&gt; </html>", False, id="in-pre-code"),
+        pytest.param("<html><body><p>Use <code></html>", False, id="in-code"),
+        pytest.param("<html><body><textarea></html>", False, id="in-textarea"),
+        pytest.param("<html><body><xmp></html>", False, id="in-xmp"),
+        pytest.param('<html><body><script>w("</html>', False, id="in-script"),
+        pytest.param("<html><head><style>/* </html>", False, id="in-style"),
+        pytest.param("<html><body><!-- </html>", False, id="in-comment"),
+        pytest.param(
+            "<html><body><pre><code><html></html></code></pre>\n</body></html>",
+            True,
+            id="after-a-closed-sample",
+        ),
+        pytest.param(
+            "<html><body><script>if (a < b) w('</html>');</script></body></html>",
+            True,
+            id="after-a-script-that-wrote-it",
+        ),
+        pytest.param("<html><body><!-- a --><!--></body></html>", True, id="after-comments"),
+        pytest.param("<html><body><pre><pre></pre></html>", False, id="nested-pre-still-open"),
+        pytest.param("<html><body></pre></code></html>", True, id="stray-end-tags"),
+    ],
+)
+def test_closes_page(text: str, closes: bool) -> None:
+    assert closes_page(text) is closes
+
+
+def test_page_end_detector_skips_a_closing_tag_inside_a_code_sample(
+    smollm2_tokenizer_dir: Path,
+) -> None:
+    """A page about HTML shows '</html>' in a <pre>: the engines stop at the page's own end."""
+    from transformers import AutoTokenizer
+
+    from model.stopping import PageEndDetector
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    detector = PageEndDetector(tokenizer)
+    page = (
+        "<html><body><h1>A skeleton</h1><pre><code><html>\n<body></body>\n</html></code></pre>"
+        "<p>That is all.</p></body></html>"
+    )
+    ids = tokenizer.encode(page, add_special_tokens=False)
+    stops = [i for i in range(len(ids)) if detector.closed(ids[: i + 1])]
+    assert stops, "the page's own </html> was missed"
+    stopped_at = tokenizer.decode(ids[: stops[0] + 1])
+    assert stopped_at.rstrip().endswith("That is all.</p></body></html>")
