@@ -173,7 +173,8 @@ def _template_context(content: PageContent, theme: str, description: str) -> dic
     blocks = _blocks(content)
     section_ids = _section_ids(content)
     nav = [(block["id"], block["heading"]) for block in blocks]
-    nav += [(sid, section.heading) for sid, section in zip(section_ids, content.sections)]
+    sections = list(zip(section_ids, content.sections, strict=True))
+    nav += [(anchor, section.heading) for anchor, section in sections]
     hero_target = "form" if content.form else _CTA_ID
     rows = _table_rows(content)
     return {
@@ -182,7 +183,7 @@ def _template_context(content: PageContent, theme: str, description: str) -> dic
         "css": theme_css(theme),
         "description": description.strip(),
         "blocks": blocks,
-        "sections": list(zip(section_ids, content.sections)),
+        "sections": sections,
         "nav": nav,
         "cta_id": _CTA_ID,
         "hero_target": hero_target,
