@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from model.errors import HtmlExtractionError
-from model.page.extract import HTML_CLOSE_RE, HTML_OPEN_RE, extract_source, prose_to_html
+from model.page.extract import HTML_OPEN_RE, closes_document, extract_source, prose_to_html
 from model.page.guard import guard_markup
 from model.page.markup import MIN_MAX_BYTES, render, source_repairs
 from model.page.result import WARNING_ORDER, HtmlPage, PageWarning, size_warning
@@ -63,7 +63,7 @@ def build_page(
         complete = False
     else:
         source = extraction.html
-        complete = bool(HTML_OPEN_RE.search(source) and HTML_CLOSE_RE.search(source))
+        complete = bool(HTML_OPEN_RE.search(source)) and closes_document(source)
         source, repeated_inside = detect_repetition(source)
         repeated = repeated or repeated_inside
     if repeated or repetition:

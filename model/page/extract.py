@@ -4,8 +4,10 @@ The page is taken out of markdown: ```` ``` ````/``~~~`` fences with or without 
 nested, unclosed or glued to a line, several of them (the one holding the document wins; a
 document split over consecutive fences is joined; ``css``/``js`` fences are inlined as
 ``<style>``/``<script>``), or raw HTML in prose (from ``<!DOCTYPE``/``<html>`` to the last
-``</html>``, or the lines that start with tags). Prose with no HTML at all is wrapped into a
-simple page (``not_html``) by :func:`prose_to_html`.
+``</html>``, or the lines that start with tags). A ``</html>`` inside a code sample (pre,
+code), a script, style, textarea, xmp or a comment does not end the page
+(:func:`model.stopping.page_end_spans`, the rule the engines stop by). Prose with no HTML at
+all is wrapped into a simple page (``not_html``) by :func:`prose_to_html`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import html as html_lib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from model.stopping import page_end_spans
 
 _HTML_TAGS = [
     "a",
@@ -139,7 +143,13 @@ _TAG_LINE_RE = re.compile(rf"^[ \t]*<(?:!--|/?(?:{_TAG_ALT})(?=[\s/>]|$))", re.I
 _DOC_START_RE = re.compile(r"<!doctype\s+html|<html(?=[\s>])", re.IGNORECASE)
 _DOCTYPE_RE = re.compile(r"<!doctype\s+html", re.IGNORECASE)
 HTML_OPEN_RE = re.compile(r"<html(?=[\s>])", re.IGNORECASE)
-HTML_CLOSE_RE = re.compile(r"</html\s*>", re.IGNORECASE)
+
+
+def closes_document(source: str) -> bool:
+    """Whether ``source`` holds a ``</html>`` that ends the page (not one in a code sample,
+    script or comment: :func:`model.stopping.page_end_spans`)."""
+    return bool(page_end_spans(source))
+
 
 _FENCE_OPEN_RE = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`]*?)[ \t]*$")
 _FENCE_CLOSE_RE = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*$")
@@ -288,24 +298,26 @@ def _best_document(source: str) -> str:
     docs = [source[a:b] for a, b in zip(starts, [*starts[1:], len(source)], strict=True)]
 
     def score(i: int) -> tuple[bool, int, int]:
-        return bool(HTML_CLOSE_RE.search(docs[i])), len(docs[i]), i
+        return closes_document(docs[i]), len(docs[i]), i
 
     return docs[max(range(len(docs)), key=score)]
 
 
 def _trim_document(source: str) -> str:
-    """Cut prose before ``<!DOCTYPE``/``<html>`` and after the last ``</html>``; keep markup."""
+    """Cut prose before ``<!DOCTYPE``/``<html>`` and after the last ``</html>`` that ends the
+    page (one in a code sample, script or comment does not); keep markup."""
     source = _best_document(source)
     start = _DOC_START_RE.search(source)
     if start:
         prefix = source[: start.start()].strip()
         if not (prefix.startswith("<") and prefix.endswith(">")):
             source = source[start.start() :]
-    ends = list(HTML_CLOSE_RE.finditer(source))
+    ends = page_end_spans(source)
     if ends:
-        suffix = source[ends[-1].end() :].strip()
+        end = ends[-1][1]
+        suffix = source[end:].strip()
         if not suffix.startswith("<"):
-            source = source[: ends[-1].end()]
+            source = source[:end]
     return source.strip("\n")
 
 
@@ -383,7 +395,7 @@ def extract_source(text: str) -> Extraction:
             content = html_blocks[i].content
             return (
                 bool(_DOC_START_RE.search(content)),
-                bool(HTML_CLOSE_RE.search(content)),
+                closes_document(content),
                 len(content),
                 i,  # on a tie the later, usually revised, version
             )
@@ -391,12 +403,12 @@ def extract_source(text: str) -> Extraction:
         best = max(range(len(html_blocks)), key=score)
         page = html_blocks[best].content
         # A document split over consecutive fences: append fragments until </html>.
-        if _DOC_START_RE.search(page) and not HTML_CLOSE_RE.search(page):
+        if _DOC_START_RE.search(page) and not closes_document(page):
             for later in html_blocks[best + 1 :]:
                 if _DOC_START_RE.search(later.content):
                     break
                 page += "\n" + later.content
-                if HTML_CLOSE_RE.search(later.content):
+                if closes_document(page):
                     break
         page = _trim_document(page)
     else:

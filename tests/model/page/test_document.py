@@ -988,3 +988,49 @@ def test_summarize_pages_counts_empty_and_thin() -> None:
     summary = summarize_pages(pages)
     assert summary["empty_rate"] == 0.5
     assert summary["thin_rate"] == 0.25
+
+
+SAMPLE = "<pre><code><html>\n<body></body>\n</html>\nThat is the whole skeleton.</code></pre>"
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        pytest.param(SAMPLE, id="pre-code"),
+        pytest.param("<pre>\n<html>\n</html>\nThat is the whole skeleton.\n</pre>", id="pre"),
+        pytest.param("<p>End with <code></html> and nothing more</code>.</p>", id="code"),
+        pytest.param("<textarea></html> and nothing more</textarea>", id="textarea"),
+        pytest.param("<script>w('</html>'); var more = 1;</script>", id="script"),
+        pytest.param("<!-- </html> here, not yet -->", id="comment"),
+    ],
+)
+def test_a_closing_tag_in_a_code_sample_does_not_end_extraction(sample: str) -> None:
+    """Cut off after the sample: the rest is kept and the page is not called complete."""
+    output = HEAD + "<h1>HTML basics</h1>\n" + sample + f"\n<p>{WORDS_60}</p>\n<p>And the la"
+    page = build_page(output, prompt=PROMPT, truncated=True)
+    assert "And the la" in page.html
+    assert WORDS_60 in page.html
+    assert not page.complete
+    assert extract_html(output) == output
+
+
+def test_chatter_after_the_real_end_is_still_cut_when_a_sample_came_before() -> None:
+    output = FULL_DOC.replace("</h1>", "</h1>\n" + SAMPLE) + "\n\nI hope you like it!"
+    page = build_page(output, prompt=PROMPT)
+    assert "hope you like" not in page.html
+    assert "That is the whole skeleton." in page.html
+    assert page.complete
+    # The sample's unescaped <html>/<body> start tags are dropped by the parser, as a browser
+    # drops them: mended markup.
+    assert page.warnings == (W.REPAIRED,)
+
+
+def test_a_document_split_over_fences_is_joined_past_a_sample() -> None:
+    output = (
+        "```html\n" + HEAD + "<h1>HTML basics</h1>\n" + SAMPLE + "\n```\nAnd the rest:\n```html\n"
+        f"<p>{WORDS_60}</p>" + TAIL + "\n```"
+    )
+    page = build_page(output, prompt=PROMPT)
+    assert WORDS_60 in page.html
+    assert "And the rest" not in page.html
+    assert page.complete
