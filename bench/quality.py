@@ -72,7 +72,10 @@ def build_page_for(
     started = time.perf_counter()
     page_from_result = getattr(page_package, "page_from_result", None)
     if page_from_result is not None:
-        page = page_from_result(result, prompt=prompt, mode=mode, style=style, safety=safety)
+        try:
+            page = page_from_result(result, prompt=prompt, mode=mode, style=style, safety=safety)
+        except NotImplementedError as error:  # a mode whose builder is not wired in yet
+            raise SystemExit(f"{mode.value} mode: {error}") from None
     elif mode is PageMode.DOCUMENT:
         # What `python -m model generate` does before the page modes land.
         page = page_package.build_page(
