@@ -8,11 +8,12 @@ serialization (``markup``). See each module for what its stage does.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from model.errors import HtmlExtractionError
 from model.page.extract import HTML_OPEN_RE, closes_document, extract_source, prose_to_html
-from model.page.guard import guard_markup
-from model.page.markup import MIN_MAX_BYTES, render, source_repairs
+from model.page.guard import Guarded, guard_markup
+from model.page.markup import MIN_MAX_BYTES, Rendered, render, source_repairs
 from model.page.result import WARNING_ORDER, HtmlPage, PageWarning, size_warning
 from model.page.text import clean_text, detect_repetition
 
@@ -52,39 +53,20 @@ def build_page(
     if not text.strip():
         raise HtmlExtractionError("the model's output is empty")
 
-    text, repeated = detect_repetition(text)
-    extraction = extract_source(text)
-    not_html = not extraction.html
-    if not_html:
-        source = prose_to_html(text, extraction.blocks)
-        if not source:
-            raise HtmlExtractionError("the model's output holds no page and no text")
+    source = _take_source(text)
+    if source.not_html:
         warnings.add(PageWarning.NOT_HTML)
-        complete = False
-    else:
-        source = extraction.html
-        complete = bool(HTML_OPEN_RE.search(source)) and closes_document(source)
-        source, repeated_inside = detect_repetition(source)
-        repeated = repeated or repeated_inside
-    if repeated or repetition:
+    if source.repeated or repetition:
         warnings.add(PageWarning.REPETITION)
-    source_repaired = not not_html and source_repairs(source)
-    guarded = guard_markup(source)
-    source, too_deep = guarded.source, guarded.degenerate
-    if too_deep:
+    guarded = guard_markup(source.markup)
+    if guarded.degenerate:
         warnings.add(PageWarning.DEGENERATE)
-
-    rendered = render(source, prompt=prompt, strip_scripts=strip_scripts, max_bytes=max_bytes)
+    rendered = render(
+        guarded.source, prompt=prompt, strip_scripts=strip_scripts, max_bytes=max_bytes
+    )
     if rendered.oversize:
         warnings.add(PageWarning.OVERSIZE)
-    # A cut of our own explains an unfinished tag or unclosed elements; flag only the model's.
-    # A tag the model left unfinished is mended (dropped), not a sign of truncation: only the
-    # caller knows whether the length limit cut the answer off (``truncated``).
-    our_cut = repeated or too_deep or rendered.oversize
-    # Charset, viewport and title are added to every page that lacks them: routine, not a repair.
-    cut_or_unclosed = rendered.cut_mid_tag or guarded.cut_tag or rendered.closed_elements
-    mended = rendered.misnested or (cut_or_unclosed and not our_cut)
-    if not not_html and (source_repaired or mended):
+    if _repaired(source, guarded, rendered):
         warnings.add(PageWarning.REPAIRED)
     size = size_warning(rendered.visible_words)
     if size is not None:
@@ -94,4 +76,44 @@ def build_page(
     ordered = tuple(sorted(warnings, key=WARNING_ORDER.__getitem__))
     if ordered:
         log.debug("page built with warnings: %s", ", ".join(ordered))
-    return HtmlPage(html=rendered.html, title=rendered.title, warnings=ordered, complete=complete)
+    return HtmlPage(
+        html=rendered.html, title=rendered.title, warnings=ordered, complete=source.complete
+    )
+
+
+@dataclass(frozen=True)
+class _Source:
+    markup: str  # the model's page, or its prose wrapped into one
+    not_html: bool  # the answer held no HTML: ``markup`` is the wrapped prose
+    complete: bool  # the model's own markup was a whole <html>...</html> document
+    repeated: bool  # a repeated tail was cut from the answer or from its page
+
+
+def _take_source(text: str) -> _Source:
+    """The markup to render: the page extracted from the answer, else the prose wrapped."""
+    text, repeated = detect_repetition(text)
+    extraction = extract_source(text)
+    if not extraction.html:
+        wrapped = prose_to_html(text, extraction.blocks)
+        if not wrapped:
+            raise HtmlExtractionError("the model's output holds no page and no text")
+        return _Source(wrapped, not_html=True, complete=False, repeated=repeated)
+    markup = extraction.html
+    complete = bool(HTML_OPEN_RE.search(markup)) and closes_document(markup)
+    markup, repeated_inside = detect_repetition(markup)
+    return _Source(markup, not_html=False, complete=complete, repeated=repeated or repeated_inside)
+
+
+def _repaired(source: _Source, guarded: Guarded, rendered: Rendered) -> bool:
+    """Whether the model's markup had to be mended (not the routine charset/viewport/title).
+
+    A cut of our own (repetition, degenerate markup, size) explains an unfinished tag or
+    unclosed elements: only the model's own count. A tag the model left unfinished is mended
+    (dropped), not a sign of truncation: only the caller knows whether the length limit cut
+    the answer off.
+    """
+    if source.not_html:
+        return False
+    our_cut = source.repeated or guarded.degenerate or rendered.oversize
+    cut_or_unclosed = rendered.cut_mid_tag or guarded.cut_tag or rendered.closed_elements
+    return source_repairs(source.markup) or rendered.misnested or (cut_or_unclosed and not our_cut)
