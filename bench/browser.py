@@ -428,7 +428,15 @@ async def _load(cdp: _Cdp, session: str, url: str, settle_s: float) -> None:
     if navigated.get("errorText"):
         raise BrowserError(f"cannot load the page: {navigated['errorText']}")
     loader = navigated.get("loaderId")
-    await cdp.wait_for(lambda e: e["method"] == "Page.loadEventFired")
+    frame = navigated.get("frameId")
+    # A page that navigates while it loads (a form submitted by a script, say) never fires
+    # its load event; the main frame stopping loading ends the wait as well.
+    await cdp.wait_for(
+        lambda e: (
+            e["method"] == "Page.loadEventFired"
+            or (e["method"] == "Page.frameStoppedLoading" and e["params"].get("frameId") == frame)
+        )
+    )
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(
             cdp.wait_for(
@@ -495,8 +503,7 @@ async def _drive(
                 if not png.startswith(PNG_SIGNATURE):
                     raise BrowserError("the screenshot is not a PNG")
             measured = None if measure_js is None else await _evaluate(cdp, session, measure_js)
-            with contextlib.suppress(BrowserError, aiohttp.ClientError):
-                await asyncio.wait_for(cdp.send("Browser.close"), 2.0)
+            # No Browser.close: the caller kills the whole process group at once.
             return dom, png, measured, list(cdp.events)
         finally:
             await cdp.close()
