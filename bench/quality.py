@@ -38,6 +38,7 @@ from bench.quality_measure import (
 )
 from bench.quality_prompts import PROMPTS, QualityPrompt
 from model.cli import _add_model_options, spec_from_args
+from model.errors import HtmlExtractionError
 from model.prompting import STYLE_HINTS
 from model.types import (
     FinishReason,
@@ -67,9 +68,24 @@ def build_page_for(
     result: GenerationResult, prompt: str, mode: PageMode, style: str | None, safety: SafetyPolicy
 ) -> BuiltPage:
     """The delivered page for ``result``, through the product's own page pipeline."""
+    started = time.perf_counter()
+    try:
+        page = _product_page(result, prompt, mode, style, safety)
+    except HtmlExtractionError as error:
+        # The product answers with an error message instead of a page: nothing is shown,
+        # and the user is told (so it counts as flagged).
+        return BuiltPage("", [f"no_page: {error}"], time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    html = page.html if hasattr(page, "html") else bytes(page.data).decode("utf-8")
+    warnings = [getattr(w, "value", str(w)) for w in getattr(page, "warnings", ())]
+    return BuiltPage(html, warnings, elapsed)
+
+
+def _product_page(
+    result: GenerationResult, prompt: str, mode: PageMode, style: str | None, safety: SafetyPolicy
+) -> Any:
     import model.page as page_package
 
-    started = time.perf_counter()
     page_from_result = getattr(page_package, "page_from_result", None)
     if page_from_result is not None:
         try:
@@ -83,10 +99,7 @@ def build_page_for(
         )
     else:
         raise SystemExit("compose mode needs model.page.page_from_result, which is not there yet")
-    elapsed = time.perf_counter() - started
-    html = page.html if hasattr(page, "html") else bytes(page.data).decode("utf-8")
-    warnings = [getattr(w, "value", str(w)) for w in getattr(page, "warnings", ())]
-    return BuiltPage(html, warnings, elapsed)
+    return page
 
 
 class Judge:

@@ -8,6 +8,7 @@ import json
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from bench.quality import Judge
 from bench.quality_measure import is_blank, is_complete, on_topic, page_remote_loads
 from bench.quality_prompts import PROMPTS, Block, QualityPrompt
 from bot.preview import find_chromium
+from model.errors import HtmlExtractionError
+from model.types import FinishReason, GenerationResult, PageMode, SafetyPolicy
 
 BAKERY = QualityPrompt("bakery", "a landing page for a bakery", ("bakery", "bread"), ())
 STYLED = "<style>body{font-family:sans-serif;background:#fdf3e7;margin:0}h1{color:#a0522d}</style>"
@@ -201,3 +204,49 @@ def test_cli_runs_one_prompt_with_a_tiny_model(
     assert quality.main(argv) == 0
     assert "1 pages kept" in capsys.readouterr().err
     assert json.loads(report.read_text())["modes"]["document"]["pages"] == [page]
+
+
+def _record(**measure: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "complete": True,
+        "styled": True,
+        "blank": False,
+        "on_topic": True,
+        "sections": 3,
+    }
+    base.update({"missing": [], "words": 100, "remote_loads": 0, "heading": "h"})
+    base.update(measure)
+    warnings = base.pop("warnings", [])
+    return {"id": "p", "measure": base, "warnings": warnings, "seconds": base.pop("s", 10.0)}
+
+
+def test_totals_and_the_compose_targets() -> None:
+    good = [_record(words=90, s=12.0), _record(words=120, s=20.0)]
+    totals = quality.summarize(good)
+    assert totals["median_words"] == 105 and totals["median_s"] == 16.0
+    assert all(quality.targets_met(PageMode.COMPOSE, totals).values())
+    bad = quality.summarize([*good, _record(blank=True, words=0, missing=["form"], s=50.0)])
+    met = quality.targets_met(PageMode.COMPOSE, bad)
+    assert not met["blank"] and not met["sections_ok_pct"]
+    assert met["median_words"] and bad["median_words"] == 90
+    assert met["median_s"] and bad["median_s"] == 20.0 and bad["p90_s"] == 50.0
+    slow = quality.summarize([_record(s=40.0), _record(s=31.0)])
+    assert not quality.targets_met(PageMode.COMPOSE, slow)["median_s"]
+
+
+def test_document_target_counts_failures_without_a_flag() -> None:
+    flagged = _record(blank=True, words=0, warnings=["repaired"])
+    assert quality.summarize([flagged])["unflagged_failures"] == 0
+    unflagged = quality.summarize([flagged, _record(words=3)])
+    assert unflagged["failures"] == 2 and unflagged["unflagged_failures"] == 1
+    assert not quality.targets_met(PageMode.DOCUMENT, unflagged)["unflagged_failures"]
+
+
+def test_an_answer_with_no_page_is_flagged_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_page(*args: object, **kwargs: object) -> None:
+        raise HtmlExtractionError("nothing usable in the answer")
+
+    monkeypatch.setattr(quality, "_product_page", no_page)
+    result = GenerationResult("r", "", FinishReason.EOS, 5, 0, 0.0, 0.1)
+    built = quality.build_page_for(result, "x", PageMode.DOCUMENT, None, SafetyPolicy.STANDARD)
+    assert built.html == "" and built.warnings == ["no_page: nothing usable in the answer"]
