@@ -4,6 +4,10 @@ A plain decode loop over the Hugging Face forward (not ``generate``) so that eac
 keeps its own temperature, top-p, seed and token budget, and so that a finished or
 cancelled sequence leaves the batch at once instead of costing compute until the slowest
 one ends. It runs on CPU and GPU alike; ``model.fast_engine`` is the GPU-tuned path.
+
+Each request is decoded as ``model.prompting.plan_answer`` plans it: a compose answer under
+its JSON grammar, a document answer after its fixed prefix and without its banned strings
+(``model.constrained``). A row's disallowed tokens get ``-inf`` logits before sampling.
 """
 
 from __future__ import annotations
@@ -14,12 +18,19 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from model.constrained import (
+    TokenConstraint,
+    allowed_from_bitmask,
+    constraint_for,
+    full_bitmask,
+)
 from model.fast_sampling import sample_rows
 from model.loading import LoadedModel
-from model.prompting import encode_prompt
+from model.prompting import AnswerPlan, plan_answer
 from model.stopping import (
     PageEndDetector,
     cut_after_page,
@@ -46,12 +57,17 @@ class _Sequence:
     """Decode state of one request inside the batch."""
 
     request: GenerationRequest
-    prompt_ids: list[int]
+    plan: AnswerPlan
+    constraint: TokenConstraint | None
     seed: int
     started: float
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     finish: FinishReason | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.plan.prompt_ids
 
 
 def sample_next_tokens(
@@ -59,15 +75,21 @@ def sample_next_tokens(
     params: Sequence[SamplingParams],
     histories: Sequence[list[int]],
     seeds: Sequence[int],
+    allowed: torch.Tensor | None = None,
 ) -> list[int]:
     """One token per row of ``logits`` [batch, vocab], each row with its own settings.
 
     The same sampler as the fast engine (:func:`model.fast_sampling.sample_rows`): each
     row's draw depends only on its seed and position (``len(history)``), so a seeded request
-    gives the same page whichever engine runs it and whatever shares its batch.
+    gives the same page whichever engine runs it and whatever shares its batch. ``allowed``
+    (bool [batch, vocab]) masks tokens out: their logits become ``-inf`` first, so no
+    setting (temperature, top-p, the repetition penalty) can bring them back.
     """
     rows, vocab = logits.shape
     device = logits.device
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(device), -torch.inf)
     seen = torch.zeros((rows, vocab), dtype=torch.bool, device=device)
     for row, history in enumerate(histories):
         if history:
@@ -78,7 +100,7 @@ def sample_next_tokens(
 
     greedy = [setting.temperature <= 0 for setting in params]
     tokens = sample_rows(
-        logits.float(),
+        logits,
         seen,
         column(
             [1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
@@ -104,6 +126,9 @@ class Engine:
         self.device = loaded.device
         self.stop_token_ids = eos_token_ids(self.model, self.tokenizer)
         self.page_end = PageEndDetector(self.tokenizer)
+        self.vocab_size = _vocab_size(self.model, self.tokenizer)
+        # False decodes every request without its constraint (benchmarks' baseline).
+        self.constrain = True
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both releases.
         # An unmerged peft model forwards keyword arguments to its base: ask the base.
         base_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else None
@@ -118,8 +143,11 @@ class Engine:
         seed = request.sampling.seed
         if seed is None:
             seed = random.getrandbits(32)
-        prompt_ids = encode_prompt(self.tokenizer, request.prompt, request.style)
-        return _Sequence(request, prompt_ids, seed, started)
+        plan = plan_answer(self.tokenizer, request)
+        constraint = (
+            constraint_for(plan, self.tokenizer, self.vocab_size) if self.constrain else None
+        )
+        return _Sequence(request, plan, constraint, seed, started)
 
     @torch.inference_mode()
     def generate(
@@ -171,6 +199,7 @@ class Engine:
                 [seq.request.sampling for seq in active],
                 [seq.prompt_ids + seq.generated for seq in active],
                 [seq.seed for seq in active],
+                self._allowed(active, logits.shape[-1]),
             )
             now = time.perf_counter()
             keep: list[int] = []
@@ -200,6 +229,16 @@ class Engine:
             next_positions = next_positions + 1
             logits = outputs.logits[:, -1, :]
 
+    def _allowed(self, active: list[_Sequence], vocab: int) -> torch.Tensor | None:
+        """The rows' allowed tokens (bool [rows, vocab]); None when no row is constrained."""
+        if all(seq.constraint is None for seq in active):
+            return None
+        bitmask = full_bitmask(len(active), vocab)
+        for row, seq in enumerate(active):
+            if seq.constraint is not None:
+                seq.constraint.fill_mask(bitmask, row)
+        return allowed_from_bitmask(bitmask.to(self.device), vocab)
+
     def _append(
         self, seq: _Sequence, token: int, now: float, progress: ProgressCallback | None
     ) -> None:
@@ -212,7 +251,14 @@ class Engine:
             seq.finish = FinishReason.EOS
         else:
             seq.generated.append(token)
-            if self.page_end.closed(seq.generated):
+            if seq.constraint is not None and not seq.constraint.accept(token):
+                # Cannot happen while masks are applied: a bug, not the model's fault.
+                log.error("token %d broke the constraint of %s", token, seq.request.request_id)
+                seq.finish = FinishReason.EOS
+            elif seq.constraint is not None and seq.constraint.is_finished():
+                seq.finish = FinishReason.EOS  # the grammar's document is complete
+            elif seq.plan.json_schema is None and self.page_end.closed(seq.generated):
+                # A compose answer's strings may hold "</html>": only documents end there.
                 seq.finish = FinishReason.HTML_COMPLETE
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
                 seq.finish = FinishReason.LENGTH
@@ -227,7 +273,7 @@ class Engine:
 
     def _result(self, seq: _Sequence) -> GenerationResult:
         finished = time.perf_counter()
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = seq.plan.prefix + self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         if seq.finish == FinishReason.HTML_COMPLETE:
             text = cut_after_page(text)
         first = seq.first_token_at or finished
@@ -240,3 +286,15 @@ class Engine:
             time_to_first_token_s=first - seq.started,
             total_s=finished - seq.started,
         )
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    """Width of the model's logits (its lm_head may have more rows than the tokenizer)."""
+    embeddings = getattr(model, "get_output_embeddings", None)
+    head = embeddings() if callable(embeddings) else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(
+        model, "vocab_size", None
+    )
+    return int(size or len(tokenizer))

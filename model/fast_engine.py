@@ -10,10 +10,20 @@
 4. one decode step for all live sequences (one CUDA graph launch on a GPU), then deliver the
    ones that finished (EOS, the page's closing ``</html>``, ``max_new_tokens``).
 
-Semantics per request match ``model.engine.Engine``: the prompt is built with
-``model.prompting.encode_prompt``; greedy when ``temperature == 0``; the repetition penalty
-covers prompt and generated tokens, as in transformers; a ``seed`` makes sampling repeatable
-(independent of which other requests share the batch).
+Semantics per request match ``model.engine.Engine``: the answer is planned by
+``model.prompting.plan_answer`` (prompt, document prefix, constraint); greedy when
+``temperature == 0``; the repetition penalty covers prompt and generated tokens, as in
+transformers; a ``seed`` makes sampling repeatable (independent of which other requests
+share the batch).
+
+Constraints (``model.constrained``): a document's banned strings run on the device inside
+the decode step (``FastLlama.ban_next``), so document mode keeps the launch-ahead loop. A
+compose row's grammar mask depends on its previous token, which the host learns only when
+it collects the step; while such a row is live the loop collects each step *before*
+launching the next and fills the grammar rows' masks in between (one sync per step, only
+then). The cost on the host is the grammar's (a few microseconds a row, xgrammar), and on
+the GPU the gap between two steps: the host's bookkeeping of a step no longer overlaps the
+next one (``bench/constrained.py --engine fast`` measures it).
 """
 
 from __future__ import annotations
@@ -27,8 +37,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.constrained import (
+    BannedStrings,
+    TokenConstraint,
+    ban_automaton,
+    constraint_for,
+    full_bitmask,
+)
 from model.fast_llama import FastLlama
-from model.prompting import encode_prompt
+from model.prompting import BANNED_STRINGS, AnswerPlan, plan_answer
 from model.stopping import (
     PageEndDetector,
     cut_after_page,
@@ -75,15 +92,24 @@ class FastEngineOptions:
 @dataclass
 class _Sequence:
     request: GenerationRequest
+    plan: AnswerPlan
     prompt: list[int]
     max_new: int
     started: float
+    constraint: TokenConstraint | None = None
+    # Its banned strings run on the device from this state (0: none there).
+    ban_state: int = 0
     row: int = -1
     first_token_at: float | None = None
     last_progress: float = 0.0
     generated: list[int] = field(default_factory=list)
     launched: int = 0  # decode steps launched for it (one may still be in flight)
     done: bool = False  # finished or cancelled: tokens of steps in flight are dropped
+
+    @property
+    def host_masked(self) -> bool:
+        """Its mask must be filled by the host before each step (a grammar)."""
+        return self.constraint is not None and self.ban_state == 0
 
     @property
     def length(self) -> int:
@@ -122,6 +148,12 @@ class FastEngine:
         )
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.page_end = PageEndDetector(tokenizer, self.runner.vocab_size)
+        # The policies' banned strings, on the device before any graph is captured.
+        banned = sorted(set(BANNED_STRINGS.values()))
+        tables = [ban_automaton(tokenizer, b, self.runner.vocab_size).next_state for b in banned]
+        self._ban_offsets = dict(zip(banned, self.runner.register_ban_tables(tables), strict=True))
+        # False decodes every request without its constraint (benchmarks' baseline).
+        self.constrain = True
         self._lock = threading.Lock()  # one serve()/generate() at a time
 
     @classmethod
@@ -207,6 +239,13 @@ class FastEngine:
                             self._admit(request, waiting, finished)
                     if waiting:
                         self._prefill(live, waiting, finished, progress)
+                    if any(seq.host_masked for seq in live):
+                        # A grammar's next mask needs the last token: collect, then launch.
+                        if inflight is not None:
+                            self._collect(inflight, live, finished, progress)
+                        self._fill_masks(live)
+                        inflight = self._launch(live) if live else None
+                        continue
                     # Launch the next step before reading the last one's tokens: the GPU
                     # computes while the host does the bookkeeping of the previous step.
                     launched = self._launch(live) if live else None
@@ -223,7 +262,8 @@ class FastEngine:
         self, request: GenerationRequest, waiting: deque[_Sequence], finished: ResultSink
     ) -> None:
         now = time.perf_counter()
-        prompt = encode_prompt(self.tokenizer, request.prompt, request.style)
+        plan = plan_answer(self.tokenizer, request)
+        prompt = plan.prompt_ids
         limit = self.options.max_seq_len
         if len(prompt) >= limit:
             log.warning(
@@ -234,7 +274,12 @@ class FastEngine:
             )
             prompt = prompt[-(limit // 2) :]
         max_new = min(request.sampling.max_new_tokens, limit - len(prompt))
-        seq = _Sequence(request=request, prompt=prompt, max_new=max_new, started=now)
+        seq = _Sequence(request=request, plan=plan, prompt=prompt, max_new=max_new, started=now)
+        if self.constrain:
+            seq.constraint = constraint_for(plan, self.tokenizer, self.runner.vocab_size)
+            offset = self._ban_offsets.get(plan.banned)
+            if isinstance(seq.constraint, BannedStrings) and offset is not None:
+                seq.ban_state = offset + seq.constraint.state
         if request.cancelled:
             finished(self._result(seq, FinishReason.CANCELLED))
             return
@@ -278,7 +323,9 @@ class FastEngine:
                 top_p=sampling.top_p,
                 repetition_penalty=sampling.repetition_penalty,
                 seed=seed,
+                ban_state=seq.ban_state,
             )
+        self._fill_masks(batch)
         rows = [s.row for s in batch]
         began = time.perf_counter()
         logits = runner.prefill(rows, [s.prompt for s in batch])
@@ -302,6 +349,17 @@ class FastEngine:
             else:
                 self._report(seq, progress, now, force=True)
         self._deliver(live, done, finished)
+
+    def _fill_masks(self, seqs: list[_Sequence]) -> None:
+        """Fill and upload the next-token masks of the rows whose host fills them."""
+        masked = [seq for seq in seqs if seq.host_masked]
+        if not masked:
+            return
+        bitmask = full_bitmask(len(masked), self.runner.vocab_size)
+        for index, seq in enumerate(masked):
+            assert seq.constraint is not None
+            seq.constraint.fill_mask(bitmask, index)
+        self.runner.set_masks([seq.row for seq in masked], bitmask)
 
     def _launch(self, live: list[_Sequence]) -> tuple[tuple[int, int], list[_Sequence]]:
         context = max(s.cached for s in live) + 1
@@ -339,7 +397,16 @@ class FastEngine:
         if not self.options.ignore_eos and token in self.eos_ids:
             return FinishReason.EOS
         seq.generated.append(token)
-        if not self.options.ignore_eos and self.page_end.closed(seq.generated):
+        if seq.host_masked:
+            assert seq.constraint is not None
+            if not seq.constraint.accept(token):
+                # Cannot happen while masks are applied: a bug, not the model's fault.
+                log.error("token %d broke the constraint of %s", token, seq.request.request_id)
+                return FinishReason.EOS
+            if seq.constraint.is_finished():
+                return FinishReason.EOS  # the grammar's document is complete
+        compose = seq.plan.json_schema is not None  # its strings may hold "</html>"
+        if not self.options.ignore_eos and not compose and self.page_end.closed(seq.generated):
             return FinishReason.HTML_COMPLETE
         if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:
             return FinishReason.LENGTH
@@ -396,7 +463,7 @@ class FastEngine:
 
     def _result(self, seq: _Sequence, reason: FinishReason) -> GenerationResult:
         now = time.perf_counter()
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = seq.plan.prefix + self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         if reason == FinishReason.HTML_COMPLETE:
             text = cut_after_page(text)
         first = (seq.first_token_at - seq.started) if seq.first_token_at is not None else 0.0

@@ -10,6 +10,12 @@ the whole cache. On CPU the same code runs eagerly (that is what the tests check
 Slots are kept compact: live sequences occupy rows ``0..n-1``; when one leaves, the last row
 moves into its place (one copy of that sequence's KV), so a batch-``b`` step works on plain
 views ``[:b]`` with no gather.
+
+Constraints (``model.constrained``) are applied inside the step, before sampling, from two
+per-row device buffers: ``allowed_bits`` (a bitmask row the host fills for rows under a
+grammar; all ones otherwise) and ``ban_state`` (the row's state in the banned-strings table
+``ban_next``, which the step itself advances: document mode costs no host work). An
+unconstrained row costs one gather and one masked fill over its logits.
 """
 
 from __future__ import annotations
@@ -369,6 +375,14 @@ class FastLlama:
         self.rows = torch.arange(s, dtype=torch.int64, device=d)
         self.vocab = torch.arange(self.vocab_size, dtype=torch.int64, device=d)
         self.key_positions = torch.arange(self.max_seq_len, dtype=torch.int64, device=d)
+        # Constraints: per-row allowed-token bitmask (host-filled) and banned-strings state.
+        # Row 0 of ban_next is the free state: every token allowed, staying free.
+        words = (self.vocab_size + 31) // 32
+        self.allowed_bits = torch.full((s, words), -1, dtype=torch.int32, device=d)
+        self.ban_state = torch.zeros(s, dtype=torch.int64, device=d)
+        self.ban_next = torch.zeros((1, self.vocab_size), dtype=torch.int32, device=d)
+        self.vocab_word = self.vocab >> 5
+        self.vocab_bit = (self.vocab & 31).to(torch.int32)
         # Two host buffers (pinned on CUDA) for the tokens of two steps in flight.
         pinned = d.type == "cuda"
         self._host_tokens = [torch.zeros(s, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
@@ -429,6 +443,34 @@ class FastLlama:
                 log.warning("torch.compile of %s failed (%s); it runs eagerly", attribute, error)
                 continue
             setattr(self, attribute, compiled)
+
+    def register_ban_tables(self, tables: list[torch.Tensor]) -> list[int]:
+        """Put banned-strings tables (``BanAutomaton.next_state``, int32 (states, V)) on
+        the device, one after the other after the free state; each one's state offset.
+
+        Call before any decode graph is captured (the graphs read ``ban_next``).
+        """
+        if self._graphs:
+            raise RuntimeError("register the banned-strings tables before capturing graphs")
+        offsets, parts, start = [], [self.ban_next[:1].cpu()], 1
+        for table in tables:
+            if table.shape[1] != self.vocab_size:
+                raise ValueError(f"table width {table.shape[1]} != vocab {self.vocab_size}")
+            offsets.append(start)
+            parts.append(torch.where(table >= 0, table + start, table))
+            start += table.shape[0]
+        self.ban_next = torch.cat(parts).to(torch.int32).to(self.device)
+        return offsets
+
+    def _constrain(
+        self, logits: torch.Tensor, bits: torch.Tensor, ban_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits with each row's disallowed tokens at -inf, and the rows of the banned
+        table (the state each token would lead to, DEAD = -1 where banned)."""
+        ban_rows = self.ban_next[ban_state]
+        allowed = (bits[:, self.vocab_word] >> self.vocab_bit) & 1
+        blocked = (allowed == 0) | (ban_rows < 0)
+        return logits.masked_fill(blocked, -torch.inf), ban_rows
 
     # -------------------------------------------------------------- forwards
 
@@ -496,6 +538,7 @@ class FastLlama:
                 x, down, self.final_norm if following is None else following, self.eps
             )
         logits = self.lm_head(h).float()
+        logits, ban_rows = self._constrain(logits, self.allowed_bits[:b], self.ban_state[:b])
         nxt = positions + 1
         token = sample_rows(
             logits,
@@ -515,6 +558,7 @@ class FastLlama:
         # their writes inside the cache.
         positions.copy_(nxt.clamp_(max=self.max_seq_len - 1))
         self.seen[:b].scatter_(1, token[:, None], True)
+        self.ban_state[:b].copy_(ban_rows.gather(1, token[:, None]).squeeze(1).clamp_(min=0))
 
     def decode(self, b: int, ctx: int) -> list[int]:
         """Run one step for rows ``[:b]`` (context bucket ``ctx``); the new tokens."""
@@ -571,7 +615,12 @@ class FastLlama:
 
     def _capture(self, b: int, ctx: int) -> torch.cuda.CUDAGraph:
         """Capture the step for (b, ctx); live rows' state is saved and put back around it."""
-        saved = (self.tokens.clone(), self.positions.clone(), self.seen[:b].clone())
+        saved = (
+            self.tokens.clone(),
+            self.positions.clone(),
+            self.seen[:b].clone(),
+            self.ban_state.clone(),
+        )
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
@@ -586,6 +635,7 @@ class FastLlama:
         self.tokens.copy_(saved[0])
         self.positions.copy_(saved[1])
         self.seen[:b].copy_(saved[2])
+        self.ban_state.copy_(saved[3])
         self._graphs[(b, ctx)] = graph
         log.debug("captured decode graph batch=%d context=%d", b, ctx)
         return graph
@@ -701,6 +751,7 @@ class FastLlama:
         with torch.inference_mode():
             index = torch.tensor(rows, dtype=torch.int64, device=self.device)
             counter = torch.tensor(counters, dtype=torch.int64, device=self.device)
+            logits, _ = self._constrain(logits, self.allowed_bits[index], self.ban_state[index])
             token = sample_rows(
                 logits,
                 self.seen[index],
@@ -725,8 +776,10 @@ class FastLlama:
         top_p: float,
         repetition_penalty: float,
         seed: int,
+        ban_state: int = 0,
     ) -> None:
-        """Sampling settings and the repetition set of a newly admitted row."""
+        """Sampling settings, the repetition set and the constraint state of a newly
+        admitted row: no bitmask (all allowed), ``ban_state`` in ``ban_next`` (0: free)."""
         with torch.inference_mode():
             greedy = temperature <= 0
             self.temperature[row] = 1.0 if greedy else temperature
@@ -737,6 +790,14 @@ class FastLlama:
             self.seen[row] = False
             ids = torch.tensor(prompt, dtype=torch.int64, device=self.device)
             self.seen[row, ids] = True
+            self.allowed_bits[row] = -1
+            self.ban_state[row] = ban_state
+
+    def set_masks(self, rows: list[int], bitmask: torch.Tensor) -> None:
+        """Copy host-filled bitmask rows (int32 (len(rows), words)) to those rows."""
+        with torch.inference_mode():
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            self.allowed_bits[index] = bitmask.to(self.device, non_blocking=True)
 
     def start_row(self, row: int, token: int, position: int) -> None:
         """Make ``token`` (at ``position``) the next decode input of ``row``."""
@@ -744,6 +805,8 @@ class FastLlama:
             self.tokens[row] = token
             self.positions[row] = position
             self.seen[row, token] = True
+            following = self.ban_next[self.ban_state[row], token].clamp(min=0)
+            self.ban_state[row] = following.to(torch.int64)
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Move a live row's KV (first ``length`` positions) and state to a freed row."""
@@ -758,6 +821,8 @@ class FastLlama:
                 self.greedy,
                 self.seed,
                 self.seen,
+                self.allowed_bits,
+                self.ban_state,
             ):
                 buffer[target] = buffer[source]
 

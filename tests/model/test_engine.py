@@ -12,6 +12,7 @@ import torch
 
 from model.engine import Engine
 from model.loading import LoadedModel, load_model
+from model.prompting import plan_answer
 from model.spec import resolve_spec
 from model.types import FinishReason, GenerationRequest, SamplingParams
 
@@ -101,7 +102,9 @@ def test_a_request_cancelled_before_the_start_costs_nothing(engine: Engine) -> N
     cancelled.cancel()
     results = engine.generate([cancelled, request(PROMPTS[1])])
     assert results[0].finish_reason == FinishReason.CANCELLED
-    assert results[0].generated_tokens == 0 and results[0].text == ""
+    # Nothing was generated: the text is the document's fixed start alone.
+    prefix = plan_answer(engine.tokenizer, cancelled).prefix
+    assert results[0].generated_tokens == 0 and results[0].text == prefix
     assert results[1].generated_tokens == GREEDY.max_new_tokens
 
 
@@ -177,7 +180,8 @@ def test_generation_stops_when_the_page_is_closed(loaded: LoadedModel) -> None:
         [request("a bakery", dataclasses.replace(GREEDY, max_new_tokens=500))]
     )
     assert result.finish_reason == FinishReason.HTML_COMPLETE
-    assert result.text == "<!DOCTYPE html><html><body><p>Fresh bread</p></body></html>"
+    prefix = plan_answer(loaded.tokenizer, request("a bakery")).prefix
+    assert result.text == prefix + "<!DOCTYPE html><html><body><p>Fresh bread</p></body></html>"
     assert lm.calls == result.generated_tokens  # no step after the page closed
 
 
@@ -187,7 +191,7 @@ def test_generation_stops_at_eos(loaded: LoadedModel) -> None:
         [request("a bakery", dataclasses.replace(GREEDY, max_new_tokens=500))]
     )
     assert result.finish_reason == FinishReason.EOS
-    assert result.text == "<p>short</p>"
+    assert result.text == plan_answer(loaded.tokenizer, request("a bakery")).prefix + "<p>short</p>"
 
 
 def test_a_looping_answer_is_stopped_early(loaded: LoadedModel) -> None:
@@ -196,7 +200,8 @@ def test_a_looping_answer_is_stopped_early(loaded: LoadedModel) -> None:
     (result,) = engine.generate([request("a bakery", long)])
     assert result.finish_reason == FinishReason.REPETITION
     assert result.generated_tokens < 300  # not the whole budget
-    assert result.text.startswith("<p>intro</p><div>again</div>")
+    prefix = plan_answer(loaded.tokenizer, request("a bakery")).prefix
+    assert result.text.startswith(prefix + "<p>intro</p><div>again</div>")
 
 
 def test_repetition_penalty_discourages_repeats(loaded: LoadedModel) -> None:

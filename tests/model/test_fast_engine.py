@@ -18,7 +18,7 @@ from transformers import LlamaForCausalLM
 
 from model.fast_engine import FastEngine, FastEngineOptions
 from model.fast_sampling import sample_rows
-from model.prompting import encode_prompt
+from model.prompting import plan_answer
 from model.types import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 from tests import tiny
 from training.config import DEFAULT_TARGET_MODULES
@@ -54,8 +54,10 @@ def tiny_llama(tokenizer: Any, seed: int = 0) -> LlamaForCausalLM:
 
 
 def hf_text(model: Any, tokenizer: Any, description: str, sampling: SamplingParams) -> str:
-    """transformers' own greedy generate, one prompt at a time."""
-    ids = torch.tensor([encode_prompt(tokenizer, description)])
+    """transformers' own greedy generate, one prompt at a time, from the request's plan
+    (prompt + the document's fixed prefix; the text starts with that prefix)."""
+    plan = plan_answer(tokenizer, GenerationRequest(prompt=description))
+    ids = torch.tensor([plan.prompt_ids])
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -65,7 +67,7 @@ def hf_text(model: Any, tokenizer: Any, description: str, sampling: SamplingPara
             repetition_penalty=sampling.repetition_penalty,
             pad_token_id=tokenizer.eos_token_id,
         )
-    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return plan.prefix + str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def make_engine(model: Any, tokenizer: Any, **options: Any) -> FastEngine:
@@ -92,7 +94,7 @@ def test_greedy_matches_transformers_alone_and_batched(model: Any, tokenizer: An
     for result, description in zip(batched, DESCRIPTIONS, strict=True):
         assert result.finish_reason == FinishReason.LENGTH
         assert result.generated_tokens == GREEDY.max_new_tokens
-        assert result.prompt_tokens == len(encode_prompt(tokenizer, description))
+        assert result.prompt_tokens == len(plan_answer(tokenizer, request(description)).prompt_ids)
         assert 0 < result.time_to_first_token_s <= result.total_s
 
 
@@ -284,7 +286,8 @@ def test_stops_when_the_page_closes_and_at_eos(model: Any, tokenizer: Any) -> No
     [result] = engine.generate([request("x", SamplingParams(max_new_tokens=60, temperature=0))])
     assert result.finish_reason == FinishReason.HTML_COMPLETE
     assert result.generated_tokens == len(page)
-    assert result.text == "<html><body><p>hi</p></body></html>"
+    prefix = plan_answer(tokenizer, request("x")).prefix
+    assert result.text == prefix + "<html><body><p>hi</p></body></html>"
 
     engine.runner.lm_head = ScriptedHead(
         engine.runner.lm_head.head, [*page[:3], tokenizer.eos_token_id, *after]
