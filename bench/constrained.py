@@ -514,6 +514,7 @@ def _build_engine(kind: str, model: Any, tokenizer: Any, device: Any, batch: int
         tokenizer=tokenizer,
         device=device,
         merged=True,
+        load_seconds=0.0,
     )
     return Engine(loaded)
 

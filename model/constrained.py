@@ -19,10 +19,11 @@ enum, required, ``additionalProperties: false``, nested ones too). llguidance wa
 and compiles faster (~1-8 ms) but spends ~70-400 us a step: at 1,500 tokens an answer and
 a batch of 32 that is up to 19 s of host time per batch where xgrammar needs well under one.
 outlines-core builds a DFA over every string's length bound: the simplest kind took ~16 s
-to compile and the larger ones did not finish in a minute. The one thing xgrammar got wrong
-for us: it lets the tokenizer's special tokens (``<|im_start|>``, ...) stand for their text
-inside a JSON string, and the decoded answer drops them (a ``minLength`` could be broken
-that way), so :class:`GrammarConstraint` masks them out.
+to compile and the larger ones did not finish in a minute. Two things xgrammar let through,
+which :class:`GrammarConstraint` masks itself: the tokenizer's special tokens
+(``<|im_start|>``, ...) standing for their text inside a JSON string (the decoded answer
+drops them, which can break a ``minLength``), and raw control characters inside strings
+(``\x0f``: invalid JSON; a random model found it in the tests).
 
 :class:`BannedStrings` needs no grammar library: an Aho-Corasick automaton over the banned
 strings' bytes, run once per tokenizer over every (automaton state, token) pair, gives a
@@ -137,9 +138,14 @@ class _TokenizerIndex:
         )
         self.compiler = xg.GrammarCompiler(self.info, max_threads=2)
         self.special = special_token_ids(tokenizer)
-        not_special = np.ones((1, vocab_size), dtype=bool)
-        not_special[0, [t for t in self.special - set(self.stop_ids) if t < vocab_size]] = False
-        self.not_special = _pack(not_special)[0]
+        # What a JSON token may never be: a special token other than the stops, or one
+        # holding a control character (JSON strings can't, compact JSON has no layout).
+        json_ok = np.ones((1, vocab_size), dtype=bool)
+        json_ok[0, [t for t in self.special - set(self.stop_ids) if t < vocab_size]] = False
+        for token, data in enumerate(self.token_bytes()):
+            if token not in self.special and any(byte < 0x20 for byte in data):
+                json_ok[0, token] = False
+        self.json_ok = _pack(json_ok)[0]
         self.grammars: dict[str, Any] = {}
         self.automata: dict[tuple[str, ...], BanAutomaton] = {}
         self.lock = threading.Lock()
@@ -212,7 +218,7 @@ class GrammarConstraint:
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self._index.not_special
+        bitmask[row] &= self._index.json_ok
 
     def accept(self, token: int) -> bool:
         return bool(self.matcher.accept_token(token))
