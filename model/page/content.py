@@ -26,6 +26,8 @@ __all__ = [
     "PageKind",
     "classify_prompt",
     "close_json",
+    "page_subject",
+    "page_title",
     "parse_content",
     "schema_for",
 ]
@@ -74,6 +76,40 @@ def classify_prompt(prompt: str) -> PageKind:
             if re.search(r"(?<![\w])" + re.escape(word), text):
                 return kind
     return PageKind.LANDING
+
+
+# Leading words that say what kind of page it is rather than what it is about:
+# "a landing page for a bakery in Lyon" is about "a bakery in Lyon".
+_PAGE_WORDS_RE = re.compile(
+    r"^(?:please\s+)?(?:(?:create|make|build|write|design|generate|give me)\s+)?"
+    r"(?:(?:a|an|the|my|our)\s+)?"
+    r"(?:(?:simple|modern|dark|minimal|clean|beautiful|playful|corporate|retro|responsive|"
+    r"one[- ]page|single[- ]page|small|new|\d+[- ]days?|weekend|short|personal)\s+)*"
+    r"(?:(?:landing|home|web|pricing|faq|contact|signup|sign-up|registration|portfolio|"
+    r"resume|cv|blog|dashboard|menu|event|product|about|itinerary|booking|order)"
+    r"(?:\s+(?:page|site|website|homepage|post|form|table))?\s+"
+    r"|(?:page|site|website|homepage|post|form)\s+)(?:for|about|of|on)\s+",
+    re.IGNORECASE,
+)
+
+
+def page_subject(description: str) -> str:
+    """What the page is about, for its title: "a landing page for a bakery" -> "A bakery"."""
+    text = " ".join(description.split())
+    subject = _PAGE_WORDS_RE.sub("", text, count=1) or text
+    subject = subject.rstrip(" .!")
+    if len(subject) > 60:
+        subject = subject[:60].rsplit(" ", 1)[0].rstrip(" ,.;:") + "…"
+    return subject[:1].upper() + subject[1:] if subject else "Generated page"
+
+
+def page_title(description: str) -> str:
+    """The page's title, from its subject: "a landing page for a bakery" -> "Bakery"."""
+    subject = page_subject(description)
+    first, _, rest = subject.partition(" ")
+    if first in {"A", "An", "The"} and rest:
+        return rest[:1].upper() + rest[1:]
+    return subject
 
 
 # ------------------------------------------------------------------------------- the data

@@ -27,12 +27,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from model.page.content import PageContent, PageKind
 
 __all__ = [
     "FormField",
     "answer_text",
+    "first_lead",
     "form_for",
+    "form_leads",
     "grammar_for",
     "parse_answer",
 ]
@@ -43,11 +47,11 @@ __all__ = [
 # sentences with no end, until words, sentences and lists were bounded here.
 _LETTER = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u00ff"
 _SHARED_RULES = f"""
-word ::= [{_LETTER}0-9'&%$\u20ac\u00a3+]{{1,15}} ("-" [{_LETTER}0-9]{{1,12}})?
-capword ::= [A-Z\u00c0-\u00d6] [{_LETTER}0-9'&+]{{0,14}} ("-" [{_LETTER}0-9]{{1,12}})?
+word ::= [{_LETTER}0-9'&%$\u20ac\u00a3]{{1,15}} ("-" [{_LETTER}0-9]{{1,12}})?
+capword ::= [A-Z\u00c0-\u00d6] [{_LETTER}0-9'&]{{0,14}} ("-" [{_LETTER}0-9]{{1,12}})?
 gap ::= " " | ", " | "; " | ": " | " - " | " (" | ") " | " & "
-sentence ::= capword (gap word){{2,28}} [.!]
-question ::= capword (gap word){{1,18}} "?"
+sentence ::= capword (gap word){{2,20}} [.!]
+question ::= capword (gap word){{1,14}} "?"
 """
 # Lengths are bounded by counting words in shared rules: bounded character repeats written
 # out in every field ({{2,118}}) made xgrammar compile a form in 4-6 s instead of ~0.2 s.
@@ -254,6 +258,12 @@ def _leads(kind: PageKind, subject: str) -> Iterator[tuple[FormField, str]]:
         yield field, ("" if index == 0 else "\n") + lead
 
 
+def form_leads(kind: PageKind, subject: str) -> list[str]:
+    """The lead-ins of ``kind``'s form about ``subject``, as the answer holds them (each but
+    the first starts a new line)."""
+    return [lead for _, lead in _leads(kind, subject)]
+
+
 def _ebnf_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
@@ -359,6 +369,9 @@ def _add_fixed_parts(data: dict[str, Any], kind: PageKind, title: str) -> None:
         for heading, section in zip(headings, sections, strict=False)
         if isinstance(section, dict) and section.get("text")
     ]
+    for number, day in enumerate(data.get("days") or [], start=1):
+        if isinstance(day, dict):
+            day["name"] = f"Day {number}"
     table = data.get("table")
     if isinstance(table, dict):
         table["columns"] = ["Name", "Value", "Status"]
@@ -385,27 +398,43 @@ _INPUT_TYPES = [
 def _input_type(label: str) -> str:
     lowered = label.lower()
     for input_type, words in _INPUT_TYPES:
-        if any(word in lowered for word in words):
+        if any(re.search(rf"\b{re.escape(word)}\b", lowered) for word in words):
             return input_type
     return "text"
 
 
 def _lenient(data: dict[str, Any]) -> PageContent:
-    """Validate, dropping list entries that a cut-off left incomplete, then whole fields."""
+    """Validate, dropping the list entries a cut-off left incomplete (a plan with a name but
+    no price), then whole fields that still fail; only the title is indispensable."""
     for key, value in list(data.items()):
         if isinstance(value, list):
             data[key] = [item for item in value if item not in (None, "", [], {})]
-    from pydantic import ValidationError
-
     while True:
         try:
             return PageContent.model_validate(data)
         except ValidationError as error:
-            bad = {str(issue["loc"][0]) for issue in error.errors() if issue["loc"]}
-            if not bad or "title" in bad:
-                raise ValueError(f"the answer's content is unusable: {error}") from None
-            for key in bad:
+            entries: set[tuple[str, int]] = set()
+            fields: set[str] = set()
+            for issue in error.errors():
+                location = issue["loc"]
+                if not location or location[0] == "title":
+                    raise ValueError(f"the answer's content is unusable: {error}") from None
+                key = str(location[0])
+                if len(location) > 1 and isinstance(location[1], int):
+                    entries.add((key, location[1]))
+                else:
+                    fields.add(key)
+            for key, index in sorted(entries, reverse=True):
+                items = data.get(key)
+                if isinstance(items, list) and index < len(items) and key not in fields:
+                    del items[index]
+                else:  # nothing to drop an entry of: drop the field, so the loop ends
+                    fields.add(key)
+            for key in fields:
                 data.pop(key, None)
+            for key in {key for key, _ in entries}:
+                if data.get(key) == []:
+                    data.pop(key)
 
 
 def answer_text(content: PageContent, kind: PageKind, subject: str) -> str:
