@@ -143,6 +143,17 @@ def encode_prompt(
     return ids
 
 
+def encode_compose_prompt(
+    tokenizer: Any, description: str, style: str | None, kind: PageKind
+) -> list[int]:
+    """Token ids of the compose-mode prompt for an explicit ``kind`` (training builds
+    examples of one kind whatever :func:`classify_prompt` says); for the classified kind
+    they are the ids :func:`plan_answer` gives."""
+    text = _chat(tokenizer, COMPOSE_SYSTEM_PROMPT, compose_user_message(description, style, kind))
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 # Strings a document-mode answer may not contain, by policy: a code fence (the page would
 # hold markdown), and under standard/strict every way markup loads something remote (the
 # CSP blocks it anyway; banning it while decoding keeps the page from depending on it).
