@@ -73,11 +73,15 @@ def load_engine(settings: Settings) -> Any:
     from model.errors import ModelError
     from model.loading import load_model
     from model.spec import resolve_spec
+    from model.threads import configure_cpu_threads
 
     try:
         spec = resolve_spec(**settings.model_overrides())
         log.info("loading model %s (base %s, adapter %s)", spec.name, spec.base, spec.adapter)
         loaded = load_model(spec)
+        threads = configure_cpu_threads(settings.cpu_threads, device=str(loaded.device))
+        if loaded.device.type == "cpu":
+            log.info("generating on the CPU with %d torch thread(s)", threads)
         on_gpu = loaded.device.type == "cuda"
         if settings.engine == "continuous" or (settings.engine == "auto" and on_gpu):
             engine = _continuous_engine(loaded, settings, on_gpu=on_gpu)

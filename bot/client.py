@@ -8,7 +8,9 @@ Run it as ``async with HtmlBot(settings, engine) as bot: await bot.start(token)`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 from collections.abc import Coroutine
 from typing import Any
 
@@ -24,7 +26,7 @@ from bot.delivery import (
     Delivery,
     send_page_followup,
 )
-from bot.jobs import Job
+from bot.jobs import Job, JobState
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
 from bot.preview import Previewer, find_chromium
@@ -122,9 +124,10 @@ class HtmlBot(discord.Client):
             self.store,
             self.metrics,
             model_name=self.model_name,
-            strip_scripts=settings.strip_scripts,
             previewer=self.previewer,
+            regenerate=self.regenerate,
         )
+        self.page_mode = settings.resolved_page_mode()
         self.board = StatusBoard(
             self.scheduler,
             interval_s=settings.queue_edit_interval_s,
@@ -220,6 +223,22 @@ class HtmlBot(discord.Client):
     def job_finished(self, job: Job) -> None:
         self.board.untrack(job)
         self.spawn(self.delivery.finish(job), name=f"deliver-{job.job_id}")
+
+    def regenerate(self, job: Job) -> bool:
+        """Queue a finished job once more with another seed (its page came out empty);
+        False when it can't be (already regenerated, queue closed, cancelled)."""
+        if job.regenerated:
+            return False
+        job.regenerated = True
+        job.result = None
+        job.request.sampling = dataclasses.replace(
+            job.request.sampling, seed=random.getrandbits(32)
+        )
+        self.scheduler.requeue_front([job])
+        if job.state is not JobState.QUEUED:
+            return False
+        self.board.track(job)
+        return True
 
     def _on_expired_threadsafe(self, job: Job) -> None:
         try:

@@ -240,6 +240,8 @@ async def handle_html(
         style=style,
         ttl_s=settings.interaction_ttl_s - age_s,
         sampling=bot.sampling,
+        mode=bot.page_mode,
+        safety=settings.safety,
         user_name=str(interaction.user),
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,

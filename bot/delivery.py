@@ -33,6 +33,7 @@ from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
 from bot.store import ResultStore
 from model.errors import ModelError
 from model.naming import page_filename
+from model.page.result import WARNING_TEXT, PageWarning
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,15 @@ SHUTDOWN_STOPPED_TEXT = (
 def summary_line(
     *, filename: str, model: str, tokens: int, seconds: float, warnings: tuple[str, ...]
 ) -> str:
-    """``**bakery.html** · smollm2 · 812 tokens · 14.2 s · ⚠️ truncated``"""
+    """``**bakery.html** · smollm2 · 812 tokens · 14.2 s``, then one line per page flag:
+    ``⚠️ truncated: cut off by the length limit``."""
     parts = [f"**{filename}**", model, f"{tokens} tokens", f"{seconds:.1f} s"]
-    if warnings:
-        parts.append("⚠️ " + ", ".join(warnings))
-    return " · ".join(parts)
+    lines = [" · ".join(parts)]
+    for warning in warnings:
+        known = warning in PageWarning._value2member_map_
+        meaning = WARNING_TEXT.get(PageWarning(warning)) if known else None
+        lines.append(f"⚠️ {warning}: {meaning}" if meaning else f"⚠️ {warning}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -228,17 +233,19 @@ def _live_token(ticket: Ticket, what: str) -> Iterator[None]:
         raise
 
 
-def build_page_for(job: Job, *, strip_scripts: bool) -> Any:
-    """``model.page.page_from_result`` for the job's result (blocking: run it in a thread).
-    ``strip_scripts`` (the bot's setting) makes every page follow the strict SAFETY policy."""
+def build_page_for(job: Job) -> Any:
+    """``model.page.page_from_result`` for the job's result, in the job's page mode, style
+    and safety policy (blocking: run it in a thread)."""
     from model.page import page_from_result
-    from model.types import SafetyPolicy
 
     assert job.result is not None
     request = job.request
-    safety = SafetyPolicy.STRICT if strip_scripts else request.safety
     return page_from_result(
-        job.result, prompt=job.prompt, mode=request.mode, style=request.style, safety=safety
+        job.result,
+        prompt=job.prompt,
+        mode=request.mode,
+        style=request.style,
+        safety=request.safety,
     )
 
 
@@ -251,7 +258,7 @@ class Delivery:
         metrics: Metrics,
         *,
         model_name: str,
-        strip_scripts: bool = False,
+        regenerate: Callable[[Job], bool] | None = None,
         previewer: Previewer | None = None,
         attempts: int = 5,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -259,7 +266,8 @@ class Delivery:
         self.store = store
         self.metrics = metrics
         self.model_name = model_name
-        self.strip_scripts = strip_scripts
+        # Called once for a page that came out empty: True when the job was queued again.
+        self.regenerate = regenerate
         self.previewer = previewer
         self.attempts = attempts
         self._sleep = sleep
@@ -301,7 +309,7 @@ class Delivery:
         result = job.result
         assert result is not None
         try:
-            page = await asyncio.to_thread(build_page_for, job, strip_scripts=self.strip_scripts)
+            page = await asyncio.to_thread(build_page_for, job)
         except Exception as exc:
             if not isinstance(exc, ModelError):
                 log.exception("job %s: building the page failed", job.job_id)
@@ -310,6 +318,10 @@ class Delivery:
             await self.final_edit(
                 job, "❌ The model's answer held no usable web page. Try rephrasing the prompt."
             )
+            return False
+        if PageWarning.EMPTY in page.warnings and self.regenerate and self.regenerate(job):
+            # One more try with another seed before anyone sees an empty page.
+            log.info("job %s: the page came out empty; generating it again", job.job_id)
             return False
         filename = page_filename(job.prompt)
         warnings = tuple(str(w) for w in page.warnings)

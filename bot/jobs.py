@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from model.types import GenerationRequest, GenerationResult
+from model.types import GenerationRequest, GenerationResult, PageMode, SafetyPolicy
 
 
 class JobState(StrEnum):
@@ -50,6 +50,7 @@ class Job:
     finished_at: float | None = None
     tokens_so_far: int = 0
     attempts: int = 0
+    regenerated: bool = False  # generated again (another seed) after an empty page
     error: str | None = None
     cancel_note: str | None = None  # what to tell the user when it was cancelled for them
     result: GenerationResult | None = None
@@ -76,10 +77,14 @@ class Job:
         ttl_s: float,
         style: str | None = None,
         sampling: Any = None,
+        mode: PageMode = PageMode.DOCUMENT,
+        safety: SafetyPolicy = SafetyPolicy.STANDARD,
         **fields: Any,
     ) -> Job:
         """A queued job with a fresh short id; ``ttl_s`` counts from now."""
-        request = GenerationRequest(prompt=prompt, style=style, request_id=new_job_id())
+        request = GenerationRequest(
+            prompt=prompt, style=style, mode=mode, safety=safety, request_id=new_job_id()
+        )
         if sampling is not None:
             request.sampling = sampling
         now = time.monotonic()

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.preview import CHROMIUM_NAMES, find_chromium
+from model.types import PageMode, SafetyPolicy
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     engine: Literal["auto", "standard", "continuous"] = "auto"
     max_new_tokens: int = Field(default=1536, ge=16, le=32768)
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    # "compose": the model writes the content, the project's themes the page; "document":
+    # the model writes the whole page. Unset: the preset's (smollm2: compose, else document).
+    page_mode: PageMode | None = None
+    # torch threads when the model runs on a CPU; unset: all cores but one (model.threads).
+    cpu_threads: int | None = Field(default=None, ge=1, le=512)
 
     # Queue and worker
     queue_max_total: int = Field(default=1000, ge=1)
@@ -85,7 +91,9 @@ class Settings(BaseSettings):
     # Output, logs, metrics
     results_dir: Path = Path("results")
     results_keep_per_user: int = Field(default=10, ge=1)
-    strip_scripts: bool = False
+    # What a page may do: "standard" (inline scripts, no remote loads or form posts: a CSP),
+    # "strict" (scripts and handlers removed too), "off" (the page as the model wrote it).
+    safety: SafetyPolicy = SafetyPolicy.STANDARD
     log_level: str = "INFO"
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -123,7 +131,9 @@ class Settings(BaseSettings):
             return tuple(ids)
         return value
 
-    @field_validator("dev_guild_id", "metrics_port", "max_batch", mode="before")
+    @field_validator(
+        "dev_guild_id", "metrics_port", "max_batch", "page_mode", "cpu_threads", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -211,6 +221,14 @@ class Settings(BaseSettings):
         if self.model_device:
             overrides["device"] = self.model_device
         return overrides
+
+    def resolved_page_mode(self) -> PageMode:
+        """PAGE_MODE, or the model preset's mode when it is unset (no model is loaded)."""
+        if self.page_mode is not None:
+            return self.page_mode
+        from model.spec import resolve_spec
+
+        return resolve_spec(**self.model_overrides()).page_mode
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from model.errors import ModelError
 from model.prompting import STYLE_HINTS
 from model.spec import PRESETS, ModelSpec, Quantization, resolve_spec
-from model.types import SamplingParams
+from model.types import PageMode, SafetyPolicy, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "-o", "--output", type=Path, help="where to write (default: out/<slug>.html)"
     )
-    generate.add_argument("--style", choices=sorted(STYLE_HINTS), help="a visual style hint")
+    generate.add_argument(
+        "--style", choices=sorted(STYLE_HINTS), help="the page's theme (default: modern)"
+    )
+    generate.add_argument(
+        "--mode",
+        choices=[mode.value for mode in PageMode],
+        help="compose: the model writes the content, the theme's templates the page; "
+        "document: the model writes the whole page (default: the preset's; smollm2: compose)",
+    )
+    generate.add_argument(
+        "--safety",
+        choices=[policy.value for policy in SafetyPolicy],
+        default=SafetyPolicy.STANDARD.value,
+        help="standard: inline scripts kept, remote loads and form posts blocked (CSP); "
+        "strict: scripts and handlers removed too; off: the page as written "
+        "(default: standard)",
+    )
+    generate.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="torch threads on a CPU (default: all cores but one; measured faster on 2 cores)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
     generate.add_argument("--temperature", type=float, default=SamplingParams.temperature)
     generate.add_argument("--top-p", type=float, default=SamplingParams.top_p)
@@ -85,9 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--repetition-penalty", type=float, default=SamplingParams.repetition_penalty
     )
     generate.add_argument("--seed", type=int, help="make sampling reproducible")
-    generate.add_argument(
-        "--strip-scripts", action="store_true", help="remove <script> and inline JS handlers"
-    )
     _add_model_options(generate)
 
     info = commands.add_parser(
@@ -130,7 +148,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from model.loading import load_model
     from model.naming import page_filename
     from model.page import page_from_result
-    from model.types import GenerationRequest, SafetyPolicy
+    from model.page.result import WARNING_TEXT
+    from model.threads import configure_cpu_threads
+    from model.types import GenerationRequest
 
     prompt = _validate_prompt(args.prompt)
     sampling = SamplingParams(
@@ -143,16 +163,20 @@ def run_generate(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     print(f"loading {spec.name} ...", file=sys.stderr)
     loaded = load_model(spec)
+    threads = configure_cpu_threads(args.cpu_threads, device=str(loaded.device))
     print(f"loaded in {loaded.load_seconds:.1f} s on {loaded.device}", file=sys.stderr)
+    mode = PageMode(args.mode) if args.mode else spec.page_mode
+    safety = SafetyPolicy(args.safety)
+    log.debug("mode %s, safety %s, %d CPU threads", mode, safety, threads)
+    request = GenerationRequest(
+        prompt, style=args.style, mode=mode, safety=safety, sampling=sampling
+    )
     bar = _ProgressBar(sampling.max_new_tokens)
     try:
-        (result,) = Engine(loaded).generate(
-            [GenerationRequest(prompt, style=args.style, sampling=sampling)], progress=bar
-        )
+        (result,) = Engine(loaded).generate([request], progress=bar)
     finally:
         bar.close()
-    safety = SafetyPolicy.STRICT if args.strip_scripts else SafetyPolicy.STANDARD
-    page = page_from_result(result, prompt=prompt, style=args.style, safety=safety)
+    page = page_from_result(result, prompt=prompt, mode=mode, style=args.style, safety=safety)
     output: Path = args.output or Path("out") / page_filename(prompt)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +187,9 @@ def run_generate(args: argparse.Namespace) -> int:
         f"wrote {output} ({len(page.data):,} bytes, {result.generated_tokens} tokens "
         f"in {result.total_s:.1f} s, {result.tokens_per_second:.1f} tokens/s)"
     )
+    print(f"mode {mode}, theme {args.style or 'modern'}, safety {safety}")
     for warning in page.warnings:
-        print(f"warning: {warning.value}")
+        print(f"flag {warning.value}: {WARNING_TEXT[warning]}")
     return 0
 
 

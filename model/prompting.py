@@ -7,11 +7,10 @@ this field, so nothing else in the project builds prompts.
 from __future__ import annotations
 
 import html as html_lib
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.page.content import PageKind, classify_prompt, example_json, schema_for
+from model.page.content import PageKind, classify_prompt, example_json, page_subject, schema_for
 from model.types import GenerationRequest, PageMode, SafetyPolicy
 
 SYSTEM_PROMPT = (
@@ -37,30 +36,6 @@ COMPOSE_SYSTEM_PROMPT = (
     "You write the words of web pages. Answer with one JSON object in the shape of the "
     "example, about the user's subject, and nothing else."
 )
-
-# Leading words that say what kind of page it is rather than what it is about:
-# "a landing page for a bakery in Lyon" is about "a bakery in Lyon".
-_PAGE_WORDS_RE = re.compile(
-    r"^(?:please\s+)?(?:(?:create|make|build|write|design|generate|give me)\s+)?"
-    r"(?:(?:a|an|the|my|our)\s+)?"
-    r"(?:(?:simple|modern|dark|minimal|clean|beautiful|playful|corporate|retro|responsive|"
-    r"one[- ]page|single[- ]page|small|new)\s+)*"
-    r"(?:(?:landing|home|web|pricing|faq|contact|signup|sign-up|registration|portfolio|"
-    r"resume|cv|blog|dashboard|menu|event|product|about|itinerary|booking|order)"
-    r"(?:\s+(?:page|site|website|homepage|post|form|table))?\s+"
-    r"|(?:page|site|website|homepage|post|form)\s+)(?:for|about|of|on)\s+",
-    re.IGNORECASE,
-)
-
-
-def page_subject(description: str) -> str:
-    """What the page is about, for its title: "a landing page for a bakery" -> "A bakery"."""
-    text = " ".join(description.split())
-    subject = _PAGE_WORDS_RE.sub("", text, count=1) or text
-    subject = subject.rstrip(" .!")
-    if len(subject) > 60:
-        subject = subject[:60].rsplit(" ", 1)[0].rstrip(" ,.;:") + "…"
-    return subject[:1].upper() + subject[1:] if subject else "Generated page"
 
 
 def user_message(description: str, style: str | None = None) -> str:

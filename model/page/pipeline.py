@@ -2,24 +2,30 @@
 
 :func:`page_from_result` is the only place that reads the engine's finish reason into page
 flags (``LENGTH``: the page was cut off, so ``truncated``; ``REPETITION``: the engine stopped
-a loop, so ``repetition``), picks the mode's builder and applies the SAFETY policy.
+a loop, so ``repetition``), picks the mode's builder and applies the SAFETY policy:
 
-Two hook points are left for the parts built in parallel (marked ``HOOK``): the compose
-mode's builder (:func:`_compose_page`, themes and content) and the SAFETY policy
-(:func:`_apply_safety`, CSP and sanitizer), which for now only maps ``strict`` to the
-best-effort script stripping of document mode.
+* ``document``: the model's markup through :func:`~model.page.document.build_page`, then the
+  theme's CSS put first in its ``<head>`` (the model's own styles still override it);
+* ``compose``: the model's form (:mod:`model.page.form`) parsed into content and rendered by
+  the theme's templates (:func:`~model.page.theming.render_content`);
+* then :func:`~model.page.safety.apply_safety` (CSP first in ``<head>``; ``strict`` also
+  sanitizes), whose removals are flagged ``scripts_removed``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from model.errors import HtmlExtractionError
+from model.page.content import PageContent, classify_prompt, page_subject, page_title
 from model.page.document import build_page
-from model.page.markup import strip_page_scripts
-from model.page.result import WARNING_ORDER, HtmlPage, PageWarning
+from model.page.form import parse_answer
+from model.page.result import WARNING_ORDER, HtmlPage, PageWarning, size_warning
+from model.page.safety import apply_safety
+from model.page.theming import inject_theme, render_content
 from model.types import FinishReason, GenerationResult, PageMode, SafetyPolicy
 
-__all__ = ["page_from_result"]
+__all__ = ["content_words", "page_from_result"]
 
 
 def page_from_result(
@@ -30,12 +36,11 @@ def page_from_result(
     style: str | None = None,
     safety: SafetyPolicy = SafetyPolicy.STANDARD,
 ) -> HtmlPage:
-    """The page for one engine result: built in ``mode``, then made to follow ``safety``.
+    """The page for one engine result: built in ``mode``, themed, made to follow ``safety``.
 
-    ``prompt`` is the user's prompt (it titles a page that has no title); ``style`` the
-    requested style, used by compose mode's themes. Blocking and CPU-bound: the bot runs it in
-    a thread. Raises :class:`model.errors.HtmlExtractionError` when the answer holds nothing
-    usable, ``NotImplementedError`` for compose mode until its builder is wired in.
+    ``prompt`` is the user's prompt (it titles the page); ``style`` the theme (the default
+    theme when ``None``). Blocking and CPU-bound: the bot runs it in a thread. Raises
+    :class:`model.errors.HtmlExtractionError` when the answer holds nothing usable.
     """
     if mode is PageMode.COMPOSE:
         page = _compose_page(result, prompt=prompt, style=style)
@@ -46,29 +51,47 @@ def page_from_result(
             truncated=result.finish_reason is FinishReason.LENGTH,
             repetition=result.finish_reason is FinishReason.REPETITION,
         )
-    html, added = _apply_safety(page.html, safety)
-    if not added and html == page.html:
-        return page
+        page = dataclasses.replace(page, html=inject_theme(page.html, style))
+    html, removed = apply_safety(page.html, safety)
+    added = (PageWarning.SCRIPTS_REMOVED,) if removed else ()
     warnings = tuple(sorted({*page.warnings, *added}, key=WARNING_ORDER.__getitem__))
     return dataclasses.replace(page, html=html, warnings=warnings)
 
 
+def content_words(content: PageContent) -> int:
+    """Words the model wrote into ``content`` (the title, which comes from the prompt, and
+    the template's own labels do not count)."""
+    data = content.model_dump(exclude={"title", "footer"})
+
+    def words(value: object) -> int:
+        if isinstance(value, str):
+            return len(value.split())
+        if isinstance(value, dict):
+            return sum(words(item) for item in value.values())
+        if isinstance(value, list):
+            return sum(words(item) for item in value)
+        return 0
+
+    return words(data)
+
+
 def _compose_page(result: GenerationResult, *, prompt: str, style: str | None) -> HtmlPage:
-    """HOOK (compose mode): the model's content JSON rendered through a themed template.
-
-    To be wired to ``model.page.content`` and ``model.page.themes``.
-    """
-    raise NotImplementedError("compose mode's page builder is not wired in yet")
-
-
-def _apply_safety(html: str, safety: SafetyPolicy) -> tuple[str, tuple[PageWarning, ...]]:
-    """HOOK (SAFETY): the page as ``safety`` allows it, and the warnings that adds.
-
-    For now ``strict`` removes scripts the way ``build_page(strip_scripts=True)`` does and
-    every other policy passes the page through; ``model.page.safety`` (CSP first in
-    ``<head>``, the sanitizer) replaces this.
-    """
-    if safety is SafetyPolicy.STRICT:
-        stripped, removed = strip_page_scripts(html)
-        return stripped, (PageWarning.SCRIPTS_REMOVED,) if removed else ()
-    return html, ()
+    """The model's form, parsed into content and rendered through the theme's templates."""
+    kind = classify_prompt(prompt)
+    title = page_title(prompt)
+    try:
+        content = parse_answer(result.text, kind=kind, title=title, subject=page_subject(prompt))
+    except ValueError as error:
+        raise HtmlExtractionError(f"the answer holds no page content: {error}") from None
+    warnings: set[PageWarning] = set()
+    truncated = result.finish_reason is FinishReason.LENGTH
+    if truncated:
+        warnings.add(PageWarning.TRUNCATED)
+    if result.finish_reason is FinishReason.REPETITION:
+        warnings.add(PageWarning.REPETITION)
+    size = size_warning(content_words(content))
+    if size is not None:
+        warnings.add(size)
+    html = render_content(content, theme=style, description=prompt)
+    ordered = tuple(sorted(warnings, key=WARNING_ORDER.__getitem__))
+    return HtmlPage(html=html, title=content.title, warnings=ordered, complete=not truncated)

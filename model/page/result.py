@@ -18,13 +18,27 @@ class PageWarning(StrEnum):
     THIN = "thin"  # the page shows fewer than THIN_BELOW_WORDS words (and is not empty)
     REPAIRED = "repaired"  # markup mended: elements closed or misnesting fixed, a cut tag
     # dropped, doctype/html/body/</html> missing (not the routine charset/viewport/title)
-    SCRIPTS_REMOVED = "scripts_removed"  # only with strip_scripts=True
+    SCRIPTS_REMOVED = "scripts_removed"  # the SAFETY policy removed scripts or loaders
     OVERSIZE = "oversize"  # the source was cut to max_bytes
     INVALID_TEXT = "invalid_text"  # NUL, control chars or invalid UTF-8 were removed/replaced
     DEGENERATE = "degenerate"  # thousands of unclosed elements or attributes in a tag; cut there
 
 
 WARNING_ORDER = {w: i for i, w in enumerate(PageWarning)}
+
+# What each flag means, in the words the CLI and the bot's summary show.
+WARNING_TEXT: dict[PageWarning, str] = {
+    PageWarning.TRUNCATED: "cut off by the length limit",
+    PageWarning.REPETITION: "the model got stuck repeating itself; the loop was cut",
+    PageWarning.NOT_HTML: "the model wrote prose, not markup; it was wrapped into a page",
+    PageWarning.EMPTY: "almost nothing on the page",
+    PageWarning.THIN: "very little text on the page",
+    PageWarning.REPAIRED: "broken markup was mended",
+    PageWarning.SCRIPTS_REMOVED: "unsafe scripts or loaders were removed",
+    PageWarning.OVERSIZE: "too large; cut to the size limit",
+    PageWarning.INVALID_TEXT: "invalid characters were removed",
+    PageWarning.DEGENERATE: "degenerate markup was cut",
+}
 
 # Words a reader sees in the page's body (text outside script, style and template), below
 # which the page is flagged: a landing page, a form or a FAQ has dozens; a model that failed

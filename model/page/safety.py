@@ -309,7 +309,11 @@ def _kept_head(head: ET.Element) -> tuple[list[ET.Element], bool]:
 
 def _head_copy(element: ET.Element) -> ET.Element | None:
     if element.tag in ("title", "style"):
-        copy = ET.Element(element.tag)
+        # data-theme marks the project's own theme stylesheet (model.page.theming).
+        kept = (
+            {"data-theme": element.attrib["data-theme"]} if "data-theme" in element.attrib else {}
+        )
+        copy = ET.Element(element.tag, kept if element.tag == "style" else {})
         copy.text = element.text
         return copy
     if element.tag == "meta" and element.get("charset"):

@@ -16,7 +16,7 @@ import html5lib
 import pytest
 
 from bot.client import HtmlBot
-from bot.jobs import JobState
+from bot.jobs import Job, JobState
 from model.types import FinishReason, GenerationRequest, GenerationResult
 from tests.bot.conftest import StartBot, eventually
 from tests.bot.fakes import BOOM, FakeEngine
@@ -519,3 +519,33 @@ async def test_dead_token_gets_one_refused_status_edit_then_nothing(
     assert inter.html_files == []
     [page] = await bot.list_pages(ann.id)
     assert page.path.read_bytes().startswith(b"<!DOCTYPE html>")
+
+
+class _RecordingBoard:
+    def __init__(self) -> None:
+        self.tracked: list[str] = []
+
+    def track(self, job: Job) -> None:
+        self.tracked.append(job.job_id)
+
+
+def test_regenerate_queues_the_job_once_more_with_another_seed() -> None:
+    from types import SimpleNamespace
+
+    from bot.scheduler import Scheduler, Throughput
+    from model.types import SamplingParams
+
+    scheduler = Scheduler(max_total=10, max_per_user=3, max_batch=4, throughput=Throughput(60))
+    board = _RecordingBoard()
+    bot = SimpleNamespace(scheduler=scheduler, board=board)
+    job = Job.create(user_id=1, prompt="a bakery", ttl_s=900, sampling=SamplingParams(seed=5))
+    scheduler.submit(job)
+    [taken] = scheduler.take(1)
+    scheduler.finish(taken, JobState.DONE)
+
+    assert HtmlBot.regenerate(bot, job) is True  # type: ignore[arg-type]
+    assert job.state is JobState.QUEUED and job.result is None
+    assert job.request.sampling.seed != 5
+    assert board.tracked == [job.job_id]
+    assert scheduler.take(1) == [job]
+    assert HtmlBot.regenerate(bot, job) is False  # only once

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import io
 import json
@@ -250,7 +251,9 @@ def test_summary_line() -> None:
     line = summary_line(
         filename="a.html", model="m", tokens=12, seconds=3.14159, warnings=("truncated",)
     )
-    assert line == "**a.html** · m · 12 tokens · 3.1 s · ⚠️ truncated"
+    assert line == "**a.html** · m · 12 tokens · 3.1 s\n⚠️ truncated: cut off by the length limit"
+    plain = summary_line(filename="a.html", model="m", tokens=1, seconds=1.0, warnings=())
+    assert plain == "**a.html** · m · 1 tokens · 1.0 s"
 
 
 class _Followup:
@@ -331,6 +334,48 @@ async def test_a_dead_token_keeps_the_page_and_sends_nothing(tmp_path: Path) -> 
     assert delivery.expired_deliveries == 1
     [page] = delivery.store.list(7)
     assert page.job_id == job.job_id
+
+
+def _empty_page_job() -> tuple[Job, _Interaction]:
+    job, interaction = _job(JobState.DONE)
+    assert job.result is not None
+    job.result = dataclasses.replace(job.result, text="<!DOCTYPE html><html><body></body></html>")
+    job.context.mark_deferred()
+    return job, interaction
+
+
+async def test_an_empty_page_is_generated_again_once_before_anyone_sees_it(
+    tmp_path: Path,
+) -> None:
+    asked: list[str] = []
+
+    def regenerate(job: Job) -> bool:
+        asked.append(job.job_id)
+        return not job.regenerated
+
+    delivery = Delivery(
+        ResultStore(tmp_path), Metrics(), model_name="fake-model", regenerate=regenerate
+    )
+    job, interaction = _empty_page_job()
+    await delivery.finish(job)
+    assert asked == [job.job_id]
+    assert interaction.calls == []  # nothing sent: the job is queued again
+    assert delivery.store.list(7) == []
+
+    # The second answer is empty too: it is delivered, flagged, not regenerated forever.
+    job.regenerated = True
+    await delivery.finish(job)
+    assert asked == [job.job_id, job.job_id]
+    assert interaction.calls == ["edit", "followup"]
+    [page] = delivery.store.list(7)
+    assert "empty" in page.warnings
+
+
+async def test_without_a_regenerator_an_empty_page_is_delivered_flagged(tmp_path: Path) -> None:
+    delivery = _delivery(tmp_path)
+    job, interaction = _empty_page_job()
+    await delivery.finish(job)
+    assert interaction.calls == ["edit", "followup"]
 
 
 class _NoSpaceStore(ResultStore):

@@ -173,3 +173,37 @@ def test_max_batch_auto_follows_the_engine(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("MAX_BATCH", "0")
     with pytest.raises(SettingsError, match="MAX_BATCH"):
         load_settings()
+
+
+def test_page_mode_defaults_to_the_presets_and_safety_to_standard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from model.types import PageMode, SafetyPolicy
+
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv("PAGE_MODE", "")
+    monkeypatch.setenv("CPU_THREADS", "")
+    settings = load_settings()
+    assert settings.page_mode is None and settings.cpu_threads is None
+    assert settings.resolved_page_mode() is PageMode.COMPOSE  # the embedded smollm2
+    assert settings.safety is SafetyPolicy.STANDARD
+    monkeypatch.setenv("MODEL_PRESET", "codellama-html")
+    assert load_settings().resolved_page_mode() is PageMode.DOCUMENT
+    monkeypatch.setenv("PAGE_MODE", "compose")
+    monkeypatch.setenv("SAFETY", "strict")
+    monkeypatch.setenv("CPU_THREADS", "2")
+    settings = load_settings()
+    assert settings.resolved_page_mode() is PageMode.COMPOSE
+    assert settings.safety is SafetyPolicy.STRICT and settings.cpu_threads == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("PAGE_MODE", "webpage"), ("SAFETY", "paranoid"), ("CPU_THREADS", "0")]
+)
+def test_page_settings_errors_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        load_settings()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model.errors import HtmlExtractionError
-from model.page import PageWarning, build_page, page_from_result
+from model.page import PageWarning, page_from_result
 from model.types import FinishReason, GenerationResult, PageMode, SafetyPolicy
 
 W = PageWarning
@@ -44,7 +44,18 @@ def test_other_reasons_are_not_truncated(reason: FinishReason) -> None:
     page = page_from_result(_result(DOC, reason), prompt=PROMPT)
     assert page.warnings == ()
     assert page.complete
-    assert page.html == build_page(DOC, prompt=PROMPT).html
+    # The model's page, themed and under the CSP; nothing of it lost.
+    assert "<h1>Fresh bread</h1>" in page.html and WORDS in page.html
+
+
+def test_document_pages_get_the_theme_first_and_the_csp_before_anything() -> None:
+    page = page_from_result(_result(DOC, FinishReason.EOS), prompt=PROMPT, style="dark")
+    head = page.html.split("<head>", 1)[1]
+    assert head.startswith('<meta http-equiv="Content-Security-Policy"')
+    assert '<style data-theme="dark">' in head
+    plain = page_from_result(_result(DOC, FinishReason.EOS), prompt=PROMPT, safety=SafetyPolicy.OFF)
+    assert "Content-Security-Policy" not in plain.html
+    assert '<style data-theme="modern">' in plain.html  # the default theme
 
 
 def test_standard_and_off_keep_scripts() -> None:
@@ -54,13 +65,13 @@ def test_standard_and_off_keep_scripts() -> None:
         assert 'onclick="order()"' in page.html
 
 
-def test_strict_strips_scripts_as_the_document_builder_does() -> None:
+def test_strict_removes_scripts_and_says_so() -> None:
     page = page_from_result(
         _result(DOC, FinishReason.EOS), prompt=PROMPT, safety=SafetyPolicy.STRICT
     )
     assert page.warnings == (W.SCRIPTS_REMOVED,)
-    assert "script" not in page.html and "onclick" not in page.html
-    assert page.html == build_page(DOC, prompt=PROMPT, strip_scripts=True).html
+    assert "<script" not in page.html and "onclick" not in page.html
+    assert "<h1>Fresh bread</h1>" in page.html
 
 
 def test_strict_flags_nothing_when_there_is_nothing_to_strip() -> None:
@@ -69,12 +80,71 @@ def test_strict_flags_nothing_when_there_is_nothing_to_strip() -> None:
         _result(text, FinishReason.EOS), prompt=PROMPT, safety=SafetyPolicy.STRICT
     )
     assert page.warnings == ()
-    assert page.html == build_page(text, prompt=PROMPT).html
 
 
-def test_compose_is_a_hook_not_yet_wired() -> None:
-    with pytest.raises(NotImplementedError, match="compose"):
-        page_from_result(_result("{}", FinishReason.EOS), prompt=PROMPT, mode=PageMode.COMPOSE)
+COMPOSE_PROMPT = "a pricing page for a yoga studio"
+
+
+def _compose_answer(*, plans: int = 3) -> str:
+    from model.page.content import PageKind, page_subject
+    from model.page.form import form_leads
+
+    values = []
+    for lead in form_leads(PageKind.PRICING, page_subject(COMPOSE_PROMPT)):
+        if "price" in lead:
+            value = "$19"
+        elif "comma-separated" in lead:
+            value = "Unlimited classes, one guest pass, mat rental"
+        elif "name" in lead:
+            value = "Flow"
+        else:
+            value = "Breathe deeply and move with us every single morning."
+        values.append(f"{lead} {value}")
+    if plans < 3:  # cut off inside the plans: the length limit
+        values = values[: 1 + 3 * plans]
+    return "".join(values) + "\n"
+
+
+def test_compose_renders_the_content_through_the_theme() -> None:
+    page = page_from_result(
+        _result(_compose_answer(), FinishReason.EOS),
+        prompt=COMPOSE_PROMPT,
+        mode=PageMode.COMPOSE,
+        style="corporate",
+    )
+    assert page.title == "Yoga studio"
+    assert page.complete and page.warnings == ()
+    assert page.html.count("$19") == 3
+    assert '<style data-theme="corporate">' in page.html or "corporate" in page.html
+    assert 'http-equiv="Content-Security-Policy"' in page.html
+    assert "Tagline (" not in page.html  # the form's lead-ins never reach the page
+
+
+def test_compose_cut_off_by_the_length_limit_is_truncated_and_keeps_its_plans() -> None:
+    page = page_from_result(
+        _result(_compose_answer(plans=2), FinishReason.LENGTH),
+        prompt=COMPOSE_PROMPT,
+        mode=PageMode.COMPOSE,
+    )
+    assert W.TRUNCATED in page.warnings and not page.complete
+    assert page.html.count("$19") == 2
+
+
+def test_compose_with_little_content_is_flagged_thin() -> None:
+    answer = "Tagline (one short sentence about a yoga studio): Stretch with us.\n"
+    page = page_from_result(
+        _result(answer, FinishReason.REPETITION), prompt=COMPOSE_PROMPT, mode=PageMode.COMPOSE
+    )
+    assert page.warnings == (W.REPETITION, W.EMPTY)
+
+
+def test_compose_answer_without_the_form_raises() -> None:
+    with pytest.raises(HtmlExtractionError, match="no page content"):
+        page_from_result(
+            _result("Sure, here is a page!", FinishReason.EOS),
+            prompt=COMPOSE_PROMPT,
+            mode=PageMode.COMPOSE,
+        )
 
 
 def test_nothing_usable_raises() -> None:
