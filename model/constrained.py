@@ -6,7 +6,8 @@ xgrammar fills), hears the token that was taken, and says when the answer is com
 The engines set every disallowed token's logit to ``-inf`` before sampling, so a masked
 token can never be drawn, whatever the temperature, top-p or repetition penalty.
 
-* :class:`GrammarConstraint` (compose mode): the answer follows ``AnswerPlan.json_schema``.
+* :class:`GrammarConstraint` (compose mode): the answer follows ``AnswerPlan.grammar``, the
+  EBNF of the page kind's guided form (``model.page.form``).
 * :class:`BannedStrings` (document mode): ``AnswerPlan.banned`` never appears in the answer
   (ASCII case-insensitive), even across token boundaries.
 
@@ -34,7 +35,6 @@ the fast engine runs the same table on the GPU inside its decode graph (no host 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -77,6 +77,11 @@ class TokenConstraint(Protocol):
 
     def is_finished(self) -> bool:
         """The answer is complete (the grammar's end was reached): end it like EOS."""
+        ...
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the constraint allows no alternative to right now (a form's lead-in),
+        already accepted: the engine feeds them in one forward instead of one step each."""
         ...
 
 
@@ -125,7 +130,7 @@ def special_token_ids(tokenizer: Any) -> set[int]:
 
 class _TokenizerIndex:
     """Everything built once per (tokenizer, vocab size): the grammar compiler, compiled
-    grammars by schema, ban automata by banned strings, the token bytes."""
+    grammars by grammar text (most recent last), ban automata by banned strings, the token bytes."""
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         import xgrammar as xg
@@ -138,14 +143,15 @@ class _TokenizerIndex:
         )
         self.compiler = xg.GrammarCompiler(self.info, max_threads=2)
         self.special = special_token_ids(tokenizer)
-        # What a JSON token may never be: a special token other than the stops, or one
-        # holding a control character (JSON strings can't, compact JSON has no layout).
-        json_ok = np.ones((1, vocab_size), dtype=bool)
-        json_ok[0, [t for t in self.special - set(self.stop_ids) if t < vocab_size]] = False
+        # What a grammar's token may never be: a special token other than the stops (it
+        # stands for its text in the grammar but the decoded answer drops it), or one
+        # holding a control character other than the form's newlines.
+        text_ok = np.ones((1, vocab_size), dtype=bool)
+        text_ok[0, [t for t in self.special - set(self.stop_ids) if t < vocab_size]] = False
         for token, data in enumerate(self.token_bytes()):
-            if token not in self.special and any(byte < 0x20 for byte in data):
-                json_ok[0, token] = False
-        self.json_ok = _pack(json_ok)[0]
+            if token not in self.special and any(byte < 0x20 and byte != 0x0A for byte in data):
+                text_ok[0, token] = False
+        self.text_ok = _pack(text_ok)[0]
         self.grammars: dict[str, Any] = {}
         self.automata: dict[tuple[str, ...], BanAutomaton] = {}
         self.lock = threading.Lock()
@@ -183,48 +189,65 @@ def _index(tokenizer: Any, vocab_size: int | None) -> _TokenizerIndex:
 # -------------------------------------------------------------------------- grammar
 
 
-def compiled_grammar(tokenizer: Any, schema: dict[str, Any], vocab_size: int | None = None) -> Any:
-    """xgrammar's compiled grammar for ``schema``, compiled once per (tokenizer, schema).
+# Compiled grammars kept per tokenizer. A form's lead-ins name the page's subject, so
+# grammars are per prompt: the most recent ones are kept (a regenerate or a retry reuses
+# its own) and older ones dropped, so memory stays bounded however many prompts come.
+GRAMMAR_CACHE_SIZE = 64
 
-    Compact JSON (no whitespace between tokens, ``,`` and ``:`` separators): the shape of
-    the prompt's worked example, and no tokens spent on layout.
+
+def compiled_grammar(tokenizer: Any, grammar: str, vocab_size: int | None = None) -> Any:
+    """xgrammar's compiled form of the EBNF ``grammar``, cached per (tokenizer, grammar).
+
+    Compiling a form takes ~0.1-0.4 s on a busy 2-core CPU (bench/RESULTS.md).
     """
     index = _index(tokenizer, vocab_size)
-    key = json.dumps(schema, sort_keys=True)
     with index.lock:
-        grammar = index.grammars.get(key)
-        if grammar is None:
-            grammar = index.compiler.compile_json_schema(
-                json.dumps(schema), any_whitespace=False, separators=(",", ":"), strict_mode=True
-            )
-            index.grammars[key] = grammar
-    return grammar
+        compiled = index.grammars.pop(grammar, None)
+        if compiled is None:
+            compiled = index.compiler.compile_grammar(grammar)
+        index.grammars[grammar] = compiled  # now the most recent
+        while len(index.grammars) > GRAMMAR_CACHE_SIZE:
+            index.grammars.pop(next(iter(index.grammars)))
+    return compiled
 
 
 class GrammarConstraint:
-    """The answer must be a JSON document of the plan's schema; complete once it closes.
+    """The answer must follow the plan's grammar; it is complete once the grammar is.
 
     EOS is allowed only where the grammar is complete, and the grammar terminates as soon
-    as the document closes (nothing may follow it), so the engine ends the answer then.
+    as it is complete (nothing may follow), so the engine ends the answer then.
     """
 
-    def __init__(self, tokenizer: Any, schema: dict[str, Any], vocab_size: int | None = None):
+    def __init__(self, tokenizer: Any, grammar: str, vocab_size: int | None = None):
         import xgrammar as xg
 
         self._index = _index(tokenizer, vocab_size)
         self.matcher = xg.GrammarMatcher(
-            compiled_grammar(tokenizer, schema, vocab_size), terminate_without_stop_token=True
+            compiled_grammar(tokenizer, grammar, vocab_size), terminate_without_stop_token=True
         )
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self._index.json_ok
+        bitmask[row] &= self._index.text_ok
 
     def accept(self, token: int) -> bool:
         return bool(self.matcher.accept_token(token))
 
     def is_finished(self) -> bool:
         return bool(self.matcher.is_terminated())
+
+    def forced_tokens(self) -> list[int]:
+        text = self.matcher.find_jump_forward_string()
+        if not text:
+            return []
+        accepted = []
+        tokenizer = self._index.tokenizer
+        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            # The grammar takes any spelling of the forced text; stop at one it refuses.
+            if not self.matcher.accept_token(token):
+                break
+            accepted.append(int(token))
+        return accepted
 
 
 # -------------------------------------------------------------------- banned strings
@@ -365,6 +388,9 @@ class BannedStrings:
     def is_finished(self) -> bool:
         return False
 
+    def forced_tokens(self) -> list[int]:
+        return []
+
 
 def constraint_for(
     plan: Any, tokenizer: Any, vocab_size: int | None = None
@@ -373,8 +399,8 @@ def constraint_for(
 
     ``vocab_size`` is the model's (its logits' width), which may exceed the tokenizer's.
     """
-    if plan.json_schema is not None:
-        return GrammarConstraint(tokenizer, plan.json_schema, vocab_size)
+    if plan.grammar is not None:
+        return GrammarConstraint(tokenizer, plan.grammar, vocab_size)
     if plan.banned:
         return BannedStrings(ban_automaton(tokenizer, plan.banned, vocab_size), plan.prefix)
     return None

@@ -62,6 +62,9 @@ class _Sequence:
     seed: int
     started: float
     generated: list[int] = field(default_factory=list)
+    # Tokens the constraint forced after the last sampled one: fed with it in one forward.
+    forced: list[int] = field(default_factory=list)
+    reported: int = 0  # generated count at the last progress report
     first_token_at: float | None = None
     finish: FinishReason | None = None
 
@@ -217,17 +220,40 @@ class Engine:
                 attention = attention[index]
                 next_positions = next_positions[index]
                 tokens = [tokens[row] for row in keep]
-            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(-1)
-            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
+            step_ids, step_attention, step_positions = self._step_inputs(
+                active, tokens, next_positions
+            )
+            attention = torch.cat([attention, step_attention], dim=-1)
             outputs = self.model(
                 input_ids=step_ids,
                 attention_mask=attention,
-                position_ids=next_positions,
+                position_ids=step_positions,
                 use_cache=True,
+                logits_to_keep=1,
                 **{self._cache_kwarg: cache},
             )
-            next_positions = next_positions + 1
+            next_positions = step_positions[:, -1:] + 1
             logits = outputs.logits[:, -1, :]
+
+    def _step_inputs(
+        self, active: list[_Sequence], tokens: list[int], next_positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ids, attention and positions of one step: each row's sampled token and the tokens
+        its constraint forced after it (a form's lead-in: one forward instead of one step a
+        token), left-padded to the longest row; padding is masked and takes no position."""
+        feeds = [[token, *seq.forced] for seq, token in zip(active, tokens, strict=True)]
+        for seq in active:
+            seq.forced = []
+        width = max(len(feed) for feed in feeds)
+        ids = torch.full((len(feeds), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(feeds), width), dtype=torch.long)
+        for row, feed in enumerate(feeds):
+            ids[row, width - len(feed) :] = torch.tensor(feed)
+            attention[row, width - len(feed) :] = 1
+        attention = attention.to(self.device)
+        # Real tokens continue each row's positions; padding repeats the first one (masked).
+        offsets = (attention.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), attention, next_positions + offsets
 
     def _allowed(self, active: list[_Sequence], vocab: int) -> torch.Tensor | None:
         """The rows' allowed tokens (bool [rows, vocab]); None when no row is constrained."""
@@ -255,9 +281,9 @@ class Engine:
                 # Cannot happen while masks are applied: a bug, not the model's fault.
                 log.error("token %d broke the constraint of %s", token, seq.request.request_id)
                 seq.finish = FinishReason.EOS
-            elif seq.constraint is not None and seq.constraint.is_finished():
-                seq.finish = FinishReason.EOS  # the grammar's document is complete
-            elif seq.plan.json_schema is None and self.page_end.closed(seq.generated):
+            elif seq.constraint is not None and self._take_forced(seq):
+                seq.finish = FinishReason.EOS  # the grammar's answer is complete
+            elif seq.plan.grammar is None and self.page_end.closed(seq.generated):
                 # A compose answer's strings may hold "</html>": only documents end there.
                 seq.finish = FinishReason.HTML_COMPLETE
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
@@ -265,11 +291,23 @@ class Engine:
             elif should_check(len(seq.generated)) and ends_in_loop(seq.generated):
                 seq.finish = FinishReason.REPETITION
         count = len(seq.generated)
-        if progress is not None and (seq.finish is not None or count % PROGRESS_EVERY == 0):
+        # Forced tokens move the count in jumps: report each time it passes a multiple.
+        crossed = count // PROGRESS_EVERY != seq.reported // PROGRESS_EVERY
+        if progress is not None and (seq.finish is not None or crossed):
+            seq.reported = count
             try:
                 progress(seq.request.request_id, count)
             except Exception:  # a broken listener must not kill everyone's generation
                 log.exception("progress callback failed")
+
+    def _take_forced(self, seq: _Sequence) -> bool:
+        """Take the tokens the constraint forces next; True when the answer is complete."""
+        assert seq.constraint is not None
+        if seq.constraint.is_finished():
+            return True
+        seq.forced = seq.constraint.forced_tokens()
+        seq.generated.extend(seq.forced)
+        return seq.constraint.is_finished()
 
     def _result(self, seq: _Sequence) -> GenerationResult:
         finished = time.perf_counter()

@@ -405,7 +405,7 @@ class FastEngine:
                 return FinishReason.EOS
             if seq.constraint.is_finished():
                 return FinishReason.EOS  # the grammar's document is complete
-        compose = seq.plan.json_schema is not None  # its strings may hold "</html>"
+        compose = seq.plan.grammar is not None  # its strings may hold "</html>"
         if not self.options.ignore_eos and not compose and self.page_end.closed(seq.generated):
             return FinishReason.HTML_COMPLETE
         if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:

@@ -10,7 +10,8 @@ import html as html_lib
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.page.content import PageKind, classify_prompt, example_json, page_subject, schema_for
+from model.page.content import PageKind, classify_prompt, page_subject
+from model.page.form import grammar_for
 from model.types import GenerationRequest, PageMode, SafetyPolicy
 
 SYSTEM_PROMPT = (
@@ -33,8 +34,7 @@ _LLAMA2_TURN = "[INST] {user} [/INST]"
 
 
 COMPOSE_SYSTEM_PROMPT = (
-    "You write the words of web pages. Answer with one JSON object in the shape of the "
-    "example, about the user's subject, and nothing else."
+    "You write the words of web pages: short, concrete, friendly sentences in English."
 )
 
 
@@ -48,14 +48,13 @@ def user_message(description: str, style: str | None = None) -> str:
 
 
 def compose_user_message(description: str, style: str | None, kind: PageKind) -> str:
-    """The user's turn in compose mode: the subject, the kind of page, the worked example."""
-    text = f"Write the content of a {kind.value} web page about: {description.strip()}"
+    """The user's turn in compose mode: the request and the kind of page. The form itself
+    (``model.page.form``) comes as the answer's lead-ins, one question at a time: a worked
+    example in the prompt was copied word for word by the embedded model."""
+    text = f"Write the text of a {kind.value} web page: {description.strip()}"
     if style:
         text += f"\nTone: {STYLE_HINTS.get(style, style)}."
-    return (
-        f"{text}\nExample of the JSON shape, about another subject:\n{example_json(kind)}\n"
-        f"Now write the JSON for: {description.strip()}"
-    )
+    return text
 
 
 def document_prefix(description: str) -> str:
@@ -159,13 +158,14 @@ class AnswerPlan:
 
     ``prompt_ids`` end where the answer starts; in document mode they include the encoded
     ``prefix`` (the skeleton), and the result's text starts with ``prefix`` too.
-    ``json_schema`` (compose) is the grammar the answer must follow; ``banned`` (document)
-    are strings the answer may not contain (case-insensitive).
+    ``grammar`` (compose) is the xgrammar EBNF the answer must follow (the guided form of
+    ``model.page.form``); ``banned`` (document) are strings the answer may not contain
+    (case-insensitive).
     """
 
     prompt_ids: list[int]
     prefix: str = ""
-    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
     banned: tuple[str, ...] = field(default=())
     kind: PageKind | None = None
 
@@ -175,7 +175,8 @@ def plan_answer(tokenizer: Any, request: GenerationRequest) -> AnswerPlan:
     if request.mode is PageMode.COMPOSE:
         kind = classify_prompt(request.prompt)
         ids = encode_prompt(tokenizer, request.prompt, request.style, PageMode.COMPOSE)
-        return AnswerPlan(prompt_ids=ids, json_schema=schema_for(kind), kind=kind)
+        grammar = grammar_for(kind, page_subject(request.prompt))
+        return AnswerPlan(prompt_ids=ids, grammar=grammar, kind=kind)
     prefix = document_prefix(request.prompt)
     text = build_prompt(tokenizer, request.prompt, request.style) + prefix
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

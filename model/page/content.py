@@ -1,35 +1,32 @@
-"""What a page says, apart from how it looks: the data ``compose`` mode asks the model for.
+"""What a page says, apart from how it looks: the content compose mode renders.
 
-In ``compose`` mode the model does not write markup. It fills in a small JSON object (title,
-tagline, a block that fits the kind of page the prompt asks for, a few sections, a call to
-action, a footer) under a grammar built from :func:`schema_for`, so its answer always parses,
-and the project's themed templates turn it into the page. Every field is short and bounded:
-a 135M model writes usable prose in a sentence or two and rambles past that.
+In ``compose`` mode the model does not write markup: it fills in a guided form of short
+lines (``model.page.form``) whose values become a :class:`PageContent` (title, tagline, a
+block that fits the kind of page the prompt asks for, a few sections, a call to action, a
+footer), and the project's themed templates (``model.page.theming``) turn it into the page.
+Every field is short and bounded: a 135M model writes usable prose in a sentence or two and
+rambles past that.
 
 The kind of page (pricing, FAQ, form, ...) comes from the prompt's words
-(:func:`classify_prompt`); each kind has its own block and a worked example
-(:data:`EXAMPLES`, about another subject, so the model copies the shape and not the words).
+(:func:`classify_prompt`); the title from its subject (:func:`page_subject`). Each kind has
+hand-written sample content (:data:`EXAMPLES`) that the themes are designed and tested with.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "EXAMPLES",
     "PageContent",
     "PageKind",
     "classify_prompt",
-    "close_json",
     "page_subject",
     "page_title",
-    "parse_content",
-    "schema_for",
 ]
 
 
@@ -222,120 +219,14 @@ class PageContent(_Strict):
     footer: str = Field(default="", max_length=_LINE)
 
 
-# -------------------------------------------------------------------- the grammar's schema
-
-
-def _string(max_length: int) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": max_length}
-
-
-def _array(items: dict[str, Any], low: int, high: int) -> dict[str, Any]:
-    return {"type": "array", "items": items, "minItems": low, "maxItems": high}
-
-
-def _object(**properties: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties),
-        "additionalProperties": False,
-    }
-
-
-_CARD = _object(title=_string(_SHORT), text=_string(140))
-
-# The block each kind adds between the tagline and the sections, as JSON-schema properties.
-_BLOCKS: dict[PageKind, dict[str, dict[str, Any]]] = {
-    PageKind.LANDING: {"features": _array(_CARD, 3, 3)},
-    PageKind.PRICING: {
-        "plans": _array(
-            _object(name=_string(24), price=_string(12), features=_array(_string(48), 3, 4)),
-            3,
-            3,
-        )
-    },
-    PageKind.FORM: {
-        "form": _object(
-            fields=_array(
-                _object(
-                    label=_string(30),
-                    type={"enum": ["text", "email", "tel", "number", "date", "textarea"]},
-                    required={"type": "boolean"},
-                ),
-                3,
-                6,
-            ),
-            submit=_string(24),
-        )
-    },
-    PageKind.FAQ: {
-        "questions": _array(_object(question=_string(_LINE), answer=_string(200)), 4, 6)
-    },
-    PageKind.ARTICLE: {"paragraphs": _array(_string(_SENTENCES), 3, 5)},
-    PageKind.DASHBOARD: {
-        "stats": _array(_object(label=_string(24), value=_string(12)), 3, 4),
-        "table": _object(
-            columns=_array(_string(20), 3, 4),
-            rows=_array(_array(_string(20), 3, 4), 3, 5),
-        ),
-    },
-    PageKind.ITINERARY: {
-        "days": _array(
-            _object(name=_string(16), title=_string(_SHORT), activities=_array(_string(80), 2, 3)),
-            3,
-            5,
-        )
-    },
-    PageKind.PORTFOLIO: {"projects": _array(_CARD, 3, 4)},
-    PageKind.RESUME: {
-        "experience": _array(
-            _object(
-                role=_string(_SHORT),
-                organization=_string(_SHORT),
-                period=_string(20),
-                summary=_string(160),
-            ),
-            2,
-            3,
-        ),
-        "skills": _array(_string(24), 4, 6),
-    },
-    PageKind.MENU: {
-        "dishes": _array(
-            _object(name=_string(_SHORT), description=_string(100), price=_string(10)), 4, 6
-        )
-    },
-    PageKind.EVENT: {"schedule": _array(_object(time=_string(12), title=_string(60)), 3, 5)},
-}
-
-_SECTION = _object(
-    heading=_string(_SHORT), text=_string(_SENTENCES), items=_array(_string(80), 0, 3)
-)
-
-
-def schema_for(kind: PageKind) -> dict[str, Any]:
-    """The JSON schema the grammar enforces for ``kind``: every key required and in this
-    order (title, tagline, the kind's block, sections, call to action, footer), so the model
-    spends its tokens on the values and never on choosing keys."""
-    properties: dict[str, dict[str, Any]] = {
-        "title": _string(60),
-        "tagline": _string(140),
-        **_BLOCKS[kind],
-        "sections": _array(_SECTION, 2, 3),
-        "call_to_action": _object(text=_string(_LINE), button=_string(24)),
-        "footer": _string(_LINE),
-    }
-    return _object(**properties)
-
-
-# --------------------------------------------------------------------------- worked examples
+# ---------------------------------------------------------------------------- sample content
 
 _COMMON_TAIL = {
     "call_to_action": {"text": "Questions before you start?", "button": "Contact us"},
 }
 
-# One example per kind, each about a subject the prompts are unlikely to share; the prompt
-# says to copy the shape, not the words. Kept short: every example token is prompt to prefill.
+# Hand-written content of every kind: what the themes are designed and tested with, and
+# what `python -m bench.constrained` measures the grammar libraries on.
 EXAMPLES: dict[PageKind, dict[str, Any]] = {
     PageKind.LANDING: {
         "title": "Green Thumb Gardening",
@@ -570,92 +461,3 @@ EXAMPLES: dict[PageKind, dict[str, Any]] = {
         "footer": "Harbour Arts",
     },
 }
-
-
-def example_json(kind: PageKind) -> str:
-    """The worked example for ``kind`` as the compact JSON the grammar makes the model write."""
-    return json.dumps(EXAMPLES[kind], ensure_ascii=False, separators=(",", ":"))
-
-
-# ------------------------------------------------------------------------------ parsing
-
-
-def close_json(prefix: str) -> str:
-    """Close a JSON text that was cut off (strings, arrays, objects left open).
-
-    Under the grammar every prefix of the answer is the start of a valid document, so
-    closing what is open (and dropping a dangling key or comma) makes a document of what
-    was written when the token limit cut it.
-    """
-    stack: list[str] = []
-    in_string = False
-    escaped = False
-    for char in prefix:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            stack.append("}" if char == "{" else "]")
-        elif char in "}]" and stack:
-            stack.pop()
-    text = prefix
-    if in_string:
-        if escaped:
-            text = text[:-1]
-        text += '"'
-    # Drop what can't end a value: a trailing comma, a key without its value, a bare colon,
-    # or a literal cut short (tru, fal, nul, a number's sign).
-    text = re.sub(
-        r'(,\s*"(?:[^"\\]|\\.)*"\s*:?\s*|,\s*|:\s*|\b(?:t|tr|tru|f|fa|fal|fals|n|nu|nul)|-)$',
-        "",
-        text,
-    )
-    if stack and stack[-1] == "}" and re.search(r'[{,]\s*"(?:[^"\\]|\\.)*"$', text):
-        # A key with no value left at the end of an object.
-        text = re.sub(r',?\s*"(?:[^"\\]|\\.)*"$', "", text)
-    return text + "".join(reversed(stack))
-
-
-def parse_content(text: str) -> tuple[PageContent, bool]:
-    """The page content in a model's JSON answer, and whether it had to be closed (cut off).
-
-    Raises ``ValueError`` when the text holds no usable content (not JSON, or no title).
-    Fields that fail their bounds are dropped one at a time rather than losing the page.
-    """
-    start = text.find("{")
-    if start < 0:
-        raise ValueError("the answer holds no JSON object")
-    body = text[start:]
-    closed = False
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        try:
-            data = json.loads(close_json(body))
-            closed = True
-        except json.JSONDecodeError as error:
-            raise ValueError(f"the answer is not JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError("the answer's JSON is not an object")
-    return _validate_leniently(data), closed
-
-
-def _validate_leniently(data: dict[str, Any]) -> PageContent:
-    """Validate, dropping each optional top-level field that fails its bounds (a block cut
-    short by the token limit); only a missing or unusable title loses the page."""
-    data = dict(data)
-    while True:
-        try:
-            return PageContent.model_validate(data)
-        except ValidationError as error:
-            bad = {str(issue["loc"][0]) for issue in error.errors() if issue["loc"]}
-            if not bad or "title" in bad:
-                raise ValueError(f"the answer has no usable title: {error}") from None
-            for key in bad:
-                data.pop(key, None)
