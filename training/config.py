@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from model.types import PageMode
 from training.errors import ConfigError
 
 DEFAULT_DATASET = "jawerty/html_dataset"
@@ -33,6 +34,7 @@ DEFAULT_TARGET_MODULES = (
 
 OverlongPolicy = Literal["drop", "truncate"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+PageModeSetting = Literal["document", "compose", "both"]
 
 
 @dataclass
@@ -173,6 +175,16 @@ class TrainConfig:
         },
     )
 
+    page_mode: PageModeSetting = field(
+        default="document",
+        metadata={
+            "help": "which model.types.PageMode the adapter learns: document (continue the "
+            "page skeleton inside <body>), compose (fill in the landing page's form, from "
+            "content read out of each page that has enough text) or both (a document "
+            "example per pair and a compose one where that works)"
+        },
+    )
+
     # --- loop ---
     output_dir: str = field(
         default="out/adapter", metadata={"help": "folder for the adapter, checkpoints and config"}
@@ -278,6 +290,10 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.overlong not in ("drop", "truncate"):
             raise ConfigError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
+        if self.page_mode not in ("document", "compose", "both"):
+            raise ConfigError(
+                f"page_mode must be document, compose or both, got {self.page_mode!r}"
+            )
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(
                 f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}"
@@ -295,6 +311,13 @@ class TrainConfig:
             raise ConfigError("target_modules must name at least one module")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (e.g. you/codellama-html-lora)")
+
+    @property
+    def page_modes(self) -> tuple[PageMode, ...]:
+        """The page modes ``page_mode`` trains (and evaluation generates) in, in order."""
+        if self.page_mode == "both":
+            return (PageMode.DOCUMENT, PageMode.COMPOSE)
+        return (PageMode(self.page_mode),)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

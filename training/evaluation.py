@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from model.types import GenerationRequest, GenerationResult, PageMode
 from training.data import Pair
 from training.tokenization import IGNORE_INDEX
 
@@ -65,22 +66,25 @@ def generation_metrics(
     max_new_tokens: int,
     style: str | None = None,
     seed: int = 0,
+    modes: Sequence[PageMode] = (PageMode.DOCUMENT,),
 ) -> dict[str, Any]:
-    """Generate a page for each eval description and summarise their quality.
+    """Generate a page for each eval description in each of ``modes`` and summarise them.
 
     ``loaded`` is a :class:`model.loading.LoadedModel` whose model may be a PeftModel in
-    training. Decoding is greedy so before/after numbers are comparable.
+    training. Decoding is greedy so before/after numbers are comparable. The top-level
+    measures are over every page generated; with several modes, ``by_mode`` holds each
+    mode's own.
     """
-    if not pairs:
+    if not pairs or not modes:
         return {}
     from model.engine import Engine
-    from model.errors import HtmlExtractionError
-    from model.page import page_from_result, summarize_pages
     from model.types import GenerationRequest, SamplingParams
 
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
     requests = [
-        GenerationRequest(prompt=pair.description, style=style, sampling=sampling) for pair in pairs
+        GenerationRequest(prompt=pair.description, style=style, mode=mode, sampling=sampling)
+        for mode in modes
+        for pair in pairs
     ]
     model = loaded.model
     was_training = model.training
@@ -93,11 +97,33 @@ def generation_metrics(
         model.config.use_cache = use_cache
         if was_training:
             model.train()
+    summary = _summarize(requests, results, style)
+    if len(modes) > 1:
+        summary["by_mode"] = {
+            mode.value: _summarize(
+                [r for r in requests if r.mode is mode],
+                [res for r, res in zip(requests, results, strict=True) if r.mode is mode],
+                style,
+            )
+            for mode in modes
+        }
+    return summary
+
+
+def _summarize(
+    requests: Sequence[GenerationRequest], results: Sequence[GenerationResult], style: str | None
+) -> dict[str, Any]:
+    """Page measures of these results, built into pages as the bot builds them."""
+    from model.errors import HtmlExtractionError
+    from model.page import page_from_result, summarize_pages
+
     pages = []
     unusable = 0
     for request, result in zip(requests, results, strict=True):
         try:
-            pages.append(page_from_result(result, prompt=request.prompt, style=style))
+            pages.append(
+                page_from_result(result, prompt=request.prompt, mode=request.mode, style=style)
+            )
         except HtmlExtractionError:
             unusable += 1
     # Rates over the pages that could be built; outputs with nothing page-like are counted

@@ -64,15 +64,26 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, splits: Splits) -> Pre
     packing if asked); a train split with nothing left is a :class:`DataError`."""
     truncate = config.overlong == "truncate"
     train, train_report = encode_pairs(
-        tokenizer, splits.train, config.max_seq_len, style=config.style, truncate=truncate
+        tokenizer,
+        splits.train,
+        config.max_seq_len,
+        style=config.style,
+        truncate=truncate,
+        modes=config.page_modes,
     )
     evaluation, eval_report = encode_pairs(
-        tokenizer, splits.eval, config.max_seq_len, style=config.style, truncate=truncate
+        tokenizer,
+        splits.eval,
+        config.max_seq_len,
+        style=config.style,
+        truncate=truncate,
+        modes=config.page_modes,
     )
     if not train:
         raise DataError(
             f"no training example fits in max_seq_len={config.max_seq_len} tokens "
-            f"({train_report.dropped_too_long} too long); "
+            f"({train_report.dropped_too_long} too long, {train_report.compose_skipped} pages "
+            "with too little text for a compose example); "
             "raise --max-seq-len or use --overlong truncate"
         )
     if config.packing:
@@ -80,9 +91,12 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, splits: Splits) -> Pre
         train_report.rows_after_packing = len(train)
         evaluation = pack(evaluation, config.max_seq_len) if evaluation else evaluation
     log.info(
-        "tokenized: %d train examples (%d dropped, %d truncated as too long), %d eval; "
-        "%d target tokens, longest %d",
+        "tokenized: %d train examples (%d document, %d compose; %d pairs without a compose "
+        "example; %d dropped, %d truncated as too long), %d eval; %d target tokens, longest %d",
         train_report.examples,
+        train_report.document_examples,
+        train_report.compose_examples,
+        train_report.compose_skipped,
         train_report.dropped_too_long,
         train_report.truncated,
         eval_report.examples,
@@ -322,6 +336,7 @@ class _Run:
                     max_new_tokens=self.config.eval_max_new_tokens,
                     style=self.config.style,
                     seed=self.config.seed,
+                    modes=self.config.page_modes,
                 )
             )
         return result

@@ -1,22 +1,35 @@
 """Turning pairs into causal-LM examples, and batches with dynamic padding.
 
-One sequence per example: the inference prompt (:func:`model.prompting.encode_prompt`)
-followed by the page and EOS (:func:`model.prompting.encode_answer`). Labels copy the
-page tokens and are -100 on the prompt and on padding, so the loss is the model's skill at
-writing the page and nothing else. (The seed labelled description tokens with page tokens
-and counted padding: its loss stayed near 9.)
+One sequence per example: exactly the prompt ids inference decodes from, then the answer
+the model should give and EOS. Labels copy the answer tokens and are -100 on the prompt and
+on padding, so the loss is the model's skill at answering and nothing else. (The seed
+labelled description tokens with page tokens and counted padding: its loss stayed near 9.)
+
+Each page mode has its own example (``TrainConfig.page_mode`` picks one or both):
+
+* ``document``: the prompt is :func:`model.prompting.plan_answer`'s, which ends with the
+  page skeleton up to ``<body>`` (:func:`model.prompting.document_prefix`); the answer is
+  the dataset page's body content, then ``</body>`` and ``</html>`` (:func:`body_answer`).
+* ``compose``: the landing kind's compose prompt
+  (:func:`model.prompting.encode_compose_prompt`); the answer is the form filled in with
+  the content read out of the page (:mod:`training.compose`), when the page has enough
+  text and the form's grammar accepts the result.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from model.prompting import encode_answer, encode_prompt
+from model.page.content import PageContent
+from model.prompting import encode_compose_prompt, plan_answer
+from model.types import GenerationRequest, PageMode
+from training.compose import COMPOSE_KIND, FormChecker, compose_answer, content_from_page
 from training.data import Pair
 
 log = logging.getLogger(__name__)
@@ -42,7 +55,17 @@ class Example:
 
 @dataclass
 class TokenizeReport:
+    """What tokenization made of the pairs: examples per mode, what was dropped or cut.
+
+    ``compose_skipped`` counts the pairs that gave no compose example: too little usable
+    text in the page, or (``compose_refused``, a part of it) an answer the grammar refuses.
+    """
+
     examples: int = 0
+    document_examples: int = 0
+    compose_examples: int = 0
+    compose_skipped: int = 0
+    compose_refused: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
     prompt_tokens: int = 0
@@ -57,13 +80,94 @@ class TokenizeReport:
         return data
 
 
+_BODY_OPEN = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
+_BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
+_HTML_CLOSE = re.compile(r"</html\s*>", re.IGNORECASE)
+# What a page without <body> may still hold before its content; the skeleton has its own.
+_DOCUMENT_START = re.compile(
+    r"^\s*(?:<!doctype[^>]*>\s*)?(?:<html\b[^>]*>\s*)?(?:<head\b.*?</head\s*>\s*)?",
+    re.IGNORECASE | re.DOTALL,
+)
+DOCUMENT_END = "</body>\n</html>"
+
+
+def body_content(page: str) -> str:
+    """What comes after the page's ``<body ...>`` tag, up to its last ``</body>`` (or
+    ``</html>``). A page with no ``<body>`` tag is all body, less any doctype, ``<html>``
+    and ``<head>`` before it (the skeleton the model continues has those)."""
+    opening = _BODY_OPEN.search(page)
+    content = page[opening.end() :] if opening else _DOCUMENT_START.sub("", page, count=1)
+    for closing in (_BODY_CLOSE, _HTML_CLOSE):
+        ends = list(closing.finditer(content))
+        if ends:
+            content = content[: ends[-1].start()]
+            break
+    return content.strip()
+
+
+def body_answer(page: str, truncated: bool = False) -> str:
+    """The document-mode answer for ``page``: its body content, then ``</body>`` and
+    ``</html>`` (a truncated page did not end, so it gets no closing tags)."""
+    content = body_content(page)
+    if truncated:
+        return content
+    return f"{content}\n{DOCUMENT_END}" if content else DOCUMENT_END
+
+
+def _answer_ids(tokenizer: Any, answer: str, eos: bool) -> list[int]:
+    ids: list[int] = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def document_prompt_ids(tokenizer: Any, description: str, style: str | None) -> list[int]:
+    """The ids a document-mode request for ``description`` is decoded from (chat prompt
+    and the skeleton up to ``<body>``), from inference's own :func:`plan_answer`."""
+    request = GenerationRequest(prompt=description, style=style, mode=PageMode.DOCUMENT)
+    return plan_answer(tokenizer, request).prompt_ids
+
+
 def _encode(tokenizer: Any, pair: Pair, style: str | None) -> tuple[list[int], list[int]]:
-    """The whole prompt and answer ids of ``pair``; a truncated page keeps no EOS."""
-    prompt = encode_prompt(tokenizer, pair.description, style)
-    answer = encode_answer(tokenizer, pair.page)
-    if pair.truncated and answer and answer[-1] == tokenizer.eos_token_id:
-        answer = answer[:-1]
+    """The document-mode prompt and answer ids of ``pair``; a truncated page keeps no EOS."""
+    prompt = document_prompt_ids(tokenizer, pair.description, style)
+    answer = _answer_ids(tokenizer, body_answer(pair.page, pair.truncated), not pair.truncated)
     return prompt, answer
+
+
+def _encode_compose(
+    tokenizer: Any, pair: Pair, style: str | None, content: PageContent
+) -> tuple[list[int], list[int]]:
+    """The compose-mode prompt and answer ids of ``pair``, whose page gave ``content``."""
+    prompt = encode_compose_prompt(tokenizer, pair.description, style, COMPOSE_KIND)
+    # The form is complete even when the page was cut, so the answer always ends (EOS).
+    answer = _answer_ids(tokenizer, compose_answer(content, pair.description), eos=True)
+    return prompt, answer
+
+
+def _mode_ids(
+    tokenizer: Any,
+    pair: Pair,
+    mode: PageMode,
+    style: str | None,
+    checker: FormChecker | None,
+    report: TokenizeReport,
+) -> tuple[list[int], list[int]] | None:
+    """Prompt and answer ids of ``pair`` in ``mode``; ``None`` (counted in ``report``) when
+    the page gives no compose content or one the form grammar refuses."""
+    if mode is PageMode.DOCUMENT:
+        return _encode(tokenizer, pair, style)
+    content = content_from_page(pair.page, pair.description)
+    if content is None:
+        report.compose_skipped += 1
+        return None
+    if checker is None:
+        checker = FormChecker(tokenizer)
+    if not checker.accepts(content):
+        report.compose_skipped += 1
+        report.compose_refused += 1
+        return None
+    return _encode_compose(tokenizer, pair, style, content)
 
 
 def _fit(
@@ -91,13 +195,19 @@ def encode_pair(
     *,
     style: str | None = None,
     truncate: bool = False,
+    mode: PageMode = PageMode.DOCUMENT,
+    checker: FormChecker | None = None,
 ) -> Example | None:
-    """The example for one pair, or ``None`` when it is over ``max_seq_len`` and not truncated.
+    """The example for one pair in ``mode``, or ``None`` when it is over ``max_seq_len`` and
+    not truncated, or (compose) its page gives no usable content.
 
     A truncated page keeps no EOS: the model must not learn to stop in the middle of a page.
+    ``checker`` (compose) is reused across calls when given; built here otherwise.
     """
-    prompt, answer = _encode(tokenizer, pair, style)
-    return _fit(tokenizer, prompt, answer, max_seq_len, truncate)
+    ids = _mode_ids(tokenizer, pair, mode, style, checker, TokenizeReport())
+    if ids is None:
+        return None
+    return _fit(tokenizer, *ids, max_seq_len, truncate)
 
 
 def encode_pairs(
@@ -107,29 +217,58 @@ def encode_pairs(
     *,
     style: str | None = None,
     truncate: bool = False,
+    modes: Sequence[PageMode] = (PageMode.DOCUMENT,),
 ) -> tuple[list[Example], TokenizeReport]:
-    """Encode many pairs; over-long ones are dropped or truncated and counted."""
+    """Encode many pairs, one example per pair and mode (a compose example only when the
+    page gives usable content); over-long ones are dropped or truncated and counted."""
     report = TokenizeReport()
+    checker = FormChecker(tokenizer) if PageMode.COMPOSE in modes else None
     examples: list[Example] = []
     for pair in pairs:
-        # Each pair is tokenized once; only an over-long one is then cut to fit.
-        prompt, answer = _encode(tokenizer, pair, style)
-        if len(prompt) + len(answer) > max_seq_len:
-            if not truncate:
-                report.dropped_too_long += 1
+        for mode in modes:
+            example = _encode_one(
+                tokenizer, pair, mode, max_seq_len, style, truncate, checker, report
+            )
+            if example is None:
                 continue
-            report.truncated += 1
-        example = _fit(tokenizer, prompt, answer, max_seq_len, truncate)
-        if example is None:
-            report.dropped_too_long += 1
-            continue
-        examples.append(example)
-        report.target_tokens += example.target_tokens
-        report.prompt_tokens += len(example) - example.target_tokens
-        report.lengths.append(len(example))
+            examples.append(example)
+            if mode is PageMode.DOCUMENT:
+                report.document_examples += 1
+            else:
+                report.compose_examples += 1
+            report.target_tokens += example.target_tokens
+            report.prompt_tokens += len(example) - example.target_tokens
+            report.lengths.append(len(example))
     report.examples = len(examples)
     report.longest = max(report.lengths, default=0)
     return examples, report
+
+
+def _encode_one(
+    tokenizer: Any,
+    pair: Pair,
+    mode: PageMode,
+    max_seq_len: int,
+    style: str | None,
+    truncate: bool,
+    checker: FormChecker | None,
+    report: TokenizeReport,
+) -> Example | None:
+    """One pair's example in ``mode``, with what happened to it counted in ``report``."""
+    # Each pair is tokenized once per mode; only an over-long one is then cut to fit.
+    ids = _mode_ids(tokenizer, pair, mode, style, checker, report)
+    if ids is None:
+        return None
+    prompt, answer = ids
+    if len(prompt) + len(answer) > max_seq_len:
+        if not truncate:
+            report.dropped_too_long += 1
+            return None
+        report.truncated += 1
+    example = _fit(tokenizer, prompt, answer, max_seq_len, truncate)
+    if example is None:
+        report.dropped_too_long += 1
+    return example
 
 
 def pack(examples: Sequence[Example], max_seq_len: int) -> list[Example]:

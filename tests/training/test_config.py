@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from model.types import PageMode
 from training.config import DEFAULT_DATASET, TrainConfig, load_yaml, parse_config
 from training.errors import ConfigError
 
@@ -58,11 +59,28 @@ def test_saved_config_reads_back(tmp_path: Path) -> None:
         (["--push-to-hub"], "push_to_hub needs hub_model_id"),
         (["--eval-fraction", "1.5"], "eval_fraction must be in"),
         (["--device", "cuda:1"], "device must be auto, cpu or cuda"),
+        (["--page-mode", "markdown"], "page_mode must be one of"),
     ],
 )
 def test_bad_values_are_named(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(argv)
+
+
+@pytest.mark.parametrize(
+    ("setting", "modes"),
+    [
+        ("document", (PageMode.DOCUMENT,)),
+        ("compose", (PageMode.COMPOSE,)),
+        ("both", (PageMode.DOCUMENT, PageMode.COMPOSE)),
+    ],
+)
+def test_page_mode(setting: str, modes: tuple[PageMode, ...]) -> None:
+    assert parse_config([]).page_modes == (PageMode.DOCUMENT,)  # today's behaviour
+    config = parse_config(["--page-mode", setting])
+    assert config.page_mode == setting and config.page_modes == modes
+    with pytest.raises(ConfigError, match="page_mode must be document, compose or both"):
+        TrainConfig(page_mode="html")  # type: ignore[arg-type]
 
 
 def test_unknown_yaml_key(tmp_path: Path) -> None:

@@ -9,11 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from model.prompting import build_prompt
+from model.prompting import document_prefix, plan_answer
+from model.types import GenerationRequest
 from training.data import Pair
 from training.tokenization import (
     IGNORE_INDEX,
     Collator,
+    body_answer,
+    body_content,
     count_tokens,
     encode_pair,
     encode_pairs,
@@ -33,18 +36,59 @@ def test_prompt_masked_page_and_eos_labelled(tokenizer: Any) -> None:
     n_prompt = example.labels.index(
         next(label for label in example.labels if label != IGNORE_INDEX)
     )
-    # Prompt: every label masked, and its text is exactly the inference prompt.
+    # Prompt: every label masked, and its ids are exactly those inference decodes from
+    # (the chat prompt and the page skeleton up to <body>).
+    plan = plan_answer(tokenizer, GenerationRequest(prompt=pair.description))
+    assert example.input_ids[:n_prompt] == plan.prompt_ids
     assert all(label == IGNORE_INDEX for label in example.labels[:n_prompt])
-    assert tokenizer.decode(example.input_ids[:n_prompt]) == build_prompt(
-        tokenizer, pair.description
+    assert tokenizer.decode(example.input_ids[:n_prompt]).endswith(
+        document_prefix(pair.description)
     )
-    # Answer: every token labelled with itself; it is the page, then EOS.
+    # Answer: every token labelled with itself; it is the page's body content, the closing
+    # tags, then EOS.
     answer = example.labels[n_prompt:]
     assert answer == example.input_ids[n_prompt:]
     assert answer[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(answer[:-1]) == PAGE
+    assert tokenizer.decode(answer[:-1]) == (
+        "<h1>Crumb &amp; Co.</h1><p>Fresh bread</p>\n</body>\n</html>"
+    )
     # No doubled BOS from add_special_tokens on top of the template's own.
     assert example.input_ids[:2] != [tokenizer.bos_token_id] * 2
+
+
+def test_document_prompt_follows_style(tokenizer: Any) -> None:
+    pair = Pair("a pricing page for a gym", PAGE)
+    example = encode_pair(tokenizer, pair, 4096, style="retro")
+    assert example is not None
+    plan = plan_answer(tokenizer, GenerationRequest(prompt=pair.description, style="retro"))
+    assert example.input_ids[: len(plan.prompt_ids)] == plan.prompt_ids
+    assert example.labels.count(IGNORE_INDEX) == len(plan.prompt_ids)
+
+
+@pytest.mark.parametrize(
+    ("page", "body"),
+    [
+        (
+            '<html><head><title>t</title></head><body class="x">\n<p>Hi</p>\n</body></html>',
+            "<p>Hi</p>",
+        ),
+        (
+            "<!DOCTYPE html><html><head><title>t</title></head><p>No body tag</p></html>",
+            "<p>No body tag</p>",
+        ),
+        ("<div>Just a fragment</div>", "<div>Just a fragment</div>"),
+        ("<BODY><p>Upper</p></BODY>\n</HTML>", "<p>Upper</p>"),
+        # Only the page's last </body> ends it.
+        (
+            "<body><script>s='</body>'</script><p>x</p></body>",
+            "<script>s='</body>'</script><p>x</p>",
+        ),
+    ],
+)
+def test_body_content(page: str, body: str) -> None:
+    assert body_content(page) == body
+    assert body_answer(page) == body + "\n</body>\n</html>"
+    assert body_answer(page, truncated=True) == body
 
 
 def test_style_reaches_the_prompt(tokenizer: Any) -> None:
