@@ -288,7 +288,13 @@ class Engine:
                 seq.finish = FinishReason.HTML_COMPLETE
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
                 seq.finish = FinishReason.LENGTH
-            elif should_check(len(seq.generated)) and ends_in_loop(seq.generated):
+            elif (
+                # A grammar bounds every value, so a form always ends; its lead-ins repeat
+                # by design, which the loop check would take for a loop.
+                seq.plan.grammar is None
+                and should_check(len(seq.generated))
+                and ends_in_loop(seq.generated)
+            ):
                 seq.finish = FinishReason.REPETITION
         count = len(seq.generated)
         # Forced tokens move the count in jumps: report each time it passes a multiple.

@@ -412,6 +412,7 @@ class FastEngine:
             return FinishReason.LENGTH
         if (
             not self.options.ignore_eos
+            and seq.plan.grammar is None  # a form is bounded and repeats its lead-ins
             and should_check(len(seq.generated))
             and ends_in_loop(seq.generated)
         ):
