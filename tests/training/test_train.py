@@ -214,3 +214,53 @@ def test_packed_run_and_early_stopping(tiny_base: Path, tmp_path: Path) -> None:
     at_best = load_file(str(best / "adapter_model.safetensors"))
     assert written.keys() == at_best.keys()
     assert all(torch.equal(written[key], at_best[key]) for key in written)
+
+
+def _landing_pairs(path: Path, count: int) -> Path:
+    """``count`` landing pages with enough text for compose examples, as a JSONL file."""
+    page = (Path(__file__).parent / "data" / "landing.html").read_text(encoding="utf-8")
+    names = ["Juniper", "Cedar", "Maple", "Willow", "Aspen", "Rowan", "Hazel", "Linden"]
+    with path.open("w", encoding="utf-8") as file:
+        for name in names[:count]:
+            row = {
+                "label": f"a landing page for {name} yoga",
+                "html": page.replace("Juniper", name),
+            }
+            file.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_compose_mode_run(tiny_base: Path, tmp_path: Path) -> None:
+    """Compose mode trains on form answers only; 'both' adds a document example per pair."""
+    data = _landing_pairs(tmp_path / "landing.jsonl", 8)
+    config = tiny_config(
+        tiny_base,
+        tmp_path / "compose",
+        data=str(data),
+        page_mode="compose",
+        max_seq_len=512,
+        epochs=3,
+        eval_generate=1,
+        eval_max_new_tokens=16,
+    )
+    result = train(config)
+    reset_accelerate_state()
+    tokens = result.metrics["tokens"]["train"]
+    assert (tokens["document_examples"], tokens["compose_examples"]) == (0, 7)
+    assert tokens["compose_skipped"] == 0
+    assert result.metrics["tokens"]["eval"]["compose_examples"] == 1
+    history = [entry["loss"] for entry in result.metrics["history"]]
+    assert all(math.isfinite(loss) for loss in history)
+    # Seven near-identical form answers: the adapter learns them quickly.
+    assert result.metrics["after"]["eval_loss"] < result.metrics["before"]["eval_loss"] - 1.0
+    assert result.metrics["after"]["prompts"] == 1  # one eval page, generated in compose mode
+    assert TrainConfig(**load_yaml(tmp_path / "compose" / "training_config.yaml")).page_mode == (
+        "compose"
+    )
+
+    both = tiny_config(
+        tiny_base, tmp_path / "both", data=str(data), page_mode="both", max_seq_len=512, max_steps=1
+    )
+    tokens = train(both).metrics["tokens"]["train"]
+    reset_accelerate_state()
+    assert (tokens["document_examples"], tokens["compose_examples"]) == (7, 7)
