@@ -90,10 +90,21 @@ _PAGE_WORDS_RE = re.compile(
 )
 
 
+# Where the subject ends and the wish list begins: "a bakery in Lyon with our breads".
+_DETAILS_RE = re.compile(
+    r"(?::|;|,| - | with | that | which | including | featuring | showing | where | listing )",
+    re.IGNORECASE,
+)
+
+
 def page_subject(description: str) -> str:
-    """What the page is about, for its title: "a landing page for a bakery" -> "A bakery"."""
+    """What the page is about, for its title and the form's questions: "a landing page for
+    a bakery in Lyon with our breads" -> "A bakery in Lyon"."""
     text = " ".join(description.split())
     subject = _PAGE_WORDS_RE.sub("", text, count=1) or text
+    details = _DETAILS_RE.search(subject)
+    if details is not None and details.start() >= 3:
+        subject = subject[: details.start()]
     subject = subject.rstrip(" .!")
     if len(subject) > 60:
         subject = subject[:60].rsplit(" ", 1)[0].rstrip(" ,.;:") + "…"

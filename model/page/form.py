@@ -47,10 +47,10 @@ __all__ = [
 # sentences with no end, until words, sentences and lists were bounded here.
 _LETTER = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u00ff"
 _SHARED_RULES = f"""
-word ::= [{_LETTER}0-9'&%$\u20ac\u00a3]{{1,15}} ("-" [{_LETTER}0-9]{{1,12}})?
-capword ::= [A-Z\u00c0-\u00d6] [{_LETTER}0-9'&]{{0,14}} ("-" [{_LETTER}0-9]{{1,12}})?
+word ::= [{_LETTER}0-9'&%$\u20ac\u00a3]{{1,12}} ("-" [{_LETTER}0-9]{{1,10}})?
+capword ::= [A-Z\u00c0-\u00d6] [{_LETTER}0-9'&]{{0,11}} ("-" [{_LETTER}0-9]{{1,10}})?
 gap ::= " " | ", " | "; " | ": " | " - " | " (" | ") " | " & "
-sentence ::= capword (gap word){{2,20}} [.!]
+sentence ::= capword (gap word){{2,18}} [.!]
 question ::= capword (gap word){{1,14}} "?"
 """
 # Lengths are bounded by counting words in shared rules: bounded character repeats written
@@ -60,6 +60,15 @@ _PRICE = '" "? [$\u20ac\u00a3] [1-9] [0-9]{0,2} ("." [0-9] [0-9])?'
 _NUMBER = '" "? [1-9] [0-9,.]{0,6} ("%" | "k" | "M")?'
 _TIME = '" "? [0-2]? [0-9] ":" [0-5] [0-9]'
 _YEARS = '" "? [12] [09] [0-9] [0-9] ("-" ([12] [09] [0-9] [0-9] | "now"))?'
+# Button labels are picked, not written: free-form, the model's labels were half sentences
+# ("We are here for all", "Bien sûr, le Coeur de").
+_BUTTON = (
+    '" " ("Book now" | "Get started" | "Contact us" | "Learn more" | "Order now" | "Sign up"'
+    ' | "Join us" | "Visit us" | "Shop now" | "Call us" | "Get in touch" | "Reserve a table"'
+    ' | "Try it free" | "Subscribe" | "See the menu" | "Buy now" | "Get tickets" | "Apply now"'
+    ' | "Download" | "Hire me")'
+)
+_SUBMIT = '" " ("Send" | "Submit" | "Sign up" | "Register" | "Book now" | "Send message" | "Join")'
 _STATUS = '" " ("OK" | "Warning" | "Late" | "Done" | "Pending")'
 
 
@@ -145,7 +154,7 @@ _SECOND_LEAD: dict[PageKind, str] = {
 _BLOCK_FIELDS: dict[PageKind, list[FormField]] = {
     PageKind.LANDING: _numbered(
         3,
-        ("features.{i}.title", "Something {subject} offers (a few words)", 40, _words(5)),
+        ("features.{i}.title", "Something {subject} offers, named in a few words", 40, _words(4)),
         ("features.{i}.text", "That, in one sentence", 140, _sentences(1)),
     ),
     PageKind.PRICING: _numbered(
@@ -161,7 +170,7 @@ _BLOCK_FIELDS: dict[PageKind, list[FormField]] = {
     ),
     PageKind.FORM: [
         *_numbered(4, ("form.fields.{i}.label", "Field {i} the form asks for", 30, _words(4))),
-        FormField("form.submit", "Label of the send button (two or three words)", 24, _words(3)),
+        FormField("form.submit", "Label of the send button", 24, _SUBMIT),
     ],
     PageKind.FAQ: _numbered(
         4,
@@ -229,7 +238,7 @@ _TAIL_FIELDS = [
     FormField(
         "call_to_action.text", "An invitation to visitors, in one sentence", 90, _sentences(1)
     ),
-    FormField("call_to_action.button", "Its button label (two or three words)", 24, _words(3)),
+    FormField("call_to_action.button", "Its button label", 24, _BUTTON),
 ]
 
 
@@ -444,7 +453,7 @@ def answer_text(content: PageContent, kind: PageKind, subject: str) -> str:
     :func:`is_complete_answer` tells.
     """
     flat = content.model_dump()
-    lines = []
+    lines: list[str] = []
     for field, lead in _leads(kind, subject):
         value = _get(flat, field.path)
         if value is None:

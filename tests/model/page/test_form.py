@@ -32,6 +32,8 @@ _VALUES = {
 
 def _value_for(lead: str) -> str:
     lowered = lead.lower()
+    if "button" in lowered:  # picked from a list, not written
+        return "Send" if "send button" in lowered else "Book now"
     if "price" in lowered:
         return _VALUES["price"]
     if "value" in lowered:
@@ -199,6 +201,18 @@ def test_form_field_types_come_from_labels() -> None:
             "Learning to bake bread",
         ),
         ("a 3-day itinerary for Rome", PageKind.ITINERARY, "Rome", "Rome"),
+        (
+            "a homepage for a coworking space in Berlin: desks, meeting rooms",
+            PageKind.LANDING,
+            "A coworking space in Berlin",
+            "Coworking space in Berlin",
+        ),
+        (
+            "a landing page for a dog walking service with three reasons to choose us",
+            PageKind.LANDING,
+            "A dog walking service",
+            "Dog walking service",
+        ),
     ],
 )
 def test_prompt_gives_kind_subject_and_title(
