@@ -125,7 +125,7 @@ class HtmlBot(discord.Client):
             self.metrics,
             model_name=self.model_name,
             previewer=self.previewer,
-            regenerate=self.regenerate,
+            regenerate=self.regenerate if settings.regenerate_empty else None,
         )
         self.page_mode = settings.resolved_page_mode()
         self.board = StatusBoard(

@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     # What a page may do: "standard" (inline scripts, no remote loads or form posts: a CSP),
     # "strict" (scripts and handlers removed too), "off" (the page as the model wrote it).
     safety: SafetyPolicy = SafetyPolicy.STANDARD
+    # A page that comes out empty is generated once more (another seed) before delivery.
+    regenerate_empty: bool = True
     log_level: str = "INFO"
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"

@@ -47,6 +47,8 @@ def bot_settings(fake: FakeDiscord, results_dir: Path, **overrides: Any) -> Sett
         "initial_job_seconds": 1.0,
         "delivery_margin_s": 0.5,
         "shutdown_deadline_s": 5.0,
+        # The fake engines answer in the request's mode; document pages are the smaller ones.
+        "page_mode": "document",
         # Previews cost a Chromium run each: only the tests about them turn them on.
         "preview": "off",
         "_env_file": None,

@@ -16,6 +16,7 @@ from model.types import (
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    PageMode,
     ProgressCallback,
     RequestSource,
     ResultSink,
@@ -30,6 +31,46 @@ def fake_page(prompt: str) -> str:
         f"<!DOCTYPE html><html><head><title>{title}</title></head>"
         f"<body><h1>{title}</h1><p>made by a fake engine</p></body></html>"
     )
+
+
+def fake_compose_answer(prompt: str) -> str:
+    """A complete compose-mode answer (the guided form of ``model.page.form``) for ``prompt``:
+    what a model writes under the form's grammar, with plain values."""
+    from model.page.content import classify_prompt, page_subject
+    from model.page.form import form_leads
+
+    values = []
+    for lead in form_leads(classify_prompt(prompt), page_subject(prompt)):
+        lowered = lead.lower()
+        if "button" in lowered:
+            value = "Send" if "send button" in lowered else "Get started"
+        elif "price" in lowered:
+            value = "$9"
+        elif "value" in lowered:
+            value = "42"
+        elif "status" in lowered:
+            value = "OK"
+        elif "time" in lowered:
+            value = "09:30"
+        elif "years" in lowered:
+            value = "2020-2024"
+        elif "question" in lowered:
+            value = "How does the fake engine work?"
+        elif "comma-separated" in lowered:
+            value = "fast answers, honest pages, no model"
+        elif "sentence" in lowered or "paragraph" in lowered:
+            value = "The fake engine writes this sentence for every page it makes."
+        else:
+            value = "Fake Engine"
+        values.append(f"{lead} {value}")
+    return "".join(values) + "\n"
+
+
+def fake_answer(request: GenerationRequest) -> str:
+    """What the fake engines answer: a page in document mode, the form in compose mode."""
+    if request.mode is PageMode.COMPOSE:
+        return fake_compose_answer(request.prompt)
+    return fake_page(request.prompt)
 
 
 class OutOfMemory(RuntimeError):
@@ -96,7 +137,7 @@ class FakeEngine:
         cancelled = request.cancelled
         return GenerationResult(
             request_id=request.request_id,
-            text="" if cancelled else fake_page(request.prompt),
+            text="" if cancelled else fake_answer(request),
             finish_reason=FinishReason.CANCELLED if cancelled else FinishReason.HTML_COMPLETE,
             prompt_tokens=len(request.prompt.split()),
             generated_tokens=tokens,

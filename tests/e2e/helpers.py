@@ -281,6 +281,11 @@ def default_settings(fake: FakeDiscord, tmp_path: Path, **overrides: Any) -> Any
         "shutdown_deadline_s": 5.0,
         "initial_job_seconds": 1.0,
         "log_level": "INFO",
+        # The engines here write documents; the compose flow has its own test.
+        "page_mode": "document",
+        # A tiny random model's 16-token pages are often empty: regenerating them would
+        # change the queue these tests watch (tests/bot covers the regeneration).
+        "regenerate_empty": False,
         # Previews cost a Chromium run each: only the tests about them turn them on.
         "preview": "off",
     }

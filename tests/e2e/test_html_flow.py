@@ -6,6 +6,7 @@ import asyncio
 import io
 import re
 import zipfile
+from typing import Any
 
 import html5lib
 import pytest
@@ -103,6 +104,53 @@ async def test_html_delivers_a_parseable_page(
     assert not fake.unhandled_requests
     assert discord_problems(caplog) == []
     assert bot_errors(caplog) == []
+
+
+async def test_compose_mode_delivers_the_themed_page_of_the_models_words(
+    start_bot: StartBot, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PAGE_MODE=compose end to end: the engine's form answer becomes a themed, safe page."""
+    from tests.bot.fakes import fake_compose_answer
+
+    prompt = "a pricing page for a yoga studio"
+    await start_bot(FixedAnswer(fake_compose_answer(prompt)), page_mode="compose")
+    inter = await fake.send_command("html", {"prompt": prompt, "style": "dark"})
+    page = await inter.wait_for_file(".html", timeout=30)
+    text = page.data.decode()
+    assert text.count("$9") == 3  # the three plans the form asked for
+    assert '<style data-theme="dark">' in text
+    assert 'http-equiv="Content-Security-Policy"' in text  # SAFETY=standard, the default
+    assert "Plan 1 name" not in text  # the form's questions never reach the page
+    tree = parse_html(page.data)
+    assert tree.find(".//title").text == "Yoga studio"  # type: ignore[attr-defined, union-attr]
+    await inter.wait_until(lambda i: "Done" in i.original_content)
+    assert bot_errors(caplog) == []
+
+
+class _EmptyThenPage(FixedAnswer):
+    """Answers an empty page first, then a real one: the bot must retry once, silently."""
+
+    def __init__(self) -> None:
+        super().__init__("<!DOCTYPE html><html><body></body></html>")
+        self.seeds: list[int | None] = []
+
+    def generate(self, requests: Any, progress: Any = None) -> Any:
+        self.seeds.extend(r.sampling.seed for r in requests)
+        results = super().generate(requests, progress)
+        self.text = "<h1>Fresh bread</h1><p>" + "Baked every morning in Lyon. " * 10 + "</p>"
+        return results
+
+
+async def test_an_empty_page_is_generated_again_before_delivery(
+    start_bot: StartBot, fake: FakeDiscord
+) -> None:
+    engine = _EmptyThenPage()
+    await start_bot(engine, regenerate_empty=True)
+    inter = await fake.send_command("html", {"prompt": "a landing page for a bakery"})
+    page = await inter.wait_for_file(".html", timeout=30)
+    assert b"Fresh bread" in page.data
+    assert len(engine.seeds) == 2 and engine.seeds[0] != engine.seeds[1]
+    assert len(inter.html_files) == 1  # the empty page was never sent
 
 
 async def test_private_reply_is_ephemeral(start_bot: StartBot, fake: FakeDiscord) -> None:
