@@ -97,6 +97,13 @@ _DETAILS_RE = re.compile(
 )
 
 
+_PAGE_ONLY_RE = re.compile(
+    r"^(?:(?:a|an|the|my|our)\s+)?(?:[\w-]+\s+)?"
+    r"(?:page|site|website|homepage|post|blog|form|article|newsletter|dashboard)$",
+    re.IGNORECASE,
+)
+
+
 def page_subject(description: str) -> str:
     """What the page is about, for its title and the form's questions: "a landing page for
     a bakery in Lyon with our breads" -> "A bakery in Lyon"."""
@@ -104,7 +111,10 @@ def page_subject(description: str) -> str:
     subject = _PAGE_WORDS_RE.sub("", text, count=1) or text
     details = _DETAILS_RE.search(subject)
     if details is not None and details.start() >= 3:
-        subject = subject[: details.start()]
+        head, tail = subject[: details.start()], subject[details.end() :]
+        # "a blog post with five tips for working from home": the head names only the kind
+        # of page, so the subject is what follows.
+        subject = tail if _PAGE_ONLY_RE.match(head) and tail.strip() else head
     subject = subject.rstrip(" .!")
     if len(subject) > 60:
         subject = subject[:60].rsplit(" ", 1)[0].rstrip(" ,.;:") + "…"

@@ -202,6 +202,12 @@ def test_form_field_types_come_from_labels() -> None:
         ),
         ("a 3-day itinerary for Rome", PageKind.ITINERARY, "Rome", "Rome"),
         (
+            "a blog post with five tips for working from home",
+            PageKind.ARTICLE,
+            "Five tips for working from home",
+            "Five tips for working from home",
+        ),
+        (
             "a homepage for a coworking space in Berlin: desks, meeting rooms",
             PageKind.LANDING,
             "A coworking space in Berlin",
