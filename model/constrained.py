@@ -216,6 +216,13 @@ class GrammarConstraint:
 
     EOS is allowed only where the grammar is complete, and the grammar terminates as soon
     as it is complete (nothing may follow), so the engine ends the answer then.
+
+    Where the grammar forces text (a form's lead-in), the constraint plans its tokens once
+    (the tokenizer's own spelling of it) and then allows only the plan's next token: the
+    mask alone would allow every token that starts the text ("T", "Ta", "Tag"), so an
+    engine that takes forced text one step at a time would spell it differently from one
+    that feeds :meth:`forced_tokens` in one forward, and the two would write different
+    answers for one seed.
     """
 
     def __init__(self, tokenizer: Any, grammar: str, vocab_size: int | None = None):
@@ -225,29 +232,64 @@ class GrammarConstraint:
         self.matcher = xg.GrammarMatcher(
             compiled_grammar(tokenizer, grammar, vocab_size), terminate_without_stop_token=True
         )
+        self._planned: list[int] | None = None  # None: not planned for the current state
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        planned = self._plan()
+        if planned:
+            bitmask[row] = 0
+            bitmask[row, planned[0] >> 5] = _bit(planned[0] & 31)
+            return
         self.matcher.fill_next_token_bitmask(bitmask, row)
         bitmask[row] &= self._index.text_ok
 
     def accept(self, token: int) -> bool:
+        planned = self._planned
+        if planned and planned[0] == token:
+            self._planned = planned[1:] or None  # None once used up: plan again
+        else:
+            self._planned = None
         return bool(self.matcher.accept_token(token))
 
     def is_finished(self) -> bool:
         return bool(self.matcher.is_terminated())
 
     def forced_tokens(self) -> list[int]:
-        text = self.matcher.find_jump_forward_string()
-        if not text:
-            return []
-        accepted = []
-        tokenizer = self._index.tokenizer
-        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            # The grammar takes any spelling of the forced text; stop at one it refuses.
-            if not self.matcher.accept_token(token):
-                break
-            accepted.append(int(token))
-        return accepted
+        planned = self._plan()
+        for token in planned:
+            self.matcher.accept_token(token)
+        self._planned = None
+        return planned
+
+    def _plan(self) -> list[int]:
+        """The tokens of the text the grammar forces from here (planned once per run)."""
+        if self._planned is not None:
+            return self._planned
+        # A trailing space is left to the model: in a BPE vocabulary it starts the next
+        # word's token (" bread"), and forced alone it would make the model spell the word
+        # without one.
+        text = self.matcher.find_jump_forward_string().rstrip(" ")
+        planned: list[int] = []
+        if text:
+            tokenizer = self._index.tokenizer
+            for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+                # The tokenizer may spell the text in a way the grammar refuses (a
+                # SentencePiece word-start mark, a special token): the plan stops there.
+                index = self._index
+                if token >= index.vocab_size or token in index.special:
+                    break
+                if not self.matcher.accept_token(token):
+                    break
+                planned.append(int(token))
+            if planned:
+                self.matcher.rollback(len(planned))
+        self._planned = planned
+        return planned
+
+
+def _bit(position: int) -> int:
+    """The int32 word with only bit ``position`` set (bit 31 is the sign bit)."""
+    return int(np.array([1 << position], dtype=np.uint32).view(np.int32)[0])
 
 
 # -------------------------------------------------------------------- banned strings
