@@ -1,12 +1,18 @@
-"""Constrained decoding: which grammar library, and what a constraint costs an engine.
+"""Constrained decoding: what the compose form's grammar costs, which library, engine speed.
 
-``python -m bench.constrained`` (the default, ``--libraries``) compares xgrammar,
-llguidance and outlines-core on the embedded SmolLM2 tokenizer (49,152 tokens) for the
-compose schema of every page kind (``model.page.content.schema_for``): grammar compile time
-(cold, then cached), the per-token cost of one step (fill the next-token mask + accept the
-token) while walking the kind's worked example, memory, and whether each one enforces the
-schema's features exactly (a probe document per feature that must be rejected, plus the
-example that must be accepted).
+``python -m bench.constrained`` (the default, ``--forms``) measures the product's case: the
+guided form of every page kind (``model.page.form.grammar_for(kind, "A bakery in Lyon")``)
+on the embedded SmolLM2 tokenizer (49,152 tokens), in xgrammar (the product's library) and
+llguidance (which takes the same EBNF through its GBNF converter): compile time (cold, then
+the same grammar again), the per-token cost of one step (fill the next-token mask + accept
+the token) over a filled form, probes each must judge right, and the share of the answer's
+tokens the grammar forces (jump-forward: ``GrammarConstraint.forced_tokens``), which the
+standard engine feeds without decode steps (``bench.constrained_forms``).
+
+``python -m bench.constrained --schemas`` is the comparison that chose xgrammar: xgrammar,
+llguidance and outlines-core on the first compose design's JSON schemas
+(``bench.constrained_schemas``): compile, step cost over the kind's sample content, memory,
+and whether each enforces every schema feature exactly.
 
 ``python -m bench.constrained --engine fast`` (or ``standard``) measures tokens/s of an
 engine with the constraint on against the same requests without one: on a GPU with a
@@ -16,7 +22,6 @@ random CodeLlama-7B-shaped model (built on the device, no download), on CPU with
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import multiprocessing
@@ -24,7 +29,6 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from datetime import date
 from importlib import metadata
 from typing import Any
@@ -51,46 +55,6 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-# ------------------------------------------------------------------- feature probes
-
-
-def probes(kind: Any) -> dict[str, tuple[str, bool]]:
-    """Documents for ``kind``'s schema, each with whether the schema accepts it."""
-    from model.page.content import EXAMPLES, PageKind
-
-    base = copy.deepcopy(EXAMPLES[kind])
-    block = next(key for key in base if key not in {"title", "tagline"})
-
-    def variant(change: Callable[[dict[str, Any]], None]) -> str:
-        data = copy.deepcopy(base)
-        change(data)
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-    cases: dict[str, tuple[str, bool]] = {
-        "example": (variant(lambda d: None), True),
-        "maxLength=60 ok": (variant(lambda d: d.update(title="t" * 60)), True),
-        "maxLength": (variant(lambda d: d.update(title="t" * 61)), False),
-        "minLength": (variant(lambda d: d.update(title="")), False),
-        "minItems": (variant(lambda d: d.update(sections=d["sections"][:1])), False),
-        "maxItems": (variant(lambda d: d.update(sections=d["sections"] * 2)), False),
-        "required": (variant(lambda d: d.pop("footer")), False),
-        "additionalProperties": (variant(lambda d: d.update(extra="x")), False),
-        "nested required": (variant(lambda d: d["call_to_action"].pop("button")), False),
-    }
-    if isinstance(base[block], list) and isinstance(base[block][0], dict):
-        first = base[block][0]
-        key = next(iter(first))
-        cases["nested additionalProperties"] = (
-            variant(lambda d: d[block][0].update(extra="x")),
-            False,
-        )
-        cases["nested maxLength"] = (variant(lambda d: d[block][0].update({key: "x" * 300})), False)
-    if kind is PageKind.FORM:
-        cases["enum"] = (variant(lambda d: d["form"]["fields"][0].update(type="password")), False)
-        cases["enum ok"] = (variant(lambda d: d["form"]["fields"][0].update(type="date")), True)
-    return cases
-
-
 # ------------------------------------------------------------------------ libraries
 
 
@@ -103,6 +67,10 @@ class Library:
         self.tokenizer = tokenizer
 
     def compile(self, schema: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def compile_form(self, grammar: str) -> Any:
+        """Compile an xgrammar EBNF grammar (a compose form)."""
         raise NotImplementedError
 
     def matcher(self, compiled: Any) -> Any:
@@ -139,6 +107,9 @@ class XGrammar(Library):
         return self.compiler.compile_json_schema(
             json.dumps(schema), any_whitespace=False, separators=(",", ":"), strict_mode=True
         )
+
+    def compile_form(self, grammar: str) -> Any:
+        return self.compiler.compile_grammar(grammar)
 
     def matcher(self, compiled: Any) -> Any:
         return self.xg.GrammarMatcher(compiled)
@@ -177,6 +148,13 @@ class LLGuidance(Library):
         # llguidance builds its lexer lazily; the first matcher pays for it.
         self.matcher(grammar)
         return grammar
+
+    def compile_form(self, grammar: str) -> Any:
+        # xgrammar's EBNF is GBNF (llama.cpp's) for what the forms use; llguidance converts
+        # GBNF to its Lark dialect. It keeps no cache: "again" is a second full compile.
+        compiled = self.llg.grammar_from("gbnf", grammar)
+        self.matcher(compiled)
+        return compiled
 
     def matcher(self, compiled: Any) -> Any:
         matcher = self.llg.LLMatcher(self.lltokenizer, compiled)
@@ -266,7 +244,7 @@ def step_cost_us(library: Library, compiled: Any, text: str) -> float:
 
 def measure_kind(library: Library, kind: Any) -> dict[str, Any]:
     """One row of the table: ``library`` on ``kind``'s schema."""
-    from model.page.content import example_json, schema_for
+    from bench.constrained_schemas import example_json, probes, schema_for
 
     schema = schema_for(kind)
     before = rss_bytes()
@@ -414,7 +392,7 @@ def engine_rows(engine_kind: str, cpu: bool, batch: int, new_tokens: int) -> lis
     cases = {
         "unconstrained": (PageMode.DOCUMENT, None),
         "document, banned strings": (PageMode.DOCUMENT, SafetyPolicy.STANDARD),
-        "compose, JSON grammar": (PageMode.COMPOSE, None),
+        "compose, form grammar": (PageMode.COMPOSE, None),
     }
     rows = []
     for label, (mode, safety) in cases.items():
@@ -539,13 +517,59 @@ def engine_table(rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+FORM_LIBRARIES = ("xgrammar", "llguidance")  # outlines-core takes no grammar, only regex/JSON
+
+
+def form_rows(names: list[str], kinds: list[Any]) -> list[dict[str, Any]]:
+    """``bench.constrained_forms.measure_form`` for each library and kind."""
+    from bench.constrained_forms import measure_form
+
+    tokenizer = load_tokenizer()
+    rows = []
+    for name in names:
+        began = time.perf_counter()
+        library = LIBRARY_CLASSES[name](tokenizer)
+        setup_ms = (time.perf_counter() - began) * 1000
+        for kind in kinds:
+            rows.append({**measure_form(library, kind, tokenizer), "tokenizer_setup_ms": setup_ms})
+    return rows
+
+
+def form_summary(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for name in FORM_LIBRARIES:
+        done = [r for r in rows if r["library"] == name]
+        if not done:
+            continue
+        line = (
+            f"{name}: compile median {statistics.median(r['cold_ms'] for r in done):.1f} ms "
+            f"(max {max(r['cold_ms'] for r in done):.1f}), again median "
+            f"{statistics.median(r['cached_ms'] for r in done):.3f} ms, step median "
+            f"{statistics.median(r['step_us'] for r in done):.0f} us (of per-kind means; "
+            f"per-token median {statistics.median(r['step_median_us'] for r in done):.0f} us), "
+            f"{sum(len(r['wrong']) for r in done)} wrong probe answers, "
+            f"tokenizer setup {done[0]['tokenizer_setup_ms']:.0f} ms"
+        )
+        forced = sum(r.get("forced", 0) for r in done)
+        if forced:
+            total = forced + sum(r["sampled"] for r in done)
+            line += f"; forced {forced} of {total} answer tokens ({forced / total:.0%})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", choices=["fast", "standard"], help="measure an engine")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--forms", action="store_true", help="form grammars (the default)")
+    mode.add_argument("--schemas", action="store_true", help="the JSON-schema comparison")
+    mode.add_argument("--engine", choices=["fast", "standard"], help="measure an engine")
     parser.add_argument("--cpu", action="store_true", help="engine bench on CPU")
     parser.add_argument("--batch", default="1,8", help="engine bench batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument(
+        "--libraries", help=f"default: {','.join(FORM_LIBRARIES)} (forms), all (schemas)"
+    )
     parser.add_argument("--kinds", default="all", help="comma-separated page kinds, or all")
     parser.add_argument(
         "--outlines-kinds",
@@ -560,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# {date.today()} {platform.node()} {platform.processor() or platform.machine()}")
     print(f"# {versions()}; {os.cpu_count()} CPUs")
+    kinds = list(PageKind) if args.kinds == "all" else [PageKind(k) for k in args.kinds.split(",")]
+    rows: list[dict[str, Any]]
     if args.engine:
         rows = [
             row
@@ -567,14 +593,19 @@ def main(argv: list[str] | None = None) -> int:
             for row in engine_rows(args.engine, args.cpu, batch, args.new_tokens)
         ]
         print(engine_table(rows))
-    else:
-        kinds = (
-            list(PageKind) if args.kinds == "all" else [PageKind(k) for k in args.kinds.split(",")]
-        )
-        rows = library_rows(args.libraries.split(","), kinds, args.outlines_kinds)
+    elif args.schemas:
+        names = (args.libraries or ",".join(LIBRARIES)).split(",")
+        rows = library_rows(names, kinds, args.outlines_kinds)
         print(library_table(rows))
         print()
         print(summary(rows))
+    else:
+        from bench.constrained_forms import form_table
+
+        rows = form_rows((args.libraries or ",".join(FORM_LIBRARIES)).split(","), kinds)
+        print(form_table(rows))
+        print()
+        print(form_summary(rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)
