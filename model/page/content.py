@@ -47,7 +47,7 @@ class PageKind(StrEnum):
 
 
 # First match wins, so the more specific kinds come first ("a pricing page for a café" is
-# pricing, not a menu). Words are matched at word starts, case-insensitively.
+# pricing, not a menu). Words match whole words (or their plurals), case-insensitively.
 _KIND_WORDS: list[tuple[PageKind, tuple[str, ...]]] = [
     (PageKind.PRICING, ("pricing", "price list", "plans", "subscription", "tiers")),
     (PageKind.FAQ, ("faq", "frequently asked", "questions and answers", "q&a", "help center")),
@@ -70,7 +70,8 @@ def classify_prompt(prompt: str) -> PageKind:
     text = prompt.lower()
     for kind, words in _KIND_WORDS:
         for word in words:
-            if re.search(r"(?<![\w])" + re.escape(word), text):
+            # Whole words (plurals too): "registered nurse" is no registration form.
+            if re.search(r"(?<![\w])" + re.escape(word) + r"(?:s|es)?(?![\w])", text):
                 return kind
     return PageKind.LANDING
 

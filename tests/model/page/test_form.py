@@ -227,3 +227,17 @@ def test_prompt_gives_kind_subject_and_title(
     assert classify_prompt(prompt) is kind
     assert page_subject(prompt) == subject
     assert page_title(prompt) == title
+
+
+@pytest.mark.parametrize(
+    ("prompt", "kind"),
+    [
+        ("a resume for a registered nurse", PageKind.RESUME),  # not a registration form
+        ("a registration form for a marathon", PageKind.FORM),
+        ("pricing plans for a gym", PageKind.PRICING),
+        ("a page about the format of our podcast", PageKind.LANDING),  # "format" is no form
+        ("our upcoming events", PageKind.EVENT),
+    ],
+)
+def test_kinds_match_whole_words(prompt: str, kind: PageKind) -> None:
+    assert classify_prompt(prompt) is kind
