@@ -98,9 +98,16 @@ _DETAILS_RE = re.compile(
 )
 
 
+_PAGE_NOUN_FOR_RE = re.compile(
+    r"^(?:[\w'-]+\s+){0,4}?"
+    r"(?:page|site|list|menu|plans?|itinerary|questions|faq|showcase|gallery|story|article|"
+    r"post|form|survey|table|dashboard|panel|schedule|resume|cv|portfolio|newsletter)"
+    r"\s+(?:for|about|of|on)\s+",
+    re.IGNORECASE,
+)
 _PAGE_ONLY_RE = re.compile(
     r"^(?:(?:a|an|the|my|our)\s+)?(?:[\w-]+\s+)?"
-    r"(?:page|site|website|homepage|post|blog|form|article|newsletter|dashboard)$",
+    r"(?:page|site|website|homepage|post|blog|form|article)$",
     re.IGNORECASE,
 )
 
@@ -110,6 +117,11 @@ def page_subject(description: str) -> str:
     a bakery in Lyon with our breads" -> "A bakery in Lyon"."""
     text = " ".join(description.split())
     subject = _PAGE_WORDS_RE.sub("", text, count=1) or text
+    # "a price list for a house cleaning service", "questions for a VPN app": what comes
+    # before "for" names the kind of page, what comes after is the subject.
+    named = _PAGE_NOUN_FOR_RE.match(subject)
+    if named is not None and len(subject) > named.end():
+        subject = subject[named.end() :]
     details = _DETAILS_RE.search(subject)
     if details is not None and details.start() >= 3:
         head, tail = subject[: details.start()], subject[details.end() :]

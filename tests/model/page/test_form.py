@@ -202,6 +202,18 @@ def test_form_field_types_come_from_labels() -> None:
         ),
         ("a 3-day itinerary for Rome", PageKind.ITINERARY, "Rome", "Rome"),
         (
+            "a price list for a house cleaning service",
+            PageKind.PRICING,
+            "A house cleaning service",
+            "House cleaning service",
+        ),
+        (
+            "a sales dashboard with revenue and recent orders",
+            PageKind.DASHBOARD,
+            "A sales dashboard",
+            "Sales dashboard",
+        ),
+        (
             "a blog post with five tips for working from home",
             PageKind.ARTICLE,
             "Five tips for working from home",
