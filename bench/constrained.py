@@ -378,7 +378,9 @@ def versions() -> str:
 # -------------------------------------------------------------------------- engines
 
 
-def engine_rows(engine_kind: str, cpu: bool, batch: int, new_tokens: int) -> list[dict[str, Any]]:
+def engine_rows(
+    engine_kind: str, cpu: bool, batch: int, new_tokens: int, tokenizer_dir: str | None = None
+) -> list[dict[str, Any]]:
     """tokens/s of ``engine_kind`` for ``batch`` requests: unconstrained, document mode's
     banned strings, compose mode's grammar (random weights: the tokens are noise, the
     costs are real)."""
@@ -386,8 +388,10 @@ def engine_rows(engine_kind: str, cpu: bool, batch: int, new_tokens: int) -> lis
 
     from model.types import GenerationRequest, PageMode, SafetyPolicy, SamplingParams
 
-    model, tokenizer, device = _bench_model(cpu)
+    model, tokenizer, device = _bench_model(cpu, tokenizer_dir)
     engine = _build_engine(engine_kind, model, tokenizer, device, batch)
+    if engine_kind == "fast" and device.type == "cuda":
+        engine.warmup(batch)  # capture the graphs before timing
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=1)
     cases = {
         "unconstrained": (PageMode.DOCUMENT, None),
@@ -437,7 +441,12 @@ def _constrain(engine: Any) -> None:
     engine.constrain = True
 
 
-def _bench_model(cpu: bool) -> tuple[Any, Any, Any]:
+def _bench_model(cpu: bool, tokenizer_dir: str | None = None) -> tuple[Any, Any, Any]:
+    """A random Llama: CodeLlama-7B-shaped in bf16 on a GPU, a small one on the CPU.
+
+    The form grammar needs a tokenizer that can spell English: ``tokenizer_dir`` (a saved
+    tokenizer folder, e.g. SmolLM2's; the model's vocabulary then takes its size) replaces
+    the GPU run's word-level stand-in, whose ids spell no text."""
     import torch
     from transformers import LlamaConfig
 
@@ -448,8 +457,14 @@ def _bench_model(cpu: bool) -> tuple[Any, Any, Any]:
     if use_cuda:
         from bench.serving import build_tokenizer
 
-        tokenizer = build_tokenizer(CODELLAMA_7B["vocab_size"])
-        shape = dict(CODELLAMA_7B)
+        if tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            shape = dict(CODELLAMA_7B, vocab_size=len(tokenizer))
+        else:
+            tokenizer = build_tokenizer(CODELLAMA_7B["vocab_size"])
+            shape = dict(CODELLAMA_7B)
         dtype = torch.bfloat16
     else:
         tokenizer = load_tokenizer()
@@ -577,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help=f"how many kinds outlines-core compiles ({OUTLINES_TIMEOUT_S:.0f} s cap each)",
     )
+    parser.add_argument(
+        "--tokenizer", help="engine bench on a GPU: a saved tokenizer folder (e.g. SmolLM2's)"
+    )
     parser.add_argument("--json", help="write the rows here as JSON")
     args = parser.parse_args(argv)
 
@@ -590,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [
             row
             for batch in (int(b) for b in args.batch.split(","))
-            for row in engine_rows(args.engine, args.cpu, batch, args.new_tokens)
+            for row in engine_rows(args.engine, args.cpu, batch, args.new_tokens, args.tokenizer)
         ]
         print(engine_table(rows))
     elif args.schemas:
