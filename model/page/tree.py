@@ -33,7 +33,11 @@ def title_from_prompt(prompt: str) -> str:
 
 
 def split_tag(tag: str) -> tuple[str | None, str]:
-    if tag.startswith("{"):
+    """``(namespace, local name)`` of an ElementTree tag or attribute name: ``{ns}name``.
+
+    A model can write an attribute named ``{x``: html5lib keeps it as is, so a leading brace
+    without a closing one is a plain name, not a namespace."""
+    if tag.startswith("{") and "}" in tag:
         ns, name = tag[1:].split("}", 1)
         return ns, name
     return None, tag

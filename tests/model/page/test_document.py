@@ -1034,3 +1034,14 @@ def test_a_document_split_over_fences_is_joined_past_a_sample() -> None:
     assert WORDS_60 in page.html
     assert "And the rest" not in page.html
     assert page.complete
+
+
+def test_attribute_names_with_a_stray_brace_are_kept_as_plain_names() -> None:
+    """A template placeholder inside a tag (``<div {{ item.name }}>``) crashed the pipeline:
+    a name starting with "{" was read as an ElementTree namespace."""
+    page = build_page(
+        "<div {{ item.name }}>Fresh bread every morning.</div><p {x=1>more</p>", prompt="x"
+    )
+    assert "Fresh bread every morning." in page.html
+    reparsed = html5lib.parse(page.html, treebuilder="etree", namespaceHTMLElements=False)
+    assert reparsed.find(".//p").text == "more"
