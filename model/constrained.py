@@ -57,6 +57,7 @@ __all__ = [
     "bitmask_width",
     "compiled_grammar",
     "constraint_for",
+    "fill_masks",
     "full_bitmask",
 ]
 
@@ -235,13 +236,19 @@ class GrammarConstraint:
         self._planned: list[int] | None = None  # None: not planned for the current state
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        if not self.fill_planned(bitmask, row):
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+            bitmask[row] &= self._index.text_ok
+
+    def fill_planned(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Allow only the planned token where the grammar forces text; False (nothing
+        written) where the grammar's own mask is needed (see :func:`fill_masks`)."""
         planned = self._plan()
-        if planned:
-            bitmask[row] = 0
-            bitmask[row, planned[0] >> 5] = _bit(planned[0] & 31)
-            return
-        self.matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self._index.text_ok
+        if not planned:
+            return False
+        bitmask[row] = 0
+        bitmask[row, planned[0] >> 5] = _bit(planned[0] & 31)
+        return True
 
     def accept(self, token: int) -> bool:
         planned = self._planned
@@ -285,6 +292,49 @@ class GrammarConstraint:
                 self.matcher.rollback(len(planned))
         self._planned = planned
         return planned
+
+
+_batch_matchers: dict[int, Any] = {}
+
+
+def fill_masks(constraints: Sequence[TokenConstraint | None], bitmask: torch.Tensor) -> None:
+    """Row ``i`` of ``bitmask`` for ``constraints[i]`` (``None``: left as it is).
+
+    Grammar rows that need xgrammar's own mask are filled together by its batch matcher,
+    on several threads: one mask costs ~1-2 ms on average (up to ~10 ms where a value
+    starts), so filling 32 of them one after another would stall a GPU step many times
+    over (measured on an H200: the form grammar at batch 32 ran at 0.05 of unconstrained).
+    """
+    grammar_rows: list[int] = []
+    matchers: list[Any] = []
+    for row, constraint in enumerate(constraints):
+        if constraint is None:
+            continue
+        if isinstance(constraint, GrammarConstraint):
+            if not constraint.fill_planned(bitmask, row):
+                grammar_rows.append(row)
+                matchers.append(constraint.matcher)
+        else:
+            constraint.fill_mask(bitmask, row)
+    if not matchers:
+        return
+    if len(matchers) == 1:
+        matchers[0].fill_next_token_bitmask(bitmask, grammar_rows[0])
+    else:
+        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, grammar_rows)
+    for row in grammar_rows:
+        bitmask[row] &= constraints[row]._index.text_ok  # type: ignore[union-attr]
+
+
+def _batch_matcher() -> Any:
+    """xgrammar's batch matcher of this thread (each engine fills masks from one thread)."""
+    import xgrammar as xg
+
+    key = threading.get_ident()
+    matcher = _batch_matchers.get(key)
+    if matcher is None:
+        matcher = _batch_matchers[key] = xg.BatchGrammarMatcher(max_threads="auto")
+    return matcher
 
 
 def _bit(position: int) -> int:

@@ -26,6 +26,7 @@ from model.constrained import (
     TokenConstraint,
     allowed_from_bitmask,
     constraint_for,
+    fill_masks,
     full_bitmask,
 )
 from model.fast_sampling import sample_rows
@@ -260,9 +261,7 @@ class Engine:
         if all(seq.constraint is None for seq in active):
             return None
         bitmask = full_bitmask(len(active), vocab)
-        for row, seq in enumerate(active):
-            if seq.constraint is not None:
-                seq.constraint.fill_mask(bitmask, row)
+        fill_masks([seq.constraint for seq in active], bitmask)
         return allowed_from_bitmask(bitmask.to(self.device), vocab)
 
     def _append(

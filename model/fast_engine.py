@@ -42,6 +42,7 @@ from model.constrained import (
     TokenConstraint,
     ban_automaton,
     constraint_for,
+    fill_masks,
     full_bitmask,
 )
 from model.fast_llama import FastLlama
@@ -356,9 +357,7 @@ class FastEngine:
         if not masked:
             return
         bitmask = full_bitmask(len(masked), self.runner.vocab_size)
-        for index, seq in enumerate(masked):
-            assert seq.constraint is not None
-            seq.constraint.fill_mask(bitmask, index)
+        fill_masks([seq.constraint for seq in masked], bitmask)
         self.runner.set_masks([seq.row for seq in masked], bitmask)
 
     def _launch(self, live: list[_Sequence]) -> tuple[tuple[int, int], list[_Sequence]]:
