@@ -1,4 +1,4 @@
-"""Per-sequence token constraints, shared by both engines: a JSON grammar and banned strings.
+"""Per-sequence token constraints, shared by both engines: a form grammar and banned strings.
 
 A constraint says, before each decode step, which tokens the sequence may take next (bits in
 an int32 bitmask row, 32 tokens a word, bit ``t & 31`` of word ``t >> 5``: the layout

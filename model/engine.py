@@ -6,7 +6,8 @@ cancelled sequence leaves the batch at once instead of costing compute until the
 one ends. It runs on CPU and GPU alike; ``model.fast_engine`` is the GPU-tuned path.
 
 Each request is decoded as ``model.prompting.plan_answer`` plans it: a compose answer under
-its JSON grammar, a document answer after its fixed prefix and without its banned strings
+its form grammar (jump-forward: forced lead-ins ride with the sampled token in one
+forward), a document answer after its fixed prefix and without its banned strings
 (``model.constrained``). A row's disallowed tokens get ``-inf`` logits before sampling.
 """
 

@@ -7,7 +7,7 @@ subject well in a sentence. So the answer is a form of short lines, each one led
 question about the subject that the grammar writes for the model::
 
     Tagline (one short sentence about a bakery in Lyon): Fresh bread every morning.
-    Something a bakery in Lyon offers (a few words): Sourdough loaves
+    Something a bakery in Lyon offers, named in a few words: Sourdough loaves
     That, in one sentence: Baked overnight with organic flour.
     ...
 
