@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from model.page.content import PageContent, PageKind, page_subject, page_title
-from model.page.form import answer_text, form_for, grammar_for
+from model.page.form import BUTTON_LABELS, answer_text, form_for, grammar_for
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,14 @@ def _features(pool: _Candidates) -> list[dict[str, str]]:
     return features
 
 
+def closest_button_label(label: str) -> str:
+    """The form's button label (picked from ``BUTTON_LABELS``, not written) closest to a
+    page's own: the most words shared, else "Learn more"."""
+    words = set(label.lower().split())
+    best = max(BUTTON_LABELS, key=lambda option: len(words & set(option.lower().split())))
+    return best if words & set(best.lower().split()) else "Learn more"
+
+
 def _call_to_action(pool: _Candidates) -> dict[str, str] | None:
     """A button's label, preferring real buttons to plain links, with the sentence nearest
     before it (or the page's last free sentence)."""
@@ -259,6 +267,7 @@ def _call_to_action(pool: _Candidates) -> dict[str, str] | None:
         label = _label(blocks[index].text, _BUTTON_RE, _LIMITS["call_to_action.button"])
         if label is None:
             continue
+        label = closest_button_label(label)
         limit = _LIMITS["call_to_action.text"]
         text = pool.take(range(index, -1, -1), limit) or pool.take(
             range(len(blocks) - 1, -1, -1), limit

@@ -32,6 +32,8 @@ from pydantic import ValidationError
 from model.page.content import PageContent, PageKind
 
 __all__ = [
+    "BUTTON_LABELS",
+    "SUBMIT_LABELS",
     "FormField",
     "answer_text",
     "first_lead",
@@ -62,13 +64,37 @@ _TIME = '" "? [0-2]? [0-9] ":" [0-5] [0-9]'
 _YEARS = '" "? [12] [09] [0-9] [0-9] ("-" ([12] [09] [0-9] [0-9] | "now"))?'
 # Button labels are picked, not written: free-form, the model's labels were half sentences
 # ("We are here for all", "Bien sûr, le Coeur de").
-_BUTTON = (
-    '" " ("Book now" | "Get started" | "Contact us" | "Learn more" | "Order now" | "Sign up"'
-    ' | "Join us" | "Visit us" | "Shop now" | "Call us" | "Get in touch" | "Reserve a table"'
-    ' | "Try it free" | "Subscribe" | "See the menu" | "Buy now" | "Get tickets" | "Apply now"'
-    ' | "Download" | "Hire me")'
+BUTTON_LABELS = (
+    "Book now",
+    "Get started",
+    "Contact us",
+    "Learn more",
+    "Order now",
+    "Sign up",
+    "Join us",
+    "Visit us",
+    "Shop now",
+    "Call us",
+    "Get in touch",
+    "Reserve a table",
+    "Try it free",
+    "Subscribe",
+    "See the menu",
+    "Buy now",
+    "Get tickets",
+    "Apply now",
+    "Download",
+    "Hire me",
 )
-_SUBMIT = '" " ("Send" | "Submit" | "Sign up" | "Register" | "Book now" | "Send message" | "Join")'
+SUBMIT_LABELS = ("Send", "Submit", "Sign up", "Register", "Book now", "Send message", "Join")
+
+
+def _choice(labels: tuple[str, ...]) -> str:
+    return '" " (' + " | ".join(json.dumps(label) for label in labels) + ")"
+
+
+_BUTTON = _choice(BUTTON_LABELS)
+_SUBMIT = _choice(SUBMIT_LABELS)
 _STATUS = '" " ("OK" | "Warning" | "Late" | "Done" | "Pending")'
 
 

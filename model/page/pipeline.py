@@ -82,6 +82,11 @@ def _compose_page(result: GenerationResult, *, prompt: str, style: str | None) -
     try:
         content = parse_answer(result.text, kind=kind, title=title, subject=page_subject(prompt))
     except ValueError as error:
+        if result.finish_reason is FinishReason.LENGTH:
+            raise HtmlExtractionError(
+                "the answer was cut off by the length limit before its first field; "
+                "allow more new tokens"
+            ) from None
         raise HtmlExtractionError(f"the answer holds no page content: {error}") from None
     warnings: set[PageWarning] = set()
     truncated = result.finish_reason is FinishReason.LENGTH

@@ -59,7 +59,7 @@ def test_embedded_model_writes_a_full_document_offline(cache: Path, tmp_path: Pa
     # Second run: the converted folder is reused (no new conversion message).
     second = run_cli(
         "generate", "a bakery", "-o", str(tmp_path / "again.html"),
-        "--max-new-tokens", "8", "--seed", "1", "-v",
+        "--max-new-tokens", "8", "--seed", "1", "-v", "--mode", "document",
         cache=cache,
     )  # fmt: skip
     assert second.returncode == 0, second.stderr

@@ -55,7 +55,8 @@ def test_content_from_the_fixture_page() -> None:
     ) in texts
     assert content.call_to_action is not None
     # The styled link, not the navigation's "Home"; the sentence just before it.
-    assert content.call_to_action.button == "Book a class"
+    # The page says "Book a class"; the form picks its label from a list: the closest is kept.
+    assert content.call_to_action.button == "Book now"
     assert content.call_to_action.text == "Your first class is free, so come and try it!"
     assert content.title == page_title(DESCRIPTION)
     everything = json.dumps(content.model_dump())
@@ -157,3 +158,11 @@ def test_modes_give_examples_per_mode(
     assert report.compose_skipped == (1 if PageMode.COMPOSE in modes else 0)
     assert report.compose_refused == 0
     assert report.as_dict()["compose_examples"] == compose
+
+
+def test_button_labels_map_to_the_forms_list() -> None:
+    from training.compose import closest_button_label
+
+    assert closest_button_label("Order your cake") == "Order now"
+    assert closest_button_label("Contact our team") == "Contact us"
+    assert closest_button_label("Zzz") == "Learn more"

@@ -155,3 +155,12 @@ def test_nothing_usable_raises() -> None:
 def test_the_engine_stopping_a_loop_means_repetition() -> None:
     page = page_from_result(_result(DOC, FinishReason.REPETITION), prompt=PROMPT)
     assert page.warnings == (W.REPETITION,)
+
+
+def test_compose_cut_off_before_any_field_says_so() -> None:
+    with pytest.raises(HtmlExtractionError, match="length limit"):
+        page_from_result(
+            _result("Tagline (one short sentence about", FinishReason.LENGTH),
+            prompt=COMPOSE_PROMPT,
+            mode=PageMode.COMPOSE,
+        )
