@@ -15,6 +15,8 @@ a loop, so ``repetition``), picks the mode's builder and applies the SAFETY poli
 from __future__ import annotations
 
 import dataclasses
+import html as html_lib
+import re
 
 from model.errors import HtmlExtractionError
 from model.page.content import PageContent, classify_prompt, page_subject, page_title
@@ -51,11 +53,23 @@ def page_from_result(
             truncated=result.finish_reason is FinishReason.LENGTH,
             repetition=result.finish_reason is FinishReason.REPETITION,
         )
+        if PageWarning.EMPTY in page.warnings:
+            page = dataclasses.replace(page, html=_with_title_heading(page.html, page.title))
         page = dataclasses.replace(page, html=inject_theme(page.html, style))
     html, removed = apply_safety(page.html, safety)
     added = (PageWarning.SCRIPTS_REMOVED,) if removed else ()
     warnings = tuple(sorted({*page.warnings, *added}, key=WARNING_ORDER.__getitem__))
     return dataclasses.replace(page, html=html, warnings=warnings)
+
+
+def _with_title_heading(html: str, title: str) -> str:
+    """An empty page shows at least its title (still flagged ``empty``): a blank screen
+    tells a user nothing, not even which request it answers."""
+    opening = re.search(r"<body[^>]*>", html, re.IGNORECASE)
+    if opening is None:
+        return html
+    heading = f"<header><h1>{html_lib.escape(title, quote=False)}</h1></header>"
+    return html[: opening.end()] + heading + html[opening.end() :]
 
 
 def content_words(content: PageContent) -> int:

@@ -164,3 +164,15 @@ def test_compose_cut_off_before_any_field_says_so() -> None:
             prompt=COMPOSE_PROMPT,
             mode=PageMode.COMPOSE,
         )
+
+
+def test_an_empty_document_shows_its_title_and_stays_flagged() -> None:
+    page = page_from_result(
+        _result(
+            "<!DOCTYPE html><html><head><title>Bakery</title></head><body></body></html>",
+            FinishReason.EOS,
+        ),
+        prompt=PROMPT,
+    )
+    assert W.EMPTY in page.warnings
+    assert "<h1>Bakery</h1>" in page.html
