@@ -227,7 +227,7 @@ class HtmlBot(discord.Client):
     def regenerate(self, job: Job) -> bool:
         """Queue a finished job once more with another seed (its page came out empty);
         False when it can't be (already regenerated, queue closed, cancelled)."""
-        if job.regenerated:
+        if job.regenerated or self.scheduler.closed or job.request.cancelled:
             return False
         job.regenerated = True
         job.result = None

@@ -69,8 +69,10 @@ def summary_line(
     parts = [f"**{filename}**", model, f"{tokens} tokens", f"{seconds:.1f} s"]
     lines = [" · ".join(parts)]
     for warning in warnings:
-        known = warning in PageWarning._value2member_map_
-        meaning = WARNING_TEXT.get(PageWarning(warning)) if known else None
+        try:
+            meaning: str | None = WARNING_TEXT[PageWarning(warning)]
+        except (ValueError, KeyError):  # a flag this version does not know (an old page)
+            meaning = None
         lines.append(f"⚠️ {warning}: {meaning}" if meaning else f"⚠️ {warning}")
     return "\n".join(lines)
 

@@ -549,3 +549,8 @@ def test_regenerate_queues_the_job_once_more_with_another_seed() -> None:
     assert board.tracked == [job.job_id]
     assert scheduler.take(1) == [job]
     assert HtmlBot.regenerate(bot, job) is False  # only once
+
+    other = Job.create(user_id=2, prompt="a bakery", ttl_s=900)
+    scheduler.close()
+    assert HtmlBot.regenerate(bot, other) is False  # shutting down: delivered as it is
+    assert not other.regenerated
