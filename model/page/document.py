@@ -26,15 +26,14 @@ def build_page(
     prompt: str,
     truncated: bool = False,
     repetition: bool = False,
-    strip_scripts: bool = False,
     max_bytes: int = 1_000_000,
 ) -> HtmlPage:
     """Make a complete, well-formed, UTF-8 page out of a model's answer.
 
     ``truncated`` says the generation hit its token limit (the only source of that flag);
     ``repetition`` that the engine stopped it on a loop (the text may show none any more).
-    ``strip_scripts`` removes scripts, event handlers and ``javascript:`` URLs. ``max_bytes``
-    bounds the page (at least 4096).
+    ``max_bytes`` bounds the page (at least 4096). Scripts are the SAFETY policy's business
+    (``model.page.safety``, applied by ``page_from_result``), not this builder's.
     See the module docstring for each step and :class:`PageWarning` for what is reported.
 
     Raises :class:`HtmlExtractionError` when the output holds nothing usable (empty or
@@ -61,9 +60,7 @@ def build_page(
     guarded = guard_markup(source.markup)
     if guarded.degenerate:
         warnings.add(PageWarning.DEGENERATE)
-    rendered = render(
-        guarded.source, prompt=prompt, strip_scripts=strip_scripts, max_bytes=max_bytes
-    )
+    rendered = render(guarded.source, prompt=prompt, max_bytes=max_bytes)
     if rendered.oversize:
         warnings.add(PageWarning.OVERSIZE)
     if _repaired(source, guarded, rendered):
@@ -71,8 +68,6 @@ def build_page(
     size = size_warning(rendered.visible_words)
     if size is not None:
         warnings.add(size)
-    if rendered.scripts_removed:
-        warnings.add(PageWarning.SCRIPTS_REMOVED)
     ordered = tuple(sorted(warnings, key=WARNING_ORDER.__getitem__))
     if ordered:
         log.debug("page built with warnings: %s", ", ".join(ordered))

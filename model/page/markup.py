@@ -19,7 +19,6 @@ from model.page.parse import (
     parse,
     parse_robustly,
 )
-from model.page.scripts import remove_scripts
 from model.page.serialize import serialize
 from model.page.tree import complete_head, sanitize_tree, visible_words
 
@@ -40,7 +39,6 @@ class Rendered:
     closed_elements: bool  # the parser closed elements that were left open
     misnested: bool  # the parser moved, split or dropped elements to build the tree
     visible_words: int  # words a reader sees in the body
-    scripts_removed: bool
 
 
 def source_repairs(source: str) -> bool:
@@ -59,7 +57,7 @@ def source_repairs(source: str) -> bool:
 _SETTLE_MAX_CHARS = 300_000
 
 
-def settle(page_html: str, *, strip_scripts: bool) -> str:
+def settle(page_html: str) -> str:
     """Re-parse a page until its serialization is a fixed point of the parser.
 
     Error recovery can build trees that no markup produces (a <p> kept inside <svg>); written
@@ -78,13 +76,11 @@ def settle(page_html: str, *, strip_scripts: bool) -> str:
             break
         log.debug("re-serializing a page that re-parses with errors: %s", sorted(errors))
         sanitize_tree(root, scrub_text=True)
-        if strip_scripts:
-            remove_scripts(root)
         page_html = serialize(root)
     return page_html
 
 
-def render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> Rendered:
+def render(source: str, *, prompt: str, max_bytes: int) -> Rendered:
     """Parse, complete and serialize ``source``, cutting it until the page fits ``max_bytes``."""
     budget = max_bytes - _SIZE_RESERVE
     while True:
@@ -98,9 +94,8 @@ def render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> 
             "<!DOCTYPE html>" + _LEADING_DOCTYPE_RE.sub("", part, count=1)
         )
         sanitize_tree(root, scrub_text="illegal-codepoint-for-numeric-entity" in errors)
-        scripts_removed = strip_scripts and remove_scripts(root)
         title = complete_head(root, prompt)
-        page_html = settle(serialize(root), strip_scripts=strip_scripts)
+        page_html = settle(serialize(root))
         size = len(page_html.encode("utf-8"))
         if size <= max_bytes:
             return Rendered(
@@ -111,18 +106,8 @@ def render(source: str, *, prompt: str, strip_scripts: bool, max_bytes: int) -> 
                 closed_elements=bool(errors & UNCLOSED_ERRORS),
                 misnested=bool(errors & MISNESTED_ERRORS),
                 visible_words=visible_words(root),
-                scripts_removed=scripts_removed,
             )
         # Serialization grew the source (escaping, implied end tags): cut it in proportion.
         used = len(part.encode("utf-8"))
         budget = max(0, min(used - 1024, int(used * max_bytes / size * 0.95) - 1024))
         source = part
-
-
-def strip_page_scripts(page_html: str) -> tuple[str, bool]:
-    """``page_html`` (a page :func:`render` wrote) without scripts, as ``strip_scripts=True``
-    would have rendered it; and whether anything was removed."""
-    root, _errors = parse_robustly(page_html)
-    if not remove_scripts(root):
-        return page_html, False
-    return settle(serialize(root), strip_scripts=True), True
