@@ -192,7 +192,7 @@ class Form(_Strict):
 
 
 class Question(_Strict):
-    question: str = _text(_LINE)
+    question: str = _text(160)  # the grammar bounds it to 15 words: keep its "?"
     answer: str = _text(_SENTENCES)
 
 

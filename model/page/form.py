@@ -200,7 +200,7 @@ _BLOCK_FIELDS: dict[PageKind, list[FormField]] = {
     ],
     PageKind.FAQ: _numbered(
         4,
-        ("questions.{i}.question", "Question {i} a visitor asks about {subject}", 90, _QUESTION),
+        ("questions.{i}.question", "Question {i} a visitor asks about {subject}", 160, _QUESTION),
         ("questions.{i}.answer", "Answer {i}, in one or two sentences", 240, _sentences(2)),
     ),
     PageKind.ARTICLE: _numbered(
