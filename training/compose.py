@@ -48,6 +48,9 @@ _BUTTON_RE = re.compile(rf"{_CAPWORD}(?: {_WORD}){{0,2}}")  # two or three words
 # The longest value of each landing field (a longer one would be cut when parsed back).
 _LIMITS = {f.path: f.max_chars for f in form_for(COMPOSE_KIND)}
 
+# A feature card's title: the form reads it out of the feature's sentence at inference (it
+# is not part of the answer), and the page's own heading, this long at most, is kept.
+FEATURE_TITLE_CHARS = 40
 _HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 _FEATURE_HEADINGS = frozenset({"h2", "h3", "h4"})
 _PARAGRAPHS = frozenset({"p", "blockquote", "figcaption", "li", "dd"})
@@ -237,7 +240,7 @@ def _features(pool: _Candidates) -> list[dict[str, str]]:
     for position, index in enumerate(heads):
         if blocks[index].tag not in _FEATURE_HEADINGS or blocks[index].in_chrome:
             continue
-        title = _label(blocks[index].text, _TITLE_RE, _LIMITS["features.0.title"])
+        title = _label(blocks[index].text, _TITLE_RE, FEATURE_TITLE_CHARS)
         if title is None:
             continue
         end = heads[position + 1] if position + 1 < len(heads) else len(blocks)

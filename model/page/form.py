@@ -41,6 +41,7 @@ __all__ = [
     "form_leads",
     "grammar_for",
     "parse_answer",
+    "title_from_sentence",
 ]
 
 # Value patterns, as EBNF right-hand sides over the shared rules of _SHARED_RULES. Values
@@ -178,10 +179,10 @@ _SECOND_LEAD: dict[PageKind, str] = {
 }
 
 _BLOCK_FIELDS: dict[PageKind, list[FormField]] = {
+    # Only the sentence: asked for a name first, the model wrote sentence starts ("Our
+    # bakery is a") however the question was put; the card's title is read out of it.
     PageKind.LANDING: _numbered(
-        3,
-        ("features.{i}.title", "Something {subject} offers, named in a few words", 40, _words(4)),
-        ("features.{i}.text", "That, in one sentence", 140, _sentences(1)),
+        3, ("features.{i}.text", "One thing {subject} offers, in one sentence", 140, _sentences(1))
     ),
     PageKind.PRICING: _numbered(
         3,
@@ -394,9 +395,38 @@ def _split_list(value: str) -> list[str]:
     return [part for part in parts if part][:4]
 
 
+# Where a sentence's leading noun phrase ends: "A warm atmosphere that makes you..."
+_PHRASE_END_RE = re.compile(
+    r"\s(?:that|which|who|where|when|with|for|to|is|are|was|were|makes?|gives?|brings?|"
+    r"has|have|will|can|from|in|on|at|by|so|because|and then)\b|[,;:.!?]",
+    re.IGNORECASE,
+)
+_LEADING_ARTICLE_RE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
+
+
+def title_from_sentence(sentence: str, max_words: int = 5) -> str:
+    """A card title read out of its sentence: the leading noun phrase, without its article
+    ("A warm and welcoming atmosphere that makes..." -> "Warm and welcoming atmosphere")."""
+    text = _LEADING_ARTICLE_RE.sub("", sentence.strip())
+    end = _PHRASE_END_RE.search(text)
+    phrase = text[: end.start()] if end is not None and end.start() > 0 else text
+    words = phrase.split()[:max_words]
+    # A participle past the first two words starts the rest of the sentence ("loaves baked
+    # every morning").
+    for index in range(2, len(words)):
+        if words[index].lower().endswith("ed"):
+            words = words[:index]
+            break
+    title = " ".join(words).rstrip(" ,;:-")
+    return title[:1].upper() + title[1:] if title else sentence[:40]
+
+
 def _add_fixed_parts(data: dict[str, Any], kind: PageKind, title: str) -> None:
     """Headings and parts the form does not ask for: section headings, table columns,
     form field types (from the label's words), the footer."""
+    for feature in data.get("features") or []:
+        if isinstance(feature, dict) and feature.get("text") and not feature.get("title"):
+            feature["title"] = title_from_sentence(feature["text"])
     headings = [f"About {title}", _SECOND_HEADING[kind]]
     sections = data.get("sections") or []
     data["sections"] = [

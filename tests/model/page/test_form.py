@@ -150,12 +150,12 @@ def test_answer_without_any_field_is_refused() -> None:
 
 
 def test_overlong_values_are_cut_at_a_word_within_the_content_bounds() -> None:
-    text = _filled_form(PageKind.LANDING).replace(
+    text = _filled_form(PageKind.PORTFOLIO).replace(
         "Fresh Bread", "Fresh " + "Sourdough " * 12 + "Bread", 1
     )
-    content = parse_answer(text, kind=PageKind.LANDING, title="Bakery", subject=SUBJECT)
-    assert content.features is not None
-    title = content.features[0].title
+    content = parse_answer(text, kind=PageKind.PORTFOLIO, title="Bakery", subject=SUBJECT)
+    assert content.projects is not None
+    title = content.projects[0].title
     assert len(title) <= 40 and title.endswith("…") and "  " not in title
     PageContent.model_validate(content.model_dump())  # still within every bound
 
@@ -253,3 +253,24 @@ def test_prompt_gives_kind_subject_and_title(
 )
 def test_kinds_match_whole_words(prompt: str, kind: PageKind) -> None:
     assert classify_prompt(prompt) is kind
+
+
+@pytest.mark.parametrize(
+    ("sentence", "title"),
+    [
+        (
+            "A warm and welcoming atmosphere that makes you feel at home.",
+            "Warm and welcoming atmosphere",
+        ),
+        ("Fresh sourdough loaves baked every morning.", "Fresh sourdough loaves"),
+        ("Your furry companion is always with you!", "Your furry companion"),
+        ("Hand-picked coffee beans, roasted in small batches.", "Hand-picked coffee beans"),
+    ],
+)
+def test_feature_titles_are_read_out_of_their_sentence(sentence: str, title: str) -> None:
+    from model.page.form import title_from_sentence
+
+    assert title_from_sentence(sentence) == title
+    text = _filled_form(PageKind.LANDING).replace("We bake fresh bread every morning.", sentence)
+    content = parse_answer(text, kind=PageKind.LANDING, title="X", subject=SUBJECT)
+    assert content.features is not None and content.features[0].title == title
