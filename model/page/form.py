@@ -401,6 +401,7 @@ _PHRASE_END_RE = re.compile(
     r"has|have|will|can|from|in|on|at|by|so|because|and then)\b|[,;:.!?]",
     re.IGNORECASE,
 )
+_DANGLING_WORDS = frozenset({"of", "and", "or", "the", "a", "an", "our", "your", "about", "using"})
 _LEADING_ARTICLE_RE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
 
 
@@ -417,6 +418,8 @@ def title_from_sentence(sentence: str, max_words: int = 5) -> str:
         if words[index].lower().endswith("ed"):
             words = words[:index]
             break
+    while len(words) > 1 and words[-1].lower() in _DANGLING_WORDS:
+        words = words[:-1]  # "Fresh and delicious selection of" -> "... selection"
     title = " ".join(words).rstrip(" ,;:-")
     return title[:1].upper() + title[1:] if title else sentence[:40]
 

@@ -265,6 +265,7 @@ def test_kinds_match_whole_words(prompt: str, kind: PageKind) -> None:
         ("Fresh sourdough loaves baked every morning.", "Fresh sourdough loaves"),
         ("Your furry companion is always with you!", "Your furry companion"),
         ("Hand-picked coffee beans, roasted in small batches.", "Hand-picked coffee beans"),
+        ("A fresh and delicious selection of baked goods.", "Fresh and delicious selection"),
     ],
 )
 def test_feature_titles_are_read_out_of_their_sentence(sentence: str, title: str) -> None:
