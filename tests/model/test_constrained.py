@@ -92,8 +92,9 @@ def ids(tokenizer: Any, text: str) -> list[int]:
 def test_forced_tokens_are_the_lead_in_after_a_newline_and_none_inside_a_value(
     tiny_tokenizer: Any,
 ) -> None:
-    leads = form_leads(PageKind.LANDING, SUBJECT)
-    grammar = grammar_for(PageKind.LANDING, SUBJECT)
+    # A portfolio's form: the tagline (a sentence), then a project's name (a few words).
+    leads = form_leads(PageKind.PORTFOLIO, SUBJECT)
+    grammar = grammar_for(PageKind.PORTFOLIO, SUBJECT)
     constraint = GrammarConstraint(tiny_tokenizer, grammar)
     # The answer starts with the first lead-in: all of it is forced.
     assert tiny_tokenizer.decode(constraint.forced_tokens()) == leads[0]
