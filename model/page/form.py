@@ -36,7 +36,6 @@ __all__ = [
     "SUBMIT_LABELS",
     "FormField",
     "answer_text",
-    "first_lead",
     "form_for",
     "form_leads",
     "grammar_for",
@@ -316,11 +315,6 @@ def grammar_for(kind: PageKind, subject: str) -> str:
         names.append(name)
         rules.append(f"{name} ::= {_ebnf_literal(lead)} {field.value_rule()}")
     return "\n".join([f'root ::= {" ".join(names)} "\\n"', *rules]) + _SHARED_RULES
-
-
-def first_lead(kind: PageKind, subject: str) -> str:
-    """The answer's opening words (the first lead-in), which the engine can put in the prompt."""
-    return next(_leads(kind, subject))[1]
 
 
 def parse_answer(text: str, *, kind: PageKind, title: str, subject: str) -> PageContent:

@@ -34,36 +34,12 @@ def fake_page(prompt: str) -> str:
 
 
 def fake_compose_answer(prompt: str) -> str:
-    """A complete compose-mode answer (the guided form of ``model.page.form``) for ``prompt``:
-    what a model writes under the form's grammar, with plain values."""
+    """A complete compose-mode answer (the guided form of ``model.page.form``) for ``prompt``,
+    with the plausible values the grammar benchmark fills forms with."""
+    from bench.constrained_forms import filled_form
     from model.page.content import classify_prompt, page_subject
-    from model.page.form import form_leads
 
-    values = []
-    for lead in form_leads(classify_prompt(prompt), page_subject(prompt)):
-        lowered = lead.lower()
-        if "button" in lowered:
-            value = "Send" if "send button" in lowered else "Get started"
-        elif "price" in lowered:
-            value = "$9"
-        elif "value" in lowered:
-            value = "42"
-        elif "status" in lowered:
-            value = "OK"
-        elif "time" in lowered:
-            value = "09:30"
-        elif "years" in lowered:
-            value = "2020-2024"
-        elif "question" in lowered:
-            value = "How does the fake engine work?"
-        elif "comma-separated" in lowered:
-            value = "fast answers, honest pages, no model"
-        elif "sentence" in lowered or "paragraph" in lowered:
-            value = "The fake engine writes this sentence for every page it makes."
-        else:
-            value = "Fake Engine"
-        values.append(f"{lead} {value}")
-    return "".join(values) + "\n"
+    return filled_form(classify_prompt(prompt), page_subject(prompt))
 
 
 def fake_answer(request: GenerationRequest) -> str:

@@ -117,7 +117,7 @@ async def test_compose_mode_delivers_the_themed_page_of_the_models_words(
     inter = await fake.send_command("html", {"prompt": prompt, "style": "dark"})
     page = await inter.wait_for_file(".html", timeout=30)
     text = page.data.decode()
-    assert text.count("$9") == 3  # the three plans the form asked for
+    assert text.count("$12.50") == 3  # the three plans the form asked for
     assert '<style data-theme="dark">' in text
     assert 'http-equiv="Content-Security-Policy"' in text  # SAFETY=standard, the default
     assert "Plan 1 name" not in text  # the form's questions never reach the page

@@ -9,7 +9,6 @@ import pytest
 from model.page.content import PageContent, PageKind, classify_prompt, page_subject, page_title
 from model.page.form import (
     answer_text,
-    first_lead,
     form_for,
     form_leads,
     grammar_for,
@@ -129,7 +128,7 @@ def test_price_and_status_follow_their_patterns(compiler: Any) -> None:
 def test_lead_ins_ask_about_the_subject() -> None:
     grammar = grammar_for(PageKind.FAQ, "A dog grooming salon")
     assert "about a dog grooming salon" in grammar
-    assert first_lead(PageKind.FAQ, "A dog grooming salon").startswith("Tagline")
+    assert form_leads(PageKind.FAQ, "A dog grooming salon")[0].startswith("Tagline")
     fields = [line for line in grammar.splitlines() if line.startswith("f")]
     assert len(form_for(PageKind.FAQ)) == len(fields)
 

@@ -86,23 +86,14 @@ COMPOSE_PROMPT = "a pricing page for a yoga studio"
 
 
 def _compose_answer(*, plans: int = 3) -> str:
-    from model.page.content import PageKind, page_subject
-    from model.page.form import form_leads
+    """A filled pricing form; with ``plans`` < 3 cut off inside the plans (the length limit)."""
+    from tests.bot.fakes import fake_compose_answer
 
-    values = []
-    for lead in form_leads(PageKind.PRICING, page_subject(COMPOSE_PROMPT)):
-        if "price" in lead:
-            value = "$19"
-        elif "comma-separated" in lead:
-            value = "Unlimited classes, one guest pass, mat rental"
-        elif "name" in lead:
-            value = "Flow"
-        else:
-            value = "Breathe deeply and move with us every single morning."
-        values.append(f"{lead} {value}")
-    if plans < 3:  # cut off inside the plans: the length limit
-        values = values[: 1 + 3 * plans]
-    return "".join(values) + "\n"
+    answer = fake_compose_answer(COMPOSE_PROMPT)
+    if plans < 3:
+        lines = answer.split("\n")
+        answer = "\n".join(lines[: 1 + 3 * plans])  # the tagline, then 3 lines a plan
+    return answer
 
 
 def test_compose_renders_the_content_through_the_theme() -> None:
@@ -114,7 +105,7 @@ def test_compose_renders_the_content_through_the_theme() -> None:
     )
     assert page.title == "Yoga studio"
     assert page.complete and page.warnings == ()
-    assert page.html.count("$19") == 3
+    assert page.html.count("$12.50") == 3
     assert '<style data-theme="corporate">' in page.html or "corporate" in page.html
     assert 'http-equiv="Content-Security-Policy"' in page.html
     assert "Tagline (" not in page.html  # the form's lead-ins never reach the page
@@ -127,7 +118,7 @@ def test_compose_cut_off_by_the_length_limit_is_truncated_and_keeps_its_plans() 
         mode=PageMode.COMPOSE,
     )
     assert W.TRUNCATED in page.warnings and not page.complete
-    assert page.html.count("$19") == 2
+    assert page.html.count("$12.50") == 2
 
 
 def test_compose_with_little_content_is_flagged_thin() -> None:
