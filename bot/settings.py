@@ -75,7 +75,26 @@ class Settings(BaseSettings):
     # torch threads when the model runs on a CPU; unset: all cores but one (model.threads).
     cpu_threads: int | None = Field(default=None, ge=1, le=512)
 
-    # Queue and worker
+    # Queue and worker. QUEUE_BACKEND=local: the queue, worker thread and journal live in this
+    # process (jobs journaled in STATE_DB, so a restart resumes them). redis: any number of
+    # bots (shards) and GPU workers (``python -m bot.worker``) share one queue at REDIS_URL.
+    queue_backend: Literal["local", "redis"] = "local"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every key this bot writes starts with it: several bots can share one Redis.
+    redis_prefix: str = "htmlbot"
+    state_db: Path = Path("results/htmlbot.sqlite3")
+    # A worker that reports nothing on a running job for this long (killed, hung, cut off)
+    # loses it: another worker takes it over. Progress reports renew it every second or so.
+    worker_lease_s: float = Field(default=30.0, ge=2.0, le=3600.0)
+    # A name for this worker in logs and in Redis; unset: host name and process id.
+    worker_name: str | None = None
+    # Pages kept in Redis (QUEUE_BACKEND=redis): a page over the cap is not kept there.
+    pages_ttl_days: float = Field(default=30.0, gt=0)
+    page_store_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Sharding (discord.py's AutoShardedBot): SHARD_COUNT shards in all, SHARD_IDS the ones
+    # this process runs (empty: all of them). Unset SHARD_COUNT: one plain connection.
+    shard_count: int | None = Field(default=None, ge=1, le=4096)
+    shard_ids: IdList = ()
     queue_max_total: int = Field(default=1000, ge=1)
     queue_max_per_user: int = Field(default=3, ge=1)
     # None ("auto"): see batch_size().
@@ -118,7 +137,9 @@ class Settings(BaseSettings):
             raise ValueError("contains whitespace; paste the token alone, without 'Bot '")
         return SecretStr(token)
 
-    @field_validator("allowed_guild_ids", "allowed_channel_ids", "allowed_role_ids", mode="before")
+    @field_validator(
+        "allowed_guild_ids", "allowed_channel_ids", "allowed_role_ids", "shard_ids", mode="before"
+    )
     @classmethod
     def _split_ids(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -134,7 +155,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "dev_guild_id", "metrics_port", "max_batch", "page_mode", "cpu_threads", mode="before"
+        "dev_guild_id",
+        "metrics_port",
+        "max_batch",
+        "page_mode",
+        "cpu_threads",
+        "shard_count",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -148,6 +175,7 @@ class Settings(BaseSettings):
         "model_device",
         "discord_gateway_url",
         "preview_chromium",
+        "worker_name",
         mode="before",
     )
     @classmethod
@@ -191,6 +219,23 @@ class Settings(BaseSettings):
                 f"to its path (looked for {', '.join(CHROMIUM_NAMES)} on PATH), or set "
                 "PREVIEW=auto or off"
             )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _shards_in_range(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        count = info.data.get("shard_count")
+        if value and count is None:
+            raise ValueError("is set but SHARD_COUNT is not; set SHARD_COUNT too")
+        if count is not None and any(shard >= count for shard in value):
+            raise ValueError(f"holds a shard id of {count} or more (SHARD_COUNT is {count})")
         return value
 
     @field_validator("log_level")
