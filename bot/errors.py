@@ -32,6 +32,15 @@ class UserLimitReached(BotError):
     """The user has ``queue_max_per_user`` jobs pending already."""
 
 
+class QueueUnavailable(BotError):
+    """The shared queue (Redis) can't be reached; the bot keeps running and retries."""
+
+    def __init__(
+        self, message: str = "The queue is unavailable right now; please try again in a minute."
+    ) -> None:
+        super().__init__(message)
+
+
 class ShuttingDown(BotError):
     """The bot is stopping and takes no new jobs."""
 

@@ -24,6 +24,22 @@ class JobState(StrEnum):
         return self not in (JobState.QUEUED, JobState.RUNNING)
 
 
+@dataclass(frozen=True)
+class DeliveryInfo:
+    """What any process needs to answer a job's interaction: its webhook (application id and
+    token, valid 15 minutes from the interaction's creation), and which shard received it.
+
+    Stored with the job (the SQLite journal, Redis) so a restarted bot, or another shard, can
+    still edit the status message and send the page. The token is a secret: never log it.
+    """
+
+    application_id: int
+    token: str = field(repr=False)
+    interaction_id: int
+    shard_id: int = 0
+    attachment_limit: int = 0  # bytes; 0: Discord's default
+
+
 def new_job_id() -> str:
     """A short id users can type (``/mypages page:<id>``) and custom_ids can carry."""
     return secrets.token_hex(4)
@@ -54,6 +70,7 @@ class Job:
     error: str | None = None
     cancel_note: str | None = None  # what to tell the user when it was cancelled for them
     result: GenerationResult | None = None
+    delivery: DeliveryInfo | None = None
     context: Any = None
 
     @property

@@ -1,0 +1,73 @@
+"""Where jobs wait: one interface on each side of the queue, two backends.
+
+The bot side (slash commands, the status board, delivery) uses a :class:`JobQueue`; the GPU
+worker uses a :class:`JobSource`. ``QUEUE_BACKEND=local`` gives both from one in-process
+:class:`~bot.scheduler.Scheduler` (journaled in SQLite, so a restart resumes its jobs);
+``QUEUE_BACKEND=redis`` keeps the queue in Redis, shared by any number of bot shards and GPU
+workers (``bot.queue.redis_queue``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bot.jobs import Job, JobState
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """The queue as one status pass sees it (positions are 1-based, in take order)."""
+
+    positions: dict[str, int] = field(default_factory=dict)
+    queued: int = 0
+    running: int = 0
+    job_seconds: float = 60.0  # how long one job takes, measured (for ETAs)
+    max_batch: int = 1  # jobs that run side by side, over all workers
+
+
+class JobQueue(Protocol):
+    """The bot's side: every method may raise ``QueueUnavailable`` (Redis down)."""
+
+    async def submit(self, job: Job) -> int:
+        """Queue ``job``; its 1-based position. Raises QueueFull, UserLimitReached..."""
+        ...
+
+    async def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job now, or ask the engine to stop a running one; None if gone."""
+        ...
+
+    async def get(self, job_id: str) -> Job | None:
+        """A pending (queued or running) job."""
+        ...
+
+    async def pending(self, user_id: int | None = None) -> list[Job]:
+        """Running jobs, then queued ones in take order; one user's if given."""
+        ...
+
+    async def snapshot(self) -> QueueSnapshot: ...
+
+
+class JobSource(Protocol):
+    """The worker's side. Called from the worker thread: every method blocks."""
+
+    def take(self, max_count: int, wait_s: float = 0.0) -> list[Job]:
+        """Up to ``max_count`` jobs in fair order, now RUNNING (waits up to ``wait_s``)."""
+        ...
+
+    def progress(self, job: Job, tokens: int) -> bool:
+        """Record progress (and keep the job's lease); False: stop it (cancelled or lost)."""
+        ...
+
+    def finish(self, job: Job, state: JobState) -> bool:
+        """``job`` ended (``result``/``error`` set); False if another worker owns it now."""
+        ...
+
+    def requeue_front(self, jobs: Iterable[Job]) -> None:
+        """Running jobs go back to the head of the queue (after an out-of-memory)."""
+        ...
+
+    def wake(self) -> None:
+        """Wake a ``take`` that is waiting (used when stopping)."""
+        ...
