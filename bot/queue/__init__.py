@@ -21,10 +21,17 @@ class QueueSnapshot:
     """The queue as one status pass sees it (positions are 1-based, in take order)."""
 
     positions: dict[str, int] = field(default_factory=dict)
+    # Tokens generated so far by each running job (what the status line shows).
+    running_tokens: dict[str, int] = field(default_factory=dict)
     queued: int = 0
     running: int = 0
     job_seconds: float = 60.0  # how long one job takes, measured (for ETAs)
     max_batch: int = 1  # jobs that run side by side, over all workers
+
+    def eta_s(self, position: int) -> float:
+        """Rough seconds until the job at ``position`` is finished."""
+        rounds = -(-position // max(self.max_batch, 1)) + 1
+        return rounds * self.job_seconds
 
 
 class JobQueue(Protocol):
