@@ -10,12 +10,14 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any
 
 import aiohttp
 import discord
 
 from bot.settings import Settings, SettingsError, load_settings
+from model.build import EngineConfig, GeneratingEngine, build_engine
+from model.errors import ModelError
+from model.spec import resolve_spec
 
 log = logging.getLogger("bot")
 
@@ -68,56 +70,24 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("discord").setLevel(max(logging.INFO, root.level))
 
 
-def load_engine(settings: Settings) -> Any:
-    """Load the model and wrap it in the engine (blocking: run it in a thread)."""
-    from model.errors import ModelError
-    from model.loading import load_model
-    from model.spec import resolve_spec
-    from model.threads import configure_cpu_threads
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine part of the settings (``ENGINE``, ``MAX_BATCH``...), for ``build_engine``."""
+    return EngineConfig(
+        kind=settings.engine,
+        max_batch=settings.max_batch,
+        max_new_tokens=settings.max_new_tokens,
+        max_prompt_chars=settings.max_prompt_chars,
+        cpu_threads=settings.cpu_threads,
+    )
 
+
+def load_engine(settings: Settings) -> GeneratingEngine:
+    """Load the model and wrap it in the engine (blocking: run it in a thread)."""
     try:
         spec = resolve_spec(**settings.model_overrides())
-        log.info("loading model %s (base %s, adapter %s)", spec.name, spec.base, spec.adapter)
-        loaded = load_model(spec)
-        threads = configure_cpu_threads(settings.cpu_threads, device=str(loaded.device))
-        if loaded.device.type == "cpu":
-            log.info("generating on the CPU with %d torch thread(s)", threads)
-        on_gpu = loaded.device.type == "cuda"
-        if settings.engine == "continuous" or (settings.engine == "auto" and on_gpu):
-            engine = _continuous_engine(loaded, settings, on_gpu=on_gpu)
-            if engine is not None:
-                return engine
-        from model.engine import Engine
-
-        return Engine(loaded)
+        return build_engine(spec, engine_config(settings)).engine
     except ModelError as exc:
         raise StartupError(f"model: {exc}", EXIT_MODEL) from None
-
-
-def _continuous_engine(loaded: Any, settings: Settings, *, on_gpu: bool) -> Any | None:
-    """The continuous-batching engine; None (ENGINE=auto) when the model can't use it."""
-    from model.fast_engine import FastEngine, FastEngineOptions
-
-    # An explicit MAX_BATCH also bounds the KV cache; unset, it is sized from free memory.
-    # Each slot holds a whole prompt (the template's few dozen tokens plus MAX_PROMPT_CHARS at two
-    # characters a token or more) and a whole answer, so no answer is cut short by the cache.
-    prompt_tokens = 256 + settings.max_prompt_chars // 2
-    options = FastEngineOptions(
-        max_slots=settings.max_batch,
-        max_seq_len=max(FastEngineOptions.max_seq_len, prompt_tokens + settings.max_new_tokens),
-    )
-    try:
-        engine = FastEngine.from_loaded(loaded, options)
-    except ValueError as exc:  # not a Llama-family model
-        if settings.engine == "continuous":
-            raise StartupError(f"ENGINE=continuous: {exc}", EXIT_MODEL) from None
-        log.warning("continuous engine unavailable (%s); using the standard one", exc)
-        return None
-    if on_gpu:
-        # Capture the CUDA graphs now (~30 s for a 7B model), not on users' first jobs.
-        log.info("continuous-batching engine: capturing CUDA graphs")
-        engine.warmup(settings.batch_size(engine))
-    return engine
 
 
 async def check_token(settings: Settings) -> None:

@@ -16,18 +16,17 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.preview import CHROMIUM_NAMES, find_chromium
+
+# MAX_BATCH's defaults live with the engines (model.build); re-exported for older callers.
+from model.build import AUTO_MAX_BATCH as AUTO_MAX_BATCH
+from model.build import STANDARD_MAX_BATCH as STANDARD_MAX_BATCH
+from model.build import batch_size
 from model.types import PageMode, SafetyPolicy
 
 log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# MAX_BATCH when unset. The standard engine pads a batch to its longest prompt and runs it
-# to its longest answer, so small batches suit it (and a CPU).
-STANDARD_MAX_BATCH = 8
-# The continuous engine takes as many jobs as its KV cache has slots, up to this: past 64 a
-# decode step grows to ~11 ms on an H100 (bench/RESULTS.md), ~90 tokens/s for each user.
-AUTO_MAX_BATCH = 64
 
 IdList = Annotated[tuple[int, ...], NoDecode]
 
@@ -247,15 +246,8 @@ class Settings(BaseSettings):
         return level
 
     def batch_size(self, engine: Any) -> int:
-        """How many jobs the worker runs together: ``MAX_BATCH``, or when it is unset the
-        continuous engine's KV-cache slots (sized from free GPU memory; at most
-        ``AUTO_MAX_BATCH``), else ``STANDARD_MAX_BATCH`` for the standard engine."""
-        if self.max_batch is not None:
-            return self.max_batch
-        slots = getattr(engine, "slots", None)
-        if isinstance(slots, int) and slots > 0:
-            return min(slots, AUTO_MAX_BATCH)
-        return STANDARD_MAX_BATCH
+        """How many jobs the worker runs together (``model.build.batch_size``)."""
+        return batch_size(engine, self.max_batch)
 
     def model_overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``model.spec.resolve_spec`` (``None`` means the default)."""
