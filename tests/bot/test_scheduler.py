@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import threading
+from collections import Counter
 
 import pytest
 
@@ -67,8 +69,100 @@ def test_a_late_user_waits_at_most_one_turn_behind_a_flooder() -> None:
         scheduler.submit(job(1, f"a{i}", clock=clock))
     scheduler.take(1)  # a0 runs
     late = job(2, "late", clock=clock)
-    assert scheduler.submit(late) <= 2
-    assert [j.prompt for j in scheduler.take(2)] == ["a1", "late"]
+    assert scheduler.submit(late) == 1  # user 1 had its turn in this round already
+    assert [j.prompt for j in scheduler.take(2)] == ["late", "a1"]
+
+
+def test_a_user_whose_first_job_ran_at_once_is_not_a_round_ahead() -> None:
+    # The held-out run: one user got a 3rd page before two others got their 2nd.
+    scheduler, clock = make()
+    scheduler.submit(job(1, "a1", clock=clock))
+    assert [j.prompt for j in scheduler.take(1)] == ["a1"]  # ran at once
+    for name in ("a2", "a3"):
+        scheduler.submit(job(1, name, clock=clock))
+    for user, names in ((2, ("b1", "b2")), (3, ("c1", "c2"))):
+        for name in names:
+            scheduler.submit(job(user, name, clock=clock))
+    expected = ["b1", "c1", "a2", "b2", "c2", "a3"]
+    positions = scheduler.positions()
+    assert [
+        j.prompt for j in sorted(scheduler.pending()[1:], key=lambda j: positions[j.job_id])
+    ] == expected
+    assert [j.prompt for j in scheduler.pending()] == ["a1", *expected]
+    assert [j.prompt for j in scheduler.take(10)] == expected
+
+
+def test_a_user_whose_queue_emptied_keeps_their_turn() -> None:
+    scheduler, clock = make()
+    for name in ("a1", "a2", "a3"):
+        scheduler.submit(job(1, name, clock=clock))
+    scheduler.submit(job(2, "b1", clock=clock))
+    assert [j.prompt for j in scheduler.take(2)] == ["a1", "b1"]  # user 2's queue is empty
+    scheduler.submit(job(2, "b2", clock=clock))  # round 1, with a2
+    scheduler.submit(job(3, "c1", clock=clock))  # a newcomer joins the current round
+    assert [j.prompt for j in scheduler.take(10)] == ["c1", "a2", "b2", "a3"]
+
+
+def test_no_job_waits_behind_more_than_one_round_of_anyone_else() -> None:
+    # Random arrivals and takes: while a job waits, another user gets at most one job per
+    # job of its own user served meanwhile, plus the rest of the current round and the next.
+    rng = random.Random(7)
+    scheduler, clock = make(max_total=10_000, max_per_user=10_000)
+    submitted_at: dict[str, int] = {}
+    taken_log: list[Job] = []
+    for step in range(3000):
+        if rng.random() < 0.55:
+            newcomer = rng.random() < 0.05  # a user never seen before
+            user = 100 + step if newcomer else rng.randrange(8)
+            item = job(user, f"s{step}", clock=clock)
+            others = {j.user_id for j in scheduler.pending() if j.state is JobState.QUEUED}
+            position = scheduler.submit(item)
+            if newcomer:  # joins the current round: behind at most one job per other user
+                assert position <= len(others) + 1
+            submitted_at[item.job_id] = len(taken_log)
+        else:
+            expected_next = min(scheduler.positions().items(), key=lambda kv: kv[1], default=None)
+            for taken in scheduler.take(1):
+                assert expected_next is not None and taken.job_id == expected_next[0]
+                taken_log.append(taken)
+                scheduler.finish(taken, JobState.DONE)
+    assert len(taken_log) > 1000
+    for index, taken in enumerate(taken_log):
+        during = Counter(j.user_id for j in taken_log[submitted_at[taken.job_id] : index])
+        own = during.pop(taken.user_id, 0)
+        assert all(count <= own + 2 for count in during.values()), (index, during, own)
+
+
+def test_cancelling_a_queued_job_gives_its_round_back() -> None:
+    scheduler, clock = make()
+    scheduler.submit(job(1, "a1", clock=clock))
+    a2 = job(1, "a2", clock=clock)
+    scheduler.submit(a2)
+    scheduler.cancel(a2.job_id)
+    for name in ("b1", "b2", "b3"):
+        scheduler.submit(job(2, name, clock=clock))
+    scheduler.submit(job(1, "a3", clock=clock))  # takes a2's round, not the one after it
+    assert [j.prompt for j in scheduler.take(10)] == ["a1", "b1", "b2", "a3", "b3"]
+
+
+def test_restore_keeps_the_given_order_past_the_limits() -> None:
+    scheduler, clock = make(max_total=2, max_per_user=1)
+    jobs = [job(1, "a1", clock=clock), job(1, "a2", clock=clock), job(1, "a3", clock=clock)]
+    jobs.append(job(2, "b1", clock=clock))
+    for item in jobs:
+        item.state = JobState.RUNNING
+        item.started_at = clock.now
+    scheduler.restore(jobs)
+    assert all(item.state is JobState.QUEUED and item.started_at is None for item in jobs)
+    assert [j.prompt for j in scheduler.pending()] == ["a1", "a2", "a3", "b1"]
+    with pytest.raises(UserLimitReached):
+        scheduler.submit(job(2, clock=clock))
+    scheduler.restore([jobs[0]])  # already pending: skipped
+    assert scheduler.queued_count == 4
+    scheduler.take(1)
+    scheduler.max_total = 10
+    scheduler.submit(job(3, "c1", clock=clock))  # a newcomer still joins the current round
+    assert [j.prompt for j in scheduler.take(10)] == ["c1", "a2", "a3", "b1"]
 
 
 def test_per_user_limit_counts_running_jobs_too() -> None:
@@ -183,6 +277,18 @@ def test_requeue_front_puts_jobs_back_first() -> None:
     assert [j.prompt for j in scheduler.take(3)] == ["a", "b", "c"]
 
 
+def test_requeue_front_keeps_each_job_its_old_place() -> None:
+    scheduler, clock = make()
+    for user, name in ((1, "a1"), (1, "a2"), (2, "b1")):
+        scheduler.submit(job(user, name, clock=clock))
+    taken = scheduler.take(2)
+    assert [j.prompt for j in taken] == ["a1", "b1"]
+    scheduler.submit(job(3, "c1", clock=clock))  # arrived after both, in their round
+    scheduler.requeue_front(reversed(taken))
+    assert all(j.state is JobState.QUEUED for j in taken)
+    assert [j.prompt for j in scheduler.take(10)] == ["a1", "b1", "c1", "a2"]
+
+
 def test_duplicate_job_ids_are_refused() -> None:
     scheduler, clock = make()
     item = job(1, clock=clock)
@@ -218,3 +324,27 @@ def test_the_token_window_stays_bounded_when_nobody_reads_the_rate() -> None:
         meter.record_tokens(10)
     assert len(meter._generated) <= 11
     assert meter.tokens_per_second == pytest.approx(11.0)  # 11 records within 10 s, ends included
+
+
+def test_a_seed_replaces_the_guess_until_a_job_is_measured() -> None:
+    scheduler, _ = make(max_batch=4, job_s=60.0)
+    meter = scheduler.throughput
+    assert not meter.seed_rate(0.0, 500) and not meter.seed_rate(20.0, 0)  # no speed yet
+    assert meter.job_seconds == 60.0 and not meter.seeded
+    assert meter.seed_rate(tokens_per_second_per_job=50.0, expected_tokens=600)
+    assert meter.job_seconds == pytest.approx(12.0) and meter.seeded
+    assert scheduler.eta_s(1) == pytest.approx(24.0)
+    assert meter.seed_rate(40.0, 600)  # a later (steadier) reading replaces the first
+    assert meter.job_seconds == pytest.approx(15.0)
+    meter.record_job(9.0)  # a real measurement wins from now on
+    assert meter.measured
+    assert not meter.seed_rate(1.0, 600) and not meter.seed_job_seconds(100.0)
+    assert meter.job_seconds == pytest.approx(9.0)
+
+
+def test_a_warm_up_time_seeds_the_estimate() -> None:
+    meter = Throughput(initial_job_seconds=60.0)
+    assert meter.seed_job_seconds(7.5)
+    assert meter.job_seconds == 7.5
+    assert not meter.seed_job_seconds(float("inf")) and not meter.seed_job_seconds(-1.0)
+    assert meter.job_seconds == 7.5
