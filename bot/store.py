@@ -1,20 +1,25 @@
-"""Finished pages kept on disk, so nothing generated is lost.
+"""Finished pages kept on disk, so nothing generated is lost (the local backend's page store).
 
 Layout: ``<results_dir>/<user_id>/<job_id>.html`` next to ``<job_id>.json`` (metadata).
-Only the newest ``keep_per_user`` pages of each user are kept. Every method blocks on the
-file system: the bot calls them through ``asyncio.to_thread``.
+Only the newest ``keep_per_user`` pages of each user are kept. Every method is a coroutine:
+the files are read and written through aiofiles (a thread pool), never on the event loop.
+The Redis backend's page store has the same API, with ``StoredPage.path`` None.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import re
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +28,7 @@ _JOB_ID = re.compile(r"^[0-9a-f]{4,32}$")
 
 @dataclass(frozen=True)
 class StoredPage:
-    """Metadata of one kept page; the bytes are at ``path``."""
+    """Metadata of one kept page; the bytes are at ``path`` (None where not on disk)."""
 
     job_id: str
     user_id: int
@@ -35,7 +40,7 @@ class StoredPage:
     warnings: tuple[str, ...]
     created_at: float
     size: int
-    path: Path
+    path: Path | None
 
 
 class ResultStore:
@@ -45,7 +50,7 @@ class ResultStore:
         self.root = Path(root)
         self.keep_per_user = keep_per_user
 
-    def save(
+    async def save(
         self,
         *,
         user_id: int,
@@ -62,9 +67,9 @@ class ResultStore:
         if not _JOB_ID.match(job_id):
             raise ValueError(f"bad job id {job_id!r}")
         folder = self._folder(user_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        await aiofiles.os.makedirs(folder, exist_ok=True)
         page_path = folder / f"{job_id}.html"
-        _write_atomic(page_path, data)
+        await _write_atomic(page_path, data)
         meta = {
             "job_id": job_id,
             "user_id": user_id,
@@ -77,50 +82,66 @@ class ResultStore:
             "created_at": time.time(),
             "size": len(data),
         }
-        _write_atomic(folder / f"{job_id}.json", json.dumps(meta, ensure_ascii=False).encode())
-        self._prune(user_id)
+        # The metadata last: a page is listed only once both files are complete.
+        await _write_atomic(
+            folder / f"{job_id}.json", json.dumps(meta, ensure_ascii=False).encode()
+        )
+        await self._prune(user_id)
         return self._from_meta(meta, page_path)
 
-    def list(self, user_id: int) -> list[StoredPage]:
+    async def list(self, user_id: int) -> list[StoredPage]:
         """The user's kept pages, newest first."""
         folder = self._folder(user_id)
-        if not folder.is_dir():
+        try:
+            names = await aiofiles.os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
             return []
         pages = []
-        for meta_path in folder.glob("*.json"):
-            page = self._load(meta_path)
+        for name in names:
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            page = await self._load(folder / name)
             if page is not None:
                 pages.append(page)
         pages.sort(key=lambda page: page.created_at, reverse=True)
         return pages
 
-    def get(self, user_id: int, job_id: str) -> StoredPage | None:
+    async def get(self, user_id: int, job_id: str) -> StoredPage | None:
         """One of the user's pages, or None (also for ids of other users' pages)."""
         if not _JOB_ID.match(job_id):
             return None
-        return self._load(self._folder(user_id) / f"{job_id}.json")
+        return await self._load(self._folder(user_id) / f"{job_id}.json")
 
-    def read(self, page: StoredPage) -> bytes:
-        return page.path.read_bytes()
+    async def read(self, page: StoredPage) -> bytes:
+        """The page's bytes. Raises FileNotFoundError if it was pruned meanwhile."""
+        if page.path is None:
+            raise FileNotFoundError(f"page {page.job_id} has no file")
+        async with aiofiles.open(page.path, "rb") as handle:
+            return await handle.read()
 
     def _folder(self, user_id: int) -> Path:
         return self.root / str(int(user_id))
 
-    def _load(self, meta_path: Path) -> StoredPage | None:
+    async def _load(self, meta_path: Path) -> StoredPage | None:
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            async with aiofiles.open(meta_path, encoding="utf-8") as handle:
+                meta = json.loads(await handle.read())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             log.warning("unreadable result metadata %s", meta_path)
             return None
         page_path = meta_path.with_suffix(".html")
-        if not page_path.is_file():
+        if not await aiofiles.os.path.isfile(page_path):
             return None
-        return self._from_meta(meta, page_path)
+        try:
+            return self._from_meta(meta, page_path)
+        except (KeyError, TypeError, ValueError):
+            log.warning("malformed result metadata %s", meta_path)
+            return None
 
     @staticmethod
-    def _from_meta(meta: dict, path: Path) -> StoredPage:
+    def _from_meta(meta: dict[str, Any], path: Path) -> StoredPage:
         return StoredPage(
             job_id=str(meta["job_id"]),
             user_id=int(meta["user_id"]),
@@ -135,18 +156,24 @@ class ResultStore:
             path=path,
         )
 
-    def _prune(self, user_id: int) -> None:
-        for page in self.list(user_id)[self.keep_per_user :]:
-            for path in (page.path, page.path.with_suffix(".json")):
-                path.unlink(missing_ok=True)
+    async def _prune(self, user_id: int) -> None:
+        for page in (await self.list(user_id))[self.keep_per_user :]:
+            assert page.path is not None  # pages on disk always have one
+            # The metadata first, so a half-pruned page is never listed.
+            for path in (page.path.with_suffix(".json"), page.path):
+                with contextlib.suppress(FileNotFoundError):
+                    await aiofiles.os.remove(path)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+async def _write_atomic(path: Path, data: bytes) -> None:
+    # A unique temporary name in the same folder, then one rename: readers see the old
+    # file or the new one, never a half-written one.
+    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(6)}")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        async with aiofiles.open(tmp, "wb") as handle:
+            await handle.write(data)
+        await aiofiles.os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            await aiofiles.os.remove(tmp)
         raise
