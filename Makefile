@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PROMPT ?= a landing page for a bakery
 OUT ?= out/bakery.html
 
-.PHONY: venv demo test lint chromium clean
+.PHONY: venv demo test lint chromium redis clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,19 @@ chromium:
 		&& $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	}
 
-test: venv lint chromium
+# The Redis backend's tests start their own redis-server (Debian's package, installed with apt
+# when missing; through sudo only when not root) on a free port of 127.0.0.1.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		command -v apt-get >/dev/null 2>&1 \
+			|| { echo "redis-server is missing and there is no apt-get: install it yourself" >&2; exit 1; }; \
+		SUDO=; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi; \
+		echo "installing redis-server with apt-get"; \
+		$$SUDO apt-get update -qq \
+		&& $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	}
+
+test: venv lint chromium redis
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 clean:

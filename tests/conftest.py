@@ -7,12 +7,14 @@ and the models are built with random weights in the test run.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import tiny
+from tests.redis_server import RedisServer
 
 # Tests never touch the hub, whatever the caller's environment says.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -45,3 +47,13 @@ def tiny_tokenizer(smollm2_tokenizer_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (a free port), for the whole run; tests keep apart by
+    key prefix. ``make redis`` installs it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
