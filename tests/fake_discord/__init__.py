@@ -18,7 +18,14 @@ What a test can do (all on the test's event loop):
 * ``fake.fail_next(method, path_regex, status=429|500|401|404|..., times=N, retry_after=...)``,
   ``fake.delay_next(...)`` (slow answers), ``fake.expire(interaction)`` (dead token);
 * ``fake.requests`` (every request: time, method, path, JSON, multipart parts),
-  ``fake.wait_for_request(...)``, ``fake.unhandled_requests``.
+  ``fake.wait_for_request(...)``, ``fake.unhandled_requests``;
+* sharding: ``FakeDiscord(shards=N, guilds=M)`` (``GET /gateway/bot`` recommends N shards;
+  M guilds spread over the shards), ``fake.add_guild(name, shard=...)``,
+  ``fake.guild_on_shard(i)``, ``fake.guilds``; each session's IDENTIFY ``shard`` is
+  ``session.shard``; READY/GUILD_CREATE carry only that shard's guilds; interactions go to
+  the session whose shard owns the guild (``send_command(..., guild=g)``; DMs: shard 0) and
+  record it as ``FakeInteraction.shard_id``; ``await fake.wait_for_shards()`` waits until
+  every shard is ready, ``fake.session_for(guild_id)`` is the routing rule.
 """
 
 from .payloads import (
@@ -31,7 +38,9 @@ from .payloads import (
     FakeGuild,
     FakeRole,
     FakeUser,
+    shard_of,
     snowflake,
+    snowflake_on_shard,
 )
 from .records import (
     CB_DEFERRED_MESSAGE,
@@ -84,5 +93,7 @@ __all__ = [
     "Part",
     "RecordedRequest",
     "request_matcher",
+    "shard_of",
     "snowflake",
+    "snowflake_on_shard",
 ]

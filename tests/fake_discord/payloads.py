@@ -54,6 +54,25 @@ def snowflake(at: float | None = None) -> int:
     return (ms << 22) | (1 << 17) | inc
 
 
+def shard_of(guild_id: int | None, shard_count: int) -> int:
+    """The shard that receives a guild's events: ``(guild_id >> 22) % shard_count``; DMs
+    (``None``) go to shard 0 (https://discord.com/developers/docs/events/gateway#sharding)."""
+    return 0 if guild_id is None else (guild_id >> 22) % shard_count
+
+
+def snowflake_on_shard(shard_id: int, shard_count: int) -> int:
+    """A new snowflake (for a guild) that lands on ``shard_id`` of ``shard_count``.
+
+    The shard comes from the timestamp bits, so the timestamp moves ahead by less than
+    ``shard_count`` milliseconds.
+    """
+    if not 0 <= shard_id < shard_count:
+        raise ValueError(f"shard {shard_id} is not in 0..{shard_count - 1}")
+    value = snowflake()
+    ms = value >> 22
+    return value + (((shard_id - ms) % shard_count) << 22)
+
+
 def snowflake_time(value: int) -> float:
     """Epoch seconds encoded in a snowflake."""
     return ((value >> 22) + DISCORD_EPOCH_MS) / 1000
@@ -88,12 +107,16 @@ class FakeUser:
             data["bot"] = True
         return data
 
-    def member_payload(self, *, permissions: int | None = None) -> dict[str, Any]:
+    def member_payload(
+        self, *, permissions: int | None = None, roles: list[int] | None = None
+    ) -> dict[str, Any]:
+        """The member object; ``roles`` (default: all of the user's) lists the role ids of
+        the guild it is sent for."""
         data: dict[str, Any] = {
             "user": self.payload(),
             "nick": None,
             "avatar": None,
-            "roles": [str(r) for r in self.role_ids],
+            "roles": [str(r) for r in (self.role_ids if roles is None else roles)],
             "joined_at": iso_now(),
             "premium_since": None,
             "deaf": False,
@@ -179,6 +202,22 @@ class FakeGuild:
     def everyone_role(self) -> FakeRole:
         return self.roles[0]
 
+    def role(self, name: str) -> FakeRole:
+        """The guild's role called ``name`` (``Moderator``, ``Admin``, ``@everyone``...)."""
+        for role in self.roles:
+            if role.name == name:
+                return role
+        raise LookupError(f"guild {self.name!r} has no role {name!r}")
+
+    def member_roles(self, user: FakeUser) -> list[int]:
+        """The user's role ids that belong to this guild."""
+        mine = {role.id for role in self.roles}
+        return [r for r in user.role_ids if r in mine]
+
+    def member_payload(self, user: FakeUser, *, permissions: int | None = None) -> dict[str, Any]:
+        """``user`` as a member of this guild (only this guild's roles)."""
+        return user.member_payload(permissions=permissions, roles=self.member_roles(user))
+
     def payload(self) -> dict[str, Any]:
         """The full GUILD_CREATE payload."""
         return {
@@ -218,7 +257,7 @@ class FakeGuild:
             "unavailable": False,
             "member_count": len(self.members),
             "voice_states": [],
-            "members": [m.member_payload() for m in self.members],
+            "members": [self.member_payload(m) for m in self.members],
             "channels": [c.payload() for c in self.channels],
             "threads": [],
             "presences": [],

@@ -173,6 +173,8 @@ class FakeInteraction:
         self.created_wall = created_wall  # epoch seconds encoded in the id
         self.attachment_size_limit = attachment_size_limit
         self.sent_at: float = 0.0  # loop clock when INTERACTION_CREATE went out
+        # The shard of the gateway session it was sent on (None: an unsharded session).
+        self.shard_id: int | None = None
         self.callback_type: int | None = None
         self.callback_at: float | None = None
         self.late_callbacks = 0  # callbacks refused because the 3 s window had passed

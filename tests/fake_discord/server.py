@@ -51,7 +51,9 @@ from .payloads import (
     FakeUser,
     attachment_payload,
     iso_now,
+    shard_of,
     snowflake,
+    snowflake_on_shard,
     snowflake_time,
 )
 from .records import (
@@ -123,14 +125,31 @@ class DelayRule:
 
 @dataclass
 class GatewaySession:
+    """One gateway connection; ``shard`` is the ``[shard_id, shard_count]`` it identified
+    with (None: an unsharded client), kept across a RESUME."""
+
     ws: web.WebSocketResponse
     compress: bool
     session_id: str | None = None
     seq: int = 0
     identify: dict[str, Any] | None = None
+    shard: tuple[int, int] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     history: list[dict[str, Any]] = field(default_factory=list)
     _zlib: Any = field(default_factory=zlib.compressobj)
+
+    @property
+    def live(self) -> bool:
+        """READY (or RESUMED) and still connected."""
+        return self.ready.is_set() and not self.ws.closed
+
+    @property
+    def shard_id(self) -> int | None:
+        return None if self.shard is None else self.shard[0]
+
+    def owns(self, guild_id: int | None) -> bool:
+        """Whether this session receives ``guild_id``'s events (None: a DM)."""
+        return self.shard is None or shard_of(guild_id, self.shard[1]) == self.shard[0]
 
 
 class FakeDiscord:
@@ -144,6 +163,13 @@ class FakeDiscord:
         await fake.wait_until_ready()
         inter = await fake.send_command("html", {"prompt": "a bakery"}, user=fake.user("ann"))
         await inter.wait_for_file(".html")
+
+    Sharding: ``shards`` is the shard count ``GET /gateway/bot`` recommends (what an
+    ``AutoShardedClient`` without ``shard_count`` uses), ``guilds`` how many guilds the bot is
+    in (the first is :attr:`guild`; with several shards the guilds are spread over them, one
+    after the other). A session that identifies with ``shard: [id, count]`` gets only its
+    guilds in READY and GUILD_CREATE, and only their interactions (DMs: shard 0); when no
+    session identified with a shard, everything goes to the newest one.
     """
 
     def __init__(
@@ -154,8 +180,13 @@ class FakeDiscord:
         token_ttl_s: float = 900.0,
         heartbeat_interval_ms: int = 41250,
         heartbeat_ack_delay_s: float = 0.1,
+        shards: int = 1,
+        guilds: int = 1,
     ) -> None:
+        if shards < 1 or guilds < 1:
+            raise ValueError("shards and guilds must be at least 1")
         self.bot_token = bot_token
+        self.shards = shards
         self.callback_window_s = callback_window_s
         self.token_ttl_s = token_ttl_s
         self.heartbeat_interval_ms = heartbeat_interval_ms
@@ -164,33 +195,13 @@ class FakeDiscord:
         self.application_id = snowflake()
         self.bot_user = FakeUser(id=self.application_id, username="htmlbot", bot=True)
         self.owner = FakeUser(id=snowflake(), username="owner")
-        guild_id = snowflake()
-        self.admin_role = FakeRole(
-            id=snowflake(), name="Admin", permissions=PERM_ADMINISTRATOR, position=2
-        )
-        self.mod_role = FakeRole(
-            id=snowflake(),
-            name="Moderator",
-            permissions=DEFAULT_MEMBER_PERMISSIONS | PERM_MANAGE_GUILD,
-            position=1,
-        )
-        self.owner.role_ids.append(self.admin_role.id)
-        self.guild = FakeGuild(
-            id=guild_id,
-            name="Fake Guild",
-            owner_id=self.owner.id,
-            roles=[
-                FakeRole(id=guild_id, name="@everyone", permissions=DEFAULT_MEMBER_PERMISSIONS),
-                self.mod_role,
-                self.admin_role,
-            ],
-            channels=[
-                FakeChannel(id=snowflake(), name="general", guild_id=guild_id, position=0),
-                FakeChannel(id=snowflake(), name="bots", guild_id=guild_id, position=1),
-            ],
-            members=[self.bot_user, self.owner],
-        )
-        self.users: dict[int, FakeUser] = {u.id: u for u in self.guild.members}
+        self.users: dict[int, FakeUser] = {u.id: u for u in (self.bot_user, self.owner)}
+        self.guilds: list[FakeGuild] = []
+        self.guild = self.add_guild("Fake Guild")
+        self.mod_role = self.guild.role("Moderator")
+        self.admin_role = self.guild.role("Admin")
+        for _ in range(guilds - 1):
+            self.add_guild()
         self.dm_channels: dict[int, FakeChannel] = {}  # by user id
 
         self.requests: list[RecordedRequest] = []
@@ -264,31 +275,85 @@ class FakeDiscord:
 
     # ------------------------------------------------------------------ test controls
 
+    def add_guild(self, name: str | None = None, *, shard: int | None = None) -> FakeGuild:
+        """A new guild the bot is in (roles @everyone, Moderator, Admin; channels general,
+        bots; members the bot and :attr:`owner`), whose id lands on ``shard`` of
+        :attr:`shards` (default: the next shard after the previous guild's).
+
+        Add guilds before the client connects: READY lists the guilds of the moment.
+        """
+        shard = len(self.guilds) % self.shards if shard is None else shard
+        guild_id = snowflake_on_shard(shard, self.shards)
+        admin = FakeRole(id=snowflake(), name="Admin", permissions=PERM_ADMINISTRATOR, position=2)
+        mod = FakeRole(
+            id=snowflake(),
+            name="Moderator",
+            permissions=DEFAULT_MEMBER_PERMISSIONS | PERM_MANAGE_GUILD,
+            position=1,
+        )
+        self.owner.role_ids.append(admin.id)
+        guild = FakeGuild(
+            id=guild_id,
+            name=name or f"Fake Guild {len(self.guilds) + 1}",
+            owner_id=self.owner.id,
+            roles=[
+                FakeRole(id=guild_id, name="@everyone", permissions=DEFAULT_MEMBER_PERMISSIONS),
+                mod,
+                admin,
+            ],
+            channels=[
+                FakeChannel(id=snowflake(), name="general", guild_id=guild_id, position=0),
+                FakeChannel(id=snowflake(), name="bots", guild_id=guild_id, position=1),
+            ],
+            members=[self.bot_user, self.owner],
+        )
+        self.guilds.append(guild)
+        return guild
+
+    def guild_on_shard(self, shard: int) -> FakeGuild:
+        """The first guild whose events go to ``shard`` (of :attr:`shards`)."""
+        for guild in self.guilds:
+            if shard_of(guild.id, self.shards) == shard:
+                return guild
+        raise LookupError(f"no guild on shard {shard} of {self.shards}")
+
     def user(
-        self, name: str, *, roles: list[FakeRole] | None = None, permissions: int | None = None
+        self,
+        name: str,
+        *,
+        roles: list[FakeRole] | None = None,
+        permissions: int | None = None,
+        guild: FakeGuild | None = None,
     ) -> FakeUser:
-        """The guild member called ``name``, created (and added to the guild) on first use."""
-        for u in self.users.values():
-            if u.username == name:
-                return u
-        u = FakeUser(id=snowflake(), username=name)
+        """The member called ``name``, created on first use; a member of ``guild`` (default:
+        :attr:`guild`) from then on. Users are global: the same one can be in many guilds."""
+        guild = guild or self.guild
+        u = next((u for u in self.users.values() if u.username == name), None)
+        if u is None:
+            u = FakeUser(id=snowflake(), username=name)
+            if permissions is not None:
+                u.permissions = permissions
+            self.users[u.id] = u
         if roles:
-            u.role_ids.extend(r.id for r in roles)
-        if permissions is not None:
-            u.permissions = permissions
-        self.users[u.id] = u
-        self.guild.members.append(u)
+            u.role_ids.extend(r.id for r in roles if r.id not in u.role_ids)
+        if u not in guild.members:
+            guild.members.append(u)
         return u
 
-    def member_permissions(self, user: FakeUser) -> int:
-        """The member's resolved permissions, as Discord computes them (no overwrites)."""
-        if user.id == self.guild.owner_id:
+    def member_permissions(self, user: FakeUser, guild: FakeGuild | None = None) -> int:
+        """The member's resolved permissions in ``guild`` (default: :attr:`guild`), as
+        Discord computes them (no overwrites)."""
+        guild = guild or self.guild
+        if user.id == guild.owner_id:
             return ALL_PERMISSIONS
-        perms = self.guild.everyone_role.permissions | user.permissions
-        for role in self.guild.roles:
+        perms = guild.everyone_role.permissions | user.permissions
+        for role in guild.roles:
             if role.id in user.role_ids:
                 perms |= role.permissions
         return ALL_PERMISSIONS if perms & PERM_ADMINISTRATOR else perms
+
+    def guild_by_id(self, guild_id: int) -> FakeGuild | None:
+        return next((g for g in self.guilds if g.id == guild_id), None)
 
     @property
     def channel(self) -> FakeChannel:
@@ -352,14 +417,55 @@ class FakeDiscord:
             raise ValueError("Discord answers 401 or 404 for a dead token")
         interaction.expired_status = status
 
-    async def wait_until_ready(self, timeout: float = 10.0) -> GatewaySession:
-        """Wait until a client identified and got READY + GUILD_CREATE."""
+    async def wait_until_ready(
+        self, timeout: float = 10.0, *, shard: int | None = None
+    ) -> GatewaySession:
+        """Wait until a client identified and got READY + GUILD_CREATE; returns the newest
+        such session (with ``shard``: the one that identified as that shard id)."""
         async with asyncio.timeout(timeout):
             while True:
                 for s in reversed(self.sessions):
-                    if s.ready.is_set() and not s.ws.closed:
+                    if s.live and (shard is None or s.shard_id == shard):
                         return s
                 await self._wait_changed()
+
+    async def wait_for_shards(
+        self, count: int | None = None, timeout: float = 10.0
+    ) -> dict[int, GatewaySession]:
+        """Wait until shards ``0..count-1`` (default :attr:`shards`) each have a ready
+        session, from one client or several; returns them by shard id."""
+        count = self.shards if count is None else count
+        async with asyncio.timeout(timeout):
+            while True:
+                found = {s.shard_id: s for s in self.sessions if s.live and s.shard is not None}
+                if all(i in found for i in range(count)):
+                    return {i: found[i] for i in range(count)}
+                await self._wait_changed()
+
+    async def session_for(self, guild_id: int | None, timeout: float = 10.0) -> GatewaySession:
+        """The ready session that receives ``guild_id``'s events (None: DMs, shard 0).
+
+        Once any session identified with a shard, the one whose shard owns the guild
+        (``(guild_id >> 22) % shard_count``), waiting for it to connect; before that, the
+        newest ready session (an unsharded client gets everything).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    live = [s for s in reversed(self.sessions) if s.live]
+                    if any(s.shard is not None for s in live):
+                        owner = next((s for s in live if s.shard and s.owns(guild_id)), None)
+                        if owner is not None:
+                            return owner
+                    elif live:
+                        return live[0]
+                    await self._wait_changed()
+        except TimeoutError:
+            shards = [s.shard for s in self.sessions if s.live]
+            raise TimeoutError(
+                f"no ready gateway session owns guild {guild_id} within {timeout}s "
+                f"(ready sessions' shards: {shards})"
+            ) from None
 
     async def wait_for_sync(self, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Wait for the first successful bulk command sync; returns the payload it sent."""
@@ -432,6 +538,7 @@ class FakeDiscord:
         attachment_size_limit: int = DEFAULT_ATTACHMENT_SIZE_LIMIT,
         age_s: float = 0.0,
         locale: str = "en-US",
+        guild: FakeGuild | None = None,
     ) -> FakeInteraction:
         """Dispatch an APPLICATION_COMMAND interaction for the registered command ``name``.
 
@@ -439,9 +546,17 @@ class FakeDiscord:
         command (str, int, bool, float otherwise). ``age_s`` back-dates the interaction
         (its id, hence discord.py's ``Interaction.created_at``/``expires_at``, and the token
         expiry in the fake). ``permissions`` overrides the member's resolved permissions.
+        ``guild`` (default :attr:`guild`; ``channel``'s guild when that is given) is where
+        the command is used: ``user`` becomes its member, and the interaction goes to the
+        shard that owns it.
         """
-        user = user or self.user("user")
-        command, scope = self._find_command(name, in_guild)
+        if channel is not None and channel.guild_id is not None:
+            guild = guild or self.guild_by_id(channel.guild_id)
+        guild = guild or self.guild
+        user = user or self.user("user", guild=guild)
+        if in_guild and user not in guild.members:
+            guild.members.append(user)
+        command, scope = self._find_command(name, guild if in_guild else None)
         opts = []
         registered = {o["name"]: o for o in command.get("options", [])}
         for key, value in (options or {}).items():
@@ -457,7 +572,7 @@ class FakeDiscord:
             data,
             user=user,
             channel=channel,
-            in_guild=in_guild,
+            guild=guild if in_guild else None,
             permissions=permissions,
             attachment_size_limit=attachment_size_limit,
             age_s=age_s,
@@ -481,14 +596,15 @@ class FakeDiscord:
         """
         message = self._find_component_message(custom_id, message_id)
         channel_id = int(message["channel_id"])
-        channel = next((c for c in self.guild.channels if c.id == channel_id), None)
+        channel = next((c for g in self.guilds for c in g.channels if c.id == channel_id), None)
+        guild = self.guild_by_id(channel.guild_id) if channel and channel.guild_id else None
         data = {"custom_id": custom_id, "component_type": 2}
         return await self._send_interaction(
             3,
             data,
             user=user,
             channel=channel,
-            in_guild=channel is not None,
+            guild=guild,
             permissions=permissions,
             attachment_size_limit=DEFAULT_ATTACHMENT_SIZE_LIMIT,
             age_s=age_s,
@@ -496,13 +612,16 @@ class FakeDiscord:
         )
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a DISPATCH event to the newest ready gateway session."""
-        session = await self.wait_until_ready(timeout=10.0)
+        """Send a DISPATCH event to the ready session that owns ``data["guild_id"]`` (see
+        :meth:`session_for`; no guild id: shard 0, or the newest unsharded session)."""
+        guild_id = data.get("guild_id")
+        session = await self.session_for(int(guild_id) if guild_id else None)
         await self._send_dispatch(session, event, data)
 
-    async def reconnect_gateway(self) -> None:
-        """Ask the client to reconnect (op 7); it should RESUME."""
-        session = await self.wait_until_ready()
+    async def reconnect_gateway(self, *, shard: int | None = None) -> None:
+        """Ask the client to reconnect (op 7); it should RESUME. ``shard``: that shard's
+        session (default: the newest ready one)."""
+        session = await self.wait_until_ready(shard=shard)
         await self._send(session, {"op": OP_RECONNECT, "d": None})
 
     # ------------------------------------------------------------------ internals: helpers
@@ -520,9 +639,11 @@ class FakeDiscord:
             async with asyncio.timeout(0.05):
                 await self._changed.wait()
 
-    def _find_command(self, name: str, in_guild: bool = True) -> tuple[dict[str, Any], int | None]:
+    def _find_command(
+        self, name: str, guild: FakeGuild | None
+    ) -> tuple[dict[str, Any], int | None]:
         # Guild commands exist only in their guild; a DM sees global commands only.
-        for scope in [self.guild.id, None] if in_guild else [None]:
+        for scope in [guild.id, None] if guild is not None else [None]:
             for cmd in self.commands.get(scope, []):
                 if cmd["name"] == name and cmd.get("type", 1) == 1:
                     return cmd, scope
@@ -546,14 +667,14 @@ class FakeDiscord:
         *,
         user: FakeUser,
         channel: FakeChannel | None,
-        in_guild: bool,
+        guild: FakeGuild | None,
         permissions: int | None,
         attachment_size_limit: int,
         age_s: float,
         locale: str = "en-US",
         message: dict[str, Any] | None = None,
     ) -> FakeInteraction:
-        session = await self.wait_until_ready()
+        session = await self.session_for(guild.id if guild is not None else None)
         created = time.time() - age_s
         iid = snowflake(created)
         token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(96)
@@ -569,17 +690,17 @@ class FakeDiscord:
             "entitlements": [],
             "attachment_size_limit": attachment_size_limit,
         }
-        if in_guild:
-            channel = channel or self.channel
-            perms = self.member_permissions(user) if permissions is None else permissions
+        if guild is not None:
+            channel = channel or guild.channels[0]
+            perms = self.member_permissions(user, guild) if permissions is None else permissions
             payload.update(
-                guild_id=str(self.guild.id),
-                guild={"id": str(self.guild.id), "locale": "en-US", "features": []},
+                guild_id=str(guild.id),
+                guild={"id": str(guild.id), "locale": "en-US", "features": []},
                 guild_locale="en-US",
                 channel_id=str(channel.id),
                 channel=channel.payload() | {"permissions": str(perms)},
-                member=user.member_payload(permissions=perms),
-                authorizing_integration_owners={"0": str(self.guild.id)},
+                member=guild.member_payload(user, permissions=perms),
+                authorizing_integration_owners={"0": str(guild.id)},
                 context=0,
             )
         else:
@@ -599,7 +720,7 @@ class FakeDiscord:
             token=token,
             type=itype,
             user_id=user.id,
-            guild_id=self.guild.id if in_guild else None,
+            guild_id=guild.id if guild is not None else None,
             channel_id=channel.id,
             payload=payload,
             created_wall=snowflake_time(iid),
@@ -610,6 +731,7 @@ class FakeDiscord:
             inter.original_message_id = int(message["id"])
         self.interactions[iid] = inter
         self._by_token[token] = inter
+        inter.shard_id = session.shard_id
         inter.sent_at = asyncio.get_running_loop().time()
         await self._send_dispatch(session, "INTERACTION_CREATE", payload)
         return inter
@@ -854,7 +976,7 @@ class FakeDiscord:
                 "redirect_uris": [],
                 "interactions_endpoint_url": None,
                 "tags": [],
-                "approximate_guild_count": 1,
+                "approximate_guild_count": len(self.guilds),
                 "integration_types_config": {"0": {}},
             }
         )
@@ -867,7 +989,7 @@ class FakeDiscord:
         return _json(
             {
                 "url": self.gateway_url.rstrip("/"),
-                "shards": 1,
+                "shards": self.shards,
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,
@@ -882,7 +1004,7 @@ class FakeDiscord:
         if int(request.match_info["app_id"]) != self.application_id:
             raise DiscordError(403, "Missing Access", 50001)
         guild_id = request.match_info.get("guild_id")
-        if guild_id is not None and int(guild_id) != self.guild.id:
+        if guild_id is not None and self.guild_by_id(int(guild_id)) is None:
             raise DiscordError(403, "Missing Access", 50001)
         return int(guild_id) if guild_id is not None else None
 
@@ -1065,7 +1187,7 @@ class FakeDiscord:
         return web.Response(status=204)
 
     def _channel_by_id(self, channel_id: int) -> FakeChannel:
-        for c in [*self.guild.channels, *self.dm_channels.values()]:
+        for c in [*(c for g in self.guilds for c in g.channels), *self.dm_channels.values()]:
             if c.id == channel_id:
                 return c
         raise DiscordError(404, "Unknown Channel", 10003)
@@ -1087,19 +1209,23 @@ class FakeDiscord:
 
     async def _get_guild(self, request: web.Request) -> web.Response:
         self._auth(request)
-        if int(request.match_info["guild_id"]) != self.guild.id:
+        guild = self.guild_by_id(int(request.match_info["guild_id"]))
+        if guild is None:
             raise DiscordError(404, "Unknown Guild", 10004)
-        payload = self.guild.payload()
+        payload = guild.payload()
         for key in ("members", "channels", "threads", "presences", "voice_states"):
             payload.pop(key, None)
         return _json(payload)
 
     async def _get_member(self, request: web.Request) -> web.Response:
         self._auth(request)
+        guild = self.guild_by_id(int(request.match_info["guild_id"]))
+        if guild is None:
+            raise DiscordError(404, "Unknown Guild", 10004)
         user = self.users.get(int(request.match_info["user_id"]))
-        if user is None or user not in self.guild.members:
+        if user is None or user not in guild.members:
             raise DiscordError(404, "Unknown Member", 10007)
-        return _json(user.member_payload())
+        return _json(guild.member_payload(user))
 
     # ------------------------------------------------------------------ internals: gateway
 
@@ -1163,64 +1289,104 @@ class FakeDiscord:
             self._ack_tasks.add(task)
             task.add_done_callback(self._ack_tasks.discard)
         elif op == OP_IDENTIFY:
-            if data.get("token") != self.bot_token:
-                await session.ws.close(code=4004, message=b"Authentication failed.")
-                return
-            session.identify = data
-            session.session_id = secrets.token_hex(16)
-            ready = {
-                "v": 10,
-                "user": self.bot_user.payload() | {"verified": True, "mfa_enabled": False},
-                "guilds": [{"id": str(self.guild.id), "unavailable": True}],
-                "session_id": session.session_id,
-                "resume_gateway_url": self.gateway_url.rstrip("/"),
-                "application": {"id": str(self.application_id), "flags": 0},
-                "private_channels": [],
-                "relationships": [],
-                "presences": [],
-                "user_settings": {},
-                "guild_join_requests": [],
-                "geo_ordered_rtc_regions": [],
-                "session_type": "normal",
-                "auth": {},
-                "_trace": ['["fake-discord-gateway",{"micros":0}]'],
-            }
-            if "shard" in data:
-                ready["shard"] = data["shard"]
-            await self._send_dispatch(session, "READY", ready)
-            await self._send_dispatch(session, "GUILD_CREATE", self.guild.payload())
-            session.ready.set()
-            self._notify()
+            await self._identify(session, data)
         elif op == OP_RESUME:
-            old = next((s for s in self.sessions if s.session_id == data.get("session_id")), None)
-            if old is None or data.get("token") != self.bot_token:
-                await self._send(session, {"op": OP_INVALID_SESSION, "d": False})
-                return
-            # The new connection carries on the old session: replay what was missed.
-            session.session_id, session.seq, session.history = old.session_id, old.seq, old.history
-            old.session_id = None
-            for event in [e for e in session.history if e["s"] > (data.get("seq") or 0)]:
-                await self._send(session, event)
-            await self._send_dispatch(session, "RESUMED", {"_trace": ["fake-discord-gateway"]})
-            session.ready.set()
-            self._notify()
+            await self._resume(session, data)
         elif op == OP_REQUEST_MEMBERS:
-            await self._send_dispatch(
-                session,
-                "GUILD_MEMBERS_CHUNK",
-                {
-                    "guild_id": str(self.guild.id),
-                    "members": [m.member_payload() for m in self.guild.members],
-                    "chunk_index": 0,
-                    "chunk_count": 1,
-                    "not_found": [],
-                    "nonce": data.get("nonce"),
-                },
-            )
+            await self._request_members(session, data)
         elif op == OP_PRESENCE:
             pass
         else:
             log.warning("fake discord: unexpected gateway op %s", op)
+
+    async def _identify(self, session: GatewaySession, data: dict[str, Any]) -> None:
+        if data.get("token") != self.bot_token:
+            await session.ws.close(code=4004, message=b"Authentication failed.")
+            return
+        shard = data.get("shard")
+        if shard is not None:
+            valid = isinstance(shard, list) and len(shard) == 2 and 0 <= shard[0] < shard[1]
+            if not valid:
+                await session.ws.close(code=4010, message=b"Invalid shard.")
+                return
+            session.shard = (int(shard[0]), int(shard[1]))
+        session.identify = data
+        session.session_id = secrets.token_hex(16)
+        # Discord sends each shard only its own guilds: unavailable in READY, then one
+        # GUILD_CREATE each (discord.py's shard_ready waits for them).
+        mine = [g for g in self.guilds if session.owns(g.id)]
+        ready = {
+            "v": 10,
+            "user": self.bot_user.payload() | {"verified": True, "mfa_enabled": False},
+            "guilds": [{"id": str(g.id), "unavailable": True} for g in mine],
+            "session_id": session.session_id,
+            "resume_gateway_url": self.gateway_url.rstrip("/"),
+            "application": {"id": str(self.application_id), "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+            "presences": [],
+            "user_settings": {},
+            "guild_join_requests": [],
+            "geo_ordered_rtc_regions": [],
+            "session_type": "normal",
+            "auth": {},
+            "_trace": ['["fake-discord-gateway",{"micros":0}]'],
+        }
+        if session.shard is not None:
+            ready["shard"] = list(session.shard)
+        await self._send_dispatch(session, "READY", ready)
+        for guild in mine:
+            await self._send_dispatch(session, "GUILD_CREATE", guild.payload())
+        session.ready.set()
+        self._notify()
+
+    async def _resume(self, session: GatewaySession, data: dict[str, Any]) -> None:
+        old = next((s for s in self.sessions if s.session_id == data.get("session_id")), None)
+        if old is None or data.get("token") != self.bot_token:
+            await self._send(session, {"op": OP_INVALID_SESSION, "d": False})
+            return
+        # The new connection carries on the old session (and its shard): replay what was
+        # missed.
+        session.session_id, session.seq, session.history = old.session_id, old.seq, old.history
+        session.identify, session.shard = old.identify, old.shard
+        old.session_id = None
+        for event in [e for e in session.history if e["s"] > (data.get("seq") or 0)]:
+            await self._send(session, event)
+        await self._send_dispatch(session, "RESUMED", {"_trace": ["fake-discord-gateway"]})
+        session.ready.set()
+        self._notify()
+
+    async def _request_members(self, session: GatewaySession, data: dict[str, Any]) -> None:
+        """Op 8: one GUILD_MEMBERS_CHUNK per requested guild this session owns (Discord
+        ignores guilds of other shards), filtered by ``user_ids`` or a name ``query``."""
+        raw = data.get("guild_id")
+        guild_ids = raw if isinstance(raw, list) else [raw]
+        user_ids = {int(u) for u in data.get("user_ids") or []}
+        query = str(data.get("query") or "").lower()
+        limit = int(data.get("limit") or 0)
+        for guild_id in guild_ids:
+            guild = self.guild_by_id(int(guild_id)) if guild_id is not None else None
+            if guild is None or not session.owns(guild.id):
+                continue
+            members = [
+                m
+                for m in guild.members
+                if (not user_ids or m.id in user_ids) and m.username.lower().startswith(query)
+            ]
+            if limit:
+                members = members[:limit]
+            await self._send_dispatch(
+                session,
+                "GUILD_MEMBERS_CHUNK",
+                {
+                    "guild_id": str(guild.id),
+                    "members": [guild.member_payload(m) for m in members],
+                    "chunk_index": 0,
+                    "chunk_count": 1,
+                    "not_found": [str(u) for u in user_ids - {m.id for m in members}],
+                    "nonce": data.get("nonce"),
+                },
+            )
 
 
 async def _read_body(request: web.Request, record: RecordedRequest) -> None:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import discord
 import html5lib
 import pytest
@@ -403,3 +404,196 @@ async def test_original_response_get_and_delete(fake: FakeDiscord, run_bot: Any)
     assert fetched[0].content == "first" and fetched[0].id == inter.deleted_ids[0]
     assert inter.original is None
     assert [r.method for r in inter.requests] == ["POST", "GET", "DELETE"]
+
+
+# ---------------------------------------------------------------------- sharding
+
+
+class ShardedMiniBot(discord.AutoShardedClient):
+    """An AutoShardedClient with one global command that answers with its guild id."""
+
+    def __init__(self, *, sync: bool = True, **options: Any) -> None:
+        # No intents beyond guilds: like the bot, which needs none for interactions.
+        super().__init__(intents=discord.Intents.none(), guild_ready_timeout=0.2, **options)
+        self.tree = app_commands.CommandTree(self)
+        self.sync = sync
+        self.seen: list[int | None] = []  # guild ids of the interactions it received
+        self.shards_ready: list[int] = []
+
+        @app_commands.command(name="where", description="Say where it was used")
+        async def where(interaction: discord.Interaction) -> None:
+            self.seen.append(interaction.guild_id)
+            await interaction.response.send_message(f"guild {interaction.guild_id}")
+
+        self.tree.add_command(where)
+
+    async def setup_hook(self) -> None:
+        if self.sync:
+            await self.tree.sync()
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        # discord.py waits 5 s between two shards' IDENTIFYs (Discord's identify rate limit,
+        # which the fake doesn't enforce); the tests need not wait.
+        return None
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        self.shards_ready.append(shard_id)
+
+
+@pytest.fixture
+async def sharded_fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord(shards=2, guilds=2)
+    await server.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", server.api_base)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(server.gateway_url))
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def start_sharded(
+    sharded_fake: FakeDiscord,
+) -> AsyncIterator[Callable[..., Awaitable[ShardedMiniBot]]]:
+    started: list[tuple[ShardedMiniBot, asyncio.Task[None]]] = []
+
+    async def start(**options: Any) -> ShardedMiniBot:
+        bot = ShardedMiniBot(**options)
+        task = asyncio.create_task(bot.start(sharded_fake.bot_token))
+        started.append((bot, task))
+        ready = asyncio.create_task(bot.wait_until_ready())
+        await asyncio.wait([ready, task], timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()  # raises the client's error
+        assert ready.done(), "the client never became ready"
+        return bot
+
+    yield start
+    for bot, task in started:
+        await bot.close()
+        await asyncio.wait_for(task, 10)
+
+
+def receiving_shards(caplog: pytest.LogCaptureFixture, interaction_id: int) -> list[int]:
+    """The shard ids whose websocket received INTERACTION_CREATE ``interaction_id``, from
+    discord.py's own gateway log records (``For Shard ID %s: WebSocket Event: %s``)."""
+    shards = []
+    for record in caplog.records:
+        args = record.args
+        if record.name == "discord.gateway" and isinstance(args, tuple) and len(args) == 2:
+            shard_id, msg = args
+            if not (isinstance(shard_id, int) and isinstance(msg, dict)):
+                continue
+            if msg.get("t") == "INTERACTION_CREATE" and msg["d"]["id"] == str(interaction_id):
+                shards.append(shard_id)
+    return shards
+
+
+@pytest.mark.parametrize("shard_count", [2, None], ids=["shard_count=2", "recommended"])
+async def test_auto_sharded_client_gets_each_shard_ready_with_its_guilds(
+    sharded_fake: FakeDiscord,
+    start_sharded: Any,
+    caplog: pytest.LogCaptureFixture,
+    shard_count: int | None,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="discord.gateway")
+    fake = sharded_fake
+    options = {"shard_count": 2, "shard_ids": [0, 1]} if shard_count else {}
+    bot = await start_sharded(**options)
+    sessions = await fake.wait_for_shards(timeout=10)
+    await fake.wait_for_sync()
+
+    # Without a shard_count, discord.py takes the fake's recommendation.
+    asked = fake.find_requests("GET", r"^/gateway/bot$")
+    assert bool(asked) == (shard_count is None)
+    assert bot.shard_count == 2 and sorted(bot.shards) == [0, 1]
+    assert sorted(bot.shards_ready) == [0, 1]
+    assert sorted(s.shard for s in fake.sessions if s.shard) == [(0, 2), (1, 2)]
+    first, second = fake.guild_on_shard(0), fake.guild_on_shard(1)
+    assert [first, second] == fake.guilds  # the guilds are spread over the shards
+    for shard_id, guild in ((0, first), (1, second)):
+        [ready] = [e["d"] for e in sessions[shard_id].history if e["t"] == "READY"]
+        assert ready["shard"] == [shard_id, 2]
+        assert [g["id"] for g in ready["guilds"]] == [str(guild.id)]
+        creates = [e["d"]["id"] for e in sessions[shard_id].history if e["t"] == "GUILD_CREATE"]
+        assert creates == [str(guild.id)]
+        cached = bot.get_guild(guild.id)
+        assert cached is not None and cached.shard_id == shard_id
+
+    for shard_id, guild in ((0, first), (1, second)):
+        user = fake.user("ann", guild=guild)
+        inter = await fake.send_command("where", guild=guild, user=user)
+        await inter.wait_for_callback()
+        assert inter.shard_id == shard_id
+        assert receiving_shards(caplog, inter.id) == [shard_id]
+        assert inter.original_content == f"guild {guild.id}"
+        assert inter.payload["member"]["user"]["id"] == str(user.id)
+    dm = await fake.send_command("where", in_guild=False, user=fake.user("ann"))
+    await dm.wait_for_callback()
+    assert dm.shard_id == 0 and receiving_shards(caplog, dm.id) == [0]
+    assert bot.seen == [first.id, second.id, None]
+
+
+async def test_two_clients_with_one_shard_each_get_only_their_guilds(
+    sharded_fake: FakeDiscord, start_sharded: Any
+) -> None:
+    fake = sharded_fake
+    zero = await start_sharded(shard_count=2, shard_ids=[0])
+    one = await start_sharded(shard_count=2, shard_ids=[1], sync=False)
+    await fake.wait_for_shards(timeout=10)
+    await fake.wait_for_sync()
+    first, second = fake.guild_on_shard(0), fake.guild_on_shard(1)
+    assert [g.id for g in zero.guilds] == [first.id]
+    assert [g.id for g in one.guilds] == [second.id]
+
+    for guild, expected in ((second, 1), (first, 0), (second, 1)):
+        inter = await fake.send_command("where", guild=guild)
+        await inter.wait_for_callback()
+        assert inter.shard_id == expected
+    # Each process sees only the interactions of the guilds its shard owns.
+    assert zero.seen == [first.id]
+    assert one.seen == [second.id, second.id]
+
+
+async def test_a_resumed_shard_keeps_its_guilds(
+    sharded_fake: FakeDiscord, start_sharded: Any
+) -> None:
+    fake = sharded_fake
+    bot = await start_sharded(shard_count=2)
+    await fake.wait_for_shards(timeout=10)
+    await fake.wait_for_sync()
+    old = fake.sessions[:]
+    await fake.reconnect_gateway(shard=1)
+    await fake.wait_until(lambda: any(s.live and s not in old and s.shard for s in fake.sessions))
+    resumed = next(s for s in fake.sessions if s not in old)
+    assert resumed.shard == (1, 2) and any(m.get("op") == 6 for m in fake.gateway_received)
+    inter = await fake.send_command("where", guild=fake.guild_on_shard(1))
+    await inter.wait_for_callback()
+    assert inter.shard_id == 1 and bot.seen == [fake.guild_on_shard(1).id]
+
+
+async def test_identify_with_an_invalid_shard_is_closed_4010(sharded_fake: FakeDiscord) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(sharded_fake.gateway_url + "?v=10&encoding=json") as ws,
+    ):
+        hello = await ws.receive_json(timeout=5)
+        assert hello["op"] == 10
+        identify = {"token": sharded_fake.bot_token, "intents": 0, "shard": [2, 2]}
+        await ws.send_json({"op": 2, "d": identify})
+        message = await ws.receive(timeout=5)
+    assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 4010
+
+
+async def test_an_unsharded_client_gets_every_guild(fake: FakeDiscord, run_bot: Any) -> None:
+    second = fake.add_guild("Second")
+    bot = await run_bot(in_guild=False)  # a global command: usable in both guilds
+    await fake.wait_for_sync()
+    [ready] = [e["d"] for e in fake.sessions[-1].history if e["t"] == "READY"]
+    assert [g["id"] for g in ready["guilds"]] == [str(fake.guild.id), str(second.id)]
+    assert "shard" not in ready
+    inter = await fake.send_command("html", {"prompt": "x"}, guild=second)
+    await inter.wait_for_file(timeout=10)
+    assert inter.shard_id is None and inter.guild_id == second.id
+    assert inter.payload["channel_id"] == str(second.channels[0].id)
+    assert sorted(g.id for g in bot.guilds) == sorted([fake.guild.id, second.id])
