@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from model.spec import resolve_spec
 from model.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _EngineWithSlots:
@@ -125,3 +129,17 @@ def test_auto_on_a_gpu_falls_back_to_the_standard_engine_for_other_models(
 def test_a_model_that_cannot_load_is_a_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError):
         build_engine(_cpu_spec(tmp_path / "no-such-model"), EngineConfig())
+
+
+def test_building_an_engine_needs_no_bot_import() -> None:
+    # A GPU worker process builds its engine from model.build alone.
+    code = (
+        "import sys, model.build, model.engine, model.fast_engine\n"
+        "bad = ('bot', 'discord')\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in bad)\n"
+        "print(','.join(leaked))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.strip() == ""
