@@ -124,6 +124,16 @@ class JobJournal:
         cancel note; it stays in the journal until :meth:`record_delivered`."""
         self._update_state("record_finished", job, "finished_at")
 
+    def record_cancel_requested(self, job_id: str) -> None:
+        """The user cancelled the running job: a restart must not run it again."""
+        # Only that field: the worker may be recording the job's end at the same moment.
+        self._execute(
+            "record_cancel_requested",
+            """UPDATE jobs SET fields = json_set(fields, '$.cancel_requested', '1'),
+                   updated_at = ? WHERE job_id = ?""",
+            (time.time(), job_id),
+        )
+
     def record_delivered(self, job_id: str) -> None:
         """The user has been told the job's outcome: a restart must not deliver it again."""
         self._execute(

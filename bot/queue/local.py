@@ -35,6 +35,7 @@ RESTART_FAILED = (
 # prompt's prefill alone decides the estimate.
 SEED_MIN_TOKENS = 16
 SEED_MIN_SECONDS = 0.5
+PRUNE_EVERY = 256  # deliveries between two prunes of the journal
 
 
 class LocalQueue:
@@ -50,6 +51,7 @@ class LocalQueue:
         self.scheduler = scheduler
         self.journal = journal
         self.max_attempts = max_attempts
+        self._delivered = 0
         # Expired and cancelled-before-take jobs leave the queue inside take(): journal them.
         scheduler.add_expired_listener(self._record_finished)
         scheduler.add_dropped_listener(self._record_finished)
@@ -70,8 +72,12 @@ class LocalQueue:
     async def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job now (journaled), or flag a running one for the engine."""
         job = self.scheduler.cancel(job_id)
-        if job is not None and job.state is JobState.CANCELLED and self.journal is not None:
+        if job is None or self.journal is None:
+            return job
+        if job.state is JobState.CANCELLED:
             await asyncio.to_thread(self.journal.record_finished, job)
+        else:
+            await asyncio.to_thread(self.journal.record_cancel_requested, job.job_id)
         return job
 
     async def get(self, job_id: str) -> Job | None:
@@ -98,8 +104,12 @@ class LocalQueue:
 
     async def record_delivered(self, job_id: str) -> None:
         """The user has been told the job's outcome (page sent, or the final message)."""
-        if self.journal is not None:
-            await asyncio.to_thread(self.journal.record_delivered, job_id)
+        if self.journal is None:
+            return
+        await asyncio.to_thread(self.journal.record_delivered, job_id)
+        self._delivered += 1
+        if self._delivered % PRUNE_EVERY == 0:  # the journal must not grow for ever
+            await asyncio.to_thread(self.journal.prune)
 
     def close(self, *, resume_later: bool = False) -> list[Job]:
         """Take no more jobs; returns the queued ones, now CANCELLED, to tell their users.
@@ -120,13 +130,18 @@ class LocalQueue:
 
         Queued and running jobs (as :meth:`JobJournal.load_unfinished` orders them) are
         queued again in that order, past the per-user limit and the total bound. A job that
-        was already started ``max_attempts`` times is failed instead (and returned with the
-        finished ones, to be told).
+        was already started ``max_attempts`` times is failed instead, and one whose cancel
+        was requested is cancelled; both are returned with the finished ones, to be told.
         """
         requeue: list[Job] = []
         finished: list[Job] = []
         for job in jobs:
             if job.state.terminal:
+                finished.append(job)
+            elif job.request.cancelled:  # its user cancelled it just before the kill
+                job.state = JobState.CANCELLED
+                job.finished_at = self.scheduler.clock()
+                self._record_finished(job)
                 finished.append(job)
             elif job.attempts >= self.max_attempts:
                 log.warning(
