@@ -31,10 +31,6 @@ RESTART_FAILED = (
     "The bot restarted several times while making this page, so it was given up. "
     "Please try again, perhaps with a shorter prompt."
 )
-# Speed seeds from a running job's progress need a few tokens and a little time, or the
-# prompt's prefill alone decides the estimate.
-SEED_MIN_TOKENS = 16
-SEED_MIN_SECONDS = 0.5
 PRUNE_EVERY = 256  # deliveries between two prunes of the journal
 
 
@@ -180,20 +176,16 @@ class LocalQueue:
     def progress(self, job: Job, tokens: int) -> bool:
         """Record ``tokens`` generated so far; False once the job was cancelled.
 
-        Until a job has finished, the first progress reports also seed the ETA from the
-        speed seen (``Throughput.seed_rate``), instead of the fixed initial guess.
+        Not journaled (too frequent, and a restart runs the job from the start anyway).
+        The worker records job times and seeds in :attr:`throughput` itself.
         """
         job.tokens_so_far = tokens
-        if not self.throughput.measured:
-            self._seed_from(job, tokens)
         return not job.request.cancelled
 
     def finish(self, job: Job, state: JobState) -> bool:
-        """``job`` ended (``result``/``error`` set): journaled, and a DONE job's time feeds
-        the ETA average. Always True: one process, nobody else can own the job."""
+        """``job`` ended (``result``/``error`` set): journaled. Always True: in one process
+        nobody else can own the job."""
         self.scheduler.finish(job, state)
-        if state is JobState.DONE and job.result is not None:
-            self.throughput.record_job(job.result.total_s)
         self._record_finished(job)
         return True
 
@@ -242,10 +234,3 @@ class LocalQueue:
     def _record_finished(self, job: Job) -> None:
         if self.journal is not None:
             self.journal.record_finished(job)
-
-    def _seed_from(self, job: Job, tokens: int) -> None:
-        if job.started_at is None or tokens < SEED_MIN_TOKENS:
-            return
-        elapsed = self.scheduler.clock() - job.started_at
-        if elapsed >= SEED_MIN_SECONDS:
-            self.throughput.seed_rate(tokens / elapsed, job.request.sampling.max_new_tokens)

@@ -89,7 +89,6 @@ async def test_submit_take_progress_finish_and_snapshot(tmp_path: Path) -> None:
     a1.result = result_for(a1, total_s=7.0)
     assert queue.finish(a1, JobState.DONE)
     assert a1.state is JobState.DONE and await queue.get(a1.job_id) is None
-    assert queue.throughput.job_seconds == 7.0  # a DONE job's time feeds the ETA
     assert [j.prompt for j in await queue.pending(1)] == ["a2"]
 
 
@@ -252,33 +251,15 @@ async def test_close_cancels_the_queued_jobs_or_keeps_them_for_the_next_start(
         assert row.state is expected
 
 
-def test_first_progress_reports_seed_the_eta_until_a_job_finishes() -> None:
-    clock = Clock()
-    queue = LocalQueue(scheduler(clock=clock, job_s=60.0))
-    item = job(1, "a1", max_new_tokens=600)
-    queue.scheduler.submit(item)
-    queue.take(1)
-    queue.progress(item, 5)  # too few tokens to say anything yet
-    assert queue.throughput.job_seconds == 60.0
-    clock.now += 2.0
-    queue.progress(item, 100)  # 50 tokens/s: 600 tokens in 12 s
-    assert queue.throughput.job_seconds == pytest.approx(12.0)
-    item.result = result_for(item, total_s=9.0)
-    queue.finish(item, JobState.DONE)
-    later = job(2, "b1")
-    queue.scheduler.submit(later)
-    queue.take(1)
-    clock.now += 1.0
-    queue.progress(later, 500)  # measured now: seeds no longer apply
-    assert queue.throughput.job_seconds == pytest.approx(9.0)
-
-
 def test_a_warm_up_seeds_the_eta() -> None:
     queue = make_queue(None)
     queue.seed_job_seconds(8.0)
     assert queue.throughput.job_seconds == 8.0
-    queue.seed_rate(100.0, 500)
+    queue.seed_rate(100.0, 500)  # a running job's first tokens/s
     assert queue.throughput.job_seconds == 5.0
+    queue.throughput.record_job(9.0)
+    queue.seed_rate(1.0, 500)  # measured now: seeds no longer apply
+    assert queue.throughput.job_seconds == 9.0
 
 
 KILLED_CHILD = """
