@@ -27,7 +27,7 @@ Why sorted sets and Lua for the queue, Streams for the deliveries:
 
 Keys and the scripts themselves: ``bot.queue.redis_scripts``. The job hash format:
 ``bot.queue.codec``. Every call raises :class:`~bot.errors.QueueUnavailable` when Redis
-can't be reached, within about two seconds (one-second socket timeouts, one retry); the
+can't be reached, within about a second (one-second socket timeouts); the
 client reconnects by itself once Redis is back, and re-sends the scripts after a restart.
 
 :class:`RedisJobSource` is the worker thread's blocking view of a :class:`RedisQueue`.
@@ -50,7 +50,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.errors import QueueFull, QueueUnavailable, UserLimitReached
@@ -78,17 +78,19 @@ POISON_ERROR = (
 
 
 def connect(url: str, *, decode_responses: bool = True, timeout_s: float = 1.0) -> aioredis.Redis:
-    """An asyncio client whose calls fail within ~2 s when Redis is down (one retry).
+    """An asyncio client whose calls fail within about a second when Redis is down or hung.
 
-    The retry also hides the first call after a Redis restart, which finds its pooled
-    connection closed and succeeds on a new one. Page bytes need ``decode_responses=False``.
+    A call that can't connect is retried once: that hides the first call after a Redis
+    restart, which finds its pooled connection closed and succeeds on a new one. Page bytes
+    need ``decode_responses=False``.
     """
     return aioredis.Redis.from_url(
         url,
         decode_responses=decode_responses,
         socket_connect_timeout=timeout_s,
         socket_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        # Not on timeouts: a Redis that did not answer in time won't answer a second time.
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, (RedisConnectionError,)),
     )
 
 
@@ -570,6 +572,11 @@ class RedisJobSource:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise QueueUnavailable() from None
+        except RedisError as exc:
+            # Redis answered with an error (out of memory, busy script...): as good as down
+            # for the worker, which retries; never a crash of its thread.
+            log.warning("worker %s: Redis error %s: %s", self.worker, type(exc).__name__, exc)
+            raise QueueUnavailable() from exc
 
     def _unavailable(self, what: str) -> None:
         if self._outage_since is None:
@@ -638,7 +645,7 @@ class RedisJobSource:
     def _apply(self, job: Job, lease: _Lease, report: concurrent.futures.Future[Progress]) -> None:
         try:
             outcome = report.result()
-        except QueueUnavailable:
+        except (QueueUnavailable, RedisError):
             self._unavailable("progress")
             return
         except Exception:
