@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -100,6 +101,7 @@ class RedisServer:
         if process is None:
             return
         if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # in case it was paused
             if save:
                 # The server closes the connection as it exits: no reply to wait for.
                 with contextlib.suppress(OSError):
@@ -113,6 +115,16 @@ class RedisServer:
                 process.kill()
                 process.wait()
         self._process = None
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): connections stay open and nothing answers."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
     def restart(self, *, keep_data: bool = True) -> None:
         """Stop and start again on the same port."""

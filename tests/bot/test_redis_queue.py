@@ -514,6 +514,23 @@ async def test_redis_down_then_back_with_the_same_client(own_server: RedisServer
         await client.aclose()
 
 
+async def test_a_hung_redis_reads_as_unavailable(own_server: RedisServer) -> None:
+    client = connect(own_server.url)
+    try:
+        queue = make_queue(client)
+        await queue.submit(new_job(1))
+        own_server.pause()
+        try:
+            async with asyncio.timeout(2.0):
+                with pytest.raises(QueueUnavailable):
+                    await queue.pending()
+        finally:
+            own_server.resume()
+        assert len(await queue.pending()) == 1
+    finally:
+        await client.aclose()
+
+
 async def test_a_worker_rides_out_a_redis_restart(own_server: RedisServer) -> None:
     client = connect(own_server.url)
     try:
