@@ -154,7 +154,9 @@ class RedisQueue:
         self._cancel = client.register_script(scripts.PRELUDE + scripts.CANCEL)
         self._requeue = client.register_script(scripts.PRELUDE + scripts.REQUEUE)
         self._claim = client.register_script(scripts.PRELUDE + scripts.CLAIM_DELIVERY)
-        self._caught_up: set[str] = set()  # consumers that have re-read their own entries
+        # Consumer -> where its next read starts: an entry id while it re-reads the entries
+        # it was given before a restart, then ">" (new entries).
+        self._history: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: Any, client: aioredis.Redis | None = None) -> RedisQueue:
@@ -414,7 +416,8 @@ class RedisQueue:
         async with reachable():
             await self._ensure_group()
             while True:
-                start = ">" if consumer in self._caught_up else "0"
+                # Its own history first, from "0" on (each entry once), then new entries.
+                start = self._history.get(consumer, "0")
                 block = min(block_ms, MAX_BLOCK_MS) if start == ">" and block_ms > 0 else None
                 try:
                     reply = await self.client.xreadgroup(
@@ -425,11 +428,14 @@ class RedisQueue:
                         raise
                     # Redis lost its data (restarted without persistence): start again.
                     await self._ensure_group()
+                    self._history.pop(consumer, None)
                     continue
                 entries = _stream_entries(reply)
-                if start == "0" and not entries:
-                    self._caught_up.add(consumer)
-                    continue
+                if start != ">":
+                    if not entries:
+                        self._history[consumer] = ">"
+                        continue
+                    self._history[consumer] = entries[-1][0]
                 return await self._entries_to_jobs(entries)
 
     async def reclaim_deliveries(

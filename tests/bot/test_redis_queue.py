@@ -452,17 +452,23 @@ async def test_a_dead_bots_deliveries_are_reclaimed(
     ids = await finished_jobs(queue, 3)
     given = await queue.read_deliveries("dead", count=2)
     assert len(given) == 2
-    # Restarted under the same name, it is given its own unacknowledged entries first.
+    # Restarted under the same name, it is given its own unacknowledged entries first,
+    # each once, then the new one.
     again = make_queue(client, prefix=queue.prefix)
-    assert [e for e, _ in await again.read_deliveries("dead")] == [e for e, _ in given]
+    history = [await again.read_deliveries("dead", count=1) for _ in range(2)]
+    assert [e for [(e, _)] in history] == [e for e, _ in given]
+    [(newer, third)] = await again.read_deliveries("dead", count=5)
+    assert newer not in [e for e, _ in given]
+    await again.mark_delivered(third.job_id, newer)
     assert await queue.reclaim_deliveries("alive", min_idle_ms=60_000) == []
     await asyncio.sleep(0.1)
     reclaimed = await queue.reclaim_deliveries("alive", min_idle_ms=50)
     assert sorted(job.job_id for _, job in reclaimed) == sorted(job.job_id for _, job in given)
     for entry_id, job in reclaimed:
         await queue.mark_delivered(job.job_id, entry_id)
-    [(_, last)] = await queue.read_deliveries("alive")
-    assert sorted([last.job_id, *(job.job_id for _, job in reclaimed)]) == sorted(ids)
+    assert await queue.read_deliveries("alive") == []
+    assert sorted([third.job_id, *(job.job_id for _, job in reclaimed)]) == sorted(ids)
+    assert (await client.xpending(queue.key("events"), "bots"))["pending"] == 0
 
 
 async def test_delivery_is_claimed_and_recorded_once(
