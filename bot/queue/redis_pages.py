@@ -8,8 +8,8 @@ is a sorted set of the user's job ids scored by save time, trimmed to the newest
 Redis holds everything in memory, so one runaway page must not crowd out the queue.
 
 Same API as the local ``bot.store.ResultStore``; ``StoredPage.path`` is None here, and
-``read`` fetches the bytes. Needs a client made with ``decode_responses=False``
-(``connect(url, decode_responses=False)``): the pages are bytes.
+``read`` fetches the bytes. The pages are bytes: given a client that decodes replies (the
+queue's), the store opens a second one to the same server that does not.
 """
 
 from __future__ import annotations
@@ -64,6 +64,16 @@ class RedisPageStore:
         max_bytes: int = 8 * 1024 * 1024,
         keep_per_user: int = 10,
     ) -> None:
+        # Page bytes need a client that does not decode replies; given one that does (the
+        # queue's), the store opens its own to the same server.
+        self._own_client = bool(client.get_connection_kwargs().get("decode_responses"))
+        if self._own_client:
+            client = aioredis.Redis(
+                connection_pool=aioredis.ConnectionPool(
+                    connection_class=client.connection_pool.connection_class,
+                    **{**client.get_connection_kwargs(), "decode_responses": False},
+                )
+            )
         self.client = client
         self.prefix = prefix
         self.ttl_s = max(1, round(ttl_s))
@@ -81,6 +91,11 @@ class RedisPageStore:
             max_bytes=settings.page_store_max_bytes,
             keep_per_user=settings.results_keep_per_user,
         )
+
+    async def aclose(self) -> None:
+        """Close the client this store opened (a client it was given is the giver's)."""
+        if self._own_client:
+            await self.client.aclose()
 
     def _page_key(self, job_id: str) -> str:
         return f"{self.prefix}:page:{job_id}"

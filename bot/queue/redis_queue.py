@@ -70,11 +70,19 @@ DAY_S = 24 * 3600
 # Blocking reads must end before the socket timeout, or they read as an outage.
 MAX_BLOCK_MS = 500
 # A bot holds a delivery this long before another may take it over (claim_delivery).
-DELIVERY_CLAIM_S = 120
+DELIVERY_CLAIM_S = 90
 POISON_ERROR = (
     "This request stopped {attempts} workers in a row, so it was dropped. "
     "Please try a different prompt."
 )
+
+
+class DeliveryInProgress(QueueUnavailable):
+    """Another bot claimed this delivery moments ago; the entry stays pending for now.
+
+    A QueueUnavailable, so a caller that leaves entries pending when Redis is down does
+    the right thing with it too.
+    """
 
 
 def connect(url: str, *, decode_responses: bool = True, timeout_s: float = 1.0) -> aioredis.Redis:
@@ -178,6 +186,11 @@ class RedisQueue:
     async def aclose(self) -> None:
         """Close the client's connections."""
         await self.client.aclose()
+
+    async def ping(self) -> None:
+        """Raises QueueUnavailable unless Redis answers."""
+        async with reachable():
+            await self.client.ping()
 
     async def _run(self, script: Any, *args: Any) -> Any:
         async with reachable():
@@ -481,9 +494,16 @@ class RedisQueue:
         return out
 
     async def claim_delivery(self, job_id: str, consumer: str) -> bool:
-        """True: ``consumer`` delivers this job now. False: it was delivered already, or
-        another consumer is delivering it (for DELIVERY_CLAIM_S seconds after its claim)."""
-        return bool(await self._run(self._claim, consumer, job_id, DELIVERY_CLAIM_S))
+        """True: ``consumer`` delivers this job now. False: it was delivered already (ack).
+
+        Raises DeliveryInProgress when another consumer claimed it less than
+        DELIVERY_CLAIM_S ago (a slow delivery whose entry was reclaimed): leave the entry
+        pending; by its next reclaim it is delivered (False) or that claim has lapsed (True).
+        """
+        claimed = int(await self._run(self._claim, consumer, job_id, DELIVERY_CLAIM_S))
+        if claimed < 0:
+            raise DeliveryInProgress()
+        return claimed == 1
 
     async def mark_delivered(self, job_id: str, entry_id: str) -> None:
         """Record the delivery (the idempotency key), then acknowledge the entry."""

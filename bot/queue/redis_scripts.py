@@ -240,13 +240,13 @@ end
 return count
 """
 
-# ARGV: 3 consumer, 4 id, 5 claim seconds -> 1 (deliver it) | 0 (delivered, or another
-# consumer is delivering it now)
+# ARGV: 3 consumer, 4 id, 5 claim seconds -> 1 (deliver it) | 0 (delivered already) |
+# -1 (another consumer claimed it less than the claim seconds ago and may be sending it now)
 CLAIM_DELIVERY = r"""
 local id, consumer = ARGV[4], ARGV[3]
 if redis.call('EXISTS', k('delivered:' .. id)) == 1 then return 0 end
 local holder = redis.call('GET', k('delivering:' .. id))
-if holder and holder ~= consumer then return 0 end
+if holder and holder ~= consumer then return -1 end
 redis.call('SET', k('delivering:' .. id), consumer, 'EX', tonumber(ARGV[5]))
 return 1
 """

@@ -67,6 +67,19 @@ async def test_a_page_round_trips(client: aioredis.Redis) -> None:
     assert await store.get(7, "../etc") is None
 
 
+async def test_a_decoding_client_is_fine_too(redis_server: RedisServer) -> None:
+    # The bot hands the queue's client (decode_responses=True) to the store.
+    decoding = connect(redis_server.url)
+    store = make_store(decoding)
+    try:
+        data = bytes(range(256))  # not UTF-8
+        page = await store.get(1, await save(store, 1, data))
+        assert page is not None and await store.read(page) == data
+    finally:
+        await store.aclose()
+        await decoding.aclose()
+
+
 async def test_a_page_over_the_cap_is_refused(client: aioredis.Redis) -> None:
     store = make_store(client, max_bytes=100)
     with pytest.raises(PageTooLarge) as caught:

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from bot.errors import QueueFull, QueueUnavailable, UserLimitReached
 from bot.jobs import DeliveryInfo, Job, JobState
 from bot.queue.codec import CodecError, decode_job, encode_job
-from bot.queue.redis_queue import RedisJobSource, RedisQueue, connect
+from bot.queue.redis_queue import DeliveryInProgress, RedisJobSource, RedisQueue, connect
 from model.types import (
     FinishReason,
     GenerationResult,
@@ -477,7 +477,8 @@ async def test_delivery_is_claimed_and_recorded_once(
     [job_id] = await finished_jobs(queue, 1)
     [(entry_id, _)] = await queue.read_deliveries("b1")
     assert await queue.claim_delivery(job_id, "b1")
-    assert not await queue.claim_delivery(job_id, "b2")  # b1 is delivering it
+    with pytest.raises(DeliveryInProgress):
+        await queue.claim_delivery(job_id, "b2")  # b1 is sending it now: leave it pending
     assert await queue.claim_delivery(job_id, "b1")
     assert not await queue.delivered(job_id)
     await queue.mark_delivered(job_id, entry_id)
