@@ -307,17 +307,21 @@ async def run_phase(
     import torch
 
     from bot.jobs import Job
+    from bot.queue.local import LocalQueue
     from bot.scheduler import Scheduler, Throughput
     from bot.worker import Worker
     from model.prompting import encode_prompt
     from model.types import SamplingParams
 
     loop = asyncio.get_running_loop()
+    throughput = Throughput(30.0)
     scheduler = Scheduler(
-        max_total=4096, max_per_user=4, max_batch=engine.slots, throughput=Throughput(30.0)
+        max_total=4096, max_per_user=4, max_batch=engine.slots, throughput=throughput
     )
     sink = Sink()
-    worker = Worker(engine, scheduler, sink, loop, max_batch=engine.slots)
+    worker = Worker(
+        engine, LocalQueue(scheduler), sink, loop, max_batch=engine.slots, throughput=throughput
+    )
     rng = random.Random(seed)
     phase = Phase(name)
     batch_samples: list[int] = []

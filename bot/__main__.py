@@ -1,5 +1,8 @@
 """``python -m bot``: read the settings, load the model, run the bot until SIGINT/SIGTERM.
 
+With ``QUEUE_BACKEND=redis`` no model is loaded here: ``python -m bot.worker`` processes
+serve the shared queue, and any number of these (shards) share it.
+
 Start-up problems (bad settings, a rejected token, a model that can't load, Discord out of
 reach) end with one line on stderr and a non-zero exit, not a traceback.
 """
@@ -112,12 +115,15 @@ async def check_token(settings: Settings) -> None:
 
 async def run(settings: Settings) -> None:
     """Check the token, load the model off the loop, run until a signal, shut down."""
-    from bot.client import HtmlBot, point_at_discord
+    from bot.client import create_bot, point_at_discord
 
     point_at_discord(settings)
     await check_token(settings)
-    engine = await asyncio.to_thread(load_engine, settings)
-    async with HtmlBot(settings, engine) as bot:
+    # With Redis the model runs in `python -m bot.worker` processes, not here.
+    engine = None
+    if settings.queue_backend == "local":
+        engine = await asyncio.to_thread(load_engine, settings)
+    async with create_bot(settings, engine) as bot:
         loop = asyncio.get_running_loop()
         stopping: list[asyncio.Task[None]] = []
 

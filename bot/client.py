@@ -1,8 +1,13 @@
-"""``HtmlBot``: the discord.py client that ties commands, scheduler, worker and delivery.
+"""``HtmlBot``: the discord.py client that ties commands, the job queue, worker and delivery.
 
-Run it as ``async with HtmlBot(settings, engine) as bot: await bot.start(token)``.
-``setup_hook`` starts the worker thread and the background tasks and syncs the commands;
-``close`` shuts down gracefully (see :meth:`HtmlBot.close`).
+Run it as ``async with create_bot(settings, engine) as bot: await bot.start(token)``.
+``setup_hook`` starts the worker thread (local backend) or the delivery reader (Redis), the
+background tasks, picks up the jobs a previous run left, and syncs the commands; ``close``
+shuts down gracefully (see :meth:`HtmlBot.close`).
+
+With ``SHARD_COUNT`` set the client is discord.py's ``AutoShardedClient`` running
+``SHARD_IDS``; several such processes share one Redis, and whichever reads a finished job
+delivers it through the interaction's webhook (any process may use its token).
 """
 
 from __future__ import annotations
@@ -19,21 +24,19 @@ import yarl
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.commands import HtmlCommandTree, on_component, register_commands
-from bot.delivery import (
-    SHUTDOWN_STOPPED_TEXT,
-    SHUTDOWN_TEXT,
-    Delivery,
-    send_page_followup,
-)
+from bot import texts
+from bot.backend import Backend, local_backend, process_name, redis_backend
+from bot.commands import Commands, HtmlCommandTree, send_stored_page
+from bot.delivery import Delivery
+from bot.errors import QueueUnavailable
 from bot.jobs import Job, JobState
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
 from bot.preview import Previewer, find_chromium
-from bot.scheduler import Scheduler, Throughput
 from bot.settings import DEFAULT_API_BASE, Settings
 from bot.status import StatusBoard, Ticket
-from bot.store import ResultStore, StoredPage
+from bot.store import StoredPage
+from bot.webhook import WebhookInteraction
 from bot.worker import Worker
 from model.types import SamplingParams
 
@@ -43,6 +46,13 @@ log = logging.getLogger(__name__)
 DELIVERY_DRAIN_S = 15.0
 # How long the background tasks (status board, lag monitor) get to end once cancelled.
 BACKGROUND_STOP_S = 5.0
+# Redis backend: finished jobs read per call, how long one read blocks, and how long a
+# delivery may stay unacknowledged before another bot takes it over (its bot died).
+DELIVERY_BATCH = 32
+DELIVERY_BLOCK_MS = 1000
+DELIVERY_RECLAIM_IDLE_MS = 60_000
+DELIVERY_RECLAIM_EVERY_S = 15.0
+REDIS_RETRY_S = 2.0
 
 
 GUILDS_INTENT_NOTICE = "Guilds intent seems to be disabled"
@@ -94,9 +104,17 @@ def point_at_discord(settings: Settings) -> None:
 
 
 class HtmlBot(discord.Client):
-    """The /html bot. ``engine`` is a TextGenerator or a ContinuousGenerator."""
+    """The /html bot. ``engine`` (a TextGenerator or ContinuousGenerator) is needed with the
+    local backend only: with Redis, ``python -m bot.worker`` processes run the model."""
 
-    def __init__(self, settings: Settings, engine: Any, **options: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Any = None,
+        *,
+        backend: Backend | None = None,
+        **options: Any,
+    ) -> None:
         point_at_discord(settings)
         # Interactions arrive whatever the intents; none are needed. No message of ours may
         # ping anyone, whatever a prompt or a page name contains.
@@ -106,30 +124,40 @@ class HtmlBot(discord.Client):
         super().__init__(intents=discord.Intents.none(), **options)
         self.settings = settings
         self.engine = engine
-        self.model_name = str(getattr(engine, "model_name", "model"))
+        if engine is None and settings.queue_backend == "local" and backend is None:
+            raise ValueError("QUEUE_BACKEND=local needs an engine in this process")
+        self.model_name = str(getattr(engine, "model_name", "")) or _configured_model(settings)
+        self.max_batch = settings.batch_size(engine)
+        if backend is None:
+            backend = (
+                local_backend(settings, self.max_batch)
+                if settings.queue_backend == "local"
+                else redis_backend(settings)
+            )
+        self.backend = backend
+        self.queue = backend.queue
+        self.store = backend.pages
+        self.scheduler = backend.scheduler  # local only (tests and metrics read it)
+        self.throughput = backend.throughput
         self.tree = HtmlCommandTree(self)
         self.metrics = Metrics()
-        self.throughput = Throughput(settings.initial_job_seconds)
-        self.max_batch = settings.batch_size(engine)
-        self.scheduler = Scheduler(
-            max_total=settings.queue_max_total,
-            max_per_user=settings.queue_max_per_user,
-            max_batch=self.max_batch,
-            throughput=self.throughput,
-            delivery_margin_s=settings.delivery_margin_s,
-        )
-        self.store = ResultStore(settings.results_dir, settings.results_keep_per_user)
+        self.tree.settings = settings
+        self.tree.metrics = self.metrics
         self.previewer = make_previewer(settings)
         self.delivery = Delivery(
             self.store,
             self.metrics,
             model_name=self.model_name,
             previewer=self.previewer,
-            regenerate=self.regenerate if settings.regenerate_empty else None,
+            regenerate=(
+                self.regenerate
+                if settings.regenerate_empty and backend.scheduler is not None
+                else None
+            ),
         )
         self.page_mode = settings.resolved_page_mode()
         self.board = StatusBoard(
-            self.scheduler,
+            self.queue,
             interval_s=settings.queue_edit_interval_s,
             edits_per_second=settings.edits_per_second,
         )
@@ -137,29 +165,60 @@ class HtmlBot(discord.Client):
         self.sampling = SamplingParams(
             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature
         )
+        self.tickets: dict[str, Ticket] = {}
+        self.consumer = process_name(settings, "bot")
         self.worker: Worker | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
         self._shutdown: asyncio.Task[None] | None = None
-        self.metrics.bind(
-            lambda: self.scheduler.queued_count,
-            lambda: self.scheduler.running_count,
-            lambda: self.throughput.tokens_per_second,
+        scheduler = backend.scheduler
+        if scheduler is not None:
+            self.metrics.bind(
+                lambda: scheduler.queued_count,
+                lambda: scheduler.running_count,
+                lambda: scheduler.throughput.tokens_per_second,
+            )
+            scheduler.add_expired_listener(self._on_expired_threadsafe)
+        self.commands = Commands(
+            settings=settings,
+            queue=self.queue,
+            board=self.board,
+            pages=self.store,
+            delivery=self.delivery,
+            sampling=self.sampling,
+            page_mode=self.page_mode,
+            tickets=self.tickets,
+            spawn=self.spawn,
+            shutting_down=lambda: self.shutting_down,
         )
-        self.scheduler.add_expired_listener(self._on_expired_threadsafe)
-        register_commands(self)
+        self.commands.register(self.tree)
 
     # -- start-up --------------------------------------------------------------------
 
     async def setup_hook(self) -> None:
         await self._resolve_gateway()
         loop = asyncio.get_running_loop()
-        self.worker = Worker(self.engine, self.scheduler, self, loop, max_batch=self.max_batch)
-        self.worker.start()
-        self._background = [
+        background = [
             asyncio.create_task(self.board.run(), name="htmlbot-status-board"),
             asyncio.create_task(self._watch_lag(), name="htmlbot-lag-monitor"),
         ]
+        if self.backend.source is not None:
+            await self._resume_local()
+            self.worker = Worker(
+                self.engine,
+                self.backend.source,
+                self,
+                loop,
+                max_batch=self.max_batch,
+                throughput=self.throughput,
+            )
+            self.worker.start()
+        else:
+            background.append(
+                asyncio.create_task(self._read_deliveries(), name="htmlbot-deliveries")
+            )
+            await self._resume_redis()
+        self._background = background
         if self.settings.metrics_port is not None:
             try:
                 self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
@@ -183,6 +242,8 @@ class HtmlBot(discord.Client):
             DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
 
     async def _sync_commands(self) -> None:
+        if self.settings.shard_ids and 0 not in self.settings.shard_ids:
+            return  # one process syncs the commands: the one running shard 0
         try:
             if self.settings.dev_guild_id is not None:
                 guild = discord.Object(id=self.settings.dev_guild_id)
@@ -201,7 +262,7 @@ class HtmlBot(discord.Client):
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         if interaction.type is discord.InteractionType.component:
-            await on_component(self, interaction)
+            await self.commands.on_component(interaction)
 
     async def _watch_lag(self) -> None:
         monitor = asyncio.create_task(self.lag.run(), name="htmlbot-lag")
@@ -211,6 +272,66 @@ class HtmlBot(discord.Client):
                 self.metrics.loop_lag.set(self.lag.last_lag_s)
         finally:
             monitor.cancel()
+
+    # -- jobs a previous run left -----------------------------------------------------
+
+    def _adopt(self, job: Job) -> Ticket | None:
+        """A ticket answering ``job`` through its webhook (None: no token was kept)."""
+        ticket = self.tickets.get(job.job_id)
+        if ticket is None:
+            if job.delivery is None:
+                return None
+            ticket = Ticket(interaction=WebhookInteraction(self, job.delivery))
+            ticket.mark_deferred()  # the job was queued after its defer went through
+            self.tickets[job.job_id] = ticket
+        job.context = ticket
+        return ticket
+
+    async def _resume_local(self) -> None:
+        journal = self.backend.journal
+        if journal is None:
+            return
+        jobs = await asyncio.to_thread(journal.load_unfinished)
+        if not jobs:
+            return
+        waiting = [job for job in jobs if not job.state.terminal]
+        finished = [job for job in jobs if job.state.terminal]
+        log.info(
+            "resuming %d job(s) of the previous run and delivering %d finished one(s)",
+            len(waiting),
+            len(finished),
+        )
+        for job in jobs:
+            self._adopt(job)
+        local: Any = self.queue  # a LocalQueue
+        # restore() hands back the jobs it ended instead (cancelled before the kill, or
+        # taken too often: maybe what killed the process): they are told like the rest.
+        finished += local.restore(waiting)
+        for job in waiting:
+            if not job.state.terminal:
+                self.board.track(job)
+        for job in finished:
+            self.job_finished(job)
+
+    async def _resume_redis(self) -> None:
+        # The status messages of this process's shards pick up again; their pages come
+        # through the deliveries stream like any other.
+        try:
+            jobs = await self.queue.pending()
+        except QueueUnavailable:
+            log.warning("Redis is unavailable at start-up; pending status messages resume later")
+            return
+        mine = set(self.settings.shard_ids) or None
+        adopted = 0
+        for job in jobs:
+            shard = job.delivery.shard_id if job.delivery is not None else 0
+            if mine is not None and shard not in mine:
+                continue
+            if self._adopt(job) is not None:
+                self.board.track(job)
+                adopted += 1
+        if adopted:
+            log.info("picked up the status messages of %d pending job(s)", adopted)
 
     # -- worker reports (called on the loop) ------------------------------------------
 
@@ -222,20 +343,29 @@ class HtmlBot(discord.Client):
 
     def job_finished(self, job: Job) -> None:
         self.board.untrack(job)
-        self.spawn(self.delivery.finish(job), name=f"deliver-{job.job_id}")
+        self.spawn(self._deliver_local(job), name=f"deliver-{job.job_id}")
+
+    async def _deliver_local(self, job: Job) -> None:
+        if not await self.delivery.finish(job):
+            return  # regenerated: it is back in the queue
+        self.tickets.pop(job.job_id, None)
+        local: Any = self.queue  # a LocalQueue
+        await local.record_delivered(job.job_id)
 
     def regenerate(self, job: Job) -> bool:
         """Queue a finished job once more with another seed (its page came out empty);
         False when it can't be (already regenerated, queue closed, cancelled)."""
-        if job.regenerated or self.scheduler.closed or job.request.cancelled:
+        scheduler = self.backend.scheduler
+        if scheduler is None or job.regenerated or scheduler.closed or job.request.cancelled:
             return False
         job.regenerated = True
         job.result = None
         job.request.sampling = dataclasses.replace(
             job.request.sampling, seed=random.getrandbits(32)
         )
-        self.scheduler.requeue_front([job])
-        if job.state is not JobState.QUEUED:
+        self.backend.source.requeue_front([job])  # type: ignore[union-attr]
+        # The worker may have taken it again already; only a refused requeue cancels it.
+        if job.state is JobState.CANCELLED:
             return False
         self.board.track(job)
         return True
@@ -245,6 +375,58 @@ class HtmlBot(discord.Client):
             self.loop.call_soon_threadsafe(self.job_finished, job)
         except RuntimeError:
             log.debug("loop closed; could not report expired job %s", job.job_id)
+
+    # -- deliveries from Redis ---------------------------------------------------------
+
+    async def _read_deliveries(self) -> None:
+        """Deliver the jobs that finished anywhere, each by exactly one bot."""
+        redis = self.backend.redis
+        last_reclaim = 0.0
+        while not self.shutting_down:
+            try:
+                now = asyncio.get_running_loop().time()
+                entries = []
+                if now - last_reclaim >= DELIVERY_RECLAIM_EVERY_S:
+                    last_reclaim = now
+                    entries = await redis.reclaim_deliveries(
+                        self.consumer, DELIVERY_RECLAIM_IDLE_MS
+                    )
+                entries += await redis.read_deliveries(
+                    self.consumer, DELIVERY_BATCH, DELIVERY_BLOCK_MS
+                )
+            except QueueUnavailable:
+                log.warning(
+                    "Redis unavailable; deliveries wait (retrying in %.0f s)", REDIS_RETRY_S
+                )
+                await asyncio.sleep(REDIS_RETRY_S)
+                continue
+            for entry_id, job in entries:
+                self.spawn(self._deliver_shared(entry_id, job), name=f"deliver-{job.job_id}")
+
+    async def _deliver_shared(self, entry_id: str, job: Job) -> None:
+        redis = self.backend.redis
+        try:
+            if not await redis.claim_delivery(job.job_id, self.consumer):
+                await redis.mark_delivered(job.job_id, entry_id)  # delivered before: ack
+                return
+        except QueueUnavailable:
+            return  # the entry stays pending; it comes back after the reclaim delay
+        ticket = self._adopt(job)
+        if ticket is None:
+            log.error("job %s finished without a way to reach its user", job.job_id)
+        else:
+            self.board.untrack(job)
+            await self.delivery.finish(job)
+        self.tickets.pop(job.job_id, None)
+        # Recorded, then acknowledged: a bot that dies in between leaves an entry another
+        # bot reclaims and then only acknowledges.
+        for _attempt in range(30):
+            try:
+                await redis.mark_delivered(job.job_id, entry_id)
+                return
+            except QueueUnavailable:
+                await asyncio.sleep(REDIS_RETRY_S)
+        log.error("job %s: could not record its delivery in Redis", job.job_id)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A task the bot keeps a reference to until it ends (and awaits at shutdown)."""
@@ -256,27 +438,19 @@ class HtmlBot(discord.Client):
     # -- stored pages -----------------------------------------------------------------
 
     async def list_pages(self, user_id: int) -> list[StoredPage]:
-        return await asyncio.to_thread(self.store.list, user_id)
+        return await self.store.list(user_id)
 
     async def get_page(self, user_id: int, job_id: str) -> StoredPage | None:
-        return await asyncio.to_thread(self.store.get, user_id, job_id)
+        return await self.store.get(user_id, job_id)
 
     async def read_page(self, page: StoredPage) -> bytes:
-        return await asyncio.to_thread(self.store.read, page)
+        return await self.store.read(page)
 
     async def delivery_send_stored(
         self, interaction: discord.Interaction, page: StoredPage, data: bytes
     ) -> None:
         """Send a kept page again, privately, as a follow-up of ``interaction``."""
-        await send_page_followup(
-            interaction,
-            filename=page.filename,
-            data=data,
-            content=f"**{page.filename}** · {page.model} · {page.generated_tokens} tokens",
-            too_big=f"**{page.filename}** is too big for this server's upload limit.",
-            ephemeral=True,
-            what=f"resend {page.job_id}",
-        )
+        await send_stored_page(interaction, page, data)
 
     # -- shutdown ---------------------------------------------------------------------
 
@@ -288,9 +462,11 @@ class HtmlBot(discord.Client):
     async def close(self) -> None:
         """Stop gracefully, then close the connection.
 
-        New requests are refused; queued users are told; running jobs get
-        ``shutdown_deadline_s`` to finish before they are cancelled; deliveries in flight
-        are awaited; then the gateway and HTTP session close.
+        New requests are refused. Local backend: queued jobs stay in the journal for the
+        next start (their users are told) or, without a journal, are cancelled; running
+        jobs get ``shutdown_deadline_s`` to finish before they are cancelled; deliveries in
+        flight are awaited. Redis backend: jobs go on in the workers; another bot (or this
+        one, restarted) delivers them. Then the gateway and HTTP session close.
         """
         if self._shutdown is None:
             self._shutdown = asyncio.create_task(self._graceful_shutdown(), name="htmlbot-shutdown")
@@ -300,28 +476,8 @@ class HtmlBot(discord.Client):
             await super().close()
 
     async def _graceful_shutdown(self) -> None:
-        dropped = self.scheduler.close()
-        if dropped:
-            log.info("shutting down: telling %d queued user(s)", len(dropped))
-        for job in dropped:
-            if isinstance(job.context, Ticket):
-                # Also for jobs whose defer is still in flight: finish() waits for it to
-                # settle (DEFER_WAIT_S), and the deliveries are awaited before the HTTP
-                # session closes, so an acknowledged interaction always gets this message.
-                job.cancel_note = SHUTDOWN_TEXT
-                self.spawn(self.delivery.finish(job), name=f"bye-{job.job_id}")
-        worker = self.worker
-        if worker is not None:
-            worker.stop()
-            await asyncio.to_thread(worker.join, self.settings.shutdown_deadline_s)
-            if worker.alive:
-                log.warning(
-                    "running jobs did not finish in %.0f s; cancelling them",
-                    self.settings.shutdown_deadline_s,
-                )
-                worker.cancel_running(note=SHUTDOWN_STOPPED_TEXT)
-                if not await asyncio.to_thread(worker.join, 10.0):
-                    log.error("the worker thread did not stop; leaving it behind")
+        if self.backend.scheduler is not None:
+            await self._stop_local()
         # Let reports already posted by the worker run, then wait for the deliveries.
         await asyncio.sleep(0)
         if self._tasks:
@@ -337,5 +493,79 @@ class HtmlBot(discord.Client):
             for task in stuck:
                 log.error("background task %s did not stop; leaving it behind", task.get_name())
         await self.board.aclose()
+        await self.backend.aclose()
         self.metrics.stop()
         log.info("shutdown complete")
+
+    async def _stop_local(self) -> None:
+        kept = self.backend.journal is not None
+        local: Any = self.queue  # a LocalQueue
+        dropped = local.close(resume_later=kept)
+        if dropped:
+            log.info(
+                "shutting down: %s %d queued job(s)",
+                "keeping" if kept else "cancelling",
+                len(dropped),
+            )
+        for job in dropped:
+            if not isinstance(job.context, Ticket):
+                continue
+            if kept:
+                self.spawn(self._say_kept(job), name=f"kept-{job.job_id}")
+            else:
+                # Also for jobs whose defer is still in flight: finish() waits for it to
+                # settle (DEFER_WAIT_S), and the deliveries are awaited before the HTTP
+                # session closes, so an acknowledged interaction always gets this message.
+                job.cancel_note = texts.SHUTDOWN_CANCELLED
+                self.spawn(self.delivery.finish(job), name=f"bye-{job.job_id}")
+        worker = self.worker
+        if worker is not None:
+            worker.stop()
+            await asyncio.to_thread(worker.join, self.settings.shutdown_deadline_s)
+            if worker.alive:
+                log.warning(
+                    "running jobs did not finish in %.0f s; cancelling them",
+                    self.settings.shutdown_deadline_s,
+                )
+                worker.cancel_running(note=texts.SHUTDOWN_STOPPED)
+                if not await asyncio.to_thread(worker.join, 10.0):
+                    log.error("the worker thread did not stop; leaving it behind")
+
+    async def _say_kept(self, job: Job) -> None:
+        """Tell a queued user that the restart keeps their place (not a final edit)."""
+        ticket = job.context
+        assert isinstance(ticket, Ticket)
+        if not await ticket.wait_settled(5.0) or ticket.dead or ticket.final:
+            return
+        async with ticket.lock:
+            try:
+                await ticket.interaction.edit_original_response(
+                    content=texts.SHUTDOWN_KEPT, view=None
+                )
+                ticket.shown = texts.SHUTDOWN_KEPT
+            except discord.HTTPException as exc:
+                log.info("job %s: could not say it is kept: %s", job.job_id, exc.status)
+
+
+class ShardedHtmlBot(HtmlBot, discord.AutoShardedClient):
+    """The bot on discord.py's AutoShardedClient (``SHARD_COUNT``/``SHARD_IDS``)."""
+
+
+def create_bot(settings: Settings, engine: Any = None, **options: Any) -> HtmlBot:
+    """The bot class the settings ask for: sharded when ``SHARD_COUNT`` is set."""
+    if settings.shard_count is None:
+        return HtmlBot(settings, engine, **options)
+    options.setdefault("shard_count", settings.shard_count)
+    if settings.shard_ids:
+        options.setdefault("shard_ids", list(settings.shard_ids))
+    return ShardedHtmlBot(settings, engine, **options)
+
+
+def _configured_model(settings: Settings) -> str:
+    """The configured model's name, without loading it (the Redis bot has no model)."""
+    try:
+        from model.spec import resolve_spec
+
+        return resolve_spec(**settings.model_overrides()).name
+    except Exception:  # a name is only for the summary line; the workers load the model
+        return "model"

@@ -1,22 +1,29 @@
 """Slash commands (/html, /queue, /mypages), the Cancel button, and error replies.
 
-Handlers only translate an interaction into scheduler calls and return: they never touch
-the model. /html does all its checks synchronously and then defers, so it answers inside
+:class:`Commands` is handed the few services it uses (settings, the job queue, the status
+board, the page store, delivery) and never sees the client that wires them. Handlers only
+translate an interaction into queue calls and return: they never touch the model. /html
+checks, queues (one Redis round trip with that backend) and defers, so it answers inside
 Discord's 3-second window however busy the GPU is.
 
 This module does not use ``from __future__ import annotations``: discord.py reads the
 handlers' annotations, and ``Range[str, 1, max_chars]`` depends on the settings.
 """
 
+import asyncio
 import logging
 import time
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import discord
 from discord import app_commands
 
+from bot import texts
+from bot.delivery import Delivery, send_page_followup
 from bot.errors import (
     BotError,
     InvalidPrompt,
@@ -26,12 +33,15 @@ from bot.errors import (
     ResultNotFound,
 )
 from bot.jobs import Job, JobState
+from bot.metrics import Metrics
+from bot.queue import JobQueue, PageStore, QueueSnapshot
 from bot.scheduler import format_duration
-from bot.status import CANCEL_PREFIX, Ticket
+from bot.settings import Settings
+from bot.status import CANCEL_PREFIX, StatusBoard, Ticket
+from bot.store import StoredPage
+from bot.webhook import delivery_info_of
 from model.prompting import STYLE_HINTS
-
-if TYPE_CHECKING:
-    from bot.client import HtmlBot
+from model.types import PageMode, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,11 @@ DISCORD_OPTION_MAX = 6000
 # Bidirectional overrides and isolates: they can disguise text; never needed in a prompt.
 _BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 QUEUE_LIST_MAX = 20
+# An interaction older than this by its snowflake (a gateway replay after a reconnect can
+# be a minute old), or from the future, means the host clock
+# is off: its age is then measured from when it arrived, not from the clock.
+MAX_PLAUSIBLE_AGE_S = 120.0
+FUTURE_TOLERANCE_S = 2.0
 
 
 def validate_prompt(prompt: str, max_chars: int) -> str:
@@ -71,12 +86,32 @@ def user_message_for(error: BaseException) -> str:
     if isinstance(error, BotError):
         original = error
     if isinstance(original, BotError):
-        return f"⚠️ {original}"
+        return texts.warning(str(original))
     if isinstance(error, app_commands.CommandOnCooldown):
-        return f"⚠️ Slow down: try again in {error.retry_after:.0f} s."
+        return texts.slow_down(error.retry_after)
+    if isinstance(error, app_commands.CommandNotFound | app_commands.CommandSignatureMismatch):
+        return texts.UNKNOWN_COMMAND
     if isinstance(error, app_commands.CheckFailure):
-        return "⚠️ You can't use this command here."
-    return "❌ Something went wrong on our side. It has been logged; please try again."
+        return texts.NOT_HERE
+    return texts.SOMETHING_WRONG
+
+
+def token_age_s(snowflake_age_s: float) -> float:
+    """How old an interaction was when it arrived, from its snowflake's age by our clock.
+
+    Discord hands an interaction over within a second or so; an age far past that, or one
+    from the future, says the host clock is off (a clock 14 minutes slow once dropped every
+    job as expired, silently). Then the age is taken as zero, counted from the arrival (on
+    the monotonic clock), and a warning is logged.
+    """
+    if -FUTURE_TOLERANCE_S <= snowflake_age_s <= MAX_PLAUSIBLE_AGE_S:
+        return max(0.0, snowflake_age_s)
+    log.warning(
+        "an interaction's id says it is %.0f s old when it arrived: this host's clock seems "
+        "off by about that much (check NTP); measuring the token's life from its arrival",
+        snowflake_age_s,
+    )
+    return 0.0
 
 
 def is_connection_closed(exc: BaseException, bot: Any = None) -> bool:
@@ -119,12 +154,15 @@ class Refused(app_commands.CheckFailure):
 class HtmlCommandTree(app_commands.CommandTree):
     """The command tree: access rules in ``interaction_check``, errors in ``on_error``."""
 
+    settings: Settings | None = None  # set by the client before the first interaction
+    metrics: Metrics | None = None
+
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        bot: HtmlBot = interaction.client  # type: ignore[assignment]
-        try:
-            check_allowed(interaction, bot)
-        except NotAllowed as exc:
-            raise Refused(exc) from exc
+        if self.settings is not None:
+            try:
+                check_allowed(interaction, self.settings)
+            except NotAllowed as exc:
+                raise Refused(exc) from exc
         return True
 
     async def on_error(
@@ -142,10 +180,13 @@ class HtmlCommandTree(app_commands.CommandTree):
                 interaction.user.id if interaction.user else "?",
                 original,
             )
-            bot = interaction.client
-            metrics = getattr(bot, "metrics", None)
-            if metrics is not None:
-                metrics.rejected.labels(type(original).__name__).inc()
+            if self.metrics is not None:
+                self.metrics.rejected.labels(type(original).__name__).inc()
+        elif isinstance(
+            original, app_commands.CommandNotFound | app_commands.CommandSignatureMismatch
+        ):
+            # A command Discord still shows from an older version of the bot: no bug here.
+            log.info("%s: %s", _command_name(interaction), original)
         elif not isinstance(error, app_commands.CheckFailure):
             log.error("command %s failed", _command_name(interaction), exc_info=original)
         await reply_ephemeral(interaction, user_message_for(error))
@@ -156,9 +197,8 @@ def _command_name(interaction: discord.Interaction) -> str:
     return f"/{command.qualified_name}" if command is not None else "interaction"
 
 
-def check_allowed(interaction: discord.Interaction, bot: "HtmlBot") -> None:
+def check_allowed(interaction: discord.Interaction, settings: Settings) -> None:
     """Raise NotAllowed unless the guild, channel and roles are allowed (empty = all)."""
-    settings = bot.settings
     if settings.allowed_guild_ids and interaction.guild_id not in settings.allowed_guild_ids:
         raise NotAllowed("This bot isn't enabled in this server.")
     if settings.allowed_channel_ids and interaction.channel_id not in settings.allowed_channel_ids:
@@ -177,189 +217,238 @@ def is_admin(interaction: discord.Interaction) -> bool:
     return bool(permissions.manage_guild or permissions.administrator)
 
 
-def register_commands(bot: "HtmlBot") -> None:
-    """Add /html, /queue and /mypages to ``bot.tree``."""
-    settings = bot.settings
-    max_chars = min(settings.max_prompt_chars, DISCORD_OPTION_MAX)
-    style_choices = [app_commands.Choice(name=name, value=name) for name in _style_names()]
-
-    @bot.tree.command(name="html", description="Generate a web page from a description")
-    @app_commands.describe(
-        prompt="What the page should be, e.g. 'a landing page for a bakery'",
-        style="A visual style for the page",
-        private="Only you see the reply",
-    )
-    @app_commands.choices(style=style_choices)
-    async def html(
-        interaction: discord.Interaction,
-        prompt: app_commands.Range[str, 1, max_chars],
-        style: str | None = None,
-        private: bool = False,
-    ) -> None:
-        await handle_html(bot, interaction, prompt, style, private)
-
-    @bot.tree.command(name="queue", description="Your queued pages (managers see everyone's)")
-    async def queue(interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(queue_listing(bot, interaction), ephemeral=True)
-
-    @bot.tree.command(name="mypages", description="Your last pages; pick one to get it again")
-    @app_commands.describe(page="The page's id, as listed by /mypages without it")
-    async def mypages(interaction: discord.Interaction, page: str | None = None) -> None:
-        await handle_mypages(bot, interaction, page)
-
-    @mypages.autocomplete("page")
-    async def mypages_autocomplete(
-        interaction: discord.Interaction, current: str
-    ) -> list[app_commands.Choice[str]]:
-        pages = await bot.list_pages(interaction.user.id)
-        choices = []
-        for item in pages:
-            label = f"{item.filename} ({item.job_id})"[:100]
-            if current.lower() in label.lower():
-                choices.append(app_commands.Choice(name=label, value=item.job_id))
-        return choices[:25]
-
-
 def _style_names() -> list[str]:
     return list(STYLE_HINTS)[:25]  # Discord allows at most 25 choices
 
 
-async def handle_html(
-    bot: "HtmlBot", interaction: discord.Interaction, prompt: str, style: str | None, private: bool
-) -> None:
-    """Validate, queue, defer: all checks happen before the first await."""
-    settings = bot.settings
-    text = validate_prompt(prompt, settings.max_prompt_chars)
-    if style is not None and style not in _style_names():
-        raise InvalidPrompt(f"Unknown style {style!r}.")
-    # The token's life counts from the interaction's creation, not from when we saw it.
-    age_s = max(0.0, time.time() - interaction.created_at.timestamp())
-    job = Job.create(
-        user_id=interaction.user.id,
-        prompt=text,
-        style=style,
-        ttl_s=settings.interaction_ttl_s - age_s,
-        sampling=bot.sampling,
-        mode=bot.page_mode,
-        safety=settings.safety,
-        user_name=str(interaction.user),
-        guild_id=interaction.guild_id,
-        channel_id=interaction.channel_id,
-        private=private,
-    )
-    ticket = Ticket(interaction=interaction)
-    job.context = ticket
-    # A refusal (QueueFull, UserLimitReached) propagates to the tree's on_error, which
-    # counts it in the rejected metric like every other BotError.
-    position = bot.scheduler.submit(job)
-    try:
-        await interaction.response.defer(ephemeral=private, thinking=True)
-    except Exception as exc:
-        if isinstance(exc, discord.HTTPException):
-            # The interaction is gone (or Discord is down): nobody could get the page.
-            log.warning("defer failed for job %s (%s); cancelling it", job.job_id, exc.status)
-        elif is_connection_closed(exc, bot):
-            log.info("defer of job %s cut off by the shutdown; cancelling it", job.job_id)
-        else:
-            # Unknown outcome: the defer may have reached Discord, so the job stays and its
-            # delivery tries after DEFER_WAIT_S. The tree's on_error logs the traceback.
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+
+@dataclass
+class Commands:
+    """The slash commands and the Cancel button, given the services they use."""
+
+    settings: Settings
+    queue: JobQueue
+    board: StatusBoard
+    pages: PageStore
+    delivery: Delivery
+    sampling: SamplingParams
+    page_mode: PageMode
+    # Tickets of the jobs this process holds the interaction of, by job id.
+    tickets: dict[str, Ticket]
+    spawn: Spawn
+    shutting_down: Callable[[], bool]
+
+    def register(self, tree: app_commands.CommandTree[Any]) -> None:
+        """Add /html, /queue and /mypages to ``tree``."""
+        max_chars = min(self.settings.max_prompt_chars, DISCORD_OPTION_MAX)
+        style_choices = [app_commands.Choice(name=name, value=name) for name in _style_names()]
+        commands = self
+
+        @tree.command(name="html", description="Generate a web page from a description")
+        @app_commands.describe(
+            prompt="What the page should be, e.g. 'a landing page for a bakery'",
+            style="A visual style for the page",
+            private="Only you see the reply",
+        )
+        @app_commands.choices(style=style_choices)
+        async def html(
+            interaction: discord.Interaction,
+            prompt: app_commands.Range[str, 1, max_chars],
+            style: str | None = None,
+            private: bool = False,
+        ) -> None:
+            await commands.handle_html(interaction, prompt, style, private)
+
+        @tree.command(name="queue", description="Your queued pages (managers see everyone's)")
+        async def queue(interaction: discord.Interaction) -> None:
+            listing = await commands.queue_listing(interaction)
+            await interaction.response.send_message(listing, ephemeral=True)
+
+        @tree.command(name="mypages", description="Your last pages; pick one to get it again")
+        @app_commands.describe(page="The page's id, as listed by /mypages without it")
+        async def mypages(interaction: discord.Interaction, page: str | None = None) -> None:
+            await commands.handle_mypages(interaction, page)
+
+        @mypages.autocomplete("page")
+        async def mypages_autocomplete(
+            interaction: discord.Interaction, current: str
+        ) -> list[app_commands.Choice[str]]:
+            pages = await commands.pages.list(interaction.user.id)
+            choices = []
+            for item in pages:
+                label = f"{item.filename} ({item.job_id})"[:100]
+                if current.lower() in label.lower():
+                    choices.append(app_commands.Choice(name=label, value=item.job_id))
+            return choices[:25]
+
+    async def handle_html(
+        self, interaction: discord.Interaction, prompt: str, style: str | None, private: bool
+    ) -> None:
+        """Validate, queue, defer."""
+        received = time.monotonic()
+        settings = self.settings
+        text = validate_prompt(prompt, settings.max_prompt_chars)
+        if style is not None and style not in _style_names():
+            raise InvalidPrompt(f"Unknown style {style!r}.")
+        # The token's life counts from the interaction's creation; its age is checked
+        # against the arrival time so a wrong host clock can't expire every job.
+        age_s = token_age_s(time.time() - interaction.created_at.timestamp())
+        job = Job.create(
+            user_id=interaction.user.id,
+            prompt=text,
+            style=style,
+            ttl_s=settings.interaction_ttl_s - age_s - (time.monotonic() - received),
+            sampling=self.sampling,
+            mode=self.page_mode,
+            safety=settings.safety,
+            user_name=str(interaction.user),
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            private=private,
+            delivery=delivery_info_of(interaction),
+        )
+        ticket = Ticket(interaction=interaction)
+        job.context = ticket
+        self.tickets[job.job_id] = ticket
+        # A refusal (QueueFull, UserLimitReached, QueueUnavailable) propagates to the tree's
+        # on_error, which counts it in the rejected metric like every other BotError.
+        try:
+            position = await self.queue.submit(job)
+        except BaseException:
+            self.tickets.pop(job.job_id, None)
             raise
-        # Settled, so nobody waits for this defer (the shutdown's message, the delivery).
-        ticket.mark_defer_failed()
-        bot.scheduler.cancel(job.job_id)
-        return
-    ticket.mark_deferred()
-    log.info("job %s queued for user %s at position %d", job.job_id, job.user_id, position)
-    # If the shutdown dropped the job while the defer was in flight, the board skips it and
-    # the shutdown's message (waiting for this defer) tells the user.
-    bot.board.track(job)
+        try:
+            await interaction.response.defer(ephemeral=private, thinking=True)
+        except Exception as exc:
+            if isinstance(exc, discord.HTTPException):
+                # The interaction is gone (or Discord is down): nobody could get the page.
+                log.warning("defer failed for job %s (%s); cancelling it", job.job_id, exc.status)
+            elif is_connection_closed(exc, interaction.client):
+                log.info("defer of job %s cut off by the shutdown; cancelling it", job.job_id)
+            else:
+                # Unknown outcome: the defer may have reached Discord, so the job stays and
+                # its delivery tries after DEFER_WAIT_S. The tree's on_error logs it.
+                raise
+            # Settled, so nobody waits for this defer (the shutdown's message, the delivery).
+            ticket.mark_defer_failed()
+            await self.queue.cancel(job.job_id)
+            return
+        ticket.mark_deferred()
+        log.info("job %s queued for user %s at position %d", job.job_id, job.user_id, position)
+        # If the shutdown dropped the job while the defer was in flight, the board skips it
+        # and the shutdown's message (waiting for this defer) tells the user.
+        self.board.track(job)
+
+    async def queue_listing(self, interaction: discord.Interaction) -> str:
+        """The /queue reply: the user's jobs, or everyone's for managers."""
+        admin = is_admin(interaction)
+        jobs = await self.queue.pending(None if admin else interaction.user.id)
+        snapshot = await self.queue.snapshot()
+        header = f"**Queue:** {snapshot.queued} waiting, {snapshot.running} generating."
+        if not jobs:
+            return header + ("" if admin else " You have no pending requests.")
+        lines = [header]
+        for job in jobs[:QUEUE_LIST_MAX]:
+            lines.append(_job_line(job, snapshot, show_user=admin))
+        if len(jobs) > QUEUE_LIST_MAX:
+            lines.append(f"… and {len(jobs) - QUEUE_LIST_MAX} more.")
+        return "\n".join(lines)
+
+    async def handle_mypages(self, interaction: discord.Interaction, page: str | None) -> None:
+        """List the user's kept pages, or send one of them again (privately)."""
+        user_id = interaction.user.id
+        if page is None:
+            pages = await self.pages.list(user_id)
+            if not pages:
+                await interaction.response.send_message(
+                    "You have no saved pages yet. Make one with `/html`.", ephemeral=True
+                )
+                return
+            lines = ["**Your last pages** (get one again with `/mypages page:<id>`):"]
+            for item in pages:
+                prompt = discord.utils.escape_markdown(item.prompt[:60])
+                lines.append(f"`{item.job_id}` **{item.filename}** · {prompt}")
+            await interaction.response.send_message("\n".join(lines), ephemeral=True)
+            return
+        stored = await self.pages.get(user_id, page.strip())
+        if stored is None:
+            raise ResultNotFound("No saved page of yours has that id. `/mypages` lists them.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        data = await self.pages.read(stored)
+        await send_stored_page(interaction, stored, data)
+
+    async def handle_cancel(self, interaction: discord.Interaction, job_id: str) -> None:
+        """The Cancel button: the requester or a manager cancels a queued or running job."""
+        job = await self.queue.get(job_id)
+        if job is None:
+            raise JobNotFound(texts.ALREADY_FINISHED)
+        if interaction.user.id != job.user_id and not is_admin(interaction):
+            raise NotPermitted(texts.ONLY_OWNER_CANCELS)
+        await self.queue.cancel(job_id)
+        mention = None if interaction.user.id == job.user_id else interaction.user.mention
+        text = texts.cancelled_by(mention)
+        ticket = self.tickets.get(job_id)
+        if ticket is None:
+            await interaction.response.edit_message(content=text, view=None)
+            return
+        # No new status edits from now on. The button must be answered within 3 s, so
+        # don't wait for a status edit in flight (it may be sleeping on a 429); if one
+        # lands after our answer, put the cancelled text back once it has.
+        ticket.final = True
+        edits_before = ticket.edits
+        await interaction.response.edit_message(content=text, view=None)
+        ticket.shown = text
+        log.info("job %s cancelled by user %s", job_id, interaction.user.id)
+        if ticket.lock.locked():
+            self.spawn(_reassert_cancelled(job, ticket, text, edits_before), f"recancel-{job_id}")
+
+    async def on_component(self, interaction: discord.Interaction) -> None:
+        """Route button presses by custom_id; errors become ephemeral replies."""
+        data: Any = interaction.data or {}
+        custom_id = str(data.get("custom_id", ""))
+        if not custom_id.startswith(CANCEL_PREFIX):
+            return
+        try:
+            check_allowed(interaction, self.settings)
+            await self.handle_cancel(interaction, custom_id.removeprefix(CANCEL_PREFIX))
+        except BotError as exc:
+            await reply_ephemeral(interaction, user_message_for(exc))
+        except Exception as exc:
+            if is_connection_closed(exc, interaction.client):
+                log.info("Cancel button cut off by the shutdown: %s", exc)
+                return
+            log.exception("Cancel button failed")
+            await reply_ephemeral(interaction, user_message_for(exc))
 
 
-def queue_listing(bot: "HtmlBot", interaction: discord.Interaction) -> str:
-    """The /queue reply: the user's jobs, or everyone's for managers."""
-    admin = is_admin(interaction)
-    user_id = interaction.user.id
-    jobs = bot.scheduler.pending(None if admin else user_id)
-    positions = bot.scheduler.positions()
-    queued = bot.scheduler.queued_count
-    running = bot.scheduler.running_count
-    header = f"**Queue:** {queued} waiting, {running} generating."
-    if not jobs:
-        mine = "" if admin else " You have no pending requests."
-        return header + mine
-    lines = [header]
-    for job in jobs[:QUEUE_LIST_MAX]:
-        lines.append(_job_line(bot, job, positions.get(job.job_id), show_user=admin))
-    if len(jobs) > QUEUE_LIST_MAX:
-        lines.append(f"… and {len(jobs) - QUEUE_LIST_MAX} more.")
-    return "\n".join(lines)
-
-
-def _job_line(bot: "HtmlBot", job: Job, position: int | None, *, show_user: bool) -> str:
+def _job_line(job: Job, snapshot: QueueSnapshot, *, show_user: bool) -> str:
     prompt = job.prompt if len(job.prompt) <= 60 else job.prompt[:57] + "…"
     prompt = discord.utils.escape_markdown(prompt)
+    position = snapshot.positions.get(job.job_id)
     if job.state is JobState.RUNNING:
-        where = f"generating ({job.tokens_so_far} tokens)"
+        tokens = snapshot.running_tokens.get(job.job_id, job.tokens_so_far)
+        where = f"generating ({tokens} tokens)"
     elif position is not None:
-        where = f"#{position}, about {format_duration(bot.scheduler.eta_s(position))}"
+        where = f"#{position}, about {format_duration(snapshot.eta_s(position))}"
     else:
         where = job.state.value
     who = f" · <@{job.user_id}>" if show_user else ""
     return f"`{job.job_id}` {where}{who} · {prompt}"
 
 
-async def handle_mypages(
-    bot: "HtmlBot", interaction: discord.Interaction, page: str | None
-) -> None:
-    """List the user's kept pages, or send one of them again (privately)."""
-    user_id = interaction.user.id
-    if page is None:
-        pages = await bot.list_pages(user_id)
-        if not pages:
-            await interaction.response.send_message(
-                "You have no saved pages yet. Make one with `/html`.", ephemeral=True
-            )
-            return
-        lines = ["**Your last pages** (get one again with `/mypages page:<id>`):"]
-        for item in pages:
-            prompt = discord.utils.escape_markdown(item.prompt[:60])
-            lines.append(f"`{item.job_id}` **{item.filename}** · {prompt}")
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
-        return
-    stored = await bot.get_page(user_id, page.strip())
-    if stored is None:
-        raise ResultNotFound("No saved page of yours has that id. `/mypages` lists them.")
-    await interaction.response.defer(ephemeral=True, thinking=True)
-    data = await bot.read_page(stored)
-    await bot.delivery_send_stored(interaction, stored, data)
-
-
-async def handle_cancel(bot: "HtmlBot", interaction: discord.Interaction, job_id: str) -> None:
-    """The Cancel button: the requester or a manager cancels a queued or running job."""
-    job = bot.scheduler.get(job_id)
-    if job is None:
-        raise JobNotFound("This request has already finished or was cancelled.")
-    if interaction.user.id != job.user_id and not is_admin(interaction):
-        raise NotPermitted(
-            "Only the person who asked for this page (or a server manager) can cancel it."
-        )
-    bot.scheduler.cancel(job_id)
-    who = "" if interaction.user.id == job.user_id else f" by {interaction.user.mention}"
-    text = f"🛑 Cancelled{who}."
-    ticket = job.context
-    if not isinstance(ticket, Ticket):
-        await interaction.response.edit_message(content=text, view=None)
-        return
-    # No new status edits from now on. The button must be answered within 3 s, so don't
-    # wait for a status edit in flight (it may be sleeping on a 429); if one lands after
-    # our answer, put the cancelled text back once it has.
-    ticket.final = True
-    edits_before = ticket.edits
-    await interaction.response.edit_message(content=text, view=None)
-    ticket.shown = text
-    log.info("job %s cancelled by user %s", job_id, interaction.user.id)
-    if ticket.lock.locked():
-        bot.spawn(_reassert_cancelled(job, ticket, text, edits_before), f"recancel-{job_id}")
+async def send_stored_page(interaction: discord.Interaction, page: StoredPage, data: bytes) -> None:
+    """Send a kept page again, privately, as a follow-up of ``interaction``."""
+    await send_page_followup(
+        interaction,
+        filename=page.filename,
+        data=data,
+        content=f"**{page.filename}** · {page.model} · {page.generated_tokens} tokens",
+        too_big=f"**{page.filename}** is too big for this server's upload limit.",
+        ephemeral=True,
+        what=f"resend {page.job_id}",
+    )
 
 
 async def _reassert_cancelled(job: Job, ticket: Ticket, text: str, edits_before: int) -> None:
@@ -376,22 +465,3 @@ async def _reassert_cancelled(job: Job, ticket: Ticket, text: str, edits_before:
             if not is_connection_closed(exc, ticket.interaction.client):
                 raise
             log.info("job %s: restoring the cancelled text cut off by the shutdown", job.job_id)
-
-
-async def on_component(bot: "HtmlBot", interaction: discord.Interaction) -> None:
-    """Route button presses by custom_id; errors become ephemeral replies."""
-    data: Any = interaction.data or {}
-    custom_id = str(data.get("custom_id", ""))
-    if not custom_id.startswith(CANCEL_PREFIX):
-        return
-    try:
-        check_allowed(interaction, bot)
-        await handle_cancel(bot, interaction, custom_id.removeprefix(CANCEL_PREFIX))
-    except BotError as exc:
-        await reply_ephemeral(interaction, user_message_for(exc))
-    except Exception as exc:
-        if is_connection_closed(exc, bot):
-            log.info("Cancel button cut off by the shutdown: %s", exc)
-            return
-        log.exception("Cancel button failed")
-        await reply_ephemeral(interaction, user_message_for(exc))

@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 import aiohttp
 import discord
 
-from bot.errors import DeliveryExpired
+from bot import texts
+from bot.errors import DeliveryExpired, QueueUnavailable
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
 from bot.preview import Previewer
+from bot.queue import PageStore
 from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
-from bot.store import ResultStore
 from model.errors import ModelError
 from model.naming import page_filename
 from model.page.result import WARNING_TEXT, PageWarning
@@ -47,18 +48,10 @@ PREVIEW_SEND_MARGIN_S = 5.0
 # Not worth starting a render with less time than this.
 PREVIEW_MIN_S = 1.0
 
-EXPIRED_TEXT = (
-    "⌛ Not run: Discord only lets a bot answer an interaction for 15 minutes, and your "
-    "page would not have been ready in time. Please ask again when the queue is shorter."
-)
-SHUTDOWN_TEXT = (
-    "🔌 The bot is restarting, so your queued request was cancelled. Please ask again in a "
-    "few minutes."
-)
-SHUTDOWN_STOPPED_TEXT = (
-    "🔌 The bot is restarting and your page could not be finished in time. Please ask again "
-    "in a few minutes."
-)
+# Kept under these names for the callers and tests that know them.
+EXPIRED_TEXT = texts.EXPIRED
+SHUTDOWN_TEXT = texts.SHUTDOWN_CANCELLED
+SHUTDOWN_STOPPED_TEXT = texts.SHUTDOWN_STOPPED
 
 
 def summary_line(
@@ -256,7 +249,7 @@ class Delivery:
 
     def __init__(
         self,
-        store: ResultStore,
+        store: PageStore,
         metrics: Metrics,
         *,
         model_name: str,
@@ -275,8 +268,12 @@ class Delivery:
         self._sleep = sleep
         self.expired_deliveries = 0
 
-    async def finish(self, job: Job) -> None:
-        """Tell the job's user how it ended: the page, an error, or that it was cancelled."""
+    async def finish(self, job: Job) -> bool:
+        """Tell the job's user how it ended: the page, an error, or that it was cancelled.
+
+        False when instead the job went back to the queue (an empty page, generated once
+        more): it will end again, and be told then.
+        """
         ticket = ticket_of(job)
         # Only a defer still in flight is waited for: a failed one settles the ticket at once.
         if not await ticket.wait_settled(DEFER_WAIT_S):
@@ -284,15 +281,18 @@ class Delivery:
         latency = time.monotonic() - job.created_at
         try:
             if job.state is JobState.DONE:
-                if await self._deliver_page(job, ticket):
+                outcome = await self._deliver_page(job, ticket)
+                if outcome == "again":
+                    return False
+                if outcome == "sent":
                     tokens = job.result.generated_tokens if job.result else 0
                     self.metrics.job_done(latency, tokens)
             elif job.state is JobState.FAILED:
                 self.metrics.job_failed()
-                await self.final_edit(job, f"❌ {job.error or 'Generation failed.'}")
+                await self.final_edit(job, texts.failed(job.error))
             elif job.state is JobState.CANCELLED:
                 self.metrics.job_cancelled()
-                await self.final_edit(job, job.cancel_note or "🛑 Cancelled.")
+                await self.final_edit(job, job.cancel_note or texts.CANCELLED)
             elif job.state is JobState.EXPIRED:
                 self.metrics.job_expired()
                 await self.final_edit(job, EXPIRED_TEXT)
@@ -305,9 +305,11 @@ class Delivery:
             log.error("job %s: delivery failed: %s %s", job.job_id, exc.status, exc.text)
         except Exception:
             log.exception("job %s: delivery failed", job.job_id)
+        return True
 
-    async def _deliver_page(self, job: Job, ticket: Ticket) -> bool:
-        """Build, keep and send the page; False if there was no page to send."""
+    async def _deliver_page(self, job: Job, ticket: Ticket) -> str:
+        """Build, keep and send the page: "sent", "failed" (there was no page to send) or
+        "again" (it came out empty and was queued once more)."""
         result = job.result
         assert result is not None
         try:
@@ -317,20 +319,17 @@ class Delivery:
                 log.exception("job %s: building the page failed", job.job_id)
             job.state = JobState.FAILED
             self.metrics.job_failed()
-            await self.final_edit(
-                job, "❌ The model's answer held no usable web page. Try rephrasing the prompt."
-            )
-            return False
+            await self.final_edit(job, texts.NO_PAGE)
+            return "failed"
         if PageWarning.EMPTY in page.warnings and self.regenerate and self.regenerate(job):
             # One more try with another seed before anyone sees an empty page.
             log.info("job %s: the page came out empty; generating it again", job.job_id)
-            return False
+            return "again"
         filename = page_filename(job.prompt)
         warnings = tuple(str(w) for w in page.warnings)
         # Keep it before sending anything: an expired token must not lose the page.
         try:
-            await asyncio.to_thread(
-                self.store.save,
+            await self.store.save(
                 user_id=job.user_id,
                 job_id=job.job_id,
                 filename=filename,
@@ -342,13 +341,10 @@ class Delivery:
                 warnings=warnings,
             )
             kept = True
-        except OSError as exc:  # a full or read-only disk: the user still gets the page now
-            log.error(
-                "job %s: could not keep the page in %s (%s); sending it anyway",
-                job.job_id,
-                self.store.root,
-                exc,
-            )
+        except (OSError, QueueUnavailable) as exc:
+            # A full or read-only disk, a page over the store's cap, Redis away: the user
+            # still gets the page now.
+            log.error("job %s: could not keep the page (%s); sending it anyway", job.job_id, exc)
             kept = False
         summary = summary_line(
             filename=filename,
@@ -359,7 +355,7 @@ class Delivery:
         )
         preview = None if ticket.dead else await self.render_preview(job, page.data)
         await self.send_page(job, filename, page.data, summary, preview=preview, kept=kept)
-        return True
+        return "sent"
 
     async def render_preview(self, job: Job, data: bytes) -> bytes | None:
         """The page's PNG preview, or None (no previewer, no time left, or it failed)."""
@@ -405,7 +401,7 @@ class Delivery:
             f"({_mb(limit)}) even zipped. {where}"
         )
         try:
-            await self.final_edit(job, f"✅ Done: **{filename}** (below).")
+            await self.final_edit(job, texts.done(filename, job.job_id, kept=kept))
         except discord.HTTPException as exc:
             log.info("job %s: marking the message done failed: %s", job.job_id, exc)
         what = f"job {job.job_id} follow-up"
@@ -426,14 +422,9 @@ class Delivery:
                 )
         except discord.HTTPException as exc:
             log.error("job %s: sending the page failed: %s %s", job.job_id, exc.status, exc.text)
-            again = (
-                f"The page is kept: get it with `/mypages page:{job.job_id}`."
-                if kept
-                else "Please ask again."
-            )
             with contextlib.suppress(discord.HTTPException, DeliveryExpired):
                 await self.final_edit(
-                    job, f"❌ Discord refused the upload ({exc.status}). {again}", force=True
+                    job, texts.upload_refused(exc.status, job.job_id, kept=kept), force=True
                 )
 
     async def final_edit(self, job: Job, text: str, *, force: bool = False) -> None:

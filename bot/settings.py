@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Every key this bot writes starts with it: several bots can share one Redis.
     redis_prefix: str = "htmlbot"
-    state_db: Path = Path("results/htmlbot.sqlite3")
+    # The local backend's job journal (SQLite); unset: RESULTS_DIR/htmlbot.sqlite3.
+    state_db: Path | None = None
     # A worker that reports nothing on a running job for this long (killed, hung, cut off)
     # loses it: another worker takes it over. Progress reports renew it every second or so.
     worker_lease_s: float = Field(default=30.0, ge=2.0, le=3600.0)
@@ -160,6 +161,7 @@ class Settings(BaseSettings):
         "page_mode",
         "cpu_threads",
         "shard_count",
+        "state_db",
         mode="before",
     )
     @classmethod
@@ -260,6 +262,11 @@ class Settings(BaseSettings):
         if self.model_device:
             overrides["device"] = self.model_device
         return overrides
+
+    @property
+    def state_db_path(self) -> Path:
+        """Where the local backend journals its jobs."""
+        return self.state_db if self.state_db is not None else self.results_dir / "htmlbot.sqlite3"
 
     def resolved_page_mode(self) -> PageMode:
         """PAGE_MODE, or the model preset's mode when it is unset (no model is loaded)."""

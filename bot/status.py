@@ -1,6 +1,8 @@
 """The deferred message of each job: queue position, ETA and progress, kept current.
 
-Each job's interaction has one message (``@original``). The board edits it when what it
+Each job's interaction has one message (``@original``). Each pass reads one
+:class:`~bot.queue.QueueSnapshot` from the job queue (in process, or Redis shared by every
+shard and worker) and edits a tracked job's message when what it
 should say has changed, at most once per ``interval_s`` per job and at most
 ``edits_per_second`` in all, so a long queue does not run into Discord's rate limits. The
 final edit (done, failed, cancelled) goes through the same per-job lock, so a late status
@@ -19,8 +21,11 @@ from typing import Any
 
 import discord
 
-from bot.jobs import Job, JobState
-from bot.scheduler import Scheduler, format_duration
+from bot import texts
+from bot.errors import QueueUnavailable
+from bot.jobs import Job
+from bot.queue import JobQueue, QueueSnapshot
+from bot.scheduler import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +110,17 @@ def ticket_of(job: Job) -> Ticket:
     return ticket
 
 
-def status_text(job: Job, position: int | None, scheduler: Scheduler) -> str:
-    """What the job's message should say now."""
-    if job.state is JobState.RUNNING:
-        if job.tokens_so_far:
-            return f"⚙️ Generating your page… {job.tokens_so_far} tokens so far."
-        return "⚙️ Generating your page…"
-    if job.state is JobState.QUEUED and position is not None:
-        eta = format_duration(scheduler.eta_s(position))
-        return f"⏳ Queued: position {position} of {scheduler.queued_count}, ready in about {eta}."
-    return "⏳ Queued."
+def status_text(job: Job, snapshot: QueueSnapshot) -> str | None:
+    """What the job's message should say now; None when the snapshot does not hold it (it
+    is being handed between queue and worker, or has just ended: the next pass will tell)."""
+    tokens = snapshot.running_tokens.get(job.job_id)
+    if tokens is not None:
+        return texts.generating(max(tokens, job.tokens_so_far))
+    position = snapshot.positions.get(job.job_id)
+    if position is not None:
+        eta = format_duration(snapshot.eta_s(position))
+        return texts.queued(position, snapshot.queued, eta)
+    return None
 
 
 EditFn = Callable[[Job, str], Awaitable[None]]
@@ -125,7 +131,7 @@ class StatusBoard:
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        queue: JobQueue,
         *,
         interval_s: float,
         edits_per_second: float = 10.0,
@@ -133,7 +139,7 @@ class StatusBoard:
         edit: EditFn | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.scheduler = scheduler
+        self.queue = queue
         self.interval_s = interval_s
         self.edits_per_second = edits_per_second
         self._edit = edit or edit_status_message
@@ -173,7 +179,10 @@ class StatusBoard:
             if self._stopping:
                 break
             self._wake.clear()
-            self.update_once()
+            try:
+                await self.update_once()
+            except QueueUnavailable:
+                log.info("status pass skipped: the queue is unavailable")
             # Pace even when poked constantly: at most one pass per tick.
             await asyncio.sleep(tick / 2)
 
@@ -182,12 +191,12 @@ class StatusBoard:
         self._stopping = True
         self._wake.set()
 
-    def update_once(self) -> int:
+    async def update_once(self) -> int:
         """Start the edits that are due now, within the budget; returns how many."""
-        if self._stopping:
+        if self._stopping or not self._jobs:
             return 0
+        snapshot = await self.queue.snapshot()
         now = self._clock()
-        positions = self.scheduler.positions()
         due: list[tuple[float, Job, str]] = []
         for job_id, job in list(self._jobs.items()):
             ticket = job.context
@@ -198,8 +207,8 @@ class StatusBoard:
                 continue
             if now - ticket.last_edit < self.interval_s:
                 continue
-            text = status_text(job, positions.get(job_id), self.scheduler)
-            if text != ticket.shown:
+            text = status_text(job, snapshot)
+            if text is not None and text != ticket.shown:
                 due.append((ticket.last_edit, job, text))
         due.sort(key=lambda item: item[0])  # the longest-unchanged messages first
         self._allowance = min(

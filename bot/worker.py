@@ -1,10 +1,13 @@
 """The worker: the one thread that owns the engine (and so the GPU).
 
-It takes up to ``max_batch`` jobs from the scheduler and runs them through the engine. If
+It takes up to ``max_batch`` jobs from its job source (the in-process scheduler, or Redis
+when it runs as ``python -m bot.worker``) and runs them through the engine. If
 the engine offers ``serve`` (a ContinuousGenerator) the worker hands it ``take`` and
 ``finished`` callbacks, so jobs join and leave between decode steps; otherwise it loops
-over batched ``generate`` calls. Everything it reports to the bot goes through
-``loop.call_soon_threadsafe``: the event loop never waits on the engine.
+over batched ``generate`` calls. Outcomes go to the source first (``finish``: only the
+job's current owner may finish it, so a job taken over after a lost lease is never
+reported twice), then to the sink through ``loop.call_soon_threadsafe``: the event loop
+never waits on the engine.
 
 An exception in generation fails only the jobs of that batch; on CUDA out-of-memory the
 batch is retried in halves (down to single jobs) before those jobs fail.
@@ -21,7 +24,8 @@ from collections import deque
 from typing import Any, Protocol
 
 from bot.jobs import Job, JobState
-from bot.scheduler import Scheduler
+from bot.queue import JobSource
+from bot.scheduler import Throughput
 from model.errors import ModelError
 from model.types import FinishReason, GenerationRequest, GenerationResult
 
@@ -73,20 +77,25 @@ def failure_message(exc: BaseException) -> str:
 
 
 class Worker:
-    """Runs jobs from ``scheduler`` through ``engine`` on one dedicated thread."""
+    """Runs jobs from ``source`` through ``engine`` on one dedicated thread.
+
+    ``throughput`` (optional) is told each finished job's time and tokens, for ETAs.
+    """
 
     def __init__(
         self,
         engine: Any,
-        scheduler: Scheduler,
+        source: JobSource,
         sink: WorkerSink,
         loop: asyncio.AbstractEventLoop,
         *,
         max_batch: int,
+        throughput: Throughput | None = None,
         take_wait_s: float = 0.2,
     ) -> None:
         self.engine = engine
-        self.scheduler = scheduler
+        self.source = source
+        self.throughput = throughput
         self.sink = sink
         self.loop = loop
         self.max_batch = max_batch
@@ -98,6 +107,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._good_batches = 0
         self._last_progress: dict[str, float] = {}
+        # Every job the engine holds now (both modes), by id.
         self._inflight: dict[str, Job] = {}
         self._inflight_lock = threading.Lock()
         self.batches_run = 0
@@ -123,15 +133,21 @@ class Worker:
             self._stop.set()
         else:
             self._stop_when_idle()
-        self.scheduler.wake()
+        self.source.wake()
 
     def cancel_running(self, note: str | None = None) -> None:
         """Set the cancel flag of every job the engine holds now (``note``: tell the user)."""
-        for job in self.scheduler.pending():
-            if job.state is JobState.RUNNING:
-                if note is not None:
-                    job.cancel_note = note
-                job.request.cancel()
+        with self._inflight_lock:
+            running = list(self._inflight.values())
+        for job in running:
+            if note is not None:
+                job.cancel_note = note
+            job.request.cancel()
+
+    def running_jobs(self) -> list[Job]:
+        """The jobs the engine holds now."""
+        with self._inflight_lock:
+            return list(self._inflight.values())
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True if it has ended."""
@@ -166,9 +182,11 @@ class Worker:
 
     def _batch_loop(self) -> None:
         while not self._stop.is_set():
-            jobs = self.scheduler.take(self.batch_cap, wait_s=self.take_wait_s)
+            jobs = self.source.take(self.batch_cap, wait_s=self.take_wait_s)
             if not jobs:
                 continue
+            with self._inflight_lock:
+                self._inflight.update((job.job_id, job) for job in jobs)
             try:
                 self._run_batch(jobs)
             except Exception:
@@ -176,6 +194,10 @@ class Worker:
                 for job in jobs:
                     if not job.state.terminal:
                         self._fail(job, "Something went wrong on our side. Please try again.")
+            finally:
+                with self._inflight_lock:
+                    for job in jobs:
+                        self._inflight.pop(job.job_id, None)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -200,7 +222,8 @@ class Worker:
         log.debug("batch of %d: %d tokens in %.2f s", len(jobs), tokens, wall)
         self.batches_run += 1
         self.batch_sizes.append(len(jobs))
-        self.scheduler.throughput.record_tokens(tokens)
+        if self.throughput is not None:
+            self.throughput.record_tokens(tokens)
         self._note_good_batch()
         for job, result in zip(jobs, results, strict=True):
             self._complete(job, result)
@@ -272,7 +295,7 @@ class Worker:
                     self.batch_cap,
                     len(retry),
                 )
-                self.scheduler.requeue_front(retry)
+                self.source.requeue_front(retry)
                 for job in stranded:
                     if job not in retry:
                         self._fail(job, failure_message(error))
@@ -295,7 +318,7 @@ class Worker:
             room = min(max_count, self.batch_cap - len(self._inflight))
         if room <= 0:
             return []
-        jobs = self.scheduler.take(room, wait_s=self.take_wait_s if wait else 0.0)
+        jobs = self.source.take(room, wait_s=self.take_wait_s if wait else 0.0)
         with self._inflight_lock:
             for job in jobs:
                 self._inflight[job.job_id] = job
@@ -319,7 +342,8 @@ class Worker:
         if job is None:
             log.warning("engine finished unknown request %s", result.request_id)
             return
-        self.scheduler.throughput.record_tokens(result.generated_tokens)
+        if self.throughput is not None:
+            self.throughput.record_tokens(result.generated_tokens)
         self._note_good_batch()
         self._complete(job, result)
         if self._draining.is_set():
@@ -332,14 +356,29 @@ class Worker:
             self._stop.set()
 
     def _progress(self, request_id: str, tokens: int) -> None:
-        job = self.scheduler.get(request_id)
+        with self._inflight_lock:
+            job = self._inflight.get(request_id)
         if job is None:
             return
         job.tokens_so_far = tokens
         now = time.monotonic()
         if now - self._last_progress.get(request_id, 0.0) >= PROGRESS_INTERVAL_S:
             self._last_progress[request_id] = now
+            self._seed_throughput(job, now)
+            if not self.source.progress(job, tokens):
+                # Cancelled, or no longer ours (another worker took it over): stop it.
+                job.request.cancel()
             self._post(self.sink.job_progress, job)
+
+    def _seed_throughput(self, job: Job, now: float) -> None:
+        # Until a first job has finished, ETAs come from a guess; the first measured rate
+        # of a running job is a far better one (a job's whole answer at this speed).
+        throughput = self.throughput
+        if throughput is None or throughput.samples or job.started_at is None:
+            return
+        elapsed = now - job.started_at
+        if elapsed > 0 and job.tokens_so_far > 0:
+            throughput.seed_rate(job.tokens_so_far / elapsed, job.request.sampling.max_new_tokens)
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -351,14 +390,19 @@ class Worker:
             state = JobState.CANCELLED
         else:
             state = JobState.DONE
-            self.scheduler.throughput.record_job(result.total_s)
-        self.scheduler.finish(job, state)
-        self._post(self.sink.job_finished, job)
+            if self.throughput is not None:
+                self.throughput.record_job(result.total_s)
+        self._report(job, state)
 
     def _fail(self, job: Job, message: str) -> None:
         self._last_progress.pop(job.job_id, None)
         job.error = message
-        self.scheduler.finish(job, JobState.FAILED)
+        self._report(job, JobState.FAILED)
+
+    def _report(self, job: Job, state: JobState) -> None:
+        if not self.source.finish(job, state):
+            log.info("job %s was taken over by another worker; dropping this result", job.job_id)
+            return
         self._post(self.sink.job_finished, job)
 
     def _post(self, callback: Any, job: Job) -> None:
@@ -378,3 +422,9 @@ def _cancelled_result(request: GenerationRequest) -> GenerationResult:
         time_to_first_token_s=0.0,
         total_s=0.0,
     )
+
+
+if __name__ == "__main__":  # python -m bot.worker: the standalone GPU worker
+    from bot.gpu_worker import main
+
+    sys.exit(main())

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bot.jobs import Job, JobState
+
+if TYPE_CHECKING:
+    from bot.store import StoredPage
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,27 @@ class JobSource(Protocol):
     def wake(self) -> None:
         """Wake a ``take`` that is waiting (used when stopping)."""
         ...
+
+
+class PageStore(Protocol):
+    """Finished pages kept for ``/mypages``: files (local) or Redis (shared by all shards)."""
+
+    async def save(
+        self,
+        *,
+        user_id: int,
+        job_id: str,
+        filename: str,
+        data: bytes,
+        prompt: str,
+        model: str,
+        generated_tokens: int = 0,
+        seconds: float = 0.0,
+        warnings: tuple[str, ...] = (),
+    ) -> StoredPage: ...
+
+    async def list(self, user_id: int) -> list[StoredPage]: ...
+
+    async def get(self, user_id: int, job_id: str) -> StoredPage | None: ...
+
+    async def read(self, page: StoredPage) -> bytes: ...

@@ -389,7 +389,7 @@ async def test_unexpected_errors_get_a_generic_reply_and_a_logged_traceback(
     async def broken(user_id: int) -> list[object]:
         raise OSError("disk on fire: /srv/secret/path")
 
-    bot.list_pages = broken  # type: ignore[assignment,method-assign]
+    bot.store.list = broken  # type: ignore[method-assign]
     inter = await fake.send_command("mypages", {}, user=fake.user("ann"))
     await inter.wait_for_callback()
     assert inter.is_ephemeral_reply()
@@ -532,12 +532,14 @@ class _RecordingBoard:
 def test_regenerate_queues_the_job_once_more_with_another_seed() -> None:
     from types import SimpleNamespace
 
+    from bot.queue.local import LocalQueue
     from bot.scheduler import Scheduler, Throughput
     from model.types import SamplingParams
 
     scheduler = Scheduler(max_total=10, max_per_user=3, max_batch=4, throughput=Throughput(60))
     board = _RecordingBoard()
-    bot = SimpleNamespace(scheduler=scheduler, board=board)
+    backend = SimpleNamespace(scheduler=scheduler, source=LocalQueue(scheduler))
+    bot = SimpleNamespace(backend=backend, board=board)
     job = Job.create(user_id=1, prompt="a bakery", ttl_s=900, sampling=SamplingParams(seed=5))
     scheduler.submit(job)
     [taken] = scheduler.take(1)

@@ -15,10 +15,11 @@ import pytest
 from discord import app_commands
 
 from bot.client import HtmlBot
-from bot.commands import handle_html, user_message_for, validate_prompt
+from bot.commands import token_age_s, user_message_for, validate_prompt
 from bot.errors import InvalidPrompt, QueueFull, UserLimitReached
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
+from bot.queue.local import LocalQueue
 from bot.scheduler import Scheduler, Throughput
 from bot.settings import Settings
 from bot.status import StatusBoard, Ticket
@@ -77,18 +78,20 @@ async def test_status_edits_are_paced_and_never_overwrite_the_final_text() -> No
         sent.append((job.job_id, text))
 
     now = [100.0]
-    board = StatusBoard(sched, interval_s=0.3, edits_per_second=5, edit=edit, clock=lambda: now[0])
+    board = StatusBoard(
+        LocalQueue(sched), interval_s=0.3, edits_per_second=5, edit=edit, clock=lambda: now[0]
+    )
     jobs = [_tracked_job(board, sched, user) for user in range(12)]
-    assert board.update_once() == 5  # the budget: 5 edits a second
+    assert await board.update_once() == 5  # the budget: 5 edits a second
     await _settle(board)
     assert len(sent) == 5
     assert "position 1 of 12" in sent[0][1]
-    assert board.update_once() == 0  # nothing left in the bucket, and too soon anyway
+    assert await board.update_once() == 0  # nothing left in the bucket, and too soon anyway
 
     now[0] += 0.35
     jobs[0].context.final = True  # e.g. cancelled: its message must not change again
     sched.take(1)
-    count = board.update_once()
+    count = await board.update_once()
     await _settle(board)
     assert count == 1  # 0.35 s refills 1.75 edits' worth
     assert all(job_id != jobs[0].job_id for job_id, _ in sent[5:])
@@ -97,13 +100,13 @@ async def test_status_edits_are_paced_and_never_overwrite_the_final_text() -> No
     board.edits_per_second = 100
     for _ in range(3):
         now[0] += 0.35
-        board.update_once()
+        await board.update_once()
         await _settle(board)
     now[0] += 0.35
-    assert board.update_once() == 0
+    assert await board.update_once() == 0
     for job in jobs:
         job.state = JobState.DONE
-    board.update_once()
+    await board.update_once()
     assert board._jobs == {}
 
 
@@ -154,6 +157,9 @@ class _Interaction:
     type = discord.InteractionType.application_command
     guild_id = 1
     channel_id = 2
+    id = 11
+    application_id = 12
+    token = "interaction-token"
 
     def __init__(self, client: HtmlBot, error: Exception) -> None:
         self.client = client
@@ -191,8 +197,8 @@ async def test_a_defer_cut_off_by_the_shutdown_is_expected(
 ) -> None:
     monkeypatch.setattr(HtmlBot, "shutting_down", True)
     interaction = _Interaction(idle_bot, error)
-    await handle_html(idle_bot, interaction, "a bakery", None, False)  # type: ignore[arg-type]
-    assert idle_bot.scheduler.pending() == []  # nobody could get the page: not run
+    await idle_bot.commands.handle_html(interaction, "a bakery", None, False)  # type: ignore[arg-type]
+    assert await idle_bot.queue.pending() == []  # nobody could get the page: not run
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
@@ -234,3 +240,41 @@ def test_no_guilds_intent_notice_at_start(
     caplog.set_level(logging.INFO)
     HtmlBot(idle_bot.settings, FakeEngine())
     assert [r.getMessage() for r in caplog.records if r.name.startswith("discord")] == []
+
+
+def test_token_age_trusts_a_plausible_snowflake_and_warns_on_clock_skew(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert token_age_s(1.5) == 1.5
+    assert token_age_s(-0.5) == 0.0  # a little clock jitter: no warning
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # A host clock 14 minutes fast made every interaction look 840 s old: every job was
+    # dropped as expired, silently. Now its age counts from its arrival, with a warning.
+    assert token_age_s(840.0) == 0.0
+    assert token_age_s(-600.0) == 0.0  # a slow clock: from the future
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("clock" in w for w in warnings)
+
+
+def test_an_unknown_or_stale_command_gets_a_plain_answer() -> None:
+    stale = app_commands.CommandNotFound("oldname", [])
+    text = user_message_for(stale)
+    assert "went wrong" not in text and "not (or no longer)" in text
+    mismatch = app_commands.CommandSignatureMismatch.__new__(app_commands.CommandSignatureMismatch)
+    assert user_message_for(mismatch) == text
+
+
+async def test_a_stale_command_is_answered_without_a_traceback(
+    idle_bot: HtmlBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    interaction = _Interaction(idle_bot, RuntimeError("unused"))
+    replies: list[str] = []
+
+    async def send_message(text: str, **kwargs: object) -> None:
+        replies.append(text)
+
+    interaction.response.send_message = send_message  # type: ignore[attr-defined]
+    interaction.response.is_done = lambda: False  # type: ignore[attr-defined]
+    await idle_bot.tree.on_error(interaction, app_commands.CommandNotFound("old", []))  # type: ignore[arg-type]
+    assert replies and "not (or no longer)" in replies[0]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -335,7 +335,7 @@ async def test_a_dead_token_keeps_the_page_and_sends_nothing(tmp_path: Path) -> 
     await delivery.finish(job)
     assert interaction.calls == []
     assert delivery.expired_deliveries == 1
-    [page] = delivery.store.list(7)
+    [page] = await delivery.store.list(7)
     assert page.job_id == job.job_id
 
 
@@ -363,14 +363,14 @@ async def test_an_empty_page_is_generated_again_once_before_anyone_sees_it(
     await delivery.finish(job)
     assert asked == [job.job_id]
     assert interaction.calls == []  # nothing sent: the job is queued again
-    assert delivery.store.list(7) == []
+    assert await delivery.store.list(7) == []
 
     # The second answer is empty too: it is delivered, flagged, not regenerated forever.
     job.regenerated = True
     await delivery.finish(job)
     assert asked == [job.job_id, job.job_id]
     assert interaction.calls == ["edit", "followup"]
-    [page] = delivery.store.list(7)
+    [page] = await delivery.store.list(7)
     assert "empty" in page.warnings
 
 
@@ -454,3 +454,47 @@ async def test_send_page_followup_attaches_zips_or_explains() -> None:
     )
     assert attached == []
     assert interaction.followup.sent == [{"content": "too big", "ephemeral": False, "wait": True}]
+
+
+class _DeadFollowup:
+    """A follow-up webhook whose token died between the final edit and the upload."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    async def send(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append("followup")
+        raise discord.HTTPException(_Refused(401), {"message": "Invalid Webhook Token"})
+
+
+class _Refused:
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.reason = "refused"
+
+
+class _EditRecorder(_Interaction):
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.followup = _DeadFollowup(self.calls)  # type: ignore[assignment]
+
+    async def edit_original_response(self, **kwargs: Any) -> None:
+        await super().edit_original_response(**kwargs)
+        self.texts.append(kwargs["content"])
+
+
+async def test_a_token_that_dies_after_the_done_edit_still_says_where_the_page_is(
+    tmp_path: Path,
+) -> None:
+    # Held-out run: "Done: x.html (below)" with nothing below and no pointer to /mypages.
+    delivery = _delivery(tmp_path)
+    job, _ = _job(JobState.DONE)
+    interaction = _EditRecorder()
+    job.context = Ticket(interaction=interaction)
+    job.context.mark_deferred()
+    await delivery.finish(job)
+    assert interaction.calls == ["edit", "followup"]  # no retries with a dead token
+    assert f"/mypages page:{job.job_id}" in interaction.texts[-1]
+    [page] = await delivery.store.list(7)
+    assert page.job_id == job.job_id

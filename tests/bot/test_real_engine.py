@@ -10,6 +10,7 @@ import pytest
 
 from bot.jobs import Job, JobState
 from bot.loopmon import LagMonitor
+from bot.queue.local import LocalQueue
 from bot.scheduler import Scheduler, Throughput
 from bot.worker import Worker
 from model.types import SamplingParams
@@ -45,7 +46,7 @@ async def test_real_engine_keeps_the_loop_responsive_and_cancels(kind: str, load
     sink = Sink()
     lag = LagMonitor(interval_s=0.01)
     monitor = asyncio.create_task(lag.run())
-    worker = Worker(engine, sched, sink, asyncio.get_running_loop(), max_batch=4)
+    worker = Worker(engine, LocalQueue(sched), sink, asyncio.get_running_loop(), max_batch=4)
     assert worker.continuous is (kind == "continuous")
     worker.start()
     sampling = SamplingParams(max_new_tokens=16, temperature=0.0)

@@ -9,6 +9,7 @@ import discord
 import pytest
 
 from bot.jobs import Job
+from bot.queue.local import LocalQueue
 from bot.scheduler import Scheduler, Throughput
 from bot.status import StatusBoard, Ticket
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def _board() -> StatusBoard:
     sched = Scheduler(max_total=10, max_per_user=5, max_batch=2, throughput=Throughput(10.0))
-    return StatusBoard(sched, interval_s=5.0)
+    return StatusBoard(LocalQueue(sched), interval_s=5.0)
 
 
 async def _ended(task: asyncio.Task[None], limit_s: float = 1.0) -> bool:
@@ -54,7 +55,7 @@ async def test_stop_ends_the_loop_without_a_cancel() -> None:
     board.stop()
     assert await _ended(task)
     assert not task.cancelled() and task.exception() is None
-    assert board.update_once() == 0  # no new edits once stopped
+    assert await board.update_once() == 0  # no new edits once stopped
 
 
 class _Response:
@@ -75,14 +76,14 @@ async def test_a_refused_token_gets_no_more_status_edits(status: int) -> None:
         raise discord.HTTPException(_Response(status), {"message": "Invalid Webhook Token"})
 
     now = [100.0]
-    board = StatusBoard(sched, interval_s=0.2, edit=edit, clock=lambda: now[0])
+    board = StatusBoard(LocalQueue(sched), interval_s=0.2, edit=edit, clock=lambda: now[0])
     job = Job.create(user_id=1, prompt="p", ttl_s=900)
     job.context = Ticket(interaction=None)
     job.context.mark_deferred()
     sched.submit(job)
     board.track(job)
     for _ in range(5):  # the text never shows, so without the fix each pass retries it
-        board.update_once()
+        await board.update_once()
         await asyncio.gather(*board._tasks)
         now[0] += 1.0
     assert len(tried) == 1

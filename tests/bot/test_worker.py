@@ -10,6 +10,7 @@ import pytest
 
 from bot.jobs import Job, JobState
 from bot.loopmon import LagMonitor
+from bot.queue.local import LocalQueue
 from bot.scheduler import Scheduler, Throughput
 from bot.worker import Worker, is_out_of_memory
 from tests.bot.fakes import BOOM, FakeContinuousEngine, FakeEngine
@@ -68,8 +69,15 @@ def submit(sched: Scheduler, prompts: Iterable[str], user: int = 1) -> list[Job]
 
 
 async def run_worker(engine: object, sched: Scheduler, sink: Sink, max_batch: int) -> Worker:
+    # The worker's side of the local backend: the scheduler behind a LocalQueue.
     worker = Worker(
-        engine, sched, sink, asyncio.get_running_loop(), max_batch=max_batch, take_wait_s=0.05
+        engine,
+        LocalQueue(sched),
+        sink,
+        asyncio.get_running_loop(),
+        max_batch=max_batch,
+        throughput=sched.throughput,
+        take_wait_s=0.05,
     )
     worker.start()
     return worker

@@ -243,7 +243,7 @@ async def test_page_too_big_even_zipped_is_explained_and_kept(
     )
     await inter.wait_until(lambda i: "upload limit" in i.visible_text, timeout=30)
     assert inter.delivered_files == []
-    assert len(run.bot.store.list(ann.id)) == 1
+    assert len(await run.bot.store.list(ann.id)) == 1
 
 
 async def test_upload_refused_is_explained_and_kept(start_bot: StartBot, fake: FakeDiscord) -> None:
@@ -254,7 +254,7 @@ async def test_upload_refused_is_explained_and_kept(start_bot: StartBot, fake: F
     await inter.wait_until(lambda i: "❌" in i.visible_text, timeout=30)
     assert "refused" in inter.visible_text and "/mypages" in inter.visible_text
     assert inter.html_files == []
-    assert len(run.bot.store.list(ann.id)) == 1
+    assert len(await run.bot.store.list(ann.id)) == 1
 
 
 async def test_interaction_lost_before_defer_is_dropped(
@@ -305,7 +305,7 @@ async def test_page_arrives_with_a_png_preview(
     assert bot_errors(caplog) == []
 
     # /mypages sends the kept page again, without a preview.
-    [stored] = run.bot.store.list(ann.id)
+    [stored] = await run.bot.store.list(ann.id)
     again = await fake.send_command("mypages", {"page": stored.job_id}, user=ann)
     await again.wait_for_file(".html", timeout=10)
     assert [p.filename for p in again.delivered_files] == ["landing-bakery.html"]

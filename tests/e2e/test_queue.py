@@ -269,6 +269,8 @@ async def test_queue_full_is_told_with_a_retry_hint(
     await fake.send_command("html", {"prompt": "running"}, user=a)
     await wait_engine_busy(engine)
     queued = [await fake.send_command("html", {"prompt": f"q{k}"}, user=a) for k in range(2)]
+    for inter in queued:  # queued (journaled) once deferred
+        await inter.wait_for_callback(timeout=3)
     full = await fake.send_command("html", {"prompt": "one too many"}, user=b)
     await full.wait_for_callback(timeout=3)
     assert all(q.callback_type == CB_DEFERRED_MESSAGE for q in queued)
@@ -310,9 +312,11 @@ async def test_expired_token_keeps_the_result(
     engine.release()
 
     # Kept on disk although Discord refuses every call with this token.
-    await fake.wait_until(lambda: bool(run.bot.store.list(a.id)), timeout=10)
-    [stored] = run.bot.store.list(a.id)
-    kept = run.bot.store.read(stored)
+    async with asyncio.timeout(10):
+        while not await run.bot.store.list(a.id):
+            await asyncio.sleep(0.05)
+    [stored] = await run.bot.store.list(a.id)
+    kept = await run.bot.store.read(stored)
     assert kept.lstrip().lower().startswith(b"<!doctype html")
     await asyncio.sleep(0.5)
     assert inter.html_files == []
@@ -363,8 +367,11 @@ async def test_queue_command_lists_own_jobs_and_managers_see_all(
     manager = fake.user("boss", roles=[fake.mod_role])
     await fake.send_command("html", {"prompt": "ann's running page"}, user=a)
     await wait_engine_busy(engine)
-    await fake.send_command("html", {"prompt": "bob's queued page"}, user=b)
-    await fake.send_command("html", {"prompt": "ann's queued page"}, user=a)
+    for queued in [
+        await fake.send_command("html", {"prompt": "bob's queued page"}, user=b),
+        await fake.send_command("html", {"prompt": "ann's queued page"}, user=a),
+    ]:
+        await queued.wait_for_callback(timeout=3)  # queued once deferred
 
     mine = await fake.send_command("queue", user=a)
     await mine.wait_for_callback(timeout=3)
