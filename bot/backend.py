@@ -43,6 +43,9 @@ class Backend:
     redis: Any = None
 
     async def aclose(self) -> None:
+        closer = getattr(self.pages, "aclose", None)
+        if closer is not None:
+            await closer()
         if self.redis is not None:
             await self.redis.aclose()
         if self.journal is not None:

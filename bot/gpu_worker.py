@@ -104,7 +104,7 @@ async def serve(settings: Settings, engine: Any = None, *, max_batch: int | None
     else:
         batch = max_batch or settings.batch_size(engine)
     loop = asyncio.get_running_loop()
-    source = RedisJobSource(queue, loop, name, settings.worker_lease_s)
+    source = RedisJobSource(queue, loop, name, settings.worker_lease_s, max_batch=batch)
     worker = Worker(engine, source, LogSink(), loop, max_batch=batch)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

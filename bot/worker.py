@@ -107,6 +107,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._good_batches = 0
         self._last_progress: dict[str, float] = {}
+        self._seeded = False
         # Every job the engine holds now (both modes), by id.
         self._inflight: dict[str, Job] = {}
         self._inflight_lock = threading.Lock()
@@ -371,14 +372,27 @@ class Worker:
             self._post(self.sink.job_progress, job)
 
     def _seed_throughput(self, job: Job, now: float) -> None:
-        # Until a first job has finished, ETAs come from a guess; the first measured rate
-        # of a running job is a far better one (a job's whole answer at this speed).
-        throughput = self.throughput
-        if throughput is None or throughput.samples or job.started_at is None:
+        # Until a first job has finished, ETAs come from a guess (INITIAL_JOB_SECONDS, 60 s:
+        # about 5x too high on a GPU). The first measured rate of a running job is a far
+        # better one: half the answer limit at this speed (pages end at their closing tag,
+        # well before the limit). Once, for the first job that reports progress.
+        if self._seeded or job.started_at is None:
+            return
+        if self.throughput is not None and self.throughput.samples:
+            self._seeded = True
             return
         elapsed = now - job.started_at
-        if elapsed > 0 and job.tokens_so_far > 0:
-            throughput.seed_rate(job.tokens_so_far / elapsed, job.request.sampling.max_new_tokens)
+        if elapsed <= 0 or job.tokens_so_far <= 0:
+            return
+        self._seeded = True
+        rate = job.tokens_so_far / elapsed
+        expected = max(1, job.request.sampling.max_new_tokens // 2)
+        if self.throughput is not None:
+            self.throughput.seed_rate(rate, expected)
+        else:
+            seed = getattr(self.source, "seed_job_seconds", None)
+            if seed is not None:
+                seed(expected / rate)
 
     # -- outcomes --------------------------------------------------------------------
 

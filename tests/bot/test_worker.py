@@ -13,6 +13,7 @@ from bot.loopmon import LagMonitor
 from bot.queue.local import LocalQueue
 from bot.scheduler import Scheduler, Throughput
 from bot.worker import Worker, is_out_of_memory
+from model.types import SamplingParams
 from tests.bot.fakes import BOOM, FakeContinuousEngine, FakeEngine
 
 
@@ -292,3 +293,21 @@ async def test_a_failing_report_does_not_kill_the_worker() -> None:
     await stop(worker)
     assert first.state is JobState.FAILED and first.error is not None
     assert second.state is JobState.DONE
+
+
+async def test_the_first_progress_seeds_the_eta_before_any_job_has_finished() -> None:
+    # Held-out run: ETAs ~5x too high until the first job finished (the 60 s guess).
+    engine = FakeEngine(tokens=400, token_delay_s=0.005)  # ~200 tokens/s, ~2 s a job
+    sched, sink = scheduler(max_batch=1), Sink()
+    sched.throughput.job_seconds = 60.0  # the settings' guess
+    [job] = submit(sched, ["a long page"])
+    job.request.sampling = SamplingParams(max_new_tokens=400)
+    worker = await run_worker(engine, sched, sink, max_batch=1)
+    async with asyncio.timeout(10):
+        while not sink.progress:  # noqa: ASYNC110 - the sink offers no event per report
+            await asyncio.sleep(0.02)
+    seeded = sched.throughput.job_seconds
+    assert sched.throughput.samples == 0  # nothing has finished yet
+    assert seeded < 10.0  # 200 tokens (half the limit) at the measured rate, not 60 s
+    await sink.wait_finished(1)
+    await stop(worker)
