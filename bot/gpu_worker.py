@@ -76,8 +76,15 @@ async def wait_for_redis(queue: Any, limit_s: float = REDIS_WAIT_S) -> None:
             await asyncio.sleep(2.0)
 
 
-async def serve(settings: Settings, engine: Any = None, *, max_batch: int | None = None) -> None:
-    """Load the model (unless ``engine`` is given) and serve Redis until a signal."""
+async def serve(
+    settings: Settings,
+    engine: Any = None,
+    *,
+    max_batch: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Load the model (unless ``engine`` is given) and serve Redis until SIGINT/SIGTERM,
+    or until ``stop`` is set when one is given (then no signal handler is installed)."""
     from bot.queue.redis_queue import RedisJobSource, RedisQueue
 
     name = process_name(settings, "worker")
@@ -106,12 +113,13 @@ async def serve(settings: Settings, engine: Any = None, *, max_batch: int | None
     loop = asyncio.get_running_loop()
     source = RedisJobSource(queue, loop, name, settings.worker_lease_s, max_batch=batch)
     worker = Worker(engine, source, LogSink(), loop, max_batch=batch)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-            break
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+                break
     worker.start()
     log.info("worker %s: serving %s", name, settings.redis_url.split("@")[-1])
     try:
