@@ -61,22 +61,14 @@ def validate_prompt(prompt: str, max_chars: int) -> str:
     """The prompt, stripped; raises InvalidPrompt if empty, too long or holding control chars."""
     text = prompt.strip()
     if not text:
-        raise InvalidPrompt(
-            "The prompt is empty. Describe the page you want, e.g. `a landing page for a bakery`."
-        )
+        raise InvalidPrompt(texts.EMPTY_PROMPT)
     if len(text) > max_chars:
-        raise InvalidPrompt(
-            f"The prompt is {len(text)} characters long; the limit is {max_chars}. "
-            "Please shorten it."
-        )
+        raise InvalidPrompt(texts.prompt_too_long(len(text), max_chars))
     for char in text:
         if char in "\n\t":
             continue
         if unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS:
-            raise InvalidPrompt(
-                f"The prompt contains a control character (U+{ord(char):04X}). "
-                "Please use plain text."
-            )
+            raise InvalidPrompt(texts.control_character(ord(char)))
     return text
 
 
@@ -200,15 +192,15 @@ def _command_name(interaction: discord.Interaction) -> str:
 def check_allowed(interaction: discord.Interaction, settings: Settings) -> None:
     """Raise NotAllowed unless the guild, channel and roles are allowed (empty = all)."""
     if settings.allowed_guild_ids and interaction.guild_id not in settings.allowed_guild_ids:
-        raise NotAllowed("This bot isn't enabled in this server.")
+        raise NotAllowed(texts.NOT_IN_SERVER)
     if settings.allowed_channel_ids and interaction.channel_id not in settings.allowed_channel_ids:
-        raise NotAllowed("This bot isn't enabled in this channel; try another channel.")
+        raise NotAllowed(texts.NOT_IN_CHANNEL)
     if settings.allowed_role_ids:
         # Member._roles holds the ids sent with the interaction; Member.roles would need the
         # guild's role cache, which a bot without the guilds intent doesn't have.
         role_ids = set(getattr(interaction.user, "_roles", ()) or ())
         if not role_ids & set(settings.allowed_role_ids):
-            raise NotAllowed("You need one of the roles allowed to use this bot.")
+            raise NotAllowed(texts.ROLE_NEEDED)
 
 
 def is_admin(interaction: discord.Interaction) -> bool:
@@ -291,7 +283,7 @@ class Commands:
         settings = self.settings
         text = validate_prompt(prompt, settings.max_prompt_chars)
         if style is not None and style not in _style_names():
-            raise InvalidPrompt(f"Unknown style {style!r}.")
+            raise InvalidPrompt(texts.unknown_style(style))
         # The token's life counts from the interaction's creation; its age is checked
         # against the arrival time so a wrong host clock can't expire every job.
         age_s = token_age_s(time.time() - interaction.created_at.timestamp())
@@ -362,11 +354,9 @@ class Commands:
         if page is None:
             pages = await self.pages.list(user_id)
             if not pages:
-                await interaction.response.send_message(
-                    "You have no saved pages yet. Make one with `/html`.", ephemeral=True
-                )
+                await interaction.response.send_message(texts.NO_PAGES_YET, ephemeral=True)
                 return
-            lines = ["**Your last pages** (get one again with `/mypages page:<id>`):"]
+            lines = [texts.PAGES_HEADER]
             for item in pages:
                 prompt = discord.utils.escape_markdown(item.prompt[:60])
                 lines.append(f"`{item.job_id}` **{item.filename}** · {prompt}")
@@ -374,7 +364,7 @@ class Commands:
             return
         stored = await self.pages.get(user_id, page.strip())
         if stored is None:
-            raise ResultNotFound("No saved page of yours has that id. `/mypages` lists them.")
+            raise ResultNotFound(texts.NO_SUCH_PAGE)
         await interaction.response.defer(ephemeral=True, thinking=True)
         data = await self.pages.read(stored)
         await send_stored_page(interaction, stored, data)

@@ -25,6 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 
+from bot import texts
 from bot.errors import QueueFull, ShuttingDown, UserLimitReached
 from bot.jobs import Job, JobState
 
@@ -177,19 +178,14 @@ class Scheduler:
         """Queue ``job``; returns its 1-based position. Raises QueueFull, UserLimitReached."""
         with self._cond:
             if self._closed:
-                raise ShuttingDown("The bot is shutting down and takes no new requests.")
+                raise ShuttingDown(texts.SHUTTING_DOWN)
             pending = self._pending_count(job.user_id)
             if pending >= self.max_per_user:
-                raise UserLimitReached(
-                    f"You already have {pending} request(s) pending (the limit is "
-                    f"{self.max_per_user}). Wait for one to finish, or cancel one."
-                )
+                raise UserLimitReached(texts.user_limit(pending, self.max_per_user))
             if len(self._queued) >= self.max_total:
                 retry = self._retry_after_locked()
                 raise QueueFull(
-                    f"The queue is full ({self.max_total} requests). Please try again in "
-                    f"about {format_duration(retry)}.",
-                    retry_after_s=retry,
+                    texts.queue_full(self.max_total, format_duration(retry)), retry_after_s=retry
                 )
             if job.job_id in self._keys:
                 raise ValueError(f"duplicate job id {job.job_id}")
@@ -209,7 +205,7 @@ class Scheduler:
         """
         with self._cond:
             if self._closed:
-                raise ShuttingDown("The bot is shutting down and takes no new requests.")
+                raise ShuttingDown(texts.SHUTTING_DOWN)
             floor = self._current_round
             for job in jobs:
                 if job.job_id in self._keys:

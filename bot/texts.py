@@ -79,6 +79,43 @@ ALREADY_FINISHED = "This request has already finished or was cancelled."
 ONLY_OWNER_CANCELS = "Only the person who asked for this page (or a server manager) can cancel it."
 
 
+EMPTY_PROMPT = (
+    "The prompt is empty. Describe the page you want, e.g. `a landing page for a bakery`."
+)
+NOT_IN_SERVER = "This bot isn't enabled in this server."
+NOT_IN_CHANNEL = "This bot isn't enabled in this channel; try another channel."
+ROLE_NEEDED = "You need one of the roles allowed to use this bot."
+NO_PAGES_YET = "You have no saved pages yet. Make one with `/html`."
+NO_SUCH_PAGE = "No saved page of yours has that id. `/mypages` lists them."
+PAGES_HEADER = "**Your last pages** (get one again with `/mypages page:<id>`):"
+
+
+def prompt_too_long(length: int, limit: int) -> str:
+    return f"The prompt is {length} characters long; the limit is {limit}. Please shorten it."
+
+
+def control_character(code_point: int) -> str:
+    return f"The prompt contains a control character (U+{code_point:04X}). Please use plain text."
+
+
+def unknown_style(style: str) -> str:
+    return f"Unknown style {style!r}."
+
+
+SHUTTING_DOWN = "The bot is shutting down and takes no new requests."
+
+
+def user_limit(pending: int, limit: int) -> str:
+    return (
+        f"You already have {pending} request(s) pending (the limit is {limit}). "
+        "Wait for one to finish, or cancel one."
+    )
+
+
+def queue_full(max_total: int, retry: str) -> str:
+    return f"The queue is full ({max_total} requests). Please try again in about {retry}."
+
+
 def warning(text: str) -> str:
     return f"⚠️ {text}"
 

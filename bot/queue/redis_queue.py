@@ -53,6 +53,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bot import texts
 from bot.errors import QueueFull, QueueUnavailable, UserLimitReached
 from bot.jobs import Job, JobState
 from bot.queue import QueueSnapshot
@@ -214,16 +215,11 @@ class RedisQueue:
             *flat,
         )
         if outcome == "user_limit":
-            raise UserLimitReached(
-                f"You already have {value} request(s) pending (the limit is "
-                f"{self.max_per_user}). Wait for one to finish, or cancel one."
-            )
+            raise UserLimitReached(texts.user_limit(int(value), self.max_per_user))
         if outcome == "full":
             retry = max(5.0, float(value))
             raise QueueFull(
-                f"The queue is full ({self.max_total} requests). Please try again in "
-                f"about {format_duration(retry)}.",
-                retry_after_s=retry,
+                texts.queue_full(self.max_total, format_duration(retry)), retry_after_s=retry
             )
         if outcome == "dup":
             raise ValueError(f"duplicate job id {job.job_id}")
