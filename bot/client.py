@@ -13,6 +13,7 @@ delivers it through the interaction's webhook (any process may use its token).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -33,6 +34,7 @@ from bot.jobs import Job, JobState
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
 from bot.preview import Previewer, find_chromium
+from bot.queue import QueueSnapshot
 from bot.settings import DEFAULT_API_BASE, Settings
 from bot.status import StatusBoard, Ticket
 from bot.store import StoredPage
@@ -53,6 +55,7 @@ DELIVERY_BLOCK_MS = 1000
 DELIVERY_RECLAIM_IDLE_MS = 60_000
 DELIVERY_RECLAIM_EVERY_S = 15.0
 REDIS_RETRY_S = 2.0
+QUEUE_METRICS_EVERY_S = 5
 
 
 GUILDS_INTENT_NOTICE = "Guilds intent seems to be disabled"
@@ -172,6 +175,8 @@ class HtmlBot(discord.Client):
         self._background: list[asyncio.Task[Any]] = []
         self._shutdown: asyncio.Task[None] | None = None
         scheduler = backend.scheduler
+        # The shared queue's depth, refreshed every few seconds (Redis backend).
+        self._queue_seen: QueueSnapshot | None = None
         if scheduler is not None:
             self.metrics.bind(
                 lambda: scheduler.queued_count,
@@ -179,6 +184,13 @@ class HtmlBot(discord.Client):
                 lambda: scheduler.throughput.tokens_per_second,
             )
             scheduler.add_expired_listener(self._on_expired_threadsafe)
+        else:
+            self.metrics.queue_depth.set_function(
+                lambda: self._queue_seen.queued if self._queue_seen else 0
+            )
+            self.metrics.running.set_function(
+                lambda: self._queue_seen.running if self._queue_seen else 0
+            )
         self.commands = Commands(
             settings=settings,
             queue=self.queue,
@@ -266,10 +278,15 @@ class HtmlBot(discord.Client):
 
     async def _watch_lag(self) -> None:
         monitor = asyncio.create_task(self.lag.run(), name="htmlbot-lag")
+        ticks = 0
         try:
             while True:
                 await asyncio.sleep(1.0)
                 self.metrics.loop_lag.set(self.lag.last_lag_s)
+                ticks += 1
+                if self.backend.scheduler is None and ticks % QUEUE_METRICS_EVERY_S == 0:
+                    with contextlib.suppress(QueueUnavailable):
+                        self._queue_seen = await self.queue.snapshot()
         finally:
             monitor.cancel()
 
