@@ -1,27 +1,82 @@
-"""The Redis backend end to end: real bots and workers, a real redis-server, the fake Discord."""
+"""The Redis backend end to end: real bots and workers, a real redis-server, the fake Discord.
+
+The acceptance tests of the shared queue: a worker SIGKILLed mid-batch, a bot restarted
+(gracefully or not) with 20 jobs queued, Redis restarted and stopped under load, two bot
+shards with one worker, and the Cancel button on queued and running jobs. Each checks
+what users get (one page per interaction, the texts of their messages) and what Redis
+holds (leases, states, delivery records).
+"""
+
+# Polling is deliberate: the state watched lives in Redis, other threads and processes.
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from model.types import TextGenerator
 from tests.e2e.helpers import bot_errors
 from tests.e2e.redis_helpers import (
+    RedisView,
+    WorkerProcess,
     new_prefix,
     redis_settings,
     start_redis_bot,
     start_worker,
     stop_redis_bot,
+    wait_for,
+    wait_job_id,
 )
-from tests.fake_discord import FakeDiscord
+from tests.fake_discord import (
+    CB_DEFERRED_MESSAGE,
+    FakeDiscord,
+    FakeInteraction,
+)
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(180)
+
+# Tokens of an answer that takes the tiny model a few seconds on a CPU (~0.3 ms a token
+# in a batch of 4): a kill or a Redis outage lands inside the batch.
+LONG_ANSWER = 1500
+QUEUE_UNAVAILABLE = "The queue is unavailable right now; please try again in a minute."
+
+
+@pytest.fixture
+async def view(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A fresh prefix and a direct look at its keys in Redis."""
+    found = RedisView(redis_server, new_prefix())
+    yield found
+    await found.aclose()
+
+
+def worker_settings(fake: FakeDiscord, tmp_path: Path, server: RedisServer, prefix: str) -> Any:
+    return redis_settings(fake, tmp_path, server, prefix, results_dir=tmp_path / "worker")
+
+
+async def send_html(
+    fake: FakeDiscord, prompt: str, user_name: str, **options: Any
+) -> FakeInteraction:
+    inter = await fake.send_command(
+        "html", {"prompt": prompt}, user=fake.user(user_name), **options
+    )
+    await inter.wait_for_callback(timeout=5)
+    return inter
+
+
+async def wait_pages(inters: list[FakeInteraction], timeout_s: float) -> None:
+    for inter in inters:
+        await inter.wait_for_file(".html", timeout=timeout_s)
+
+
+def page_counts(inters: list[FakeInteraction]) -> list[int]:
+    return [len(inter.html_files) for inter in inters]
 
 
 async def test_a_page_goes_through_redis_once(
@@ -48,5 +103,69 @@ async def test_a_page_goes_through_redis_once(
         assert page.filename in listing.visible_text
     finally:
         await worker.stop()
+        await stop_redis_bot(run)
+    assert bot_errors(caplog) == []
+
+
+async def test_a_worker_killed_mid_batch_loses_nothing(
+    fake: FakeDiscord,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    real_engine: TextGenerator,
+    tiny_model_folder: Path,
+    view: RedisView,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    # Long enough answers that a batch takes seconds, so the kill lands inside it.
+    settings = redis_settings(fake, tmp_path, redis_server, view.prefix, max_new_tokens=LONG_ANSWER)
+    run = await start_redis_bot(fake, settings)
+    doomed = WorkerProcess.start(
+        redis_server,
+        view.prefix,
+        tiny_model_folder,
+        tmp_path / "doomed",
+        name="doomed",
+        max_new_tokens=LONG_ANSWER,
+        max_batch=4,
+        lease_s=3.0,
+    )
+    worker = None
+    try:
+        inters = [await send_html(fake, f"page {i}", f"user{i}") for i in range(4)]
+        assert all(i.callback_type == CB_DEFERRED_MESSAGE for i in inters)
+        job_ids = [await wait_job_id(i) for i in inters]
+
+        async def doomed_mid_batch() -> bool:
+            running = await view.running()
+            if not running or set(running.values()) != {"doomed"}:
+                return False
+            jobs = [await view.job(job_id) for job_id in running]
+            return any(int(job.get("tokens_so_far", "0")) > 0 for job in jobs)
+
+        await wait_for(doomed_mid_batch, 60, "the worker process to run jobs")
+        held = set(await view.running())
+        assert doomed.kill() == -9
+        assert held <= set(job_ids)
+        assert await view.running() == {job_id: "doomed" for job_id in held}  # nobody finished
+
+        worker = await start_worker(
+            worker_settings(fake, tmp_path, redis_server, view.prefix), real_engine
+        )
+        await wait_pages(inters, timeout_s=90)
+        await asyncio.sleep(1.0)  # room for a second (wrong) delivery
+        assert page_counts(inters) == [1, 1, 1, 1]
+        for job_id in job_ids:
+            job = await view.job(job_id)
+            assert job["state"] == "done", job
+            assert await view.delivered(job_id)
+            if job_id in held:
+                # Taken over once its lease ran out, and finished by the other worker.
+                assert job["attempts"] == "2", job
+                assert job["worker"] not in ("", "doomed"), job
+    finally:
+        doomed.ensure_stopped()
+        if worker is not None:
+            await worker.stop()
         await stop_redis_bot(run)
     assert bot_errors(caplog) == []
