@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 
 from model.types import TextGenerator
-from tests.e2e.helpers import bot_errors
+from tests.e2e.helpers import ShortAnswers, bot_errors
 from tests.e2e.redis_helpers import (
     RedisView,
     WorkerProcess,
+    abandon_bot,
     new_prefix,
     redis_settings,
     start_redis_bot,
@@ -168,4 +169,62 @@ async def test_a_worker_killed_mid_batch_loses_nothing(
         if worker is not None:
             await worker.stop()
         await stop_redis_bot(run)
+    assert bot_errors(caplog) == []
+
+
+@pytest.mark.parametrize("how", ["closed", "killed"])
+async def test_a_restarted_bot_delivers_its_20_queued_jobs_once(
+    how: str,
+    fake: FakeDiscord,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    real_engine: TextGenerator,
+    view: RedisView,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    def bot_settings(name: str) -> Any:
+        return redis_settings(
+            fake, tmp_path, redis_server, view.prefix, queue_max_per_user=5, worker_name=name
+        )
+
+    old = await start_redis_bot(fake, bot_settings("bot-before"))
+    inters = [await send_html(fake, f"page {i}", f"user{i % 4}") for i in range(20)]
+    assert all(i.callback_type == CB_DEFERRED_MESSAGE for i in inters)
+    job_ids = [await wait_job_id(i) for i in inters]  # the old bot's status edits
+    assert len(set(job_ids)) == 20
+    assert sorted(await view.queued()) == sorted(job_ids)
+    if how == "closed":
+        await stop_redis_bot(old)
+    else:
+        await abandon_bot(old)
+    restart = len(fake.requests)
+
+    new = await start_redis_bot(fake, bot_settings("bot-after"))
+    worker = None
+    try:
+
+        def edited_since_restart(inter: FakeInteraction) -> bool:
+            return any(
+                r.seq >= restart and r.method == "PATCH" and "Queued" in (r.content or "")
+                for r in inter.ok_requests
+            )
+
+        # Before any worker runs: the new bot picked up every status message.
+        await fake.wait_until(lambda: all(edited_since_restart(i) for i in inters), timeout=15)
+        worker = await start_worker(
+            worker_settings(fake, tmp_path, redis_server, view.prefix),
+            ShortAnswers(real_engine, max_new_tokens=8),
+        )
+        await wait_pages(inters, timeout_s=60)
+        await asyncio.sleep(1.0)  # room for a second (wrong) delivery
+        assert page_counts(inters) == [1] * 20
+        for inter, job_id in zip(inters, job_ids, strict=True):
+            assert job_id in inter.original_content  # the Done text names the job
+            assert await view.delivered(job_id)
+    finally:
+        if worker is not None:
+            await worker.stop()
+        await stop_redis_bot(new)
     assert bot_errors(caplog) == []
