@@ -36,6 +36,7 @@ from tests.e2e.redis_helpers import (
 )
 from tests.fake_discord import (
     CB_DEFERRED_MESSAGE,
+    CB_MESSAGE,
     FakeDiscord,
     FakeInteraction,
 )
@@ -227,4 +228,63 @@ async def test_a_restarted_bot_delivers_its_20_queued_jobs_once(
         if worker is not None:
             await worker.stop()
         await stop_redis_bot(new)
+    assert bot_errors(caplog) == []
+
+
+async def test_redis_restarted_and_stopped_under_load(
+    fake: FakeDiscord,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    real_engine: TextGenerator,
+    view: RedisView,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = redis_settings(fake, tmp_path, redis_server, view.prefix, max_new_tokens=LONG_ANSWER)
+    run = await start_redis_bot(fake, settings)
+    worker = await start_worker(
+        worker_settings(fake, tmp_path, redis_server, view.prefix), real_engine, max_batch=2
+    )
+    try:
+        inters = [await send_html(fake, f"page {i}", f"user{i}") for i in range(4)]
+        assert all(i.callback_type == CB_DEFERRED_MESSAGE for i in inters)
+        job_ids = [await wait_job_id(i) for i in inters]
+
+        async def some_running() -> bool:
+            return bool(await view.running())
+
+        await wait_for(some_running, 20, "a job to run")
+        # A restart that keeps the data (as with persistence), the jobs running meanwhile.
+        await asyncio.to_thread(redis_server.restart, keep_data=True)
+        await wait_for(some_running, 20, "a job to run after the restart")
+        in_flight = [i for i in inters if not i.html_files]
+        assert in_flight, "every page went out before the outage: nothing was tested"
+        # Then an outage of a few seconds: new requests are refused clearly.
+        await asyncio.to_thread(redis_server.stop, save=True)
+        try:
+            refused = await fake.send_command(
+                "html", {"prompt": "during the outage"}, user=fake.user("eve")
+            )
+            await refused.wait_for_callback(timeout=5)
+            assert refused.callback_type == CB_MESSAGE
+            assert refused.is_ephemeral_reply()
+            assert QUEUE_UNAVAILABLE in refused.original_content
+            await asyncio.sleep(3.0)
+            assert not run.task.done() and not worker.task.done()
+        finally:
+            await asyncio.to_thread(redis_server.start)
+
+        await wait_pages(inters, timeout_s=90)
+        await asyncio.sleep(1.0)  # room for a second (wrong) delivery
+        assert page_counts(inters) == [1, 1, 1, 1]
+        for job_id in job_ids:
+            assert await view.delivered(job_id)
+        # Both reconnected by themselves: a new request goes through.
+        again = await send_html(fake, "after the outage", "eve")
+        assert again.callback_type == CB_DEFERRED_MESSAGE
+        await again.wait_for_file(".html", timeout=60)
+        assert not run.task.done() and not worker.task.done()
+    finally:
+        await worker.stop()
+        await stop_redis_bot(run)
     assert bot_errors(caplog) == []
