@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import discord
 import pytest
+from discord.gateway import DiscordWebSocket
 
 from model.types import TextGenerator
 from tests.e2e.helpers import ShortAnswers, bot_errors
@@ -26,6 +28,7 @@ from tests.e2e.redis_helpers import (
     RedisView,
     WorkerProcess,
     abandon_bot,
+    job_id_of,
     new_prefix,
     redis_settings,
     start_redis_bot,
@@ -37,6 +40,7 @@ from tests.e2e.redis_helpers import (
 from tests.fake_discord import (
     CB_DEFERRED_MESSAGE,
     CB_MESSAGE,
+    COMMANDS_PATH,
     FakeDiscord,
     FakeInteraction,
 )
@@ -287,4 +291,84 @@ async def test_redis_restarted_and_stopped_under_load(
     finally:
         await worker.stop()
         await stop_redis_bot(run)
+    assert bot_errors(caplog) == []
+
+
+@pytest.fixture
+async def sharded_fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    """A fake Discord recommending 2 shards, with 2 guilds (one on each)."""
+    server = FakeDiscord(shards=2, guilds=2)
+    await server.start()
+    # As the ``fake`` fixture: discord.py's class-level URLs are put back after the test.
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
+    yield server
+    await server.stop()
+
+
+async def test_two_shard_processes_share_one_queue_and_the_pages(
+    sharded_fake: FakeDiscord,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    real_engine: TextGenerator,
+    view: RedisView,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    fake = sharded_fake
+
+    def shard_settings(shard: int) -> Any:
+        return redis_settings(
+            fake,
+            tmp_path / f"shard{shard}",
+            redis_server,
+            view.prefix,
+            dev_guild_id=None,  # global commands: both guilds see them
+            shard_count=2,
+            shard_ids=(shard,),
+            worker_name=f"bot-shard{shard}",
+        )
+
+    guilds = [fake.guild_on_shard(0), fake.guild_on_shard(1)]
+    # Shard 1's process first: it is connected (so its setup is over) and synced nothing.
+    second = await start_redis_bot(fake, shard_settings(1))
+    await fake.wait_until_ready(shard=1)
+    assert fake.find_requests("PUT", COMMANDS_PATH) == []
+    first = await start_redis_bot(fake, shard_settings(0))
+    await fake.wait_for_shards(2)
+    await fake.wait_for_sync()
+    assert len(fake.find_requests("PUT", COMMANDS_PATH)) == 1
+    worker = await start_worker(
+        worker_settings(fake, tmp_path, redis_server, view.prefix), real_engine
+    )
+    try:
+        ann = fake.user("ann", guild=guilds[0])
+        fake.user("ann", guild=guilds[1])
+        inters = []
+        for shard, prompt in enumerate(["a bakery", "a garden"]):
+            inter = await fake.send_command(
+                "html", {"prompt": prompt}, user=ann, guild=guilds[shard]
+            )
+            await inter.wait_for_callback(timeout=5)
+            assert inter.shard_id == shard  # handled by that shard's process
+            assert inter.callback_type == CB_DEFERRED_MESSAGE
+            inters.append(inter)
+        await wait_pages(inters, timeout_s=60)
+        await asyncio.sleep(1.0)  # room for a second (wrong) delivery
+        assert page_counts(inters) == [1, 1]
+        bakery_id = job_id_of(inters[0])
+
+        # Pages live in Redis: shard 1 lists (and sends again) the page made on shard 0.
+        listing = await fake.send_command("mypages", {}, user=ann, guild=guilds[1])
+        await listing.wait_for_callback(timeout=5)
+        assert listing.shard_id == 1
+        assert inters[0].html_files[0].filename in listing.visible_text
+        assert bakery_id in listing.visible_text
+        again = await fake.send_command("mypages", {"page": bakery_id}, user=ann, guild=guilds[1])
+        resent = await again.wait_for_file(".html", timeout=10)
+        assert resent.data == inters[0].html_files[0].data
+    finally:
+        await worker.stop()
+        await stop_redis_bot(first)
+        await stop_redis_bot(second)
     assert bot_errors(caplog) == []
