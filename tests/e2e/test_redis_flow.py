@@ -40,6 +40,7 @@ from tests.e2e.redis_helpers import (
 from tests.fake_discord import (
     CB_DEFERRED_MESSAGE,
     CB_MESSAGE,
+    CB_UPDATE_MESSAGE,
     COMMANDS_PATH,
     FakeDiscord,
     FakeInteraction,
@@ -371,4 +372,61 @@ async def test_two_shard_processes_share_one_queue_and_the_pages(
         await worker.stop()
         await stop_redis_bot(first)
         await stop_redis_bot(second)
+    assert bot_errors(caplog) == []
+
+
+async def test_cancel_button_on_a_queued_and_a_running_job(
+    fake: FakeDiscord,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    real_engine: TextGenerator,
+    view: RedisView,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = redis_settings(fake, tmp_path, redis_server, view.prefix, max_new_tokens=LONG_ANSWER)
+    run = await start_redis_bot(fake, settings)
+    # One job at a time: the second one waits in the queue behind the first.
+    worker = await start_worker(
+        worker_settings(fake, tmp_path, redis_server, view.prefix), real_engine, max_batch=1
+    )
+    try:
+        running = await send_html(fake, "a long page", "ann")
+        running_id = await wait_job_id(running)
+        await running.wait_until(lambda i: "Generating" in i.original_content, timeout=20)
+        queued = await send_html(fake, "a page that waits", "bob")
+        queued_id = await wait_job_id(queued)
+        await queued.wait_until(lambda i: "Queued" in i.original_content, timeout=10)
+
+        # Queued: gone from the queue at once, and the message says so.
+        press = await fake.press_button(f"htmlbot:cancel:{queued_id}", user=fake.user("bob"))
+        await press.wait_for_callback(timeout=3)
+        assert press.callback_type == CB_UPDATE_MESSAGE
+        assert "Cancelled" in queued.original_content
+        assert queued.custom_ids() == []
+        assert queued_id not in await view.queued()
+        assert (await view.job(queued_id))["state"] == "cancelled"
+
+        # Running: the worker stops it at its next progress report.
+        before = int((await view.job(running_id)).get("tokens_so_far", "0"))
+        press = await fake.press_button(f"htmlbot:cancel:{running_id}", user=fake.user("ann"))
+        await press.wait_for_callback(timeout=3)
+        assert press.callback_type == CB_UPDATE_MESSAGE
+
+        async def stopped() -> bool:
+            return (await view.job(running_id)).get("state") == "cancelled"
+
+        await wait_for(stopped, 20, "the worker to stop the cancelled job")
+        job = await view.job(running_id)
+        assert before < int(job["tokens_so_far"]) < LONG_ANSWER, job
+        assert await view.running() == {}
+        await wait_for(lambda: view.delivered(running_id), 10, "the cancel to be told")
+        await asyncio.sleep(1.0)  # room for a (wrong) late page or edit
+        for inter in (queued, running):
+            assert inter.html_files == []
+            assert "Cancelled" in inter.original_content
+            assert inter.custom_ids() == []
+    finally:
+        await worker.stop()
+        await stop_redis_bot(run)
     assert bot_errors(caplog) == []
