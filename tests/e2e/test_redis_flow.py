@@ -139,37 +139,44 @@ async def test_a_worker_killed_mid_batch_loses_nothing(
     )
     worker = None
     try:
-        inters = [await send_html(fake, f"page {i}", f"user{i}") for i in range(4)]
+        # Eight jobs queued before any worker runs: each worker takes a batch of four.
+        inters = [await send_html(fake, f"page {i}", f"user{i % 4}") for i in range(8)]
         assert all(i.callback_type == CB_DEFERRED_MESSAGE for i in inters)
         job_ids = [await wait_job_id(i) for i in inters]
 
         async def doomed_mid_batch() -> bool:
             running = await view.running()
-            if not running or set(running.values()) != {"doomed"}:
+            if len(running) < 4 or set(running.values()) != {"doomed"}:
                 return False
             jobs = [await view.job(job_id) for job_id in running]
-            return any(int(job.get("tokens_so_far", "0")) > 0 for job in jobs)
+            return all(int(job.get("tokens_so_far", "0")) > 0 for job in jobs)
 
-        await wait_for(doomed_mid_batch, 60, "the worker process to run jobs")
+        await wait_for(doomed_mid_batch, 60, "the worker process to run a batch")
         held = set(await view.running())
-        assert doomed.kill() == -9
-        assert held <= set(job_ids)
-        assert await view.running() == {job_id: "doomed" for job_id in held}  # nobody finished
-
         worker = await start_worker(
             worker_settings(fake, tmp_path, redis_server, view.prefix), real_engine
         )
+
+        async def both_busy() -> bool:
+            return len(await view.running()) == 8
+
+        await wait_for(both_busy, 20, "the second worker to take the other batch")
+        running = await view.running()
+        other = running[next(job_id for job_id in job_ids if job_id not in held)]
+        assert other != "doomed"
+        assert doomed.kill() == -9
+        assert not any(i.html_files for i in inters)  # the kill came before any page
+
         await wait_pages(inters, timeout_s=90)
         await asyncio.sleep(1.0)  # room for a second (wrong) delivery
-        assert page_counts(inters) == [1, 1, 1, 1]
+        assert page_counts(inters) == [1] * 8
         for job_id in job_ids:
             job = await view.job(job_id)
             assert job["state"] == "done", job
+            assert job["worker"] == other, job  # the survivor finished every job
+            # The killed worker's jobs were taken over once their lease ran out.
+            assert job["attempts"] == ("2" if job_id in held else "1"), job
             assert await view.delivered(job_id)
-            if job_id in held:
-                # Taken over once its lease ran out, and finished by the other worker.
-                assert job["attempts"] == "2", job
-                assert job["worker"] not in ("", "doomed"), job
     finally:
         doomed.ensure_stopped()
         if worker is not None:
@@ -200,12 +207,17 @@ async def test_a_restarted_bot_delivers_its_20_queued_jobs_once(
     assert all(i.callback_type == CB_DEFERRED_MESSAGE for i in inters)
     job_ids = [await wait_job_id(i) for i in inters]  # the old bot's status edits
     assert len(set(job_ids)) == 20
-    assert sorted(await view.queued()) == sorted(job_ids)
+    # Two more whose tokens die while no bot runs: their pages must be kept instead.
+    late = [await send_html(fake, f"late page {i}", "late") for i in range(2)]
+    late_ids = [await wait_job_id(i) for i in late]
+    assert sorted(await view.queued()) == sorted(job_ids + late_ids)
     if how == "closed":
         await stop_redis_bot(old)
     else:
         await abandon_bot(old)
     restart = len(fake.requests)
+    for inter in late:
+        fake.expire(inter)
 
     new = await start_redis_bot(fake, bot_settings("bot-after"))
     worker = None
@@ -229,6 +241,15 @@ async def test_a_restarted_bot_delivers_its_20_queued_jobs_once(
         for inter, job_id in zip(inters, job_ids, strict=True):
             assert job_id in inter.original_content  # the Done text names the job
             assert await view.delivered(job_id)
+
+        async def late_ones_ended() -> bool:
+            return all([await view.delivered(job_id) for job_id in late_ids])
+
+        await wait_for(late_ones_ended, 20, "the jobs with dead tokens to be handled")
+        assert [i.html_files for i in late] == [[], []]
+        listing = await fake.send_command("mypages", {}, user=fake.user("late"))
+        await listing.wait_for_callback(timeout=5)
+        assert all(job_id in listing.visible_text for job_id in late_ids), listing.visible_text
     finally:
         if worker is not None:
             await worker.stop()
