@@ -175,7 +175,8 @@ class RedisView:
         """Running job id -> the worker holding its lease."""
         ids = await self.client.zrange(self.key("running"), 0, -1)
         out: dict[str, str] = {}
-        for job_id in ids:
+        for member in ids:
+            job_id = str(member)
             out[job_id] = str(await self.client.hget(self.key(f"job:{job_id}"), "worker") or "")
         return out
 
