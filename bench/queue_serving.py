@@ -13,7 +13,11 @@ CodeLlama-7B-shaped Llama with random bf16 weights and a merged LoRA) runs throu
   each with ``CUDA_VISIBLE_DEVICES`` set and its own engine, behind the same Redis:
   ``redis 1gpu`` (the K workers of GPU 0 alone) and ``redis Ngpu`` (all of them). The
   N-GPU phase runs N times the clients (the same load per GPU), so ``xN/x1`` is the
-  aggregate tokens/s of N GPUs over one GPU's at equal load per GPU.
+  aggregate tokens/s of N GPUs over one GPU's at equal load per GPU. ``per worker`` shows
+  how many jobs each worker served: a worker takes as many queued jobs as its batch has
+  room for, so one busy worker (polling every decode step) can starve an idle one
+  (polling every ``--poll-s``). ``--fair-cap`` adds the N-GPU phase with each worker's
+  batch capped at its share of the clients (``Ngpu capK``): what a fair-share take gives.
 
 Local and in-process Redis phases of one concurrency run back to back in one process,
 their order alternating from one concurrency (and repeat) to the next to cancel drift;
@@ -25,9 +29,12 @@ On the device (``nvidia-h200-x2``; carry ``.whl`` and ``.gl/redis``)::
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1; set -o pipefail; \\
     python3 -m bench.queue_serving --redis-server .gl/redis/usr/bin/redis-server \\
-        --gpus 2 --repeats 2 --json $OUT/queue_serving.json 2>&1 | tee $OUT/queue_serving.log
+        --gpus 2 --repeats 2 --fair-cap --json $OUT/queue_serving.json \\
+        2>&1 | tee $OUT/queue_serving.log
 
-(one GPU: the same with ``--gpus 1``). ``.gl/redis`` is Debian 12's ``redis-server`` and
+(timeout_s 600; one GPU, ``nvidia-h200``: the same with ``--gpus 1``, no ``--fair-cap``).
+Rows print as each concurrency ends and ``--json`` is rewritten then, so a run cut short
+keeps what it measured. ``.gl/redis`` is Debian 12's ``redis-server`` and
 ``redis-tools`` unpacked with ``dpkg -x``, plus ``libjemalloc2`` and ``liblzf1`` (not on a
 plain Ubuntu host): their folder ``usr/lib/x86_64-linux-gnu`` next to the binary is put on
 ``LD_LIBRARY_PATH`` for redis-server alone. It needs glibc 2.34+ and OpenSSL 3 (Ubuntu 22.04+,
@@ -219,8 +226,18 @@ class RedisWorkerRun:
     """One Worker + RedisJobSource on ``engine`` serving one queue prefix, as
     ``bot.gpu_worker.serve`` runs them (no throughput object; the source's defaults)."""
 
-    def __init__(self, engine: Any, url: str, name: str, *, lease_s: float, poll_s: float):
+    def __init__(
+        self,
+        engine: Any,
+        url: str,
+        name: str,
+        *,
+        lease_s: float,
+        poll_s: float,
+        max_batch: int | None = None,
+    ) -> None:
         self.engine = engine
+        self.max_batch = max_batch
         self.url = url
         self.name = name
         self.lease_s = lease_s
@@ -231,14 +248,15 @@ class RedisWorkerRun:
         self._samples: list[int] = []
         self._sampler: asyncio.Task[None] | None = None
 
-    async def start(self, prefix: str) -> None:
+    async def start(self, prefix: str, max_batch: int | None = None) -> None:
+        """Serve ``prefix``; ``max_batch`` (this phase's cap) overrides the run's."""
         from bot.queue.redis_queue import RedisJobSource, connect
         from bot.worker import Worker
 
         loop = asyncio.get_running_loop()
         self._client = connect(self.url)
         queue = make_queue(self._client, prefix, self.lease_s)
-        slots = self.engine.slots
+        slots = min(self.engine.slots, max_batch or self.max_batch or self.engine.slots)
         source = RedisJobSource(
             queue, loop, self.name, self.lease_s, max_batch=slots, poll_s=self.poll_s
         )
@@ -329,6 +347,7 @@ class Child:
             repr(args.lease_s),
             "--poll-s",
             repr(args.poll_s),
+            *(["--max-batch", str(args.max_batch)] if args.max_batch else []),
             *spec.flags(),
         ]
         self.process = subprocess.Popen(
@@ -379,14 +398,16 @@ class Child:
 
 
 class ProcessPool:
-    """Some of the worker processes, serving one prefix together."""
+    """Some of the worker processes, serving one prefix together; ``cap``: each one's
+    batch limit for the phase (None: the run's)."""
 
-    def __init__(self, children: list[Child]) -> None:
+    def __init__(self, children: list[Child], cap: int | None = None) -> None:
         self.children = children
+        self.cap = cap
 
     async def start(self, prefix: str) -> None:
         for child in self.children:
-            child.send({"op": "serve", "prefix": prefix})
+            child.send({"op": "serve", "prefix": prefix, "max_batch": self.cap})
         await asyncio.gather(*(c.receive("serving", CHILD_REPLY_S) for c in self.children))
 
     async def stop(self) -> list[dict[str, Any]]:
@@ -513,6 +534,22 @@ async def run_redis_phase(
     return RedisPhase(phase, workers)
 
 
+def merge_workers(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each worker's stats over the repeats: jobs added, mean batch averaged, peak max."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for item in stats:
+        by_name.setdefault(item["name"], []).append(item)
+    return [
+        {
+            "name": name,
+            "jobs": sum(i["jobs"] for i in items),
+            "mean_batch": statistics.mean(i["mean_batch"] for i in items),
+            "peak_gpu_gb": max(i["peak_gpu_gb"] for i in items),
+        }
+        for name, items in by_name.items()
+    ]
+
+
 def run_bounded(main: Coroutine[Any, Any, T], grace_s: float = 10.0) -> T:
     """``asyncio.run`` whose exit can't hang: tasks still pending at the end get
     ``grace_s`` to honour their cancel (a redis-py read may never), then are left behind."""
@@ -575,7 +612,7 @@ def row_of(
     row = phase.summary(no_floor)
     row.update(phase=label, path=path, clients=clients)
     if workers is not None:
-        row["workers"] = workers
+        row["workers"] = merge_workers(workers)
     return row
 
 
@@ -636,58 +673,77 @@ async def warm_up(paths: Paths, args: argparse.Namespace, concurrencies: list[in
         await redis(paths, paths.all_gpus, "warm", c * args.gpus, args, new_tokens=tokens)
 
 
-async def measure(paths: Paths, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every concurrency's phases (orders alternating); the table's rows, printed as they
-    come."""
+async def measure(paths: Paths, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Every concurrency's phases (orders alternating): the table's rows, printed and put in
+    ``report["rows"]`` (written to ``--json`` too) as each concurrency ends."""
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     await warm_up(paths, args, concurrencies)
     print(COLUMNS, flush=True)
-    rows: list[dict[str, Any]] = []
-    gpus = args.gpus
+    rows: list[dict[str, Any]] = report.setdefault("rows", [])
     for index, c in enumerate(concurrencies):
         label = f"c={c}"
-        runs: dict[str, list[Phase]] = {"local": [], "redis": [], "1gpu": [], "ngpu": []}
-        workers: dict[str, list[dict[str, Any]]] = {"redis": [], "1gpu": [], "ngpu": []}
+        pools = phase_pools(paths, args, c)
+        runs: dict[str, list[Phase]] = {path: [] for path in pools}
+        runs["local"] = []
+        workers: dict[str, list[dict[str, Any]]] = {path: [] for path in pools}
         for repeat in range(args.repeats):
             flip = (index + repeat) % 2 == 1
+            # Pairs in turn: local/redis on this engine, then the worker processes' paths.
             order = ["redis", "local"] if flip else ["local", "redis"]
-            if paths.one_gpu is not None:
-                order.append("1gpu")
-            if paths.all_gpus is not None:
-                order.insert(len(order) - 1 if flip else len(order), "ngpu")
+            rest = [path for path in pools if path != "redis"]
+            order += rest[::-1] if flip else rest
             for path in order:
                 if path == "local":
                     runs["local"].append(await local(paths, label, c, args))
+                    progress(runs["local"][-1], path, repeat)
                     continue
-                pool: WorkerPool = paths.inprocess
-                clients = c
-                if path == "1gpu":
-                    assert paths.one_gpu is not None
-                    pool = paths.one_gpu
-                elif path == "ngpu":
-                    assert paths.all_gpus is not None
-                    pool, clients = paths.all_gpus, c * gpus
+                pool, clients = pools[path]
                 measured = await redis(paths, pool, label, clients, args)
                 runs[path].append(measured.phase)
                 workers[path] += measured.workers
+                progress(measured.phase, path, repeat)
         base = row_of(merge(runs["local"]), label, "local", c, None)
-        new_rows = [base, row_of(merge(runs["redis"]), label, "redis", c, workers["redis"])]
-        if runs["1gpu"]:
-            one = row_of(merge(runs["1gpu"]), label, "redis 1gpu", c, workers["1gpu"])
-            new_rows.append(one)
-            if runs["ngpu"]:
-                many = row_of(
-                    merge(runs["ngpu"]), label, f"redis {gpus}gpu", c * gpus, workers["ngpu"]
-                )
-                many["ratio_vs_1gpu"] = many["tokens_per_s"] / one["tokens_per_s"]
-                new_rows.append(many)
+        new_rows = [base]
+        for path, (_, clients) in pools.items():
+            new_rows.append(row_of(merge(runs[path]), label, path, clients, workers[path]))
+        one = next((row for row in new_rows if row["path"] == "redis 1gpu"), None)
         for row in new_rows:
             if row["clients"] == c and row["path"] != "local":
                 row["ratio_vs_local"] = row["tokens_per_s"] / base["tokens_per_s"]
+            if one is not None and row["clients"] > c:
+                row["ratio_vs_1gpu"] = row["tokens_per_s"] / one["tokens_per_s"]
         for row in new_rows:
             print(fmt(row), flush=True)
         rows += new_rows
-    return rows
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+def phase_pools(
+    paths: Paths, args: argparse.Namespace, c: int
+) -> dict[str, tuple[WorkerPool, int]]:
+    """The Redis paths of concurrency ``c``: path name -> (what serves it, clients)."""
+    pools: dict[str, tuple[WorkerPool, int]] = {"redis": (paths.inprocess, c)}
+    if paths.one_gpu is not None:
+        pools["redis 1gpu"] = (paths.one_gpu, c)
+    if paths.all_gpus is not None:
+        children = paths.all_gpus.children
+        pools[f"redis {args.gpus}gpu"] = (paths.all_gpus, c * args.gpus)
+        if args.fair_cap:
+            # Each worker capped at its share: what a fair-share take would give.
+            cap = -(-c * args.gpus // len(children))
+            pools[f"{args.gpus}gpu cap{cap}"] = (ProcessPool(children, cap), c * args.gpus)
+    return pools
+
+
+def progress(phase: Phase, path: str, repeat: int) -> None:
+    """One phase's tokens/s as soon as it ends (the table comes per concurrency)."""
+    row = phase.summary(no_floor)
+    print(
+        f"  ({phase.name} {path} #{repeat + 1}: {row['jobs']} jobs, "
+        f"{row['tokens_per_s']:.1f} tok/s, {phase.wall_s:.1f} s)",
+        flush=True,
+    )
 
 
 def start_children(args: argparse.Namespace, url: str, gpus: list[int]) -> list[Child]:
@@ -696,35 +752,62 @@ def start_children(args: argparse.Namespace, url: str, gpus: list[int]) -> list[
     ]
 
 
-async def serve_all(args: argparse.Namespace, url: str, report: dict[str, Any]) -> None:
-    from bot.queue.redis_queue import connect
-
+def run_all(args: argparse.Namespace, url: str, report: dict[str, Any]) -> None:
+    """Build the engines (this process's in its main thread: CUDA graphs and compiled
+    kernels are made where they always are), then measure every path."""
     multi = args.gpus > 1 or args.workers_per_gpu > 1
     children: list[Child] = []
-    client = connect(url)
     try:
         if multi:
-            # GPU 0's workers start once this process's engine is built (less memory at once).
+            # GPU 0's workers start once this process's engine is built (less memory at once,
+            # and each engine's 64 slots fit for sure).
             children += start_children(args, url, list(range(1, args.gpus)))
-        engine, tokenizer, seconds = await asyncio.to_thread(build_engine, args.engine)
+        engine, tokenizer, seconds = build_engine(args.engine)
         print(f"engine: {engine.slots} slots, ready in {seconds:.1f} s", flush=True)
         report["engine"] = {"slots": engine.slots, "ready_s": seconds}
         if multi:
             children = start_children(args, url, [0]) + children
-            readies = await asyncio.gather(*(c.receive("ready", CHILD_READY_S) for c in children))
-            for child, ready in zip(children, readies, strict=True):
-                print(f"worker process {child.name}: {ready}", flush=True)
-            report["worker_processes"] = readies
-        run = RedisWorkerRun(engine, url, "inproc", lease_s=args.lease_s, poll_s=args.poll_s)
-        paths = Paths(engine, tokenizer, client, InProcessPool(run))
-        if multi:
-            paths.one_gpu = ProcessPool([c for c in children if c.gpu == 0])
-            if args.gpus > 1:
-                paths.all_gpus = ProcessPool(children)
-        report["rows"] = await measure(paths, args)
+        run_bounded(serve_all(args, url, report, engine, tokenizer, children))
     finally:
         for child in children:
             child.close()
+
+
+async def serve_all(
+    args: argparse.Namespace,
+    url: str,
+    report: dict[str, Any],
+    engine: Any,
+    tokenizer: Any,
+    children: list[Child],
+) -> None:
+    """Wait for the worker processes (if any), then run every phase."""
+    from bot.queue.redis_queue import connect
+
+    if children:
+        try:
+            readies = await asyncio.gather(*(c.receive("ready", CHILD_READY_S) for c in children))
+        except RuntimeError as exc:
+            # Keep the one-engine comparison rather than lose the whole run.
+            print(f"worker processes failed ({exc}); measuring in process only", flush=True)
+            report["worker_processes_error"] = str(exc)
+            for child in children:
+                child.close()
+            children = []
+        else:
+            for child, ready in zip(children, readies, strict=True):
+                print(f"worker process {child.name}: {ready}", flush=True)
+            report["worker_processes"] = readies
+    client = connect(url)
+    try:
+        run = RedisWorkerRun(engine, url, "inproc", lease_s=args.lease_s, poll_s=args.poll_s)
+        paths = Paths(engine, tokenizer, client, InProcessPool(run))
+        if children:
+            paths.one_gpu = ProcessPool([c for c in children if c.gpu == 0])
+            if args.gpus > 1:
+                paths.all_gpus = ProcessPool(children)
+        await measure(paths, args, report)
+    finally:
         await client.aclose()
 
 
@@ -750,6 +833,17 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=600.0,
         help="a Redis job not delivered by then fails the run",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="MAX_BATCH of the worker processes (default: the engine's slots, as unset)",
+    )
+    parser.add_argument(
+        "--fair-cap",
+        action="store_true",
+        help="also run the N-GPU phase with each worker's batch capped at its share",
     )
     parser.add_argument("--json", type=Path, default=None)
     # A worker process: started by the main one, never by hand.
@@ -787,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         with library_path(redis_lib_dir(args.redis_server)):
             server.start()
         try:
-            run_bounded(serve_all(args, server.url, report))
+            run_all(args, server.url, report)
         finally:
             server.stop()
     summarize(report)
@@ -829,6 +923,11 @@ def summarize(report: dict[str, Any]) -> None:
 
 def child_main(args: argparse.Namespace) -> int:
     """A worker process: build the engine, say ready, then serve prefixes when told."""
+    global _control
+    # The control lines get stdout's pipe to themselves; whatever else writes to fd 1 (a C
+    # library too) goes to stderr, so it can neither garble nor fill the pipe.
+    _control = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s [{args.name}] %(name)s %(message)s"
     )
@@ -852,15 +951,25 @@ def child_main(args: argparse.Namespace) -> int:
         }
     )
     run = RedisWorkerRun(
-        engine, args.redis_url, args.name, lease_s=args.lease_s, poll_s=args.poll_s
+        engine,
+        args.redis_url,
+        args.name,
+        lease_s=args.lease_s,
+        poll_s=args.poll_s,
+        max_batch=args.max_batch,
     )
     run_bounded(child_loop(run))
     return 0
 
 
+_control: Any = None  # a worker process's channel to the main one (child_main)
+
+
 def reply(message: dict[str, Any]) -> None:
-    sys.stdout.write(CONTROL + json.dumps(message) + "\n")
-    sys.stdout.flush()
+    """One control line to the main process."""
+    out = _control or sys.stdout
+    out.write(CONTROL + json.dumps(message) + "\n")
+    out.flush()
 
 
 async def child_loop(run: RedisWorkerRun) -> None:
@@ -873,7 +982,7 @@ async def child_loop(run: RedisWorkerRun) -> None:
         command = json.loads(line)
         op = command.get("op")
         if op == "serve" and not serving:
-            await run.start(str(command["prefix"]))
+            await run.start(str(command["prefix"]), command.get("max_batch"))
             serving = True
             reply({"op": "serving"})
         elif op == "stop" and serving:
