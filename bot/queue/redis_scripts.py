@@ -127,6 +127,25 @@ for _, id in ipairs(stale) do
     end
   end
 end
+-- Share the work out: with several live workers (seen within a lease), one takes at most
+-- its share of everything queued and running. A busy worker asks at every decode step and
+-- an idle one only every poll, so without this the busy one would take every new job while
+-- another GPU sat idle.
+local seen = redis.call('HGETALL', k('workers'))
+local live = 0
+for i = 2, #seen, 2 do
+  local last = tonumber(string.match(seen[i], '%S+%s+(%S+)') or '0')
+  if last >= now - lease then live = live + 1 end
+end
+if live > 1 then
+  local running = redis.call('ZRANGE', k('running'), 0, -1)
+  local mine = 0
+  for _, id in ipairs(running) do
+    if redis.call('HGET', jk(id), 'worker') == worker then mine = mine + 1 end
+  end
+  local total = redis.call('ZCARD', k('queue')) + #running
+  want = math.min(want, math.max(math.ceil(total / live) - mine, 0))
+end
 local js = job_seconds(tonumber(ARGV[8]))
 local cur = tonumber(redis.call('GET', k('round')) or '0')
 local taken = {}

@@ -334,6 +334,20 @@ async def test_two_workers_taking_at_once_never_share_a_job(queue: RedisQueue) -
     assert await queue.pending() == []
 
 
+async def test_a_busy_worker_leaves_an_idle_one_its_share(queue: RedisQueue) -> None:
+    # A busy worker asks at every decode step, an idle one every poll: without a share,
+    # the busy one took every new job while the other GPU sat idle.
+    for user in range(2):
+        await queue.submit(new_job(user))
+    assert len(await queue.take("busy", 8)) == 2  # alone: it takes what it can
+    assert await queue.take("idle", 8) == []  # nothing queued, but now it is seen live
+    for user in range(2, 6):
+        await queue.submit(new_job(user))
+    # 4 queued + 2 running over 2 live workers: 3 each; "busy" runs 2 already.
+    assert len(await queue.take("busy", 8)) == 1
+    assert len(await queue.take("idle", 8)) == 3
+
+
 async def test_a_silent_worker_loses_its_job_to_another(queue: RedisQueue) -> None:
     job = new_job(1)
     await queue.submit(job)
