@@ -59,6 +59,7 @@ SECTION = "## Queue load (Redis)"
 PREFIX = "qload"
 START_TIMEOUT_S = 180.0
 P99_GATE_S = 1.0
+STALL_S = 60.0
 LATE_OVERTAKES_GATE = 1
 
 
@@ -99,6 +100,7 @@ class Fairness:
     max_turns_waiting: int
     jobs_over_gate: int
     taken: int
+    max_queued: int  # jobs submitted and not yet taken, at the busiest moment
 
 
 @dataclass
@@ -177,7 +179,18 @@ def fairness(records: Sequence[TakeRecord]) -> Fairness:
         max_late = max(max_late, job_late)
         max_turns = max(max_turns, max(turns.values(), default=0))
         over += job_late > LATE_OVERTAKES_GATE
-    return Fairness(max_late, max_turns, over, len(order))
+    return Fairness(max_late, max_turns, over, len(order), max_queued(records))
+
+
+def max_queued(records: Sequence[TakeRecord]) -> int:
+    """The longest the queue got (on Redis's clock; a take counts before a same-time submit)."""
+    events = [(r.submitted_at, 1) for r in records]
+    events += [(r.started_at, -1) for r in records if r.started_at is not None]
+    depth = deepest = 0
+    for _, step in sorted(events):
+        depth += step
+        deepest = max(deepest, depth)
+    return deepest
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -235,13 +248,16 @@ def arrivals(config: Config) -> list[tuple[float, int, int]]:
 
 
 def outcome(inter: Any) -> str:
-    """'page', 'final: <text>', 'rejected', 'lost' or 'duplicated' for one interaction."""
+    """'page', 'final: <text>', 'rejected: <text>', 'lost' or 'duplicated' for one
+    interaction."""
     from tests.fake_discord import CB_DEFERRED_MESSAGE, CB_MESSAGE
 
     if inter.callback_type == CB_MESSAGE:
-        return "rejected"
+        return f"rejected: {inter.original_content[:48]}"
+    if inter.callback_type is None and inter.late_callbacks:
+        return "defer too late (refused by Discord)"  # the user saw "did not respond"
     if inter.callback_type != CB_DEFERRED_MESSAGE:
-        return "lost"  # no defer accepted: the user saw nothing
+        return "lost"  # no answer at all (yet)
     pages = len(inter.html_files)
     if pages > 1:
         return "duplicated"
@@ -379,10 +395,21 @@ async def send_load(
 
 
 async def wait_for_outcomes(interactions: Sequence[Any], timeout_s: float) -> None:
+    """Until every interaction has its outcome, ``timeout_s`` passed, or nothing changed
+    for a minute (what is still missing then counts as lost); progress on stderr."""
     deadline = time.monotonic() + timeout_s
-    while any(outcome(i) == "lost" for i in interactions):
-        if time.monotonic() > deadline:
-            return  # what is still missing counts as lost
+    last_change, last_missing, last_print = time.monotonic(), -1, 0.0
+    while True:
+        counts = Counter(outcome(i) for i in interactions)
+        missing = counts["lost"]
+        now = time.monotonic()
+        if missing != last_missing:
+            last_change, last_missing = now, missing
+        if now - last_print >= 10:
+            last_print = now
+            print(f"  {dict(counts)}", file=sys.stderr)
+        if missing == 0 or now > deadline or now - last_change > STALL_S:
+            return
         await asyncio.sleep(0.5)
 
 
@@ -435,6 +462,7 @@ def table(report: Report) -> str:
         ("late overtakes, max per job and user (gate <= 1)", f"{f.max_late_overtakes} "
          f"({f.jobs_over_gate} of {f.taken} jobs over)"),
         ("turns of one other user while waiting, max", str(f.max_turns_waiting)),
+        ("longest queue (jobs waiting at once)", str(f.max_queued)),
         ("enqueue -> defer (first status) p50 / p99 / max",
          f"{percentile(d, 50) * 1000:.0f} / {percentile(d, 99) * 1000:.0f} / "
          f"{max(d, default=float('nan')) * 1000:.0f} ms (gate p99 < 1000 ms)"),
@@ -520,8 +548,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, write = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="queue-load-") as tmp:
-        report = asyncio.run(run(config, Path(tmp)))
+    # SIGTERM (a `timeout`, a CI runner) unwinds like Ctrl-C: the children are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # The processes' logs stay there (out/ is not versioned).
+    folder = Path(tempfile.mkdtemp(prefix="queue-load-", dir=REPO / "out"))
+    print(f"logs in {folder}", file=sys.stderr)
+    report = asyncio.run(run(config, folder))
     command = "python -m bench.queue_load " + " ".join(sys.argv[1:] if argv is None else argv)
     text = section(report, command.strip())
     print(text)
