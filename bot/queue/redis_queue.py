@@ -569,6 +569,7 @@ class RedisJobSource:
         *,
         max_batch: int = 1,
         poll_s: float = 0.1,
+        busy_poll_s: float = 0.05,
         progress_interval_s: float = 1.0,
         call_timeout_s: float = 5.0,
         finish_retry_s: float = 180.0,
@@ -579,6 +580,11 @@ class RedisJobSource:
         self.lease_s = lease_s
         self.max_batch = max_batch
         self.poll_s = poll_s
+        # A running engine asks for more work at every decode step (~10 ms on a GPU): one
+        # Redis round trip each time would cost a few percent of its speed. After an empty
+        # answer it asks again no sooner than this (a new job waits at most that much more).
+        self.busy_poll_s = busy_poll_s
+        self._last_empty = float("-inf")
         self.progress_interval_s = progress_interval_s
         self.call_timeout_s = call_timeout_s
         self.finish_retry_s = finish_retry_s
@@ -616,7 +622,10 @@ class RedisJobSource:
 
     def take(self, max_count: int, wait_s: float = 0.0) -> list[Job]:
         """Up to ``max_count`` jobs, polling every ``poll_s`` for up to ``wait_s``."""
-        deadline = time.monotonic() + wait_s
+        started = time.monotonic()
+        if wait_s <= 0 and started - self._last_empty < self.busy_poll_s:
+            return []
+        deadline = started + wait_s
         while True:
             try:
                 jobs = self._call(
@@ -633,7 +642,9 @@ class RedisJobSource:
                         for job in jobs:
                             self._leases[job.job_id] = _Lease(last_report=time.monotonic())
                     return jobs
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            self._last_empty = now
+            remaining = deadline - now
             if remaining <= 0:
                 return []
             if self._wake.wait(min(self.poll_s, remaining)):

@@ -638,3 +638,21 @@ async def test_source_take_waits_for_a_job_and_wakes(queue: RedisQueue) -> None:
     source.wake()
     async with asyncio.timeout(5):
         assert await waiting == []
+
+
+async def test_a_busy_engine_asks_redis_at_most_every_busy_poll(queue: RedisQueue) -> None:
+    # The engine asks at every decode step; an empty answer holds further asks back a bit.
+    loop = asyncio.get_running_loop()
+    source = RedisJobSource(queue, loop, "w1", lease_s=30.0, busy_poll_s=0.3)
+    assert await asyncio.to_thread(source.take, 4) == []
+    job = new_job(1)
+    await queue.submit(job)
+    assert await asyncio.to_thread(source.take, 4) == []  # within busy_poll_s: not asked
+    await asyncio.sleep(0.35)
+    [taken] = await asyncio.to_thread(source.take, 4)
+    assert taken.job_id == job.job_id
+    # A waiting take (an idle worker) is never held back.
+    later = new_job(2)
+    await queue.submit(later)
+    [waited] = await asyncio.to_thread(source.take, 4, 1.0)
+    assert waited.job_id == later.job_id
