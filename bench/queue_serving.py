@@ -250,7 +250,8 @@ class RedisWorkerRun:
 
     async def start(self, prefix: str, max_batch: int | None = None) -> None:
         """Serve ``prefix``; ``max_batch`` (this phase's cap) overrides the run's."""
-        from bot.queue.redis_queue import RedisJobSource, connect
+        from bot.queue.redis_queue import connect
+        from bot.queue.redis_source import RedisJobSource
         from bot.worker import Worker
 
         loop = asyncio.get_running_loop()

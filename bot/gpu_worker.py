@@ -85,7 +85,8 @@ async def serve(
 ) -> None:
     """Load the model (unless ``engine`` is given) and serve Redis until SIGINT/SIGTERM,
     or until ``stop`` is set when one is given (then no signal handler is installed)."""
-    from bot.queue.redis_queue import RedisJobSource, RedisQueue
+    from bot.queue.redis_queue import RedisQueue
+    from bot.queue.redis_source import RedisJobSource
 
     name = process_name(settings, "worker")
     queue = RedisQueue.from_settings(settings)

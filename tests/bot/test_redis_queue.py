@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 from bot.errors import QueueFull, QueueUnavailable, UserLimitReached
 from bot.jobs import DeliveryInfo, Job, JobState
 from bot.queue.codec import CodecError, decode_job, encode_job
-from bot.queue.redis_queue import DeliveryInProgress, RedisJobSource, RedisQueue, connect
+from bot.queue.redis_queue import DeliveryInProgress, RedisQueue, connect
+from bot.queue.redis_source import RedisJobSource
 from model.types import (
     FinishReason,
     GenerationResult,
