@@ -40,7 +40,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -59,7 +59,6 @@ from bot.scheduler import format_duration
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Progress = Literal["ok", "cancel", "lost"]
 
 GROUP = "bots"
