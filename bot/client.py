@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -29,7 +30,7 @@ from bot import texts
 from bot.backend import Backend, local_backend, process_name, redis_backend
 from bot.commands import Commands, HtmlCommandTree, send_stored_page
 from bot.delivery import Delivery
-from bot.errors import QueueUnavailable
+from bot.errors import BotError, QueueUnavailable
 from bot.jobs import Job, JobState
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
@@ -147,16 +148,19 @@ class HtmlBot(discord.Client):
         self.tree.settings = settings
         self.tree.metrics = self.metrics
         self.previewer = make_previewer(settings)
+        # An empty page is generated once more: put back in the local queue, or (Redis) a
+        # copy with a new id, the finished job being out of the shared queue for good.
+        regenerate: Any = None
+        if settings.regenerate_empty:
+            regenerate = (
+                self.regenerate if backend.scheduler is not None else self.regenerate_shared
+            )
         self.delivery = Delivery(
             self.store,
             self.metrics,
             model_name=self.model_name,
             previewer=self.previewer,
-            regenerate=(
-                self.regenerate
-                if settings.regenerate_empty and backend.scheduler is not None
-                else None
-            ),
+            regenerate=regenerate,
         )
         self.page_mode = settings.resolved_page_mode()
         self.board = StatusBoard(
@@ -385,6 +389,40 @@ class HtmlBot(discord.Client):
         if job.state is JobState.CANCELLED:
             return False
         self.board.track(job)
+        return True
+
+    async def regenerate_shared(self, job: Job) -> bool:
+        """The Redis backend's :meth:`regenerate`: the finished job can't go back into the
+        shared queue, so a copy with a new id and another seed does, answering the same
+        interaction; False when it can't be queued (already regenerated, refused)."""
+        if job.regenerated or self.shutting_down:
+            return False
+        again = Job.create(
+            user_id=job.user_id,
+            prompt=job.prompt,
+            style=job.style,
+            ttl_s=job.expires_at - time.monotonic(),
+            sampling=dataclasses.replace(job.request.sampling, seed=random.getrandbits(32)),
+            mode=job.request.mode,
+            safety=job.request.safety,
+            user_name=job.user_name,
+            guild_id=job.guild_id,
+            channel_id=job.channel_id,
+            private=job.private,
+            delivery=job.delivery,
+            regenerated=True,
+        )
+        try:
+            await self.queue.submit(again)
+        except BotError as exc:
+            log.info("job %s: not generated again (%s)", job.job_id, exc)
+            return False
+        ticket = job.context
+        again.context = ticket
+        if isinstance(ticket, Ticket):
+            self.tickets[again.job_id] = ticket
+        self.board.track(again)
+        log.info("job %s: generated again as %s", job.job_id, again.job_id)
         return True
 
     def _on_expired_threadsafe(self, job: Job) -> None:

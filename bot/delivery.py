@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -253,7 +254,7 @@ class Delivery:
         metrics: Metrics,
         *,
         model_name: str,
-        regenerate: Callable[[Job], bool] | None = None,
+        regenerate: Callable[[Job], bool | Awaitable[bool]] | None = None,
         previewer: Previewer | None = None,
         attempts: int = 5,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -321,7 +322,7 @@ class Delivery:
             self.metrics.job_failed()
             await self.final_edit(job, texts.NO_PAGE)
             return "failed"
-        if PageWarning.EMPTY in page.warnings and self.regenerate and self.regenerate(job):
+        if PageWarning.EMPTY in page.warnings and await self._regenerated(job):
             # One more try with another seed before anyone sees an empty page.
             log.info("job %s: the page came out empty; generating it again", job.job_id)
             return "again"
@@ -356,6 +357,12 @@ class Delivery:
         preview = None if ticket.dead else await self.render_preview(job, page.data)
         await self.send_page(job, filename, page.data, summary, preview=preview, kept=kept)
         return "sent"
+
+    async def _regenerated(self, job: Job) -> bool:
+        if self.regenerate is None:
+            return False
+        again = self.regenerate(job)
+        return await again if inspect.isawaitable(again) else again
 
     async def render_preview(self, job: Job, data: bytes) -> bytes | None:
         """The page's PNG preview, or None (no previewer, no time left, or it failed)."""

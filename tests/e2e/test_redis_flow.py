@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,13 @@ import discord
 import pytest
 from discord.gateway import DiscordWebSocket
 
-from model.types import TextGenerator
+from model.types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ProgressCallback,
+    TextGenerator,
+)
 from tests.e2e.helpers import ControlledEngine, ShortAnswers, bot_errors
 from tests.e2e.redis_helpers import (
     RedisView,
@@ -452,3 +458,54 @@ async def test_cancel_button_on_a_queued_and_a_running_job(
         await worker.stop()
         await stop_redis_bot(run)
     assert bot_errors(caplog) == []
+
+
+class EmptyFirst:
+    """An engine whose first answer to each prompt is an empty page, the next a full one."""
+
+    model_name = "empty-first"
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+        self.seeds: list[int | None] = []
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        results = []
+        for request in requests:
+            self.seen[request.prompt] += 1
+            self.seeds.append(request.sampling.seed)
+            body = "" if self.seen[request.prompt] == 1 else "<h1>Bakery</h1><p>Fresh bread.</p>"
+            results.append(
+                GenerationResult(
+                    request_id=request.request_id,
+                    text=f"<!DOCTYPE html><html><head><title>Bakery</title></head>"
+                    f"<body>{body}</body></html>",
+                    finish_reason=FinishReason.HTML_COMPLETE,
+                    prompt_tokens=10,
+                    generated_tokens=20,
+                    time_to_first_token_s=0.01,
+                    total_s=0.1,
+                )
+            )
+        return results
+
+
+async def test_an_empty_page_is_generated_again_through_redis(
+    fake: FakeDiscord, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    settings = redis_settings(fake, tmp_path, redis_server, new_prefix(), regenerate_empty=True)
+    engine = EmptyFirst()
+    run = await start_redis_bot(fake, settings)
+    worker = await start_worker(settings, engine)
+    try:
+        inter = await fake.send_command("html", {"prompt": "a bakery"}, user=fake.user("ann"))
+        page = await inter.wait_for_file(".html", timeout=30)
+        assert b"Fresh bread" in page.data  # the second answer, not the empty first one
+        await asyncio.sleep(0.5)
+        assert len(inter.html_files) == 1
+        assert engine.seen["a bakery"] == 2 and engine.seeds[0] != engine.seeds[1]
+    finally:
+        await worker.stop()
+        await stop_redis_bot(run)
