@@ -1,0 +1,20 @@
+"""Per-server settings for admins: the settings themselves, their stores, usage counters,
+and the ``/settings`` command (``bot.guilds.command``); the limit policy is ``bot.limits``."""
+
+from bot.guilds.model import (
+    FIELDS,
+    LIMIT_FIELDS,
+    GuildDefaults,
+    GuildSettings,
+    InvalidSetting,
+    Limits,
+)
+
+__all__ = [
+    "FIELDS",
+    "LIMIT_FIELDS",
+    "GuildDefaults",
+    "GuildSettings",
+    "InvalidSetting",
+    "Limits",
+]
