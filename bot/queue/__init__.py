@@ -9,6 +9,7 @@ workers (``bot.queue.redis_queue``).
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from bot.jobs import Job, JobState
 
 if TYPE_CHECKING:
-    from bot.store import StoredPage
+    from bot.versions import PageHistory, StoredPage
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,12 @@ class JobSource(Protocol):
 
 
 class PageStore(Protocol):
-    """Finished pages kept for ``/mypages``: files (local) or Redis (shared by all shards)."""
+    """Finished pages kept for ``/mypages``: files (local) or Redis (shared by all shards).
+
+    Each kept page is one version of a page (``bot.versions``): ``save`` with a
+    ``parent_job_id`` adds the next version to the parent's page. Only the owner's user id
+    reads a version, except through ``get_any`` (the owner check of the page's buttons).
+    """
 
     async def save(
         self,
@@ -98,10 +104,44 @@ class PageStore(Protocol):
         generated_tokens: int = 0,
         seconds: float = 0.0,
         warnings: tuple[str, ...] = (),
-    ) -> StoredPage: ...
+        parent_job_id: str | None = None,
+        kind: str = "create",
+        instruction: str | None = None,
+        content: str | None = None,
+    ) -> StoredPage:
+        """Keep a version (v1 of a new page, or the next version of the parent's page)."""
+        ...
 
-    async def list(self, user_id: int) -> list[StoredPage]: ...
+    async def list(self, user_id: int) -> list[StoredPage]:
+        """The user's versions, one entry each, newest first."""
+        ...
+
+    async def list_pages(self, user_id: int) -> builtins.list[PageHistory]:
+        """The user's pages, newest first, each with its versions in order."""
+        ...
 
     async def get(self, user_id: int, job_id: str) -> StoredPage | None: ...
 
+    async def get_version(self, user_id: int, page_id: str, version: int) -> StoredPage | None: ...
+
+    async def get_any(self, job_id: str) -> StoredPage | None:
+        """A version whoever owns it (``user_id`` says who): the caller decides."""
+        ...
+
     async def read(self, page: StoredPage) -> bytes: ...
+
+    async def read_content(self, page: StoredPage) -> str | None:
+        """A compose page's structured content (JSON text), None if none was kept."""
+        ...
+
+    async def set_message(
+        self,
+        user_id: int,
+        job_id: str,
+        *,
+        message_id: int | None = None,
+        channel_id: int | None = None,
+        thread_id: int | None = None,
+    ) -> StoredPage | None:
+        """Record where a version was posted; None if the user has no such version."""
+        ...

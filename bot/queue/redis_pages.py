@@ -1,11 +1,13 @@
 """Finished pages kept in Redis, so ``/mypages`` works from any bot shard.
 
-Keys under ``{prefix}:``: ``page:{job_id}`` is a hash (``meta`` JSON, ``data`` bytes,
-``user_id``, ``created_at``) that expires ``ttl_s`` after it was saved; ``pages:{user_id}``
-is a sorted set of the user's job ids scored by save time, trimmed to the newest
-``keep_per_user`` (the trimmed pages are deleted in the same script). A page bigger than
-``max_bytes`` is refused with :class:`PageTooLarge` (an OSError, as a full disk would be):
-Redis holds everything in memory, so one runaway page must not crowd out the queue.
+Each kept page is a version of a page (``bot.versions``); the keys and the scripts that keep
+them consistent are in ``bot.queue.redis_page_scripts``. A version is saved by one script,
+which numbers it after the newest version of its parent's page (so concurrent refines get
+distinct, consecutive numbers), refreshes the TTL (``ttl_s``) of every key of the page, and
+trims: the user's pages past ``keep_per_user`` go whole, and each page keeps at most
+``max_versions`` versions (the first always among them). A page bigger than ``max_bytes`` is
+refused with :class:`PageTooLarge` (an OSError, as a full disk would be): Redis holds
+everything in memory, so one runaway page must not crowd out the queue.
 
 Same API as the local ``bot.store.ResultStore``; ``StoredPage.path`` is None here, and
 ``read`` fetches the bytes. The pages are bytes: given a client that decodes replies (the
@@ -14,38 +16,39 @@ queue's), the store opens a second one to the same server that does not.
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from bot.queue.redis_page_scripts import SAVE, SET_MESSAGE
 from bot.queue.redis_queue import reachable
-from bot.store import StoredPage
+from bot.versions import (
+    MAX_VERSIONS,
+    PageHistory,
+    StoredPage,
+    group_pages,
+    newest_first,
+    page_from_meta,
+    version_meta,
+)
 
 _JOB_ID = re.compile(r"^[0-9a-f]{4,32}$")
 DAY_S = 24 * 3600
-
-# ARGV: 1 prefix, 2 ttl seconds, 3 keep per user, 4 job id, 5 user id, 6 meta, 7 data
-# -> created_at (Redis time)
-_SAVE = r"""
-local P = ARGV[1]
-local ttl, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
-local id, uid = ARGV[4], ARGV[5]
-local t = redis.call('TIME')
-local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
-local page = P .. ':page:' .. id
-local index = P .. ':pages:' .. uid
-redis.call('DEL', page)
-redis.call('HSET', page, 'meta', ARGV[6], 'data', ARGV[7], 'user_id', uid, 'created_at', now)
-redis.call('EXPIRE', page, ttl)
-redis.call('ZADD', index, now, id)
-redis.call('EXPIRE', index, ttl)
-local old = redis.call('ZREVRANGE', index, keep, -1)
-for _, gone in ipairs(old) do redis.call('DEL', P .. ':page:' .. gone) end
-redis.call('ZREMRANGEBYRANK', index, 0, -(keep + 1))
-return now
-"""
+# The hash fields a version is read from (``data`` and ``content`` only when asked for).
+_FIELDS = (
+    "meta",
+    "created_at",
+    "user_id",
+    "page_id",
+    "version",
+    "message_id",
+    "channel_id",
+    "thread_id",
+)
 
 
 class PageTooLarge(OSError):
@@ -53,7 +56,7 @@ class PageTooLarge(OSError):
 
 
 class RedisPageStore:
-    """Per-user store of the last pages in Redis (see the module docstring)."""
+    """Per-user store of the last pages and their versions in Redis (see the module doc)."""
 
     def __init__(
         self,
@@ -63,7 +66,10 @@ class RedisPageStore:
         ttl_s: float = 30 * DAY_S,
         max_bytes: int = 8 * 1024 * 1024,
         keep_per_user: int = 10,
+        max_versions: int = MAX_VERSIONS,
     ) -> None:
+        if max_versions < 2:
+            raise ValueError("max_versions must keep the first version and the newest")
         # Page bytes need a client that does not decode replies; given one that does (the
         # queue's), the store opens its own to the same server.
         self._own_client = bool(client.get_connection_kwargs().get("decode_responses"))
@@ -79,7 +85,9 @@ class RedisPageStore:
         self.ttl_s = max(1, round(ttl_s))
         self.max_bytes = max_bytes
         self.keep_per_user = keep_per_user
-        self._save = client.register_script(_SAVE)
+        self.max_versions = max_versions
+        self._save = client.register_script(SAVE)
+        self._set_message = client.register_script(SET_MESSAGE)
 
     @classmethod
     def from_settings(cls, settings: Any, client: aioredis.Redis) -> RedisPageStore:
@@ -100,6 +108,9 @@ class RedisPageStore:
     def _page_key(self, job_id: str) -> str:
         return f"{self.prefix}:page:{job_id}"
 
+    def _versions_key(self, page_id: str) -> str:
+        return f"{self.prefix}:versions:{page_id}"
+
     def _index_key(self, user_id: int) -> str:
         return f"{self.prefix}:pages:{int(user_id)}"
 
@@ -115,16 +126,24 @@ class RedisPageStore:
         generated_tokens: int = 0,
         seconds: float = 0.0,
         warnings: tuple[str, ...] = (),
+        parent_job_id: str | None = None,
+        kind: str = "create",
+        instruction: str | None = None,
+        content: str | None = None,
     ) -> StoredPage:
-        """Keep the page (with its TTL) and drop the user's oldest beyond ``keep_per_user``.
+        """Keep a version: the next one of the parent's page, or v1 of a new page.
 
-        Raises PageTooLarge over ``max_bytes``, QueueUnavailable when Redis is down.
+        ``parent_job_id`` names the version this one was made from; if the user has no such
+        version (expired, trimmed, or never theirs) the result starts a page of its own.
+        Saving a job id again replaces that version in place. Raises PageTooLarge over
+        ``max_bytes`` (page and content together), QueueUnavailable when Redis is down.
         """
         if not _JOB_ID.match(job_id):
             raise ValueError(f"bad job id {job_id!r}")
-        if len(data) > self.max_bytes:
+        size = len(data) + len(content.encode() if content is not None else b"")
+        if size > self.max_bytes:
             raise PageTooLarge(
-                f"page {job_id} is {len(data)} bytes, over the store's cap of {self.max_bytes}"
+                f"page {job_id} is {size} bytes, over the store's cap of {self.max_bytes}"
             )
         meta = {
             "job_id": job_id,
@@ -136,56 +155,67 @@ class RedisPageStore:
             "seconds": round(seconds, 3),
             "warnings": list(warnings),
             "size": len(data),
+            **version_meta(
+                parent_job_id=parent_job_id, kind=kind, instruction=instruction, content=content
+            ),
         }
         encoded = json.dumps(meta, ensure_ascii=False)
         async with reachable():
-            created = await self._save(
+            created, page_id, version = await self._save(
                 keys=[],
                 args=[
                     self.prefix,
                     self.ttl_s,
                     self.keep_per_user,
+                    self.max_versions,
                     job_id,
                     int(user_id),
+                    parent_job_id or "",
                     encoded,
                     data,
+                    "1" if content is not None else "0",
+                    content or "",
                 ],
             )
-        return _page(meta, float(created))
+        meta.update(page_id=_text(page_id), version=int(version))
+        return page_from_meta(meta, created_at=float(created), path=None)
 
     async def list(self, user_id: int) -> list[StoredPage]:
-        """The user's kept pages, newest first (expired ones leave the index here)."""
-        index = self._index_key(user_id)
-        async with reachable():
-            ids = [_text(item) for item in await self.client.zrevrange(index, 0, -1)]
-            if not ids:
-                return []
-            pipe = self.client.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.hmget(self._page_key(job_id), "meta", "created_at")
-            replies = await pipe.execute()
-            pages: list[StoredPage] = []
-            expired: list[str] = []
-            for job_id, (meta, created) in zip(ids, replies, strict=True):
-                if meta is None:
-                    expired.append(job_id)
-                else:
-                    pages.append(_page(json.loads(meta), float(created)))
-            if expired:
-                await self.client.zrem(index, *expired)
-        return pages
+        """The user's kept versions, one entry each, newest first (expired ones leave the
+        index here)."""
+        return newest_first(await self._versions(user_id))
+
+    async def list_pages(self, user_id: int) -> builtins.list[PageHistory]:
+        """The user's pages, newest (last saved to) first, each with its versions in order."""
+        return group_pages(await self._versions(user_id))
 
     async def get(self, user_id: int, job_id: str) -> StoredPage | None:
-        """One of the user's pages, or None (also for ids of other users' pages)."""
+        """One of the user's versions, or None (also for ids of other users' pages)."""
+        page = await self.get_any(job_id)
+        return page if page is not None and page.user_id == int(user_id) else None
+
+    async def get_version(self, user_id: int, page_id: str, version: int) -> StoredPage | None:
+        """Version ``version`` of the user's page ``page_id``, or None."""
+        if not _JOB_ID.match(page_id):
+            return None
+        async with reachable():
+            ids = await self.client.zrangebyscore(self._versions_key(page_id), version, version)
+        # A page saved before versions existed has no versions key: it is its own v1.
+        candidates = [_text(item) for item in ids] or ([page_id] if version == 1 else [])
+        for job_id in candidates:
+            page = await self.get(user_id, job_id)
+            if page is not None and (page.page_id, page.version) == (page_id, version):
+                return page
+        return None
+
+    async def get_any(self, job_id: str) -> StoredPage | None:
+        """A version whoever owns it (``user_id`` is the owner): for the owner check of the
+        buttons under a page, where the caller decides who may do what. None if not kept."""
         if not _JOB_ID.match(job_id):
             return None
         async with reachable():
-            meta, created, owner = await self.client.hmget(
-                self._page_key(job_id), "meta", "created_at", "user_id"
-            )
-        if meta is None or _text(owner) != str(int(user_id)):
-            return None
-        return _page(json.loads(meta), float(created or 0))
+            reply = await self.client.hmget(self._page_key(job_id), _FIELDS)
+        return _page(reply)
 
     async def read(self, page: StoredPage) -> bytes:
         """The page's bytes. Raises FileNotFoundError if it expired or was trimmed."""
@@ -195,22 +225,93 @@ class RedisPageStore:
             raise FileNotFoundError(f"page {page.job_id} is no longer kept")
         return data if isinstance(data, bytes) else str(data).encode()
 
+    async def read_content(self, page: StoredPage) -> str | None:
+        """The structured content kept with a compose page (JSON text), or None if there is
+        none (not a compose page, or expired or trimmed meanwhile)."""
+        if not page.has_content:
+            return None
+        async with reachable():
+            content = await self.client.hget(self._page_key(page.job_id), "content")
+        return None if content is None else _text(content)
+
+    async def set_message(
+        self,
+        user_id: int,
+        job_id: str,
+        *,
+        message_id: int | None = None,
+        channel_id: int | None = None,
+        thread_id: int | None = None,
+    ) -> StoredPage | None:
+        """Record where a version was posted (the ids given; the others stay as they were).
+        The updated version, or None if the user has no such version."""
+        if not _JOB_ID.match(job_id):
+            return None
+        given = {"message_id": message_id, "channel_id": channel_id, "thread_id": thread_id}
+        pairs: list[Any] = []
+        for name, value in given.items():
+            if value is not None:
+                pairs += [name, int(value)]
+        async with reachable():
+            done = await self._set_message(
+                keys=[], args=[self.prefix, job_id, int(user_id), *pairs]
+            )
+        return await self.get(user_id, job_id) if done else None
+
+    async def _versions(self, user_id: int) -> builtins.list[StoredPage]:
+        """Every kept version of the user's pages; drops index entries whose keys expired."""
+        index = self._index_key(user_id)
+        async with reachable():
+            page_ids = [_text(item) for item in await self.client.zrevrange(index, 0, -1)]
+            if not page_ids:
+                return []
+            pipe = self.client.pipeline(transaction=False)
+            for page_id in page_ids:
+                pipe.zrange(self._versions_key(page_id), 0, -1)
+            members = await pipe.execute()
+            # A page saved before versions existed has no versions key: it is its own v1.
+            wanted = [
+                (page_id, [_text(item) for item in ids] or [page_id])
+                for page_id, ids in zip(page_ids, members, strict=True)
+            ]
+            pipe = self.client.pipeline(transaction=False)
+            for _, job_ids in wanted:
+                for job_id in job_ids:
+                    pipe.hmget(self._page_key(job_id), _FIELDS)
+            replies = iter(await pipe.execute())
+            pages: list[StoredPage] = []
+            cleanup = self.client.pipeline(transaction=False)
+            gone_pages: list[str] = []
+            for page_id, job_ids in wanted:
+                expired = []
+                for job_id in job_ids:
+                    page = _page(next(replies))
+                    if page is None:
+                        expired.append(job_id)
+                    elif page.user_id == int(user_id):
+                        pages.append(page)
+                if expired:
+                    cleanup.zrem(self._versions_key(page_id), *expired)
+                if len(expired) == len(job_ids):
+                    gone_pages.append(page_id)
+            if gone_pages:
+                cleanup.zrem(index, *gone_pages)
+            if gone_pages or len(cleanup):
+                await cleanup.execute()
+        return pages
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _page(meta: dict[str, Any], created_at: float) -> StoredPage:
-    return StoredPage(
-        job_id=str(meta["job_id"]),
-        user_id=int(meta["user_id"]),
-        filename=str(meta["filename"]),
-        prompt=str(meta.get("prompt", "")),
-        model=str(meta.get("model", "")),
-        generated_tokens=int(meta.get("generated_tokens", 0)),
-        seconds=float(meta.get("seconds", 0.0)),
-        warnings=tuple(meta.get("warnings", ())),
-        created_at=created_at,
-        size=int(meta.get("size", 0)),
-        path=None,
-    )
+def _page(reply: Sequence[Any]) -> StoredPage | None:
+    """A version from its hash fields (``_FIELDS`` order), or None if the key is gone."""
+    fields = dict(zip(_FIELDS, reply, strict=True))
+    if fields["meta"] is None:
+        return None
+    meta = json.loads(fields.pop("meta"))
+    created = fields.pop("created_at")
+    fields.pop("user_id")  # the meta has it too
+    meta.update({name: _text(value) for name, value in fields.items() if value is not None})
+    return page_from_meta(meta, created_at=float(_text(created or 0)), path=None)
