@@ -107,3 +107,87 @@ async def test_ids_that_could_escape_the_folder_are_refused(tmp_path: Path, bad:
 async def test_survives_a_restart(tmp_path: Path) -> None:
     await save(ResultStore(tmp_path), 7, "cafe0001")
     assert [p.job_id for p in await ResultStore(tmp_path).list(7)] == ["cafe0001"]
+
+
+def _old_format(folder: Path, job_id: str, created_at: float) -> None:
+    # What the store wrote before pages had versions.
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "job_id": job_id,
+        "user_id": int(folder.name),
+        "filename": "old.html",
+        "prompt": "an old page",
+        "model": "m",
+        "generated_tokens": 3,
+        "seconds": 1.5,
+        "warnings": [],
+        "created_at": created_at,
+        "size": 11,
+    }
+    (folder / f"{job_id}.json").write_text(json.dumps(meta))
+    (folder / f"{job_id}.html").write_bytes(b"<html></html>")
+
+
+async def test_pages_of_the_old_format_read_as_their_own_v1(tmp_path: Path) -> None:
+    _old_format(tmp_path / "4", "01d00001", created_at=1000.0)
+    _old_format(tmp_path / "4", "01d00002", created_at=2000.0)
+    store = ResultStore(tmp_path)
+    pages = await store.list_pages(4)
+    assert [h.page_id for h in pages] == ["01d00002", "01d00001"]
+    old = pages[1].first
+    assert (old.job_id, old.version, old.kind, old.parent_job_id) == ("01d00001", 1, "create", None)
+    assert await store.get_version(4, "01d00001", 1) == old
+    refined = await store.save(
+        user_id=4,
+        job_id="01d00003",
+        filename="old.html",
+        data=b"<html>v2</html>",
+        prompt="an old page",
+        model="m",
+        parent_job_id="01d00001",
+        kind="refine",
+        instruction="bigger title",
+    )
+    assert (refined.page_id, refined.version) == ("01d00001", 2)
+    assert [h.page_id for h in await store.list_pages(4)] == ["01d00001", "01d00002"]
+
+
+async def test_trimmed_versions_leave_no_files(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path, keep_per_user=1, max_versions=2)
+    first = await store.save(
+        user_id=1, job_id="aaaa0001", filename="a", data=b"1", prompt="", model="", content="{}"
+    )
+    for n, parent in ((2, "aaaa0001"), (3, "aaaa0002")):
+        await store.save(
+            user_id=1,
+            job_id=f"aaaa000{n}",
+            filename="a",
+            data=b"x",
+            prompt="",
+            model="",
+            parent_job_id=parent,
+            kind="refine",
+            content="{}",
+        )
+    names = sorted(p.name for p in (tmp_path / "1").iterdir())
+    assert names == [f"aaaa000{n}.{ext}" for n in (1, 3) for ext in ("content", "html", "json")]
+    await save(store, 1, "bbbb0001")  # a second page: the first goes whole
+    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["bbbb0001.html", "bbbb0001.json"]
+    assert await store.read_content(first) is None
+
+
+async def test_get_any_finds_the_owner_among_the_users(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    await save(store, 1, "aaaa0001")
+    await save(store, 22, "bbbb0001")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "cccc0001.json").write_text("{}")  # not a user folder
+    found = await store.get_any("bbbb0001")
+    assert found is not None and found.user_id == 22
+    assert await store.get_any("cccc0001") is None
+    assert await ResultStore(tmp_path / "missing").get_any("aaaa0001") is None
+
+
+def test_a_version_cap_below_two_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        ResultStore(tmp_path, max_versions=1)
