@@ -143,6 +143,11 @@ class ResultStore:
                 return page
         return None
 
+    async def get_page(self, user_id: int, page_id: str) -> PageHistory | None:
+        """The user's page ``page_id`` with its versions in order, or None."""
+        versions = [page for page in await self._versions(user_id) if page.page_id == page_id]
+        return group_pages(versions)[0] if versions else None
+
     async def get_any(self, job_id: str) -> StoredPage | None:
         """A version whoever owns it (``user_id`` is the owner): for the owner check of the
         buttons under a page, where the caller decides who may do what. None if not kept."""

@@ -124,6 +124,10 @@ class PageStore(Protocol):
 
     async def get_version(self, user_id: int, page_id: str, version: int) -> StoredPage | None: ...
 
+    async def get_page(self, user_id: int, page_id: str) -> PageHistory | None:
+        """One of the user's pages with its versions in order."""
+        ...
+
     async def get_any(self, job_id: str) -> StoredPage | None:
         """A version whoever owns it (``user_id`` says who): the caller decides."""
         ...

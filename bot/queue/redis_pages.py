@@ -208,6 +208,25 @@ class RedisPageStore:
                 return page
         return None
 
+    async def get_page(self, user_id: int, page_id: str) -> PageHistory | None:
+        """The user's page ``page_id`` with its versions in order, or None."""
+        if not _JOB_ID.match(page_id):
+            return None
+        async with reachable():
+            ids = await self.client.zrange(self._versions_key(page_id), 0, -1)
+            # A page saved before versions existed has no versions key: it is its own v1.
+            job_ids = [_text(item) for item in ids] or [page_id]
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hmget(self._page_key(job_id), _FIELDS)
+            replies = await pipe.execute()
+        versions = [
+            page
+            for page in map(_page, replies)
+            if page is not None and page.user_id == int(user_id) and page.page_id == page_id
+        ]
+        return group_pages(versions)[0] if versions else None
+
     async def get_any(self, job_id: str) -> StoredPage | None:
         """A version whoever owns it (``user_id`` is the owner): for the owner check of the
         buttons under a page, where the caller decides who may do what. None if not kept."""

@@ -102,6 +102,10 @@ async def test_follow_ups_are_the_next_versions_of_the_page(make_store: MakeStor
     [history] = await store.list_pages(1)
     assert history.page_id == v1.job_id and history.versions == (v1, v2, v3, v4)
     assert (history.first, history.latest, history.version(3)) == (v1, v4, v3)
+    assert await store.get_page(1, v1.job_id) == history
+    assert await store.get_page(2, v1.job_id) is None  # another user
+    assert await store.get_page(1, v2.job_id) is None  # a version, not a page
+    assert await store.get_page(1, "../etc") is None
 
 
 async def test_concurrent_refines_get_distinct_consecutive_numbers(make_store: MakeStore) -> None:
