@@ -8,6 +8,7 @@ doesn't start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -29,13 +30,13 @@ def guild_db_path(settings: Any) -> Path:
 async def open_database(path: Path | str, schema: str) -> aiosqlite.Connection:
     """A connection to ``path`` in WAL mode with ``schema`` applied (autocommit)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
     try:
         return await _open(path, schema)
     except sqlite3.DatabaseError as exc:
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.warning("%s is not a usable database (%s); moved to %s", path, exc, aside)
-        path.rename(aside)
+        await asyncio.to_thread(path.rename, aside)
         return await _open(path, schema)
 
 

@@ -157,7 +157,8 @@ class RedisUsage:
         key = self.pages_key(guild_id, user_id, utc_day(now))
         async with reachable(), self.client.pipeline(transaction=True) as pipe:
             pipe.incr(key)
-            pipe.expireat(key, int(day_end(now)) + _DAY_KEY_SLACK_S)
+            # Relative, so Redis's clock can't disagree with ours about it.
+            pipe.expire(key, int(day_end(now) - now) + _DAY_KEY_SLACK_S)
             pipe.set(self.last_key(guild_id, user_id), repr(now), ex=MAX_COOLDOWN_S)
             pages, _expiry, _set = await pipe.execute()
         return Usage(int(pages), now)
