@@ -1,5 +1,6 @@
 """Per-server settings for admins: the settings themselves, their stores, usage counters,
-and the ``/settings`` command (``bot.guilds.command``); the limit policy is ``bot.limits``."""
+the ``/settings`` command (``bot.guilds.command``) and the gate /html calls
+(``bot.guilds.gate``); the limit policy is ``bot.limits``."""
 
 from bot.guilds.model import (
     FIELDS,

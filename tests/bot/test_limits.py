@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 
 from bot.errors import NotAllowed, QueueUnavailable, UserLimitReached
-from bot.guilds.model import GuildSettings
+from bot.guilds.gate import GuildGate, open_gate
+from bot.guilds.model import GuildDefaults, GuildSettings
+from bot.guilds.store import GuildSettingsStore, SqliteFields
 from bot.guilds.usage import RedisUsage, SqliteUsage, Usage, UsageStore, day_end, utc_day
 from bot.limits import CoolingDown, DailyLimitReached, check_request
 from bot.queue.redis_queue import connect
+from bot.settings import Settings
 from tests.redis_server import RedisServer
 
 GUILD = 1000
@@ -222,3 +225,38 @@ async def test_redis_down_is_queue_unavailable() -> None:
     with pytest.raises(QueueUnavailable):
         await usage.record(GUILD, USER)
     await client.aclose()
+
+
+async def test_the_gate_admits_records_and_refuses(make_usage: MakeUsage, tmp_path: Path) -> None:
+    clock = Clock(EVENING)
+    store = GuildSettingsStore(SqliteFields(tmp_path / "settings.sqlite3"), GuildDefaults())
+    gate = GuildGate(settings=store, usage=make_usage(clock), clock=clock)
+    await store.update(GUILD, pages_per_day=1, default_style="dark")
+    request: dict[str, Any] = {
+        "guild_id": GUILD,
+        "user_id": USER,
+        "role_ids": [],
+        "channel_id": 5,
+        "queued": 0,
+    }
+
+    admitted = await gate.admit(**request)
+    assert admitted is not None and admitted.default_style == "dark"
+    assert await gate.record(GUILD, USER) == Usage(1, EVENING)
+    with pytest.raises(DailyLimitReached):
+        await gate.admit(**request)
+    # A DM has no server: no server limits, nothing counted.
+    assert await gate.admit(**{**request, "guild_id": None}) is None
+    assert await gate.record(None, USER) is None
+    await store.aclose()
+
+
+def test_open_gate_follows_the_backend(tmp_path: Path) -> None:
+    settings = Settings(
+        discord_token="x",  # type: ignore[arg-type]
+        results_dir=tmp_path,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    gate = open_gate(settings)
+    assert isinstance(gate.usage, SqliteUsage)
+    assert gate.usage.path == tmp_path / "htmlbot-guilds.sqlite3"
