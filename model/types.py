@@ -62,7 +62,15 @@ class SafetyPolicy(StrEnum):
 
 @dataclass
 class GenerationRequest:
-    """One page to generate. ``cancel()`` may be called from any thread."""
+    """One page to generate. ``cancel()`` may be called from any thread.
+
+    A *refine* edits an existing page instead of making a new one: ``prompt`` is then the
+    user's instruction ("make the headline about sourdough"), ``description`` the prompt
+    the page was first made from (it titles the page and, in compose mode, picks the kind
+    of page and its form), and the current page is ``source_page`` (document mode: its
+    HTML) or ``source_content`` (compose mode: ``HtmlPage.content``, the content JSON).
+    ``model.prompting.plan_answer`` builds the refine prompt from them.
+    """
 
     prompt: str
     style: str | None = None
@@ -73,6 +81,22 @@ class GenerationRequest:
     cancel_event: threading.Event = field(
         default_factory=threading.Event, repr=False, compare=False
     )
+    source_page: str | None = field(default=None, repr=False)
+    source_content: str | None = field(default=None, repr=False)
+    description: str | None = None
+
+    @property
+    def is_refine(self) -> bool:
+        """Whether this request edits a current page (a source page or content is set)."""
+        return self.source_page is not None or self.source_content is not None
+
+    @property
+    def page_prompt(self) -> str:
+        """The prompt the page is about: ``description`` for a refine that has one, else
+        ``prompt``. Pass it as ``prompt`` to ``model.page.page_from_result``."""
+        if self.is_refine and self.description:
+            return self.description
+        return self.prompt
 
     def cancel(self) -> None:
         self.cancel_event.set()

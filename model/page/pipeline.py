@@ -113,4 +113,10 @@ def _compose_page(result: GenerationResult, *, prompt: str, style: str | None) -
         warnings.add(size)
     html = render_content(content, theme=style, description=prompt)
     ordered = tuple(sorted(warnings, key=WARNING_ORDER.__getitem__))
-    return HtmlPage(html=html, title=content.title, warnings=ordered, complete=not truncated)
+    return HtmlPage(
+        html=html,
+        title=content.title,
+        warnings=ordered,
+        complete=not truncated,
+        content=content.model_dump_json(),
+    )

@@ -62,13 +62,16 @@ class HtmlPage:
 
     ``html`` is a complete, well-formed document; ``title`` is its title as plain text (the
     HTML holds it escaped); ``complete`` tells whether the model's own output already was a
-    full ``<html>…</html>`` document before any repair.
+    full ``<html>…</html>`` document before any repair. ``content`` (compose pages only) is
+    the page's :class:`~model.page.content.PageContent` as JSON: what a restyle re-renders
+    and a refine edits; ``None`` for a document page.
     """
 
     html: str
     title: str
     warnings: tuple[PageWarning, ...]
     complete: bool
+    content: str | None = None
 
     @property
     def data(self) -> bytes:

@@ -31,6 +31,7 @@ __all__ = [
     "inject_theme",
     "render_content",
     "resolve_theme",
+    "swap_theme",
     "theme_css",
 ]
 
@@ -243,3 +244,31 @@ def inject_theme(html: str, theme: str | None) -> str:
     opening = _HTML_OPEN_RE.search(searchable) or _DOCTYPE_RE.search(searchable)
     at = opening.end() if opening is not None else 0
     return f"{html[:at]}\n<head>\n{style}\n</head>\n{html[at:]}"
+
+
+# The stylesheet inject_theme and the compose template put in the head; the theme's CSS
+# never contains "</style" (theme_css checks), so the first one after it ends the element.
+_THEME_STYLE_RE = re.compile(
+    r"<style\s+data-theme=(?:\"[^\"]*\"|'[^']*'|[^\s>]+)\s*>.*?</style\s*>",
+    re.IGNORECASE | re.DOTALL,
+)
+_HTML_THEME_ATTR_RE = re.compile(
+    r"(<html\b[^>]*?\sdata-theme=)(?:\"[^\"]*\"|'[^']*'|[^\s>]+)", re.IGNORECASE
+)
+
+
+def swap_theme(html: str, theme: str | None) -> str:
+    """``html`` with its theme stylesheet (the ``<style data-theme>`` that
+    :func:`inject_theme` or the compose template put there) replaced by ``theme``'s, in
+    the same place, and the ``<html data-theme>`` attribute, when there is one, renamed.
+
+    Everything else stays byte for byte. A page that has no theme stylesheet gets one from
+    :func:`inject_theme`. Raises ``ValueError`` for an unknown theme.
+    """
+    name = resolve_theme(theme)
+    searchable = _COMMENT_RE.sub(lambda match: " " * len(match.group(0)), html)
+    found = _THEME_STYLE_RE.search(searchable)
+    if found is None:
+        return inject_theme(html, name)
+    html = html[: found.start()] + _style_element(name) + html[found.end() :]
+    return _HTML_THEME_ATTR_RE.sub(lambda match: f'{match.group(1)}"{name}"', html, count=1)
