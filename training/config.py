@@ -184,6 +184,17 @@ class TrainConfig:
             "example per pair and a compose one where that works)"
         },
     )
+    refine_examples: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction of the pairs, in [0, 1], that also give a refine example in "
+            "each page mode: the page and an instruction in the prompt (model.prompting's "
+            "refine format), the page after that edit as the answer; the edits are made "
+            "mechanically so the target is exact (document: new heading, added section, "
+            "recolour, footer removed; compose: new tagline or button label, features or "
+            "sections reordered)"
+        },
+    )
 
     # --- loop ---
     output_dir: str = field(
@@ -282,6 +293,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1 when set, got {value}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.refine_examples <= 1:
+            raise ConfigError(f"refine_examples must be in [0, 1], got {self.refine_examples}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:

@@ -70,6 +70,8 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, splits: Splits) -> Pre
         style=config.style,
         truncate=truncate,
         modes=config.page_modes,
+        refine_fraction=config.refine_examples,
+        seed=config.seed,
     )
     evaluation, eval_report = encode_pairs(
         tokenizer,
@@ -78,6 +80,8 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, splits: Splits) -> Pre
         style=config.style,
         truncate=truncate,
         modes=config.page_modes,
+        refine_fraction=config.refine_examples,
+        seed=config.seed,
     )
     if not train:
         raise DataError(
@@ -91,11 +95,13 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, splits: Splits) -> Pre
         train_report.rows_after_packing = len(train)
         evaluation = pack(evaluation, config.max_seq_len) if evaluation else evaluation
     log.info(
-        "tokenized: %d train examples (%d document, %d compose; %d pairs without a compose "
-        "example; %d dropped, %d truncated as too long), %d eval; %d target tokens, longest %d",
+        "tokenized: %d train examples (%d document, %d compose, %d refine; %d pairs without "
+        "a compose example; %d dropped, %d truncated as too long), %d eval; %d target tokens, "
+        "longest %d",
         train_report.examples,
         train_report.document_examples,
         train_report.compose_examples,
+        train_report.refine_examples,
         train_report.compose_skipped,
         train_report.dropped_too_long,
         train_report.truncated,

@@ -14,11 +14,17 @@ Each page mode has its own example (``TrainConfig.page_mode`` picks one or both)
   (:func:`model.prompting.encode_compose_prompt`); the answer is the form filled in with
   the content read out of the page (:mod:`training.compose`), when the page has enough
   text and the form's grammar accepts the result.
+
+With ``refine_fraction`` (``--refine-examples``), a share of the pairs also gives a refine
+example in each mode (:mod:`training.refine`): the prompt is inference's refine prompt
+(:func:`model.prompting.refine_document_prompt_ids` / ``refine_compose_prompt_ids``) for
+the page and an instruction, the answer the page after that edit, in the mode's shape.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,10 +33,16 @@ from typing import Any
 import torch
 
 from model.page.content import PageContent
-from model.prompting import encode_compose_prompt, plan_answer
+from model.prompting import (
+    encode_compose_prompt,
+    plan_answer,
+    refine_compose_prompt_ids,
+    refine_document_prompt_ids,
+)
 from model.types import GenerationRequest, PageMode
 from training.compose import COMPOSE_KIND, FormChecker, compose_answer, content_from_page
 from training.data import Pair
+from training.refine import compose_edit, document_edit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,9 @@ class TokenizeReport:
 
     ``compose_skipped`` counts the pairs that gave no compose example: too little usable
     text in the page, or (``compose_refused``, a part of it) an answer the grammar refuses.
+    ``refine_examples`` (also counted in ``examples``) are the refine examples made;
+    ``refine_skipped`` the pairs drawn for one that gave none (no edit applies, a truncated
+    page, no compose content, or an edit the grammar refuses).
     """
 
     examples: int = 0
@@ -66,6 +81,8 @@ class TokenizeReport:
     compose_examples: int = 0
     compose_skipped: int = 0
     compose_refused: int = 0
+    refine_examples: int = 0
+    refine_skipped: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
     prompt_tokens: int = 0
@@ -170,6 +187,57 @@ def _mode_ids(
     return _encode_compose(tokenizer, pair, style, content)
 
 
+@dataclass(frozen=True)
+class RefineIds:
+    """A refine example before fitting: the edit's instruction, prompt and answer ids."""
+
+    instruction: str
+    prompt: list[int]
+    answer: list[int]
+
+
+def refine_ids(
+    tokenizer: Any,
+    pair: Pair,
+    mode: PageMode,
+    rng: random.Random,
+    *,
+    style: str | None = None,
+    checker: FormChecker | None = None,
+) -> RefineIds | None:
+    """The refine example of ``pair`` in ``mode`` (an edit picked with ``rng``), or
+    ``None`` when the pair gives none (no edit applies, a truncated page, no compose
+    content, or an answer the form grammar refuses). The prompt ids are exactly those
+    :func:`model.prompting.plan_answer` gives the same refine request (compose: for the
+    landing kind every compose example uses)."""
+    if mode is PageMode.DOCUMENT:
+        if pair.truncated:
+            return None  # the edited page would not be the page the target shows
+        edit = document_edit(pair.page, pair.description, rng)
+        if edit is None:
+            return None
+        prompt = refine_document_prompt_ids(
+            tokenizer, pair.description, edit.instruction, pair.page, style
+        )
+        answer = _answer_ids(tokenizer, body_answer(edit.page), eos=True)
+        return RefineIds(edit.instruction, prompt, answer)
+    content = content_from_page(pair.page, pair.description)
+    if content is None:
+        return None
+    change = compose_edit(content, rng)
+    if change is None:
+        return None
+    if checker is None:
+        checker = FormChecker(tokenizer)
+    if not (checker.accepts(content) and checker.accepts(change.content)):
+        return None
+    prompt = refine_compose_prompt_ids(
+        tokenizer, pair.description, change.instruction, content, style, COMPOSE_KIND
+    )
+    form = compose_answer(change.content, pair.description)
+    return RefineIds(change.instruction, prompt, _answer_ids(tokenizer, form, eos=True))
+
+
 def _fit(
     tokenizer: Any, prompt: list[int], answer: list[int], max_seq_len: int, truncate: bool
 ) -> Example | None:
@@ -218,30 +286,82 @@ def encode_pairs(
     style: str | None = None,
     truncate: bool = False,
     modes: Sequence[PageMode] = (PageMode.DOCUMENT,),
+    refine_fraction: float = 0.0,
+    seed: int = 0,
 ) -> tuple[list[Example], TokenizeReport]:
     """Encode many pairs, one example per pair and mode (a compose example only when the
-    page gives usable content); over-long ones are dropped or truncated and counted."""
+    page gives usable content); over-long ones are dropped or truncated and counted.
+
+    ``refine_fraction`` of the pairs (drawn with ``seed``, per mode) also give a refine
+    example, right after the pair's own (:mod:`training.refine`).
+    """
+    if not 0 <= refine_fraction <= 1:
+        raise ValueError(f"refine_fraction must be in [0, 1], got {refine_fraction}")
     report = TokenizeReport()
     checker = FormChecker(tokenizer) if PageMode.COMPOSE in modes else None
+    draws = random.Random(seed)
     examples: list[Example] = []
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
         for mode in modes:
             example = _encode_one(
                 tokenizer, pair, mode, max_seq_len, style, truncate, checker, report
             )
-            if example is None:
+            if example is not None:
+                _count(report, example)
+                examples.append(example)
+                if mode is PageMode.DOCUMENT:
+                    report.document_examples += 1
+                else:
+                    report.compose_examples += 1
+            # Drawn for every pair and mode, and each edit picked by a generator of its
+            # own: which pairs get one, and which edit, depends on nothing else.
+            if draws.random() >= refine_fraction:
                 continue
-            examples.append(example)
-            if mode is PageMode.DOCUMENT:
-                report.document_examples += 1
-            else:
-                report.compose_examples += 1
-            report.target_tokens += example.target_tokens
-            report.prompt_tokens += len(example) - example.target_tokens
-            report.lengths.append(len(example))
+            rng = random.Random(f"{seed}:{index}:{mode.value}")
+            refine = _encode_refine(
+                tokenizer, pair, mode, max_seq_len, style, truncate, checker, rng, report
+            )
+            if refine is not None:
+                _count(report, refine)
+                examples.append(refine)
+                report.refine_examples += 1
     report.examples = len(examples)
     report.longest = max(report.lengths, default=0)
     return examples, report
+
+
+def _count(report: TokenizeReport, example: Example) -> None:
+    report.target_tokens += example.target_tokens
+    report.prompt_tokens += len(example) - example.target_tokens
+    report.lengths.append(len(example))
+
+
+def _encode_refine(
+    tokenizer: Any,
+    pair: Pair,
+    mode: PageMode,
+    max_seq_len: int,
+    style: str | None,
+    truncate: bool,
+    checker: FormChecker | None,
+    rng: random.Random,
+    report: TokenizeReport,
+) -> Example | None:
+    """A refine example of ``pair`` in ``mode``, with what happened counted in ``report``."""
+    ids = refine_ids(tokenizer, pair, mode, rng, style=style, checker=checker)
+    if ids is None:
+        report.refine_skipped += 1
+        return None
+    prompt, answer = ids.prompt, ids.answer
+    if len(prompt) + len(answer) > max_seq_len:
+        if not truncate:
+            report.dropped_too_long += 1
+            return None
+        report.truncated += 1
+    example = _fit(tokenizer, prompt, answer, max_seq_len, truncate)
+    if example is None:
+        report.dropped_too_long += 1
+    return example
 
 
 def _encode_one(
