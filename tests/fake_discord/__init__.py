@@ -15,6 +15,23 @@ What a test can do (all on the test's event loop):
   :class:`FakeInteraction` that tracks the callback, @original, follow-ups, files and every
   request, with ``wait_for_callback`` / ``wait_for_file`` / ``wait_for_request`` /
   ``wait_until``;
+* components: ``fake.press_button(custom_id, user=..., message=...)`` and
+  ``fake.choose(message, custom_id, values, user=...)`` (a select menu; ``message`` is a
+  message dict, a FakeInteraction, a message id or None) send MESSAGE_COMPONENT
+  interactions; what a Discord client would not let a user do (an unknown option, a
+  disabled button, too many values) raises; components a bot sends are checked as the API
+  checks them (400 otherwise). ``inter.component(custom_id)`` reads one back;
+* modals: a MODAL callback is kept as ``inter.modal`` (custom_id, title, components);
+  ``await fake.submit_modal(inter, {input_custom_id: text})`` sends the MODAL_SUBMIT
+  (``inter.modal_submit``), carrying the component's message when the modal was opened
+  from one (then UPDATE_MESSAGE / DEFERRED_UPDATE edit that message);
+* command groups: ``send_command("settings set", {...})`` or
+  ``send_command("settings", {"set": {...}})`` nest the options as Discord does;
+  USER / CHANNEL / ROLE / MENTIONABLE options take FakeUser / FakeChannel / FakeRole and
+  fill ``data.resolved``; registered commands are validated (nesting, names, types);
+* threads: ``POST /channels/{id}/messages/{mid}/threads`` and ``/channels/{id}/threads``
+  make FakeChannel threads (``guild.threads``, ``fake.thread_of(message)``), messages sent
+  into them are in ``fake.thread_messages(thread)``;
 * ``fake.fail_next(method, path_regex, status=429|500|401|404|..., times=N, retry_after=...)``,
   ``fake.delay_next(...)`` (slow answers), ``fake.expire(interaction)`` (dead token);
 * ``fake.requests`` (every request: time, method, path, JSON, multipart parts),
@@ -28,6 +45,18 @@ What a test can do (all on the test's event loop):
   every shard is ready, ``fake.session_for(guild_id)`` is the routing rule.
 """
 
+from .commands import (
+    OPT_BOOLEAN,
+    OPT_CHANNEL,
+    OPT_INTEGER,
+    OPT_MENTIONABLE,
+    OPT_NUMBER,
+    OPT_ROLE,
+    OPT_STRING,
+    OPT_SUB_COMMAND,
+    OPT_SUB_COMMAND_GROUP,
+    OPT_USER,
+)
 from .payloads import (
     ALL_PERMISSIONS,
     DEFAULT_ATTACHMENT_SIZE_LIMIT,
@@ -46,8 +75,10 @@ from .records import (
     CB_DEFERRED_MESSAGE,
     CB_DEFERRED_UPDATE,
     CB_MESSAGE,
+    CB_MODAL,
     CB_UPDATE_MESSAGE,
     FLAG_EPHEMERAL,
+    FLAG_HAS_THREAD,
     FLAG_LOADING,
     FailureRule,
     FakeInteraction,
@@ -63,6 +94,7 @@ from .server import (
     WEBHOOK_MESSAGE_PATH,
     DelayRule,
     FakeDiscord,
+    MessageTarget,
 )
 
 __all__ = [
@@ -71,13 +103,25 @@ __all__ = [
     "CB_DEFERRED_MESSAGE",
     "CB_DEFERRED_UPDATE",
     "CB_MESSAGE",
+    "CB_MODAL",
     "CB_UPDATE_MESSAGE",
     "COMMANDS_PATH",
     "DEFAULT_ATTACHMENT_SIZE_LIMIT",
     "DEFAULT_MEMBER_PERMISSIONS",
     "FLAG_EPHEMERAL",
+    "FLAG_HAS_THREAD",
     "FLAG_LOADING",
     "FOLLOWUP_PATH",
+    "OPT_BOOLEAN",
+    "OPT_CHANNEL",
+    "OPT_INTEGER",
+    "OPT_MENTIONABLE",
+    "OPT_NUMBER",
+    "OPT_ROLE",
+    "OPT_STRING",
+    "OPT_SUB_COMMAND",
+    "OPT_SUB_COMMAND_GROUP",
+    "OPT_USER",
     "ORIGINAL_PATH",
     "PERM_ADMINISTRATOR",
     "PERM_MANAGE_GUILD",
@@ -90,6 +134,7 @@ __all__ = [
     "FakeInteraction",
     "FakeRole",
     "FakeUser",
+    "MessageTarget",
     "Part",
     "RecordedRequest",
     "request_matcher",

@@ -155,16 +155,56 @@ class FakeRole:
         }
 
 
+THREAD_TYPES = (10, 11, 12)  # announcement, public and private threads
+
+
 @dataclass
 class FakeChannel:
+    """A guild text channel, a DM (type 1) or a thread (types 10-12, with ``parent_id``)."""
+
     id: int
     name: str
     guild_id: int | None
-    type: int = 0  # GUILD_TEXT; 1 = DM
+    type: int = 0  # GUILD_TEXT; 1 = DM; 11 = public thread, 12 = private thread
     position: int = 0
     recipient: FakeUser | None = None
+    parent_id: int | None = None  # threads: the channel it belongs to
+    owner_id: int | None = None  # threads: who started it
+    auto_archive_duration: int = 1440
+    message_count: int = 0
+    created: str = field(default_factory=iso_now)
+
+    @property
+    def is_thread(self) -> bool:
+        return self.type in THREAD_TYPES
+
+    def thread_payload(self) -> dict[str, Any]:
+        """A thread channel object, as Discord sends it."""
+        return {
+            "id": str(self.id),
+            "type": self.type,
+            "guild_id": str(self.guild_id),
+            "parent_id": str(self.parent_id),
+            "owner_id": str(self.owner_id),
+            "name": self.name,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "message_count": self.message_count,
+            "total_message_sent": self.message_count,
+            "member_count": 1,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": self.auto_archive_duration,
+                "archive_timestamp": self.created,
+                "locked": False,
+                "create_timestamp": self.created,
+            },
+        }
 
     def payload(self) -> dict[str, Any]:
+        if self.is_thread:
+            return self.thread_payload()
         if self.type == 1:
             return {
                 "id": str(self.id),
@@ -197,6 +237,7 @@ class FakeGuild:
     roles: list[FakeRole]
     channels: list[FakeChannel]
     members: list[FakeUser]
+    threads: list[FakeChannel] = field(default_factory=list)
 
     @property
     def everyone_role(self) -> FakeRole:
@@ -259,7 +300,7 @@ class FakeGuild:
             "voice_states": [],
             "members": [self.member_payload(m) for m in self.members],
             "channels": [c.payload() for c in self.channels],
-            "threads": [],
+            "threads": [t.payload() for t in self.threads],
             "presences": [],
             "stage_instances": [],
             "guild_scheduled_events": [],

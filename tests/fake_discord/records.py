@@ -12,10 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .components import custom_ids, find_component
+
 if TYPE_CHECKING:
     from .server import FakeDiscord
 
 # Message flags (https://discord.com/developers/docs/resources/message#message-object-message-flags)
+FLAG_HAS_THREAD = 1 << 5
 FLAG_EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7
 
@@ -182,6 +185,10 @@ class FakeInteraction:
         self.followup_ids: list[int] = []
         self.deleted_ids: list[int] = []
         self.expired_status: int | None = None  # set by FakeDiscord.expire()
+        # The modal the bot opened (a MODAL callback): custom_id, title and components
+        # (with the ids Discord gives them); and the MODAL_SUBMIT that answered it.
+        self.modal: dict[str, Any] | None = None
+        self.modal_submit: FakeInteraction | None = None
 
     # ----- what the bot did
 
@@ -260,6 +267,15 @@ class FakeInteraction:
         m = self.original
         return bool(m and m.get("flags", 0) & FLAG_EPHEMERAL)
 
+    def component(self, custom_id: str) -> dict[str, Any] | None:
+        """The component ``custom_id`` on this interaction's newest visible message that
+        carries it (a button, a select with its options...), or None."""
+        for m in reversed(self.messages):
+            found = find_component(m.get("components") or [], custom_id)
+            if found is not None:
+                return found
+        return None
+
     def custom_ids(self) -> list[str]:
         """custom_ids of the components on this interaction's visible messages."""
         found: list[str] = []
@@ -324,9 +340,4 @@ class FakeInteraction:
 
 
 def _collect_custom_ids(components: list[dict[str, Any]], out: list[str]) -> None:
-    for c in components:
-        if "custom_id" in c:
-            out.append(c["custom_id"])
-        _collect_custom_ids(c.get("components") or [], out)
-        if isinstance(c.get("accessory"), dict):
-            _collect_custom_ids([c["accessory"]], out)
+    out.extend(custom_ids(components))

@@ -39,6 +39,27 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .commands import (
+    OPT_CHANNEL,
+    OPT_MENTIONABLE,
+    OPT_ROLE,
+    OPT_USER,
+    build_options,
+    split_command_path,
+    validate_command,
+)
+from .components import (
+    BUTTON,
+    CHANNEL_SELECT,
+    MENTIONABLE_SELECT,
+    ROLE_SELECT,
+    USER_SELECT,
+    check_select_values,
+    find_component,
+    modal_submit_components,
+    validate_message_components,
+    validate_modal,
+)
 from .payloads import (
     ALL_PERMISSIONS,
     DEFAULT_ATTACHMENT_SIZE_LIMIT,
@@ -64,13 +85,13 @@ from .records import (
     CB_MODAL,
     CB_UPDATE_MESSAGE,
     FLAG_EPHEMERAL,
+    FLAG_HAS_THREAD,
     FLAG_LOADING,
     FailureRule,
     FakeInteraction,
     Part,
     RecordedRequest,
     RequestPredicate,
-    _collect_custom_ids,
     request_matcher,
 )
 
@@ -100,7 +121,9 @@ COMMANDS_PATH = r"^/applications/\d+(/guilds/\d+)?/commands$"
 
 RECORD = web.RequestKey("record", RecordedRequest)
 
-_OPTION_TYPES = {bool: 5, int: 4, float: 10, str: 3}
+# Where a component lives, for press_button / choose: a message dict, the interaction
+# whose messages to search, a message id, or None (the newest message carrying it).
+MessageTarget = dict[str, Any] | FakeInteraction | int | None
 
 
 class DiscordError(Exception):
@@ -542,13 +565,23 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """Dispatch an APPLICATION_COMMAND interaction for the registered command ``name``.
 
-        ``options`` maps option names to values; their types come from the registered
-        command (str, int, bool, float otherwise). ``age_s`` back-dates the interaction
-        (its id, hence discord.py's ``Interaction.created_at``/``expires_at``, and the token
-        expiry in the fake). ``permissions`` overrides the member's resolved permissions.
-        ``guild`` (default :attr:`guild`; ``channel``'s guild when that is given) is where
-        the command is used: ``user`` becomes its member, and the interaction goes to the
-        shard that owns it.
+        ``options`` maps option names to values, typed by the registered command. A command
+        with subcommands is named with its path, ``send_command("settings set", {...})``
+        (a group: ``"settings limits set"``), or takes the nested form
+        ``send_command("settings", {"set": {...}})``; either way the payload nests the
+        options as Discord does (type 2 group / type 1 subcommand, each with ``options``).
+        USER / CHANNEL / ROLE / MENTIONABLE options take a :class:`FakeUser`,
+        :class:`FakeChannel` or :class:`FakeRole` (or an id of one) and fill
+        ``data.resolved`` (users + members / channels / roles), so discord.py hands the
+        handler a Member, a channel, a Role. Values are checked as the Discord client checks
+        them (registered names, required options, choices, lengths, ranges, channel types):
+        ValueError / LookupError for what a user could not send.
+
+        ``age_s`` back-dates the interaction (its id, hence discord.py's
+        ``Interaction.created_at``/``expires_at``, and the token expiry in the fake).
+        ``permissions`` overrides the member's resolved permissions. ``guild`` (default
+        :attr:`guild`; ``channel``'s guild when that is given) is where the command is used:
+        ``user`` becomes its member, and the interaction goes to the shard that owns it.
         """
         if channel is not None and channel.guild_id is not None:
             guild = guild or self.guild_by_id(channel.guild_id)
@@ -556,15 +589,22 @@ class FakeDiscord:
         user = user or self.user("user", guild=guild)
         if in_guild and user not in guild.members:
             guild.members.append(user)
-        command, scope = self._find_command(name, guild if in_guild else None)
-        opts = []
-        registered = {o["name"]: o for o in command.get("options", [])}
-        for key, value in (options or {}).items():
-            otype = registered.get(key, {}).get("type") or _OPTION_TYPES.get(type(value), 3)
-            opts.append({"name": key, "type": otype, "value": value})
-        data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1}
+        root, *path = name.split()
+        command, scope = self._find_command(root, guild if in_guild else None)
+        registered = command.get("options") or []
+        path, values = split_command_path(registered, path, dict(options or {}))
+        resolved: dict[str, dict[str, Any]] = {}
+        where = guild if in_guild else None
+
+        def resolve(spec: dict[str, Any], value: Any) -> str:
+            return self._resolve_option(spec, value, where, user, resolved)
+
+        opts = build_options(registered, path, values, resolve)
+        data: dict[str, Any] = {"id": command["id"], "name": root, "type": 1}
         if opts:
             data["options"] = opts
+        if resolved:
+            data["resolved"] = resolved
         if scope is not None:
             data["guild_id"] = str(scope)
         return await self._send_interaction(
@@ -572,33 +612,229 @@ class FakeDiscord:
             data,
             user=user,
             channel=channel,
-            guild=guild if in_guild else None,
+            guild=where,
             permissions=permissions,
             attachment_size_limit=attachment_size_limit,
             age_s=age_s,
             locale=locale,
         )
 
+    def _resolve_option(
+        self,
+        spec: dict[str, Any],
+        value: Any,
+        guild: FakeGuild | None,
+        user: FakeUser | None,
+        resolved: dict[str, dict[str, Any]],
+    ) -> str:
+        """The wire value (a snowflake string) of a USER/CHANNEL/ROLE/MENTIONABLE option,
+        adding the object to ``resolved`` as Discord does."""
+        otype, name = spec["type"], spec["name"]
+        target = self._lookup_mentionable(value, guild) if otype != OPT_CHANNEL else value
+        if otype == OPT_CHANNEL:
+            target = self._channel_by_id(value) if isinstance(value, int) else value
+            if not isinstance(target, FakeChannel):
+                raise ValueError(f"option {name!r} takes a FakeChannel, not {value!r}")
+            allowed = spec.get("channel_types")
+            if allowed and target.type not in allowed:
+                raise ValueError(
+                    f"option {name!r} takes channel types {allowed}, not {target.type}"
+                )
+            if guild is not None and target.guild_id != guild.id:
+                raise ValueError(f"channel {target.name!r} is not in guild {guild.name!r}")
+            perms = (
+                self.member_permissions(user, guild)
+                if user is not None and guild is not None
+                else DEFAULT_MEMBER_PERMISSIONS
+            )
+            entry = target.payload() | {"permissions": str(perms)}
+            entry.pop("permission_overwrites", None)
+            resolved.setdefault("channels", {})[str(target.id)] = entry
+        elif isinstance(target, FakeRole):
+            if otype not in (OPT_ROLE, OPT_MENTIONABLE):
+                raise ValueError(f"option {name!r} (type {otype}) cannot take a role")
+            resolved.setdefault("roles", {})[str(target.id)] = target.payload()
+        elif isinstance(target, FakeUser):
+            if otype not in (OPT_USER, OPT_MENTIONABLE):
+                raise ValueError(f"option {name!r} (type {otype}) cannot take a user")
+            resolved.setdefault("users", {})[str(target.id)] = target.payload()
+            if guild is not None and target in guild.members:
+                member = guild.member_payload(
+                    target, permissions=self.member_permissions(target, guild)
+                )
+                for key in ("user", "deaf", "mute"):  # a partial member, as in resolved
+                    member.pop(key, None)
+                resolved.setdefault("members", {})[str(target.id)] = member
+        else:
+            raise ValueError(f"option {name!r} (type {otype}) cannot take {value!r}")
+        return str(target.id)
+
+    def _lookup_mentionable(self, value: Any, guild: FakeGuild | None) -> Any:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return value
+        roles = guild.roles if guild is not None else []
+        found = self.users.get(value) or next((r for r in roles if r.id == value), None)
+        if found is None:
+            raise LookupError(f"no user or role {value} known to the fake")
+        return found
+
     async def press_button(
         self,
         custom_id: str,
         *,
         user: FakeUser,
+        message: MessageTarget = None,
         message_id: int | None = None,
         permissions: int | None = None,
         age_s: float = 0.0,
     ) -> FakeInteraction:
         """Dispatch a MESSAGE_COMPONENT interaction: ``user`` presses the button ``custom_id``.
 
-        The message is the newest one carrying that custom_id unless ``message_id`` is given.
-        Anyone may press it (an ephemeral message is only visible to its user on real
-        Discord, so tests of "someone else" should use a public reply).
+        The message is ``message`` (a message dict, a :class:`FakeInteraction`: the newest of
+        its visible messages that carries the button, or a message id; ``message_id`` is the
+        older spelling), else the newest message carrying that custom_id. LookupError if the
+        component is missing or not a button, ValueError if it is disabled. Anyone may press
+        it (an ephemeral message is only visible to its user on real Discord, so tests of
+        "someone else" should use a public reply).
         """
-        message = self._find_component_message(custom_id, message_id)
+        found, component = self._component_target(custom_id, message or message_id)
+        if component.get("type") != BUTTON:
+            raise LookupError(f"component {custom_id!r} is not a button: {component!r}")
+        if component.get("disabled"):
+            raise ValueError(f"button {custom_id!r} is disabled")
+        data = {"custom_id": custom_id, "component_type": BUTTON}
+        return await self._send_component(data, found, user, permissions, age_s)
+
+    async def choose(
+        self,
+        message: MessageTarget,
+        custom_id: str,
+        values: list[str] | list[Any],
+        *,
+        user: FakeUser,
+        permissions: int | None = None,
+        age_s: float = 0.0,
+    ) -> FakeInteraction:
+        """Dispatch a MESSAGE_COMPONENT interaction: ``user`` picks ``values`` in the select
+        menu ``custom_id`` (``data.component_type`` 3 and ``data.values``, as Discord sends).
+
+        ``message`` is found as for :meth:`press_button` (a message dict, a
+        :class:`FakeInteraction`, a message id, or None: the newest message carrying the
+        select). The values are checked as the client checks them (offered options,
+        ``min_values``..``max_values``, not disabled): ValueError otherwise. A user, role,
+        mentionable or channel select takes FakeUser / FakeRole / FakeChannel objects (or
+        ids) and sends ``data.resolved`` with them.
+        """
+        found, component = self._component_target(custom_id, message)
+        ctype = int(component.get("type") or 0)
+        guild = self._guild_of_message(found)
+        resolved: dict[str, dict[str, Any]] = {}
+        if ctype in (USER_SELECT, ROLE_SELECT, MENTIONABLE_SELECT, CHANNEL_SELECT):
+            spec_type = {
+                USER_SELECT: OPT_USER,
+                ROLE_SELECT: OPT_ROLE,
+                MENTIONABLE_SELECT: OPT_MENTIONABLE,
+                CHANNEL_SELECT: OPT_CHANNEL,
+            }[ctype]
+            spec = {"name": custom_id, "type": spec_type}
+            if component.get("channel_types"):
+                spec["channel_types"] = component["channel_types"]
+            wire = [self._resolve_option(spec, v, guild, user, resolved) for v in values]
+        else:
+            wire = [str(v) for v in values]
+        check_select_values(component, wire)
+        data: dict[str, Any] = {"custom_id": custom_id, "component_type": ctype, "values": wire}
+        if resolved:
+            data["resolved"] = resolved
+        return await self._send_component(data, found, user, permissions, age_s)
+
+    async def submit_modal(
+        self,
+        interaction: FakeInteraction,
+        values: dict[str, str | list[str]] | None = None,
+        *,
+        user: FakeUser | None = None,
+        permissions: int | None = None,
+        age_s: float = 0.0,
+    ) -> FakeInteraction:
+        """Dispatch the MODAL_SUBMIT interaction (type 5) for the modal the bot opened in
+        answer to ``interaction`` (its ``interaction.modal``).
+
+        ``values`` maps the modal's text inputs' custom_ids to what the user typed (a
+        select inside a label: a list of values); inputs left out keep their prefilled
+        ``value`` or "". ``data`` is ``{"custom_id": <the modal's>, "components": [...]}``
+        with each answer in the action row (type 1) or label (type 18) it had, as Discord
+        sends it. A modal opened from a message component also carries that ``message``
+        (so the bot may answer with UPDATE_MESSAGE / DEFERRED_UPDATE, and "@original" is
+        that message until it sends a new response). ``user`` must be the one who opened
+        it (default); a modal is submitted once. ValueError for what the client would not
+        submit (unknown inputs, a required one left empty, a length out of range).
+        """
+        modal = interaction.modal
+        if modal is None:
+            raise LookupError(f"the bot opened no modal for {interaction!r}")
+        if interaction.modal_submit is not None:
+            raise ValueError("this modal was already submitted (Discord closes it)")
+        opener = self.users[interaction.user_id]
+        if user is not None and user.id != opener.id:
+            raise ValueError("only the user who opened a modal can submit it")
+        components = modal_submit_components(modal, dict(values or {}))
+        data = {"custom_id": modal["custom_id"], "components": components}
+        message = None
+        if interaction.type == 3 and "message" in interaction.payload:
+            message = self.messages.get(int(interaction.payload["message"]["id"]))
+        guild = self.guild_by_id(interaction.guild_id) if interaction.guild_id else None
+        channel = self._channel_by_id(interaction.channel_id) if guild is not None else None
+        submit = await self._send_interaction(
+            5,
+            data,
+            user=opener,
+            channel=channel,
+            guild=guild,
+            permissions=permissions,
+            attachment_size_limit=interaction.attachment_size_limit,
+            age_s=age_s,
+            locale=str(interaction.payload.get("locale") or "en-US"),
+            message=message,
+        )
+        interaction.modal_submit = submit
+        return submit
+
+    def _component_target(
+        self, custom_id: str, message: MessageTarget
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The live message carrying ``custom_id`` and that component (LookupError if none)."""
+        if isinstance(message, FakeInteraction):
+            candidates = message.messages
+        elif isinstance(message, dict):
+            candidates = [m for m in [self.messages.get(int(message["id"]))] if m is not None]
+        elif isinstance(message, int):
+            candidates = [m for m in [self.messages.get(message)] if m is not None]
+        else:
+            candidates = list(self.messages.values())
+        for found in reversed(candidates):
+            component = find_component(found.get("components") or [], custom_id)
+            if component is not None:
+                return found, component
+        raise LookupError(f"no message carries a component {custom_id!r}")
+
+    def _guild_of_message(self, message: dict[str, Any]) -> FakeGuild | None:
         channel_id = int(message["channel_id"])
-        channel = next((c for g in self.guilds for c in g.channels if c.id == channel_id), None)
-        guild = self.guild_by_id(channel.guild_id) if channel and channel.guild_id else None
-        data = {"custom_id": custom_id, "component_type": 2}
+        channel = next(
+            (c for g in self.guilds for c in self._channels_of(g) if c.id == channel_id), None
+        )
+        return self.guild_by_id(channel.guild_id) if channel and channel.guild_id else None
+
+    async def _send_component(
+        self,
+        data: dict[str, Any],
+        message: dict[str, Any],
+        user: FakeUser,
+        permissions: int | None,
+        age_s: float,
+    ) -> FakeInteraction:
+        guild = self._guild_of_message(message)
+        channel = self._channel_by_id(int(message["channel_id"])) if guild else None
         return await self._send_interaction(
             3,
             data,
@@ -648,17 +884,6 @@ class FakeDiscord:
                 if cmd["name"] == name and cmd.get("type", 1) == 1:
                     return cmd, scope
         raise LookupError(f"command {name!r} was never registered (synced: {self.commands!r})")
-
-    def _find_component_message(self, custom_id: str, message_id: int | None) -> dict[str, Any]:
-        candidates = (
-            [self.messages[message_id]] if message_id is not None else list(self.messages.values())
-        )
-        for message in reversed(candidates):
-            found: list[str] = []
-            _collect_custom_ids(message.get("components") or [], found)
-            if custom_id in found:
-                return message
-        raise LookupError(f"no message carries a component {custom_id!r}")
 
     async def _send_interaction(
         self,
@@ -753,6 +978,7 @@ class FakeDiscord:
         interaction: FakeInteraction | None,
         flags: int = 0,
     ) -> dict[str, Any]:
+        self._check_components(body.get("components"), int(body.get("flags") or 0))
         mid = snowflake()
         message: dict[str, Any] = {
             "id": str(mid),
@@ -789,6 +1015,12 @@ class FakeDiscord:
         self.messages[mid] = message
         return message
 
+    @staticmethod
+    def _check_components(components: list[dict[str, Any]] | None, flags: int) -> None:
+        errors = validate_message_components(components or [], flags)
+        if errors:
+            raise DiscordError(400, "Invalid Form Body: " + "; ".join(errors), 50035)
+
     def _attachments(
         self, message: dict[str, Any], body: dict[str, Any], files: list[Part]
     ) -> list[dict[str, Any]]:
@@ -820,6 +1052,9 @@ class FakeDiscord:
     def _edit_message(
         self, message: dict[str, Any], body: dict[str, Any], files: list[Part]
     ) -> dict[str, Any]:
+        if "components" in body:
+            flags = body.get("flags") if body.get("flags") is not None else message["flags"]
+            self._check_components(body["components"], int(flags or 0))
         for key in ("content", "embeds", "allowed_mentions"):
             if key in body:
                 message[key] = (
@@ -927,6 +1162,10 @@ class FakeDiscord:
         r.add_delete(msg, self._delete_webhook_message)
         r.add_get(p + "/channels/{channel_id}", self._get_channel)
         r.add_post(p + "/channels/{channel_id}/messages", self._channel_message)
+        r.add_post(
+            p + "/channels/{channel_id}/messages/{message_id}/threads", self._thread_from_message
+        )
+        r.add_post(p + "/channels/{channel_id}/threads", self._thread_without_message)
         r.add_get(p + "/guilds/{guild_id}", self._get_guild)
         r.add_get(p + "/guilds/{guild_id}/members/{user_id}", self._get_member)
 
@@ -1009,7 +1248,7 @@ class FakeDiscord:
         return int(guild_id) if guild_id is not None else None
 
     def _register(self, scope: int | None, cmd: dict[str, Any]) -> dict[str, Any]:
-        errors = _validate_command(cmd)
+        errors = validate_command(cmd)
         if errors:
             raise DiscordError(400, "Invalid Form Body: " + "; ".join(errors), 50035)
         old = next((c for c in self.commands.get(scope, []) if c["name"] == cmd["name"]), None)
@@ -1018,7 +1257,9 @@ class FakeDiscord:
         out["id"] = old["id"] if old else str(snowflake())
         out["application_id"] = str(self.application_id)
         out["version"] = str(snowflake())
-        out.setdefault("default_member_permissions", None)
+        # Discord takes the permission bits as a number or a string and answers a string.
+        perms = out.get("default_member_permissions")
+        out["default_member_permissions"] = None if perms is None else str(perms)
         out.setdefault("nsfw", False)
         out.setdefault("options", [])
         if scope is not None:
@@ -1103,11 +1344,25 @@ class FakeDiscord:
             )
             inter.original_message_id = int(message["id"])
         elif ctype in (CB_DEFERRED_UPDATE, CB_UPDATE_MESSAGE):
-            if inter.type != 3:
+            # Only for a component's message: a component interaction, or a modal submit
+            # whose modal was opened from a component.
+            if not (inter.type == 3 or (inter.type == 5 and "message" in inter.payload)):
                 raise DiscordError(400, "Interaction response type not allowed", 50035)
             if ctype == CB_UPDATE_MESSAGE and inter.original is not None:
                 message = self._edit_message(inter.original, data, files)
-        elif ctype in (CB_MODAL, CB_AUTOCOMPLETE):
+        elif ctype == CB_MODAL:
+            # A modal answers a command or a component, never a modal submit (or a ping).
+            if inter.type not in (2, 3):
+                raise DiscordError(400, "Interaction response type not allowed", 50035)
+            errors = validate_modal(data)
+            if errors:
+                raise DiscordError(400, "Invalid Form Body: " + "; ".join(errors), 50035)
+            inter.modal = {
+                "custom_id": data["custom_id"],
+                "title": data["title"],
+                "components": _with_component_ids(data["components"]),
+            }
+        elif ctype == CB_AUTOCOMPLETE:
             pass
         else:
             raise DiscordError(400, "Invalid Form Body: unknown callback type", 50035)
@@ -1186,11 +1441,82 @@ class FakeDiscord:
         inter.deleted_ids.append(mid)
         return web.Response(status=204)
 
+    @staticmethod
+    def _channels_of(guild: FakeGuild) -> list[FakeChannel]:
+        return [*guild.channels, *guild.threads]
+
     def _channel_by_id(self, channel_id: int) -> FakeChannel:
-        for c in [*(c for g in self.guilds for c in g.channels), *self.dm_channels.values()]:
+        for c in [
+            *(c for g in self.guilds for c in self._channels_of(g)),
+            *self.dm_channels.values(),
+        ]:
             if c.id == channel_id:
                 return c
         raise DiscordError(404, "Unknown Channel", 10003)
+
+    def thread_of(self, message: dict[str, Any] | int) -> FakeChannel | None:
+        """The thread started from ``message`` (a message dict or id), if any."""
+        mid = int(message["id"]) if isinstance(message, dict) else message
+        return next((t for g in self.guilds for t in g.threads if t.id == mid), None)
+
+    def thread_messages(self, thread: FakeChannel | int) -> list[dict[str, Any]]:
+        """The messages posted in ``thread`` (or any channel), oldest first."""
+        cid = thread.id if isinstance(thread, FakeChannel) else thread
+        return [m for m in self.messages.values() if int(m["channel_id"]) == cid]
+
+    async def _thread_from_message(self, request: web.Request) -> web.Response:
+        """``POST /channels/{id}/messages/{message_id}/threads``: a public thread whose id is
+        the message's (as on Discord); the message gets ``thread`` and the HAS_THREAD flag."""
+        self._auth(request)
+        parent = self._channel_by_id(int(request.match_info["channel_id"]))
+        message = self.messages.get(int(request.match_info["message_id"]))
+        if message is None or int(message["channel_id"]) != parent.id:
+            raise DiscordError(404, "Unknown Message", 10008)
+        if parent.guild_id is None or parent.is_thread:
+            raise DiscordError(400, "Cannot execute action on this channel type", 50024)
+        if message["flags"] & FLAG_EPHEMERAL:
+            raise DiscordError(400, "Cannot execute action on this message", 50083)
+        if self.thread_of(message) is not None:
+            raise DiscordError(400, "A thread has already been created for this message", 160004)
+        thread = self._new_thread(parent, request[RECORD].json or {}, int(message["id"]), 11)
+        message["thread"] = thread.payload()
+        message["flags"] |= FLAG_HAS_THREAD
+        await self.dispatch("THREAD_CREATE", thread.payload() | {"newly_created": True})
+        return _json(thread.payload(), status=201)
+
+    async def _thread_without_message(self, request: web.Request) -> web.Response:
+        """``POST /channels/{id}/threads``: a thread not started from a message (type 12,
+        private, unless the body says 11)."""
+        self._auth(request)
+        parent = self._channel_by_id(int(request.match_info["channel_id"]))
+        if parent.guild_id is None or parent.is_thread:
+            raise DiscordError(400, "Cannot execute action on this channel type", 50024)
+        body = request[RECORD].json or {}
+        thread = self._new_thread(parent, body, snowflake(), int(body.get("type") or 12))
+        await self.dispatch("THREAD_CREATE", thread.payload() | {"newly_created": True})
+        return _json(thread.payload(), status=201)
+
+    def _new_thread(
+        self, parent: FakeChannel, body: dict[str, Any], thread_id: int, thread_type: int
+    ) -> FakeChannel:
+        name = str(body.get("name") or "")
+        if not 1 <= len(name) <= 100:
+            raise DiscordError(400, "Invalid Form Body: name must be 1-100 characters", 50035)
+        if thread_type not in (11, 12):
+            raise DiscordError(400, "Invalid Form Body: thread type must be 11 or 12", 50035)
+        guild = self.guild_by_id(int(parent.guild_id or 0))
+        assert guild is not None
+        thread = FakeChannel(
+            id=thread_id,
+            name=name,
+            guild_id=guild.id,
+            type=thread_type,
+            parent_id=parent.id,
+            owner_id=self.bot_user.id,
+            auto_archive_duration=int(body.get("auto_archive_duration") or 1440),
+        )
+        guild.threads.append(thread)
+        return thread
 
     async def _get_channel(self, request: web.Request) -> web.Response:
         self._auth(request)
@@ -1205,6 +1531,9 @@ class FakeDiscord:
         message = self._new_message(
             record.json or {}, record.files, channel_id=channel.id, message_type=0, interaction=None
         )
+        if channel.is_thread:
+            channel.message_count += 1
+            message["position"] = channel.message_count - 1
         return _json(message)
 
     async def _get_guild(self, request: web.Request) -> web.Response:
@@ -1472,43 +1801,10 @@ def _with_component_ids(components: list[dict[str, Any]]) -> list[dict[str, Any]
             c.setdefault("id", next(counter))
             if "components" in c:
                 c["components"] = walk(c["components"])
+            for key in ("component", "accessory"):  # a label's input, a section's button
+                if isinstance(c.get(key), dict):
+                    [c[key]] = walk([c[key]])
             out.append(c)
         return out
 
     return walk(components)
-
-
-# Discord's documented limits for application commands.
-_NAME_RE = re.compile(r"^[-_'\w]{1,32}$")
-
-
-def _validate_command(cmd: dict[str, Any]) -> list[str]:
-    """The checks Discord applies to a command payload (a 400 in real life)."""
-    errors = []
-    name = cmd.get("name", "")
-    if not _NAME_RE.match(name) or (cmd.get("type", 1) == 1 and name != name.lower()):
-        errors.append(f"name {name!r} invalid")
-    if cmd.get("type", 1) == 1 and not 1 <= len(cmd.get("description") or "") <= 100:
-        errors.append(f"{name}: description must be 1-100 characters")
-    options = cmd.get("options") or []
-    if len(options) > 25:
-        errors.append(f"{name}: more than 25 options")
-    seen_optional = False
-    for opt in options:
-        oname = opt.get("name", "")
-        if not _NAME_RE.match(oname) or oname != oname.lower():
-            errors.append(f"{name}.{oname}: name invalid")
-        if not 1 <= len(opt.get("description") or "") <= 100:
-            errors.append(f"{name}.{oname}: description must be 1-100 characters")
-        if opt.get("required"):
-            if seen_optional:
-                errors.append(f"{name}.{oname}: required options must come first")
-        else:
-            seen_optional = True
-        choices = opt.get("choices") or []
-        if len(choices) > 25:
-            errors.append(f"{name}.{oname}: more than 25 choices")
-        for key in ("min_length", "max_length"):
-            if key in opt and not 0 <= int(opt[key]) <= 6000:
-                errors.append(f"{name}.{oname}: {key} out of range 0-6000")
-    return errors

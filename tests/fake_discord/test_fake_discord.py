@@ -19,10 +19,13 @@ from discord.gateway import DiscordWebSocket
 from tests.fake_discord import (
     CALLBACK_PATH,
     CB_DEFERRED_MESSAGE,
+    CB_MODAL,
+    CB_UPDATE_MESSAGE,
     FLAG_EPHEMERAL,
     FLAG_LOADING,
     FOLLOWUP_PATH,
     ORIGINAL_PATH,
+    PERM_MANAGE_GUILD,
     FakeDiscord,
 )
 
@@ -597,3 +600,537 @@ async def test_an_unsharded_client_gets_every_guild(fake: FakeDiscord, run_bot: 
     assert inter.shard_id is None and inter.guild_id == second.id
     assert inter.payload["channel_id"] == str(second.channels[0].id)
     assert sorted(g.id for g in bot.guilds) == sorted([fake.guild.id, second.id])
+
+
+# ---------------------------------------------------------------------- components, modals,
+# command groups, threads
+
+
+class RefineModal(discord.ui.Modal, title="Refine the page"):
+    """A modal like the bot's Refine: one paragraph input in an action row, one in a label."""
+
+    instruction: discord.ui.TextInput[RefineModal] = discord.ui.TextInput(
+        label="What should change?",
+        style=discord.TextStyle.paragraph,
+        custom_id="instruction",
+        max_length=200,
+    )
+
+    def __init__(self, bot: ComponentsBot, answer: str) -> None:
+        super().__init__(custom_id="t:refine-modal")
+        self.bot = bot
+        self.answer = answer  # "update": edit the page's message; else defer + follow-up
+        self.note: discord.ui.TextInput[RefineModal] = discord.ui.TextInput(
+            custom_id="note", required=False, default="none"
+        )
+        self.add_item(discord.ui.Label(text="A note", component=self.note))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        self.bot.submitted.append((interaction, self.instruction.value, self.note.value))
+        if self.answer == "silent":
+            return  # the test answers it itself
+        if self.answer == "update":
+            await interaction.response.edit_message(content=f"v2: {self.instruction.value}")
+        else:
+            await interaction.response.defer(thinking=True)
+            await interaction.followup.send(f"refined: {self.instruction.value}")
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
+        self.bot.errors.append(error)
+
+
+class PageView(discord.ui.View):
+    """What the bot will put under a page: Refine, Regenerate and a style select."""
+
+    def __init__(self, bot: ComponentsBot, modal_answer: str = "update") -> None:
+        super().__init__(timeout=None)
+        self.bot = bot
+        self.modal_answer = modal_answer
+
+    @discord.ui.button(label="Refine", custom_id="t:refine")
+    async def refine(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await interaction.response.send_modal(RefineModal(self.bot, self.modal_answer))
+
+    @discord.ui.button(label="Regenerate", custom_id="t:regen")
+    async def regen(
+        self, interaction: discord.Interaction, button: discord.ui.Button[PageView]
+    ) -> None:
+        await interaction.response.send_message("regenerating", ephemeral=True)
+
+    @discord.ui.select(
+        custom_id="t:style",
+        placeholder="Style",
+        options=[discord.SelectOption(label=s, value=s) for s in ("plain", "dark", "retro")],
+    )
+    async def style(
+        self, interaction: discord.Interaction, select: discord.ui.Select[PageView]
+    ) -> None:
+        self.bot.styles.append(list(select.values))
+        for option in select.options:
+            option.default = option.value in select.values
+        await interaction.response.edit_message(content=f"style {select.values[0]}", view=self)
+
+
+class ComponentsBot(discord.Client):
+    """``/page`` (a message with a PageView), ``/ask`` (a modal straight from a command),
+    ``/thread`` (a message and a thread under it) and ``/settings`` as a group."""
+
+    def __init__(self, guild_id: int) -> None:
+        super().__init__(intents=discord.Intents.default())
+        self.tree = app_commands.CommandTree(self)
+        self.guild_obj = discord.Object(guild_id)
+        self.errors: list[BaseException] = []
+        self.styles: list[list[str]] = []
+        self.submitted: list[tuple[discord.Interaction, str, str]] = []
+        self.settings_calls: list[tuple[str, dict[str, Any]]] = []
+        self.threads: list[discord.Thread] = []
+
+        @app_commands.command(name="page", description="Send a page with buttons")
+        async def page(interaction: discord.Interaction, answer: str = "update") -> None:
+            await interaction.response.send_message("v1", view=PageView(self, answer))
+
+        @app_commands.command(name="ask", description="Open the refine modal")
+        async def ask(interaction: discord.Interaction, answer: str = "defer") -> None:
+            await interaction.response.send_modal(RefineModal(self, answer))
+
+        @app_commands.command(name="silent", description="Never answers")
+        async def silent(interaction: discord.Interaction) -> None:
+            return None
+
+        @app_commands.command(name="thread", description="A message with a thread")
+        async def thread(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message("v1")
+            message = await interaction.original_response()
+            try:
+                made = await message.create_thread(name="page versions")
+                self.threads.append(made)
+                await made.send("v2")
+                await message.create_thread(name="again")
+            except discord.HTTPException as exc:
+                self.errors.append(exc)
+
+        self.tree.add_command(page, guild=self.guild_obj)
+        self.tree.add_command(ask, guild=self.guild_obj)
+        self.tree.add_command(thread, guild=self.guild_obj)
+        self.tree.add_command(silent, guild=self.guild_obj)
+        self.tree.add_command(self._settings_group(), guild=self.guild_obj)
+
+    def _settings_group(self) -> app_commands.Group:
+        settings = app_commands.Group(
+            name="settings",
+            description="Server settings",
+            default_permissions=discord.Permissions(manage_guild=True),
+        )
+        channels = app_commands.Group(name="channels", description="Allowed channels")
+        settings.add_command(channels)
+        calls = self.settings_calls
+
+        @settings.command(name="show", description="Show the settings")
+        async def show(interaction: discord.Interaction) -> None:
+            calls.append(("show", {}))
+            await interaction.response.send_message("settings", ephemeral=True)
+
+        @settings.command(name="set", description="Change a setting")
+        @app_commands.choices(
+            setting=[app_commands.Choice(name=s, value=s) for s in ("cooldown", "style")]
+        )
+        async def set_(interaction: discord.Interaction, setting: str, value: str) -> None:
+            calls.append(("set", {"setting": setting, "value": value}))
+            await interaction.response.send_message(f"{setting}={value}", ephemeral=True)
+
+        @settings.command(name="role", description="A limit for a role")
+        async def role(
+            interaction: discord.Interaction,
+            role: discord.Role,
+            limit: str,
+            value: app_commands.Range[int, 0, 100],
+        ) -> None:
+            calls.append(("role", {"role": role, "limit": limit, "value": value}))
+            await interaction.response.send_message(f"{role.name}: {limit}={value}")
+
+        @settings.command(name="exempt", description="Exempt a member")
+        async def exempt(interaction: discord.Interaction, member: discord.Member) -> None:
+            calls.append(("exempt", {"member": member}))
+            await interaction.response.send_message(f"exempt {member.name}")
+
+        @settings.command(name="reset", description="Reset settings")
+        async def reset(interaction: discord.Interaction, what: str | None = None) -> None:
+            calls.append(("reset", {"what": what}))
+            await interaction.response.send_message(f"reset {what or 'all'}")
+
+        @channels.command(name="add", description="Allow a channel")
+        async def add(interaction: discord.Interaction, channel: discord.TextChannel) -> None:
+            calls.append(("channels add", {"channel": channel}))
+            await interaction.response.send_message(f"allowed #{channel.name}")
+
+        return settings
+
+    async def setup_hook(self) -> None:
+        await self.tree.sync(guild=self.guild_obj)
+
+
+@pytest.fixture
+async def components_bot(fake: FakeDiscord) -> AsyncIterator[ComponentsBot]:
+    bot = ComponentsBot(fake.guild.id)
+    task = asyncio.create_task(bot.start(fake.bot_token))
+    ready = asyncio.create_task(fake.wait_until_ready())
+    await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()
+    await ready
+    await fake.wait_for_sync()
+    yield bot
+    await bot.close()
+    await asyncio.wait_for(task, 10)
+
+
+def sent_options(inter: Any) -> Any:
+    return inter.payload["data"].get("options")
+
+
+async def test_group_commands_are_registered_nested(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    [settings] = [c for c in fake.commands[fake.guild.id] if c["name"] == "settings"]
+    subs = {o["name"]: o for o in settings["options"]}
+    assert subs["channels"]["type"] == 2 and subs["show"]["type"] == 1
+    assert [o["type"] for o in subs["channels"]["options"]] == [1]
+    role_opts = {o["name"]: o["type"] for o in subs["role"]["options"]}
+    assert role_opts == {"role": 8, "limit": 3, "value": 4}
+    assert settings["default_member_permissions"] == str(PERM_MANAGE_GUILD)
+
+
+async def test_subcommands_send_nested_options_as_discord_does(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    bot = components_bot
+    admin = fake.user("root", roles=[fake.admin_role])
+    a = await fake.send_command("settings set", {"setting": "cooldown", "value": "30s"}, user=admin)
+    await a.wait_for_callback()
+    b = await fake.send_command("settings", {"set": {"setting": "style", "value": "dark"}})
+    await b.wait_for_callback()
+    show = await fake.send_command("settings show")
+    await show.wait_for_callback()
+    reset = await fake.send_command("settings reset", {"what": "limits"})
+    await reset.wait_for_callback()
+
+    assert sent_options(a) == [
+        {
+            "name": "set",
+            "type": 1,
+            "options": [
+                {"name": "setting", "type": 3, "value": "cooldown"},
+                {"name": "value", "type": 3, "value": "30s"},
+            ],
+        }
+    ]
+    assert sent_options(b)[0]["options"][0]["value"] == "style"
+    assert sent_options(show) == [{"name": "show", "type": 1, "options": []}]
+    assert [c for c, _ in bot.settings_calls] == ["set", "set", "show", "reset"]
+    assert bot.settings_calls[0][1] == {"setting": "cooldown", "value": "30s"}
+    assert bot.settings_calls[1][1] == {"setting": "style", "value": "dark"}
+    assert bot.settings_calls[3][1] == {"what": "limits"}
+    assert a.original_content == "cooldown=30s" and not bot.errors
+
+
+async def test_role_user_and_channel_options_resolve_to_objects(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    bot = components_bot
+    mod = fake.user("mia", roles=[fake.mod_role])
+    role = await fake.send_command(
+        "settings role", {"role": fake.mod_role, "limit": "jobs", "value": 3}
+    )
+    await role.wait_for_callback()
+    member = await fake.send_command("settings exempt", {"member": mod})
+    await member.wait_for_callback()
+    bots = fake.guild.channels[1]
+    channel = await fake.send_command("settings channels add", {"channel": bots})
+    await channel.wait_for_callback()
+
+    data = role.payload["data"]
+    assert data["options"][0]["options"][0] == {
+        "name": "role",
+        "type": 8,
+        "value": str(fake.mod_role.id),
+    }
+    assert data["resolved"]["roles"][str(fake.mod_role.id)]["name"] == "Moderator"
+    resolved_member = member.payload["data"]["resolved"]["members"][str(mod.id)]
+    assert "user" not in resolved_member and resolved_member["roles"] == [str(fake.mod_role.id)]
+    assert sent_options(channel) == [
+        {
+            "name": "channels",
+            "type": 2,
+            "options": [
+                {
+                    "name": "add",
+                    "type": 1,
+                    "options": [{"name": "channel", "type": 7, "value": str(bots.id)}],
+                }
+            ],
+        }
+    ]
+    got_role = bot.settings_calls[0][1]["role"]
+    assert isinstance(got_role, discord.Role) and got_role.id == fake.mod_role.id
+    assert bot.settings_calls[0][1]["value"] == 3
+    got_member = bot.settings_calls[1][1]["member"]
+    assert isinstance(got_member, discord.Member) and got_member.name == "mia"
+    assert [r.id for r in got_member.roles if not r.is_default()] == [fake.mod_role.id]
+    got_channel = bot.settings_calls[2][1]["channel"]
+    assert isinstance(got_channel, discord.TextChannel) and got_channel.id == bots.id
+    assert role.original_content == "Moderator: jobs=3" and not bot.errors
+
+
+async def test_commands_a_discord_client_would_not_send_are_refused(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    sent = len(fake.interactions)
+    with pytest.raises(ValueError, match="required"):
+        await fake.send_command("settings set", {"setting": "cooldown"})
+    with pytest.raises(ValueError, match="choices"):
+        await fake.send_command("settings set", {"setting": "colour", "value": "x"})
+    with pytest.raises(LookupError, match="subcommand"):
+        await fake.send_command("settings nope")
+    with pytest.raises(ValueError, match="pick one subcommand"):
+        await fake.send_command("settings")
+    with pytest.raises(ValueError, match="out of range|max_value"):
+        await fake.send_command(
+            "settings role", {"role": fake.mod_role, "limit": "j", "value": 101}
+        )
+    with pytest.raises(ValueError, match="cannot take a user"):
+        await fake.send_command(
+            "settings role", {"role": fake.user("ann"), "limit": "j", "value": 1}
+        )
+    with pytest.raises(LookupError, match="no option"):
+        await fake.send_command("settings show", {"extra": 1})
+    assert len(fake.interactions) == sent
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ([{"type": 1, "name": "a", "description": "d"},
+          {"type": 3, "name": "b", "description": "d"}], "mixed"),
+        ([{"type": 2, "name": "g", "description": "d",
+           "options": [{"type": 3, "name": "s", "description": "d"}]}], "only subcommands"),
+        ([{"type": 1, "name": "s", "description": "d",
+           "options": [{"type": 1, "name": "t", "description": "d"}]}], "cannot hold"),
+        ([{"type": 1, "name": "s", "description": "", "options": []}], "description"),
+        ([{"type": 5, "name": "b", "description": "d",
+           "choices": [{"name": "x", "value": True}]}], "take choices"),
+        ([{"type": 4, "name": "n", "description": "d",
+           "choices": [{"name": "x", "value": "1"}]}], "does not fit"),
+        ([{"type": 12, "name": "n", "description": "d"}], "unknown option type"),
+    ],
+)  # fmt: skip
+async def test_invalid_command_shapes_are_refused_like_the_api(
+    fake: FakeDiscord, options: list[dict[str, Any]], error: str
+) -> None:
+    client = discord.Client(intents=discord.Intents.none())
+    await client.login(fake.bot_token)
+    try:
+        command = {"name": "bad", "description": "a command", "type": 1, "options": options}
+        with pytest.raises(discord.HTTPException) as info:
+            await client.http.bulk_upsert_guild_commands(
+                fake.application_id, fake.guild.id, [command]
+            )
+    finally:
+        await client.close()
+    assert info.value.status == 400 and info.value.code == 50035
+    assert error in info.value.text
+    assert fake.guild.id not in fake.commands
+
+
+async def page_message(fake: FakeDiscord, answer: str = "update") -> Any:
+    inter = await fake.send_command("page", {"answer": answer}, user=fake.user("ann"))
+    await inter.wait_for_callback()
+    return inter
+
+
+async def test_choose_in_a_string_select(fake: FakeDiscord, components_bot: ComponentsBot) -> None:
+    page = await page_message(fake)
+    ann = fake.user("ann")
+    assert page.custom_ids() == ["t:refine", "t:regen", "t:style"]
+    pick = await fake.choose(page, "t:style", ["retro"], user=ann)
+    await pick.wait_for_callback()
+
+    assert pick.payload["data"] == {
+        "custom_id": "t:style",
+        "component_type": 3,
+        "values": ["retro"],
+    }
+    assert pick.payload["message"]["id"] == str(page.original_message_id)
+    assert components_bot.styles == [["retro"]]
+    # UPDATE_MESSAGE edited the page's own message, default option included.
+    assert page.original_content == "style retro"
+    select = page.component("t:style")
+    assert select is not None
+    assert [o["value"] for o in select["options"] if o.get("default")] == ["retro"]
+    # By message dict and by id too; what the client would not allow is refused.
+    again = await fake.choose(page.original, "t:style", ["dark"], user=ann)
+    await again.wait_for_callback()
+    assert components_bot.styles[-1] == ["dark"]
+    with pytest.raises(ValueError, match="offers"):
+        await fake.choose(page.original_message_id, "t:style", ["neon"], user=ann)
+    with pytest.raises(ValueError, match="1-1 values"):
+        await fake.choose(page, "t:style", ["dark", "retro"], user=ann)
+    with pytest.raises(ValueError, match="not a select"):
+        await fake.choose(page, "t:regen", ["x"], user=ann)
+    with pytest.raises(LookupError, match="not a button"):
+        await fake.press_button("t:style", user=ann, message=page)
+
+
+async def test_refine_modal_submitted_updates_the_page_message(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    bot = components_bot
+    page = await page_message(fake, "update")
+    ann = fake.user("ann")
+    press = await fake.press_button("t:refine", user=ann, message=page)
+    await press.wait_for_callback()
+
+    assert press.callback_type == CB_MODAL
+    modal = press.modal
+    assert modal is not None
+    assert modal["custom_id"] == "t:refine-modal" and modal["title"] == "Refine the page"
+    row, label = modal["components"]
+    assert row["type"] == 1 and row["components"][0]["custom_id"] == "instruction"
+    assert row["components"][0]["style"] == 2
+    assert label["type"] == 18 and label["component"]["custom_id"] == "note"
+
+    submit = await fake.submit_modal(press, {"instruction": "make the header blue"})
+    await submit.wait_for_callback()
+    assert submit.type == 5
+    data = submit.payload["data"]
+    assert data["custom_id"] == "t:refine-modal"
+    assert data["components"] == [
+        {
+            "type": 1,
+            "id": row["id"],
+            "components": [
+                {
+                    "type": 4,
+                    "id": row["components"][0]["id"],
+                    "custom_id": "instruction",
+                    "value": "make the header blue",
+                }
+            ],
+        },
+        {
+            "type": 18,
+            "id": label["id"],
+            "component": {
+                "type": 4,
+                "id": label["component"]["id"],
+                "custom_id": "note",
+                "value": "none",
+            },
+        },
+    ]
+    assert submit.payload["message"]["id"] == str(page.original_message_id)
+    assert [(s[1], s[2]) for s in bot.submitted] == [("make the header blue", "none")]
+    # The modal came from the page's button: UPDATE_MESSAGE edits the page's message.
+    assert submit.callback_type == CB_UPDATE_MESSAGE
+    assert page.original_content == "v2: make the header blue"
+    assert press.modal_submit is submit
+    with pytest.raises(ValueError, match="already submitted"):
+        await fake.submit_modal(press, {"instruction": "again"})
+    assert not bot.errors
+
+
+async def test_modal_from_a_command_defers_and_follows_up(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    bot = components_bot
+    ann, bob = fake.user("ann"), fake.user("bob")
+    ask = await fake.send_command("ask", {"answer": "defer"}, user=ann)
+    await ask.wait_for_callback()
+    assert ask.modal is not None and ask.original is None
+    with pytest.raises(ValueError, match="opened"):
+        await fake.submit_modal(ask, {"instruction": "x"}, user=bob)
+    with pytest.raises(ValueError, match="required"):
+        await fake.submit_modal(ask, {"note": "only a note"})
+    with pytest.raises(ValueError, match="1-200|0-200"):
+        await fake.submit_modal(ask, {"instruction": "x" * 201})
+    with pytest.raises(ValueError, match="no inputs"):
+        await fake.submit_modal(ask, {"colour": "x"})
+
+    submit = await fake.submit_modal(ask, {"instruction": "add pricing"}, user=ann)
+    await submit.wait_until(lambda i: "refined: add pricing" in i.visible_text)
+    assert submit.callback_type == CB_DEFERRED_MESSAGE
+    assert "message" not in submit.payload
+    assert submit.payload["member"]["user"]["id"] == str(ann.id)
+    assert bot.submitted[0][1] == "add pricing" and not bot.errors
+
+
+async def raw_callback(fake: FakeDiscord, inter: Any, body: dict[str, Any]) -> int:
+    """Answer ``inter`` ourselves (the bot left it unanswered); returns the HTTP status."""
+    url = f"{fake.api_base}/interactions/{inter.id}/{inter.token}/callback"
+    async with aiohttp.ClientSession() as http, http.post(url, json=body) as response:
+        return response.status
+
+
+async def test_modal_callbacks_are_checked_like_discord(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    ask = await fake.send_command("ask", {"answer": "silent"})
+    await ask.wait_for_callback()
+    assert ask.modal is not None
+    submit = await fake.submit_modal(ask, {"instruction": "x"})
+    await fake.wait_until(lambda: bool(components_bot.submitted))
+    # A modal submit cannot open another modal, nor update a message it did not come from.
+    assert await raw_callback(fake, submit, {"type": 9, "data": ask.modal}) == 400
+    assert await raw_callback(fake, submit, {"type": 7, "data": {"content": "x"}}) == 400
+    assert await raw_callback(fake, submit, {"type": 4, "data": {"content": "ok"}}) == 204
+    assert submit.original_content == "ok"
+
+    silent = await fake.send_command("silent")
+    bad_title = {"custom_id": "m", "title": "x" * 46, "components": ask.modal["components"]}
+    assert await raw_callback(fake, silent, {"type": 9, "data": bad_title}) == 400
+    two_inputs = {
+        "custom_id": "m",
+        "title": "t",
+        "components": [{"type": 1, "components": ask.modal["components"][0]["components"] * 2}],
+    }
+    assert await raw_callback(fake, silent, {"type": 9, "data": two_inputs}) == 400
+    assert silent.modal is None and silent.callback_type is None
+    good = {"custom_id": "m", "title": "t", "components": ask.modal["components"][:1]}
+    assert await raw_callback(fake, silent, {"type": 9, "data": good}) == 204
+    assert silent.modal is not None and silent.modal["custom_id"] == "m"
+
+
+async def test_invalid_message_components_get_400(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    silent = await fake.send_command("silent")
+    twice = {"type": 2, "style": 1, "label": "A", "custom_id": "same"}
+    cases = [
+        [{"type": 1, "components": [twice, twice]}],  # duplicate custom_id
+        [{"type": 2, "style": 1, "label": "A", "custom_id": "a"}],  # not in an action row
+        [{"type": 1, "components": [{"type": 3, "custom_id": "s", "options": []}]}],
+    ]
+    for components in cases:
+        body = {"type": 4, "data": {"content": "x", "components": components}}
+        assert await raw_callback(fake, silent, body) == 400
+    assert silent.callback_type is None
+
+
+async def test_threads_from_a_message(fake: FakeDiscord, components_bot: ComponentsBot) -> None:
+    bot = components_bot
+    inter = await fake.send_command("thread")
+    await fake.wait_until(lambda: bool(bot.errors))
+    message = inter.original
+    assert message is not None
+    thread = fake.thread_of(message)
+    assert thread is not None and thread.id == int(message["id"])
+    assert thread.parent_id == inter.channel_id and thread.name == "page versions"
+    assert message["thread"]["id"] == str(thread.id)
+    assert [m["content"] for m in fake.thread_messages(thread)] == ["v2"]
+    assert bot.threads[0].id == thread.id and bot.threads[0].parent_id == inter.channel_id
+    # A message has one thread: the second create_thread is refused.
+    [error] = bot.errors
+    assert isinstance(error, discord.HTTPException) and error.code == 160004
+    created = fake.find_requests("POST", r"^/channels/\d+/messages/\d+/threads$")
+    assert [r.status for r in created] == [201, 400]
+    await fake.wait_until(lambda: bot.get_channel(thread.id) is not None)
