@@ -179,18 +179,19 @@ def build_options(
     values: dict[str, Any],
     resolve: Resolve,
     *,
-    strict: bool = True,
+    client_checks: bool = True,
 ) -> list[dict[str, Any]]:
     """The interaction's ``data.options``: ``path`` as nested subcommand/group options (types
     2 and 1, each with its own ``options``) around the leaf's value options.
 
-    ``strict``: check the values as the Discord client does (registered names, required
-    options, choices, ranges); without it, unregistered values are typed by their Python
-    type.
+    Option names must be registered and required options present (LookupError /
+    ValueError). ``client_checks``: also check each value as the Discord client does (its
+    type, choices, lengths, ranges); without it a test can send what only a modified client
+    would (an over-long prompt), to test the bot's own checks.
     """
     if path:
         leaf_specs = _options_at(registered, path)
-        nested = _value_options(leaf_specs, values, resolve, strict=strict)
+        nested = _value_options(leaf_specs, values, resolve, client_checks=client_checks)
         for depth in range(len(path), 0, -1):
             spec = next(
                 o
@@ -201,24 +202,27 @@ def build_options(
         return nested
     if registered and all(o.get("type") in _NESTING for o in registered):
         raise ValueError(f"name a subcommand: one of {[o['name'] for o in registered]}")
-    return _value_options(registered, values, resolve, strict=strict)
+    return _value_options(registered, values, resolve, client_checks=client_checks)
 
 
 def _value_options(
-    specs: list[dict[str, Any]], values: dict[str, Any], resolve: Resolve, *, strict: bool
+    specs: list[dict[str, Any]],
+    values: dict[str, Any],
+    resolve: Resolve,
+    *,
+    client_checks: bool,
 ) -> list[dict[str, Any]]:
     by_name = {o["name"]: o for o in specs}
-    if strict:
-        unknown = [k for k in values if k not in by_name]
-        if unknown:
-            raise LookupError(f"no option {unknown} (the command has {list(by_name)})")
-        missing = [o["name"] for o in specs if o.get("required") and o["name"] not in values]
-        if missing:
-            raise ValueError(f"required options missing: {missing}")
+    unknown = [k for k in values if k not in by_name]
+    if unknown:
+        raise LookupError(f"no option {unknown} (the command has {list(by_name)})")
+    missing = [o["name"] for o in specs if o.get("required") and o["name"] not in values]
+    if missing:
+        raise ValueError(f"required options missing: {missing}")
     out = []
     for name, value in values.items():
-        spec = by_name.get(name) or {"name": name, "type": _option_type_of(value) or OPT_STRING}
-        if strict:
+        spec = by_name[name]
+        if client_checks:
             check_value(spec, value)
         wire = resolve(spec, value) if spec["type"] in SNOWFLAKE_TYPES else value
         out.append({"name": name, "type": spec["type"], "value": wire})

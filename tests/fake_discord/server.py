@@ -562,6 +562,7 @@ class FakeDiscord:
         age_s: float = 0.0,
         locale: str = "en-US",
         guild: FakeGuild | None = None,
+        client_checks: bool = False,
     ) -> FakeInteraction:
         """Dispatch an APPLICATION_COMMAND interaction for the registered command ``name``.
 
@@ -573,9 +574,11 @@ class FakeDiscord:
         USER / CHANNEL / ROLE / MENTIONABLE options take a :class:`FakeUser`,
         :class:`FakeChannel` or :class:`FakeRole` (or an id of one) and fill
         ``data.resolved`` (users + members / channels / roles), so discord.py hands the
-        handler a Member, a channel, a Role. Values are checked as the Discord client checks
-        them (registered names, required options, choices, lengths, ranges, channel types):
-        ValueError / LookupError for what a user could not send.
+        handler a Member, a channel, a Role. Option names must be registered and required
+        options given (LookupError / ValueError). ``client_checks=True`` also refuses
+        (ValueError) the values a Discord client would not send: a wrong type, a value
+        outside the choices, a length or number out of range; off by default, so a test can
+        send an over-long prompt to test the bot's own checks.
 
         ``age_s`` back-dates the interaction (its id, hence discord.py's
         ``Interaction.created_at``/``expires_at``, and the token expiry in the fake).
@@ -599,7 +602,7 @@ class FakeDiscord:
         def resolve(spec: dict[str, Any], value: Any) -> str:
             return self._resolve_option(spec, value, where, user, resolved)
 
-        opts = build_options(registered, path, values, resolve)
+        opts = build_options(registered, path, values, resolve, client_checks=client_checks)
         data: dict[str, Any] = {"id": command["id"], "name": root, "type": 1}
         if opts:
             data["options"] = opts

@@ -19,6 +19,7 @@ from discord.gateway import DiscordWebSocket
 from tests.fake_discord import (
     CALLBACK_PATH,
     CB_DEFERRED_MESSAGE,
+    CB_DEFERRED_UPDATE,
     CB_MODAL,
     CB_UPDATE_MESSAGE,
     FLAG_EPHEMERAL,
@@ -631,6 +632,9 @@ class RefineModal(discord.ui.Modal, title="Refine the page"):
             return  # the test answers it itself
         if self.answer == "update":
             await interaction.response.edit_message(content=f"v2: {self.instruction.value}")
+        elif self.answer == "defer-edit":
+            await interaction.response.defer()  # DEFERRED_UPDATE: the page's message
+            await interaction.edit_original_response(content=f"v3: {self.instruction.value}")
         else:
             await interaction.response.defer(thinking=True)
             await interaction.followup.send(f"refined: {self.instruction.value}")
@@ -889,14 +893,22 @@ async def test_commands_a_discord_client_would_not_send_are_refused(
     with pytest.raises(ValueError, match="required"):
         await fake.send_command("settings set", {"setting": "cooldown"})
     with pytest.raises(ValueError, match="choices"):
-        await fake.send_command("settings set", {"setting": "colour", "value": "x"})
+        await fake.send_command(
+            "settings set", {"setting": "colour", "value": "x"}, client_checks=True
+        )
     with pytest.raises(LookupError, match="subcommand"):
         await fake.send_command("settings nope")
     with pytest.raises(ValueError, match="pick one subcommand"):
         await fake.send_command("settings")
     with pytest.raises(ValueError, match="out of range|max_value"):
         await fake.send_command(
-            "settings role", {"role": fake.mod_role, "limit": "j", "value": 101}
+            "settings role",
+            {"role": fake.mod_role, "limit": "j", "value": 101},
+            client_checks=True,
+        )
+    with pytest.raises(ValueError, match="cannot take 3"):
+        await fake.send_command(
+            "settings set", {"setting": "style", "value": 3}, client_checks=True
         )
     with pytest.raises(ValueError, match="cannot take a user"):
         await fake.send_command(
@@ -905,6 +917,11 @@ async def test_commands_a_discord_client_would_not_send_are_refused(
     with pytest.raises(LookupError, match="no option"):
         await fake.send_command("settings show", {"extra": 1})
     assert len(fake.interactions) == sent
+    # Without client_checks, what only a modified client sends still goes out (a bot
+    # must check its options itself).
+    odd = await fake.send_command("settings set", {"setting": "colour", "value": "x"})
+    await odd.wait_for_callback()
+    assert components_bot.settings_calls[-1] == ("set", {"setting": "colour", "value": "x"})
 
 
 @pytest.mark.parametrize(
@@ -1134,3 +1151,17 @@ async def test_threads_from_a_message(fake: FakeDiscord, components_bot: Compone
     created = fake.find_requests("POST", r"^/channels/\d+/messages/\d+/threads$")
     assert [r.status for r in created] == [201, 400]
     await fake.wait_until(lambda: bot.get_channel(thread.id) is not None)
+
+
+async def test_modal_from_a_button_defers_the_update_then_edits_the_page(
+    fake: FakeDiscord, components_bot: ComponentsBot
+) -> None:
+    page = await page_message(fake, "defer-edit")
+    press = await fake.press_button("t:refine", user=fake.user("ann"), message=page)
+    await press.wait_for_callback()
+    submit = await fake.submit_modal(press, {"instruction": "add a footer"})
+    await submit.wait_for_request("PATCH", ORIGINAL_PATH, ok=True)
+    assert submit.callback_type == CB_DEFERRED_UPDATE
+    assert submit.original_message_id == page.original_message_id
+    assert page.original_content == "v3: add a footer"
+    assert not components_bot.errors
