@@ -31,6 +31,8 @@ from bot.backend import Backend, local_backend, process_name, redis_backend
 from bot.commands import Commands, HtmlCommandTree, send_stored_page
 from bot.delivery import Delivery
 from bot.errors import BotError, QueueUnavailable
+from bot.guilds.command import SettingsCommand
+from bot.guilds.gate import open_gate
 from bot.jobs import Job, JobState
 from bot.loopmon import LagMonitor
 from bot.metrics import Metrics
@@ -195,6 +197,10 @@ class HtmlBot(discord.Client):
             self.metrics.running.set_function(
                 lambda: self._queue_seen.running if self._queue_seen else 0
             )
+        # Per-server settings and limits (/settings), where the jobs live: SQLite or Redis.
+        self.guild_gate = open_gate(
+            settings, backend.redis.client if backend.redis is not None else None
+        )
         self.commands = Commands(
             settings=settings,
             queue=self.queue,
@@ -206,8 +212,10 @@ class HtmlBot(discord.Client):
             tickets=self.tickets,
             spawn=self.spawn,
             shutting_down=lambda: self.shutting_down,
+            gate=self.guild_gate,
         )
         self.commands.register(self.tree)
+        SettingsCommand(self.guild_gate.settings, self.guild_gate.usage).register(self.tree)
 
     # -- start-up --------------------------------------------------------------------
 
@@ -279,6 +287,8 @@ class HtmlBot(discord.Client):
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         if interaction.type is discord.InteractionType.component:
             await self.commands.on_component(interaction)
+        elif interaction.type is discord.InteractionType.modal_submit:
+            await self.commands.on_modal(interaction)
 
     async def _watch_lag(self) -> None:
         monitor = asyncio.create_task(self.lag.run(), name="htmlbot-lag")
@@ -548,6 +558,7 @@ class HtmlBot(discord.Client):
             for task in stuck:
                 log.error("background task %s did not stop; leaving it behind", task.get_name())
         await self.board.aclose()
+        await self.guild_gate.aclose()
         await self.backend.aclose()
         self.metrics.stop()
         log.info("shutdown complete")

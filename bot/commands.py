@@ -11,7 +11,9 @@ handlers' annotations, and ``Range[str, 1, max_chars]`` depends on the settings.
 """
 
 import asyncio
+import dataclasses
 import logging
+import random
 import time
 import unicodedata
 from collections.abc import Callable, Coroutine
@@ -30,17 +32,33 @@ from bot.errors import (
     JobNotFound,
     NotAllowed,
     NotPermitted,
+    QueueUnavailable,
     ResultNotFound,
 )
+from bot.guilds.command import member_role_ids
+from bot.guilds.gate import GuildGate
+from bot.guilds.model import GuildSettings
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
+from bot.page_buttons import (
+    INSTRUCTION_ID,
+    INSTRUCTION_MAX,
+    REFINE_MODAL_PREFIX,
+    REFINE_PREFIX,
+    REGENERATE_PREFIX,
+    STYLE_PREFIX,
+    RefineModal,
+    modal_value,
+    page_view,
+    style_names,
+)
 from bot.queue import JobQueue, PageStore, QueueSnapshot
 from bot.scheduler import format_duration
 from bot.settings import Settings
 from bot.status import CANCEL_PREFIX, StatusBoard, Ticket
 from bot.store import StoredPage
 from bot.webhook import delivery_info_of
-from model.prompting import STYLE_HINTS
+from model.page.restyle import restyle_stored
 from model.types import PageMode, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -210,7 +228,7 @@ def is_admin(interaction: discord.Interaction) -> bool:
 
 
 def _style_names() -> list[str]:
-    return list(STYLE_HINTS)[:25]  # Discord allows at most 25 choices
+    return style_names()
 
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
@@ -231,6 +249,8 @@ class Commands:
     tickets: dict[str, Ticket]
     spawn: Spawn
     shutting_down: Callable[[], bool]
+    # Per-server settings and limits; None: only the env's (tests of the plain flow).
+    gate: GuildGate | None = None
 
     def register(self, tree: app_commands.CommandTree[Any]) -> None:
         """Add /html, /queue and /mypages to ``tree``."""
@@ -284,23 +304,29 @@ class Commands:
         text = validate_prompt(prompt, settings.max_prompt_chars)
         if style is not None and style not in _style_names():
             raise InvalidPrompt(texts.unknown_style(style))
+        guild = await self._admit(interaction)
         # The token's life counts from the interaction's creation; its age is checked
         # against the arrival time so a wrong host clock can't expire every job.
         age_s = token_age_s(time.time() - interaction.created_at.timestamp())
         job = Job.create(
             user_id=interaction.user.id,
             prompt=text,
-            style=style,
+            style=style or (guild.default_style if guild else None),
             ttl_s=settings.interaction_ttl_s - age_s - (time.monotonic() - received),
             sampling=self.sampling,
-            mode=self.page_mode,
-            safety=settings.safety,
+            mode=guild.page_mode if guild and guild.page_mode else self.page_mode,
+            safety=guild.safety if guild else settings.safety,
             user_name=str(interaction.user),
             guild_id=interaction.guild_id,
             channel_id=interaction.channel_id,
             private=private,
             delivery=delivery_info_of(interaction),
         )
+        await self._enqueue(interaction, job)
+
+    async def _enqueue(self, interaction: discord.Interaction, job: Job) -> None:
+        """Queue ``job`` for ``interaction`` and defer it ("thinking"): its message then
+        shows the job's place, progress and Cancel button until the page arrives."""
         ticket = Ticket(interaction=interaction)
         job.context = ticket
         self.tickets[job.job_id] = ticket
@@ -312,7 +338,7 @@ class Commands:
             self.tickets.pop(job.job_id, None)
             raise
         try:
-            await interaction.response.defer(ephemeral=private, thinking=True)
+            await interaction.response.defer(ephemeral=job.private, thinking=True)
         except Exception as exc:
             if isinstance(exc, discord.HTTPException):
                 # The interaction is gone (or Discord is down): nobody could get the page.
@@ -328,10 +354,39 @@ class Commands:
             await self.queue.cancel(job.job_id)
             return
         ticket.mark_deferred()
-        log.info("job %s queued for user %s at position %d", job.job_id, job.user_id, position)
+        await self._record_request(interaction)
+        log.info(
+            "job %s (%s) queued for user %s at position %d",
+            job.job_id,
+            job.kind,
+            job.user_id,
+            position,
+        )
         # If the shutdown dropped the job while the defer was in flight, the board skips it
         # and the shutdown's message (waiting for this defer) tells the user.
         self.board.track(job)
+
+    async def _admit(self, interaction: discord.Interaction) -> GuildSettings | None:
+        """The server's settings if its limits let this request in (else their refusal)."""
+        if self.gate is None:
+            return None
+        mine = await self.queue.pending(interaction.user.id)
+        return await self.gate.admit(
+            guild_id=interaction.guild_id,
+            user_id=interaction.user.id,
+            role_ids=member_role_ids(interaction),
+            channel_id=interaction.channel_id,
+            queued=sum(1 for job in mine if job.guild_id == interaction.guild_id),
+        )
+
+    async def _record_request(self, interaction: discord.Interaction) -> None:
+        """Count a queued request against the server's daily limit and cooldown."""
+        if self.gate is None:
+            return
+        try:
+            await self.gate.record(interaction.guild_id, interaction.user.id)
+        except QueueUnavailable:  # the job is queued: a missed count must not lose it
+            log.warning("could not count a request of user %s", interaction.user.id)
 
     async def queue_listing(self, interaction: discord.Interaction) -> str:
         """The /queue reply: the user's jobs, or everyone's for managers."""
@@ -359,7 +414,7 @@ class Commands:
             lines = [texts.PAGES_HEADER]
             for item in pages:
                 prompt = discord.utils.escape_markdown(item.prompt[:60])
-                lines.append(f"`{item.job_id}` **{item.filename}** · {prompt}")
+                lines.append(f"`{item.job_id}` **{item.filename}** {item.label} · {prompt}")
             await interaction.response.send_message("\n".join(lines), ephemeral=True)
             return
         stored = await self.pages.get(user_id, page.strip())
@@ -394,22 +449,143 @@ class Commands:
         if ticket.lock.locked():
             self.spawn(_reassert_cancelled(job, ticket, text, edits_before), f"recancel-{job_id}")
 
+    # -- follow-ups of a delivered page (its buttons) -----------------------------------
+
+    async def _owned_page(self, interaction: discord.Interaction, job_id: str) -> StoredPage:
+        """The kept version ``job_id``, if it is the presser's (only the owner iterates)."""
+        page = await self.pages.get_any(job_id)
+        if page is None:
+            raise ResultNotFound(texts.PAGE_GONE)
+        if page.user_id != interaction.user.id:
+            raise NotPermitted(texts.NOT_YOUR_PAGE)
+        return page
+
+    def _follow_up(
+        self, interaction: discord.Interaction, page: StoredPage, *, kind: str, prompt: str
+    ) -> Job:
+        """A job continuing ``page`` (a new version of it), answering ``interaction``."""
+        message = getattr(interaction, "message", None)
+        private = bool(message is not None and message.flags.ephemeral)
+        job = Job.create(
+            user_id=interaction.user.id,
+            prompt=prompt,
+            ttl_s=self.settings.interaction_ttl_s,
+            sampling=dataclasses.replace(self.sampling, seed=random.getrandbits(32)),
+            mode=PageMode.COMPOSE if page.has_content else PageMode.DOCUMENT,
+            safety=self.settings.safety,
+            user_name=str(interaction.user),
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            private=private,
+            delivery=delivery_info_of(interaction),
+            parent_job_id=page.job_id,
+            kind=kind,
+        )
+        return job
+
+    async def handle_regenerate(self, interaction: discord.Interaction, job_id: str) -> None:
+        """Regenerate: the page's prompt again with a new seed, as its next version."""
+        page = await self._owned_page(interaction, job_id)
+        await self._admit(interaction)
+        await self._enqueue(
+            interaction, self._follow_up(interaction, page, kind="regenerate", prompt=page.prompt)
+        )
+
+    async def handle_refine_button(self, interaction: discord.Interaction, job_id: str) -> None:
+        """Refine: ask for the instruction (a modal); its submit queues the refine."""
+        await self._owned_page(interaction, job_id)
+        await interaction.response.send_modal(RefineModal(job_id))
+
+    async def handle_refine(
+        self, interaction: discord.Interaction, job_id: str, instruction: str
+    ) -> None:
+        """The modal's submit: the model edits the current page as the instruction says."""
+        text = validate_prompt(instruction, INSTRUCTION_MAX)
+        page = await self._owned_page(interaction, job_id)
+        await self._admit(interaction)
+        job = self._follow_up(interaction, page, kind="refine", prompt=text)
+        request = job.request
+        request.description = page.prompt
+        if page.has_content:
+            request.source_content = await self.pages.read_content(page)
+        else:
+            request.source_page = (await self.pages.read(page)).decode("utf-8", "replace")
+        await self._enqueue(interaction, job)
+
+    async def handle_style(self, interaction: discord.Interaction, job_id: str, style: str) -> None:
+        """The style switch: the same content in another theme, at once (no model)."""
+        if style not in _style_names():
+            raise InvalidPrompt(texts.unknown_style(style))
+        page = await self._owned_page(interaction, job_id)
+        job = self._follow_up(interaction, page, kind="restyle", prompt=page.prompt)
+        await interaction.response.defer(ephemeral=job.private, thinking=True)
+        data = await self.pages.read(page)
+        content = await self.pages.read_content(page)
+        styled = await asyncio.to_thread(
+            restyle_stored, data, content, style, safety=self.settings.safety
+        )
+        saved = await self.pages.save(
+            user_id=page.user_id,
+            job_id=job.job_id,
+            filename=page.filename,
+            data=styled.data,
+            prompt=page.prompt,
+            model=page.model,
+            parent_job_id=page.job_id,
+            kind="restyle",
+            instruction=style,
+            content=styled.content,
+        )
+        await send_page_followup(
+            interaction,
+            filename=page.filename,
+            data=styled.data,
+            content=texts.restyled(page.filename, saved.label, style),
+            too_big=texts.restyled(page.filename, saved.label, style),
+            ephemeral=job.private,
+            what=f"restyle {job.job_id}",
+            view=page_view(job.job_id, _style_names()),
+        )
+
     async def on_component(self, interaction: discord.Interaction) -> None:
-        """Route button presses by custom_id; errors become ephemeral replies."""
+        """Route button presses and selects by custom_id; errors become ephemeral replies."""
         data: Any = interaction.data or {}
         custom_id = str(data.get("custom_id", ""))
-        if not custom_id.startswith(CANCEL_PREFIX):
-            return
+        chosen = str((data.get("values") or [""])[0])
+        routes: list[tuple[str, Callable[[str], Coroutine[Any, Any, None]]]] = [
+            (CANCEL_PREFIX, lambda rest: self.handle_cancel(interaction, rest)),
+            (REGENERATE_PREFIX, lambda rest: self.handle_regenerate(interaction, rest)),
+            (REFINE_PREFIX, lambda rest: self.handle_refine_button(interaction, rest)),
+            (STYLE_PREFIX, lambda rest: self.handle_style(interaction, rest, chosen)),
+        ]
+        for prefix, handler in routes:
+            if custom_id.startswith(prefix):
+                await self._guarded(interaction, handler(custom_id.removeprefix(prefix)))
+                return
+
+    async def on_modal(self, interaction: discord.Interaction) -> None:
+        """A submitted modal (the Refine instruction), by custom_id."""
+        data: Any = interaction.data or {}
+        custom_id = str(data.get("custom_id", ""))
+        if custom_id.startswith(REFINE_MODAL_PREFIX):
+            instruction = modal_value(data, INSTRUCTION_ID)
+            job_id = custom_id.removeprefix(REFINE_MODAL_PREFIX)
+            await self._guarded(interaction, self.handle_refine(interaction, job_id, instruction))
+
+    async def _guarded(
+        self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]
+    ) -> None:
         try:
             check_allowed(interaction, self.settings)
-            await self.handle_cancel(interaction, custom_id.removeprefix(CANCEL_PREFIX))
+            await action
         except BotError as exc:
+            action.close()
             await reply_ephemeral(interaction, user_message_for(exc))
         except Exception as exc:
             if is_connection_closed(exc, interaction.client):
-                log.info("Cancel button cut off by the shutdown: %s", exc)
+                log.info("a button press was cut off by the shutdown: %s", exc)
                 return
-            log.exception("Cancel button failed")
+            log.exception("a button press failed")
             await reply_ephemeral(interaction, user_message_for(exc))
 
 

@@ -30,6 +30,7 @@ from bot import texts
 from bot.errors import DeliveryExpired, QueueUnavailable
 from bot.jobs import Job, JobState
 from bot.metrics import Metrics
+from bot.page_buttons import page_view, style_names
 from bot.preview import Previewer
 from bot.queue import PageStore
 from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
@@ -56,11 +57,18 @@ SHUTDOWN_STOPPED_TEXT = texts.SHUTDOWN_STOPPED
 
 
 def summary_line(
-    *, filename: str, model: str, tokens: int, seconds: float, warnings: tuple[str, ...]
+    *,
+    filename: str,
+    model: str,
+    tokens: int,
+    seconds: float,
+    warnings: tuple[str, ...],
+    version: str = "",
 ) -> str:
     """``**bakery.html** · smollm2 · 812 tokens · 14.2 s``, then one line per page flag:
     ``⚠️ truncated: cut off by the length limit``."""
-    parts = [f"**{filename}**", model, f"{tokens} tokens", f"{seconds:.1f} s"]
+    name = f"**{filename}** {version}" if version else f"**{filename}**"
+    parts = [name, model, f"{tokens} tokens", f"{seconds:.1f} s"]
     lines = [" · ".join(parts)]
     for warning in warnings:
         try:
@@ -183,6 +191,7 @@ async def send_page_followup(
     what: str,
     limit: int | None = None,
     preview: bytes | None = None,
+    view: discord.ui.View | None = None,
     attempts: int = 5,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
 ) -> list[Attachment]:
@@ -208,6 +217,8 @@ async def send_page_followup(
 
     async def send() -> None:
         kwargs: dict[str, Any] = {"content": text, "ephemeral": ephemeral, "wait": True}
+        if view is not None and attachments:
+            kwargs["view"] = view  # the page's buttons go with the page, not a refusal
         if attachments:
             kwargs["files"] = [a.to_file() for a in attachments]  # fresh Files each attempt
         await interaction.followup.send(**kwargs)
@@ -238,7 +249,7 @@ def build_page_for(job: Job) -> Any:
     request = job.request
     return page_from_result(
         job.result,
-        prompt=job.prompt,
+        prompt=job.page_prompt,
         mode=request.mode,
         style=request.style,
         safety=request.safety,
@@ -326,33 +337,40 @@ class Delivery:
             # One more try with another seed before anyone sees an empty page.
             log.info("job %s: the page came out empty; generating it again", job.job_id)
             return "again"
-        filename = page_filename(job.prompt)
+        filename = page_filename(job.page_prompt)
         warnings = tuple(str(w) for w in page.warnings)
         # Keep it before sending anything: an expired token must not lose the page.
         try:
-            await self.store.save(
+            saved = await self.store.save(
                 user_id=job.user_id,
                 job_id=job.job_id,
                 filename=filename,
                 data=page.data,
-                prompt=job.prompt,
+                prompt=job.page_prompt,
                 model=self.model_name,
                 generated_tokens=result.generated_tokens,
                 seconds=result.total_s,
                 warnings=warnings,
+                parent_job_id=job.parent_job_id,
+                kind=job.kind,
+                instruction=job.prompt if job.kind == "refine" else None,
+                content=page.content,
             )
             kept = True
+            label = saved.label
         except (OSError, QueueUnavailable) as exc:
             # A full or read-only disk, a page over the store's cap, Redis away: the user
             # still gets the page now.
             log.error("job %s: could not keep the page (%s); sending it anyway", job.job_id, exc)
             kept = False
+            label = ""
         summary = summary_line(
             filename=filename,
             model=self.model_name,
             tokens=result.generated_tokens,
             seconds=result.total_s,
             warnings=warnings,
+            version=label,
         )
         preview = None if ticket.dead else await self.render_preview(job, page.data)
         await self.send_page(job, filename, page.data, summary, preview=preview, kept=kept)
@@ -422,6 +440,8 @@ class Delivery:
                     too_big=too_big,
                     limit=limit,
                     preview=preview,
+                    # Refine / Regenerate / style need the kept page: no buttons without it.
+                    view=page_view(job.job_id, style_names()) if kept else None,
                     ephemeral=job.private,
                     what=what,
                     attempts=self.attempts,

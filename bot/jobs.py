@@ -71,6 +71,10 @@ class Job:
     cancel_note: str | None = None  # what to tell the user when it was cancelled for them
     result: GenerationResult | None = None
     delivery: DeliveryInfo | None = None
+    # A follow-up of a delivered page (issue "iterate on a page"): the version it starts
+    # from, and how ("refine": the request holds the instruction and the current page).
+    parent_job_id: str | None = None
+    kind: str = "create"  # create | refine | regenerate
     context: Any = None
 
     @property
@@ -84,6 +88,12 @@ class Job:
     @property
     def style(self) -> str | None:
         return self.request.style
+
+    @property
+    def page_prompt(self) -> str:
+        """What the page is about: the original description (a refine's prompt is its
+        instruction)."""
+        return self.request.page_prompt
 
     @classmethod
     def create(

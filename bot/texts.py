@@ -122,3 +122,16 @@ def warning(text: str) -> str:
 
 def slow_down(retry_after_s: float) -> str:
     return f"⚠️ Slow down: try again in {retry_after_s:.0f} s."
+
+
+# -- follow-ups of a page (its buttons) -------------------------------------------------------
+
+PAGE_GONE = "That page is no longer kept, so it can't be changed. Make a new one with `/html`."
+NOT_YOUR_PAGE = (
+    "Only the person who made this page can refine, regenerate or restyle it. "
+    "Make your own with `/html`."
+)
+
+
+def restyled(filename: str, label: str, style: str) -> str:
+    return f"**{filename}** {label} · restyled: {style}"

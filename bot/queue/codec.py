@@ -63,6 +63,7 @@ def encode_job(job: Job) -> dict[str, str]:
         "attempts": str(job.attempts),
         "regenerated": _flag(job.regenerated),
         "cancel_requested": _flag(request.cancelled),
+        "kind": job.kind,
     }
     optional: dict[str, object] = {
         "style": request.style,
@@ -71,6 +72,10 @@ def encode_job(job: Job) -> dict[str, str]:
         "channel_id": job.channel_id,
         "error": job.error,
         "cancel_note": job.cancel_note,
+        "parent_job_id": job.parent_job_id,
+        "description": request.description,
+        "source_page": request.source_page,
+        "source_content": request.source_content,
     }
     fields.update({key: str(value) for key, value in optional.items() if value is not None})
     if job.result is not None:
@@ -125,6 +130,9 @@ def _decode(fields: Mapping[str, str], redis_now: float | None, mono_now: float)
         sampling=sampling,
         request_id=fields["id"],
         cancel_event=threading.Event(),
+        description=fields.get("description"),
+        source_page=fields.get("source_page"),
+        source_content=fields.get("source_content"),
     )
     if fields.get("cancel_requested") == "1":
         request.cancel()
@@ -150,6 +158,8 @@ def _decode(fields: Mapping[str, str], redis_now: float | None, mono_now: float)
         cancel_note=fields.get("cancel_note"),
         result=None if result is None else decode_result(result),
         delivery=decode_delivery(fields),
+        parent_job_id=fields.get("parent_job_id"),
+        kind=fields.get("kind", "create"),
     )
 
 

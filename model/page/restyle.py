@@ -22,7 +22,7 @@ from model.page.safety import apply_safety
 from model.page.theming import render_content, resolve_theme, swap_theme
 from model.types import SafetyPolicy
 
-__all__ = ["restyle"]
+__all__ = ["restyle", "restyle_stored"]
 
 _META_DESCRIPTION_RE = re.compile(
     r"<meta\s+name=\"description\"\s+content=\"([^\"]*)\"\s*/?>", re.IGNORECASE
@@ -60,6 +60,24 @@ def restyle(
     # the page (it counts the CSP meta it replaces), so the page's own flags stand.
     html, _ = apply_safety(html, safety)
     return dataclasses.replace(page, html=html)
+
+
+def restyle_stored(
+    data: bytes,
+    content: str | None,
+    theme: str | None,
+    *,
+    safety: SafetyPolicy = SafetyPolicy.STANDARD,
+) -> HtmlPage:
+    """:func:`restyle` for a kept page: its bytes and (compose pages) its content JSON."""
+    html = data.decode("utf-8", "replace")
+    found = _TITLE_RE.search(html)
+    title = html_lib.unescape(found.group(1)).strip() if found else ""
+    page = HtmlPage(html=html, title=title, warnings=(), complete=True, content=content)
+    return restyle(page, theme, safety=safety)
+
+
+_TITLE_RE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
 def _meta_description(html: str) -> str:

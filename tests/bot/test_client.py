@@ -32,6 +32,8 @@ from tests.fake_discord import (
 )
 from tests.fake_discord.payloads import PERM_MANAGE_GUILD
 
+CANCEL = "htmlbot:cancel:"  # the Cancel button's custom_id prefix
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -48,7 +50,7 @@ async def test_html_roundtrip(fake: FakeDiscord, start_bot: StartBot) -> None:
     assert options["prompt"]["required"] and options["prompt"]["max_length"] == 1000
     assert "dark" in [c["value"] for c in options["style"]["choices"]]
     assert options["private"]["type"] == 5
-    assert {c["name"] for c in payload} == {"html", "queue", "mypages"}
+    assert {c["name"] for c in payload} == {"html", "queue", "mypages", "settings"}
 
     ann = fake.user("ann")
     inter = await fake.send_command("html", {"prompt": "A landing page for a bakery!"}, user=ann)
@@ -63,7 +65,7 @@ async def test_html_roundtrip(fake: FakeDiscord, start_bot: StartBot) -> None:
     )
     [followup] = inter.followups
     assert "fake-model" in followup["content"] and "5 tokens" in followup["content"]
-    assert inter.custom_ids() == []  # the Cancel button is gone once done
+    assert inter.custom_ids(CANCEL) == []  # the Cancel button is gone once done
     pages = await bot.list_pages(ann.id)
     assert [p.filename for p in pages] == ["landing-bakery.html"]
     assert bot.lag.max_lag_s < 0.5
@@ -377,7 +379,7 @@ async def test_cancel_answers_at_once_even_while_a_status_edit_sleeps_on_a_429(
         ),
         timeout=10,
     )
-    assert anns.custom_ids() == []
+    assert anns.custom_ids(CANCEL) == []
     engine.release.set()
 
 

@@ -30,6 +30,8 @@ from tests.fake_discord import (
     FakeDiscord,
 )
 
+CANCEL = "htmlbot:cancel:"  # the Cancel button's custom_id prefix
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -100,7 +102,7 @@ async def test_html_delivers_a_parseable_page(
     await inter.wait_until(lambda i: "Done" in i.original_content)
     assert inter.original is not None
     assert not inter.original["flags"] & FLAG_LOADING
-    assert inter.custom_ids() == []
+    assert inter.custom_ids(CANCEL) == []
     assert not fake.unhandled_requests
     assert discord_problems(caplog) == []
     assert bot_errors(caplog) == []

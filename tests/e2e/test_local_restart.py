@@ -36,6 +36,8 @@ from tests.fake_discord import (
     RecordedRequest,
 )
 
+CANCEL = "htmlbot:cancel:"  # the Cancel button's custom_id prefix
+
 pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -236,7 +238,7 @@ async def test_sigkilled_bot_resumes_running_and_queued_jobs(
     assert press.callback_type == CB_UPDATE_MESSAGE, press.contents
     assert texts.ALREADY_FINISHED not in press.visible_text
     assert cancelled.original_content == texts.CANCELLED
-    assert cancelled.custom_ids() == []
+    assert cancelled.custom_ids(CANCEL) == []
 
     # Everything else is delivered, once.
     for inter in [running, *queued[:-1]]:
@@ -249,7 +251,7 @@ async def test_sigkilled_bot_resumes_running_and_queued_jobs(
     await asyncio.sleep(1.5)  # any duplicate or late edit shows up meanwhile
     for inter in inters[:-1]:
         assert len(inter.html_files) == 1, (inter, inter.contents)
-        assert inter.custom_ids() == [], inter.contents  # no Cancel left on a done job
+        assert inter.custom_ids(CANCEL) == [], inter.contents  # no Cancel left on a done job
     assert cancelled.html_files == [], cancelled.contents
     assert cancelled.original_content == texts.CANCELLED
     # The page delivered before the kill was not touched by the new process.

@@ -31,6 +31,7 @@ from tests.fake_discord import (
     FakeInteraction,
 )
 
+CANCEL = "htmlbot:cancel:"  # the Cancel button's custom_id prefix
 log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.timeout(120)
@@ -112,7 +113,7 @@ async def test_defer_within_3s_while_gpu_busy_and_many_wait(
         if i not in told and i not in delivered
     ]
     assert len(told) + len(delivered) == 150, (closed_in, others[:3])
-    assert all(i.custom_ids() == [] for i in told)
+    assert all(i.custom_ids(CANCEL) == [] for i in told)
 
 
 async def test_queue_position_edits(
@@ -168,7 +169,7 @@ async def test_cancel_by_requester_while_queued(
     await press.wait_for_callback(timeout=3)
     assert press.callback_type == CB_UPDATE_MESSAGE
     assert "Cancelled" in ib.original_content
-    assert ib.custom_ids() == []
+    assert ib.custom_ids(CANCEL) == []
     assert run.bot.scheduler.queued_count == 0
 
     engine.release()
@@ -290,7 +291,7 @@ async def test_worker_exception_then_next_job_succeeds(
     failed = await fake.send_command("html", {"prompt": "unlucky page"}, user=a)
     await failed.wait_until(lambda i: "❌" in i.original_content, timeout=10)
     assert "internal error" in failed.visible_text
-    assert failed.html_files == [] and failed.custom_ids() == []
+    assert failed.html_files == [] and failed.custom_ids(CANCEL) == []
 
     ok = await fake.send_command("html", {"prompt": "lucky page"}, user=b)
     await ok.wait_for_file(".html", timeout=30)

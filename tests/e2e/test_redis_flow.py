@@ -53,6 +53,8 @@ from tests.fake_discord import (
 )
 from tests.redis_server import RedisServer
 
+CANCEL = "htmlbot:cancel:"  # the Cancel button's custom_id prefix
+
 pytestmark = pytest.mark.timeout(180)
 
 # Tokens of an answer that takes the tiny model a few seconds on a CPU (~0.3 ms a token
@@ -432,7 +434,7 @@ async def test_cancel_button_on_a_queued_and_a_running_job(
         await press.wait_for_callback(timeout=3)
         assert press.callback_type == CB_UPDATE_MESSAGE
         assert "Cancelled" in queued.original_content
-        assert queued.custom_ids() == []
+        assert queued.custom_ids(CANCEL) == []
         assert queued_id not in await view.queued()
         assert (await view.job(queued_id))["state"] == "cancelled"
 
@@ -453,7 +455,7 @@ async def test_cancel_button_on_a_queued_and_a_running_job(
         for inter in (queued, running):
             assert inter.html_files == []
             assert "Cancelled" in inter.original_content
-            assert inter.custom_ids() == []
+            assert inter.custom_ids(CANCEL) == []
     finally:
         await worker.stop()
         await stop_redis_bot(run)

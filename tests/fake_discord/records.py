@@ -276,12 +276,13 @@ class FakeInteraction:
                 return found
         return None
 
-    def custom_ids(self) -> list[str]:
-        """custom_ids of the components on this interaction's visible messages."""
+    def custom_ids(self, prefix: str = "") -> list[str]:
+        """custom_ids of the components on this interaction's visible messages (those
+        starting with ``prefix``: ``"htmlbot:cancel:"`` for the Cancel buttons alone)."""
         found: list[str] = []
         for m in self.messages:
             _collect_custom_ids(m.get("components") or [], found)
-        return found
+        return [custom_id for custom_id in found if custom_id.startswith(prefix)]
 
     # ----- waiting
 
