@@ -610,10 +610,12 @@ async def send_stored_page(interaction: discord.Interaction, page: StoredPage, d
         interaction,
         filename=page.filename,
         data=data,
-        content=f"**{page.filename}** · {page.model} · {page.generated_tokens} tokens",
+        content=f"**{page.filename}** {page.label} · {page.model} · {page.generated_tokens} tokens",
         too_big=f"**{page.filename}** is too big for this server's upload limit.",
         ephemeral=True,
         what=f"resend {page.job_id}",
+        # Any version sent again can be refined, regenerated or restyled again.
+        view=page_view(page.job_id, style_names()),
     )
 
 

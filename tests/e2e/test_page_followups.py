@@ -272,3 +272,24 @@ async def test_regenerate_works_after_a_restart_of_the_redis_bot(
     finally:
         await worker.stop()
         await stop_redis_bot(run)
+
+
+async def test_a_version_sent_again_by_mypages_can_be_refined_again(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    engine = Recording(real_engine)
+    await start_bot(engine)
+    ann = fake.user("ann")
+    first = await fake.send_command("html", {"prompt": "a flower shop"}, user=ann)
+    await delivered(first)
+    [regen] = page_ids(first, "htmlbot:regen:")
+    job_id = regen.removeprefix("htmlbot:regen:")
+    again = await fake.send_command("mypages", {"page": job_id}, user=ann)
+    await again.wait_for_file(".html", timeout=10)
+    await again.wait_until(lambda i: bool(i.custom_ids("htmlbot:regen:")), timeout=10)
+    assert page_ids(again, "htmlbot:regen:") == [regen]  # the same version's buttons
+    assert "v1" in again.visible_text
+    pressed = await fake.press_button(regen, user=ann, message=again)
+    await delivered(pressed)
+    assert "v2" in pressed.followups[-1]["content"]
+    assert len(engine.requests) == 2
