@@ -28,7 +28,7 @@ from discord.http import Route
 
 from bot import texts
 from bot.backend import Backend, local_backend, process_name, redis_backend
-from bot.commands import Commands, HtmlCommandTree, send_stored_page
+from bot.commands import Commands, HtmlCommandTree
 from bot.delivery import Delivery
 from bot.errors import BotError, QueueUnavailable
 from bot.guilds.command import SettingsCommand
@@ -504,18 +504,6 @@ class HtmlBot(discord.Client):
 
     async def list_pages(self, user_id: int) -> list[StoredPage]:
         return await self.store.list(user_id)
-
-    async def get_page(self, user_id: int, job_id: str) -> StoredPage | None:
-        return await self.store.get(user_id, job_id)
-
-    async def read_page(self, page: StoredPage) -> bytes:
-        return await self.store.read(page)
-
-    async def delivery_send_stored(
-        self, interaction: discord.Interaction, page: StoredPage, data: bytes
-    ) -> None:
-        """Send a kept page again, privately, as a follow-up of ``interaction``."""
-        await send_stored_page(interaction, page, data)
 
     # -- shutdown ---------------------------------------------------------------------
 
