@@ -153,13 +153,18 @@ async def run(settings: Settings) -> None:
             await stopping[0]
 
 
+def print_settings_error(exc: SettingsError) -> None:
+    """One ``error:`` line on stderr per problem, each naming its variable."""
+    for line in str(exc).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     try:
         settings = load_settings()
     except SettingsError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        print_settings_error(exc)
         return EXIT_SETTINGS
     configure_logging(settings)
     try:

@@ -206,12 +206,10 @@ class HtmlBot(discord.Client):
             queue=self.queue,
             board=self.board,
             pages=self.store,
-            delivery=self.delivery,
             sampling=self.sampling,
             page_mode=self.page_mode,
             tickets=self.tickets,
             spawn=self.spawn,
-            shutting_down=lambda: self.shutting_down,
             gate=self.guild_gate,
         )
         self.commands.register(self.tree)

@@ -25,7 +25,7 @@ import discord
 from discord import app_commands
 
 from bot import texts
-from bot.delivery import Delivery, send_page_followup
+from bot.delivery import send_page_followup
 from bot.errors import (
     BotError,
     InvalidPrompt,
@@ -227,10 +227,6 @@ def is_admin(interaction: discord.Interaction) -> bool:
     return bool(permissions.manage_guild or permissions.administrator)
 
 
-def _style_names() -> list[str]:
-    return style_names()
-
-
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
 
@@ -242,20 +238,18 @@ class Commands:
     queue: JobQueue
     board: StatusBoard
     pages: PageStore
-    delivery: Delivery
     sampling: SamplingParams
     page_mode: PageMode
     # Tickets of the jobs this process holds the interaction of, by job id.
     tickets: dict[str, Ticket]
     spawn: Spawn
-    shutting_down: Callable[[], bool]
     # Per-server settings and limits; None: only the env's (tests of the plain flow).
     gate: GuildGate | None = None
 
     def register(self, tree: app_commands.CommandTree[Any]) -> None:
         """Add /html, /queue and /mypages to ``tree``."""
         max_chars = min(self.settings.max_prompt_chars, DISCORD_OPTION_MAX)
-        style_choices = [app_commands.Choice(name=name, value=name) for name in _style_names()]
+        style_choices = [app_commands.Choice(name=name, value=name) for name in style_names()]
         commands = self
 
         @tree.command(name="html", description="Generate a web page from a description")
@@ -302,7 +296,7 @@ class Commands:
         received = time.monotonic()
         settings = self.settings
         text = validate_prompt(prompt, settings.max_prompt_chars)
-        if style is not None and style not in _style_names():
+        if style is not None and style not in style_names():
             raise InvalidPrompt(texts.unknown_style(style))
         guild = await self._admit(interaction)
         # The token's life counts from the interaction's creation; its age is checked
@@ -514,7 +508,7 @@ class Commands:
 
     async def handle_style(self, interaction: discord.Interaction, job_id: str, style: str) -> None:
         """The style switch: the same content in another theme, at once (no model)."""
-        if style not in _style_names():
+        if style not in style_names():
             raise InvalidPrompt(texts.unknown_style(style))
         page = await self._owned_page(interaction, job_id)
         job = self._follow_up(interaction, page, kind="restyle", prompt=page.prompt)
@@ -544,7 +538,7 @@ class Commands:
             too_big=texts.restyled(page.filename, saved.label, style),
             ephemeral=job.private,
             what=f"restyle {job.job_id}",
-            view=page_view(job.job_id, _style_names()),
+            view=page_view(job.job_id, style_names()),
         )
 
     async def on_component(self, interaction: discord.Interaction) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 from typing import Any
@@ -51,8 +50,6 @@ class LogSink:
 
 def worker_settings() -> Settings:
     """The settings, without requiring DISCORD_TOKEN (raises SettingsError)."""
-    if os.environ.get("DISCORD_TOKEN", "").strip():
-        return load_settings()
     try:
         return load_settings()
     except SettingsError as exc:
@@ -145,13 +142,12 @@ async def stop_worker(worker: Worker, source: Any, deadline_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m bot.worker``; returns the exit status."""
-    from bot.__main__ import configure_logging
+    from bot.__main__ import configure_logging, print_settings_error
 
     try:
         settings = worker_settings()
     except SettingsError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        print_settings_error(exc)
         return EXIT_SETTINGS
     configure_logging(settings)
     if settings.queue_backend != "redis":

@@ -352,16 +352,7 @@ def _encode_refine(
     if ids is None:
         report.refine_skipped += 1
         return None
-    prompt, answer = ids.prompt, ids.answer
-    if len(prompt) + len(answer) > max_seq_len:
-        if not truncate:
-            report.dropped_too_long += 1
-            return None
-        report.truncated += 1
-    example = _fit(tokenizer, prompt, answer, max_seq_len, truncate)
-    if example is None:
-        report.dropped_too_long += 1
-    return example
+    return _fit_counted(tokenizer, ids.prompt, ids.answer, max_seq_len, truncate, report)
 
 
 def _encode_one(
@@ -380,6 +371,18 @@ def _encode_one(
     if ids is None:
         return None
     prompt, answer = ids
+    return _fit_counted(tokenizer, prompt, answer, max_seq_len, truncate, report)
+
+
+def _fit_counted(
+    tokenizer: Any,
+    prompt: list[int],
+    answer: list[int],
+    max_seq_len: int,
+    truncate: bool,
+    report: TokenizeReport,
+) -> Example | None:
+    """:func:`_fit`, counting in ``report`` what was cut or dropped for its length."""
     if len(prompt) + len(answer) > max_seq_len:
         if not truncate:
             report.dropped_too_long += 1
