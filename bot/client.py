@@ -41,6 +41,7 @@ from bot.queue import QueueSnapshot
 from bot.settings import DEFAULT_API_BASE, Settings
 from bot.status import StatusBoard, Ticket
 from bot.store import StoredPage
+from bot.threads import PageThreads
 from bot.webhook import WebhookInteraction
 from bot.worker import Worker
 from model.types import SamplingParams
@@ -157,12 +158,15 @@ class HtmlBot(discord.Client):
             regenerate = (
                 self.regenerate if backend.scheduler is not None else self.regenerate_shared
             )
+        # A page's later versions go to a thread on its first message (bot.threads).
+        self.threads = PageThreads(self, self.store)
         self.delivery = Delivery(
             self.store,
             self.metrics,
             model_name=self.model_name,
             previewer=self.previewer,
             regenerate=regenerate,
+            threads=self.threads,
         )
         self.page_mode = settings.resolved_page_mode()
         self.board = StatusBoard(
@@ -211,6 +215,7 @@ class HtmlBot(discord.Client):
             tickets=self.tickets,
             spawn=self.spawn,
             gate=self.guild_gate,
+            threads=self.threads,
         )
         self.commands.register(self.tree)
         SettingsCommand(self.guild_gate.settings, self.guild_gate.usage).register(self.tree)

@@ -25,9 +25,10 @@ import discord
 from discord import app_commands
 
 from bot import texts
-from bot.delivery import send_page_followup
+from bot.delivery import attachment_limit, post_page, send_page_followup, version_thread
 from bot.errors import (
     BotError,
+    DeliveryExpired,
     InvalidPrompt,
     JobNotFound,
     NotAllowed,
@@ -57,6 +58,7 @@ from bot.scheduler import format_duration
 from bot.settings import Settings
 from bot.status import CANCEL_PREFIX, StatusBoard, Ticket
 from bot.store import StoredPage
+from bot.threads import PageThreads
 from bot.webhook import delivery_info_of
 from model.page.restyle import restyle_stored
 from model.types import PageMode, SamplingParams
@@ -245,6 +247,8 @@ class Commands:
     spawn: Spawn
     # Per-server settings and limits; None: only the env's (tests of the plain flow).
     gate: GuildGate | None = None
+    # A page's later versions go to its thread; None: below the press (tests of the plain flow).
+    threads: PageThreads | None = None
 
     def register(self, tree: app_commands.CommandTree[Any]) -> None:
         """Add /html, /queue and /mypages to ``tree``."""
@@ -530,15 +534,47 @@ class Commands:
             instruction=style,
             content=styled.content,
         )
+        text = texts.restyled(page.filename, saved.label, style)
+        view = page_view(job.job_id, style_names())
+        thread_id = await version_thread(self.threads, saved, job)
+        if thread_id is not None and thread_id != job.channel_id:
+            assert self.threads is not None
+            threads, target = self.threads, thread_id
+            try:
+                _attached, message = await post_page(
+                    lambda **kwargs: threads.post(target, **kwargs),
+                    filename=page.filename,
+                    data=styled.data,
+                    content=text,
+                    too_big=text,
+                    limit=attachment_limit(interaction),
+                    what=f"restyle {job.job_id} in thread {thread_id}",
+                    view=view,
+                )
+            except (discord.HTTPException, DeliveryExpired) as exc:
+                log.warning("restyle %s: not posted in its thread (%s)", job.job_id, exc)
+            else:
+                await threads.record(saved, message, thread_id)
+                await interaction.followup.send(
+                    texts.done_in_thread(page.filename, saved.label, thread_id), wait=True
+                )
+                return
+            thread_id = None
+
+        async def posted(message: Any) -> None:
+            if self.threads is not None:
+                await self.threads.record(saved, message, thread_id)
+
         await send_page_followup(
             interaction,
             filename=page.filename,
             data=styled.data,
-            content=texts.restyled(page.filename, saved.label, style),
-            too_big=texts.restyled(page.filename, saved.label, style),
+            content=text,
+            too_big=text,
             ephemeral=job.private,
             what=f"restyle {job.job_id}",
-            view=page_view(job.job_id, style_names()),
+            view=view,
+            posted=posted,
         )
 
     async def on_component(self, interaction: discord.Interaction) -> None:

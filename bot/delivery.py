@@ -34,6 +34,8 @@ from bot.page_buttons import page_view, style_names
 from bot.preview import Previewer
 from bot.queue import PageStore
 from bot.status import DEAD_TOKEN_STATUSES, Ticket, ticket_of
+from bot.threads import PageThreads
+from bot.versions import StoredPage
 from model.errors import ModelError
 from model.naming import page_filename
 from model.page.result import WARNING_TEXT, PageWarning
@@ -192,19 +194,58 @@ async def send_page_followup(
     limit: int | None = None,
     preview: bytes | None = None,
     view: discord.ui.View | None = None,
+    posted: Callable[[Any], Awaitable[None]] | None = None,
     attempts: int = 5,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
 ) -> list[Attachment]:
-    """Send a page as a follow-up of ``interaction``: the one way pages go out.
+    """Send a page as a follow-up of ``interaction``: :func:`post_page` through the
+    interaction's webhook. ``posted`` gets the message Discord made (to record where the
+    version is)."""
 
-    The page is attached as it is, or zipped when over ``limit`` (default: the
-    interaction's); the message is ``content`` plus the attachment's note. When even
-    the zip is too big, ``too_big`` is sent instead, without a file. ``preview`` (PNG
-    bytes) goes along as ``<stem>.png`` when page and preview fit ``limit`` together;
-    it is the first thing dropped. Retries as :func:`with_retries` does. Returns what
-    was attached (empty: nothing was).
+    async def followup(**kwargs: Any) -> Any:
+        return await interaction.followup.send(ephemeral=ephemeral, wait=True, **kwargs)
+
+    attachments, message = await post_page(
+        followup,
+        filename=filename,
+        data=data,
+        content=content,
+        too_big=too_big,
+        limit=attachment_limit(interaction) if limit is None else limit,
+        what=what,
+        preview=preview,
+        view=view,
+        attempts=attempts,
+        sleep=sleep,
+    )
+    if posted is not None:
+        await posted(message)
+    return attachments
+
+
+async def post_page(
+    send: Callable[..., Awaitable[Any]],
+    *,
+    filename: str,
+    data: bytes,
+    content: str,
+    too_big: str,
+    limit: int,
+    what: str,
+    preview: bytes | None = None,
+    view: discord.ui.View | None = None,
+    attempts: int = 5,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> tuple[list[Attachment], Any]:
+    """Send a page with ``send`` (a follow-up, or a message in a thread): the one way pages go
+    out.
+
+    The page is attached as it is, or zipped when over ``limit``; the message is ``content``
+    plus the attachment's note. When even the zip is too big, ``too_big`` is sent instead,
+    without a file. ``preview`` (PNG bytes) goes along as ``<stem>.png`` when page and
+    preview fit ``limit`` together; it is the first thing dropped. Retries as
+    :func:`with_retries` does. Returns what was attached (empty: nothing was) and the message.
     """
-    limit = attachment_limit(interaction) if limit is None else limit
     attachment = fit_attachment(filename, data, limit)
     text = too_big if attachment is None else f"{content}\n{attachment.note}".strip()
     attachments = [attachment] if attachment is not None else []
@@ -215,16 +256,16 @@ async def send_page_followup(
         else:
             log.info("%s: the preview does not fit the upload limit; sending the page alone", what)
 
-    async def send() -> None:
-        kwargs: dict[str, Any] = {"content": text, "ephemeral": ephemeral, "wait": True}
+    async def send_once() -> Any:
+        kwargs: dict[str, Any] = {"content": text}
         if view is not None and attachments:
             kwargs["view"] = view  # the page's buttons go with the page, not a refusal
         if attachments:
             kwargs["files"] = [a.to_file() for a in attachments]  # fresh Files each attempt
-        await interaction.followup.send(**kwargs)
+        return await send(**kwargs)
 
-    await with_retries(send, what=what, attempts=attempts, sleep=sleep)
-    return attachments
+    message = await with_retries(send_once, what=what, attempts=attempts, sleep=sleep)
+    return attachments, message
 
 
 @contextlib.contextmanager
@@ -256,6 +297,18 @@ def build_page_for(job: Job) -> Any:
     )
 
 
+async def version_thread(
+    threads: PageThreads | None, saved: StoredPage | None, job: Job
+) -> int | None:
+    """The thread ``saved`` (a version the job made) goes to, or None: a first version, a
+    private page, a DM, no threads configured or none to be had."""
+    if threads is None or saved is None or job.parent_job_id is None:
+        return None
+    if job.private or job.guild_id is None:
+        return None
+    return await threads.thread_for(saved)
+
+
 class Delivery:
     """Sends each job's outcome to its interaction (see the module docstring)."""
 
@@ -267,10 +320,13 @@ class Delivery:
         model_name: str,
         regenerate: Callable[[Job], bool | Awaitable[bool]] | None = None,
         previewer: Previewer | None = None,
+        threads: PageThreads | None = None,
         attempts: int = 5,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.store = store
+        # Where a page's later versions go (its thread); None: always below the press.
+        self.threads = threads
         self.metrics = metrics
         self.model_name = model_name
         # Called once for a page that came out empty: True when the job was queued again.
@@ -359,6 +415,7 @@ class Delivery:
             kept = True
             label = saved.label
         except (OSError, QueueUnavailable) as exc:
+            saved = None
             # A full or read-only disk, a page over the store's cap, Redis away: the user
             # still gets the page now.
             log.error("job %s: could not keep the page (%s); sending it anyway", job.job_id, exc)
@@ -373,7 +430,9 @@ class Delivery:
             version=label,
         )
         preview = None if ticket.dead else await self.render_preview(job, page.data)
-        await self.send_page(job, filename, page.data, summary, preview=preview, kept=kept)
+        await self.send_page(
+            job, filename, page.data, summary, preview=preview, kept=kept, saved=saved
+        )
         return "sent"
 
     async def _regenerated(self, job: Job) -> bool:
@@ -404,13 +463,16 @@ class Delivery:
         *,
         preview: bytes | None = None,
         kept: bool = True,
+        saved: StoredPage | None = None,
     ) -> None:
         """Mark the deferred message done, then send the page (and its preview) as a follow-up.
 
         In that order because Discord turns the first follow-up after a "thinking" defer
         into the deferred message itself; once edited, the follow-up is a message of its
         own, so the page arrives as a new message at the bottom of the channel. ``kept``:
-        whether the page is in the store (``/mypages`` can send it again).
+        whether the page is in the store (``/mypages`` can send it again). A later version
+        of a page (``saved``, the stored version) goes to the page's thread instead, with a
+        pointer in the job's message (see ``bot.threads``).
         """
         ticket = ticket_of(job)
         interaction = ticket.interaction
@@ -425,11 +487,24 @@ class Delivery:
             f"{summary}\nThe page is {_mb(len(data))}, more than this server's upload limit "
             f"({_mb(limit)}) even zipped. {where}"
         )
+        view = page_view(job.job_id, style_names()) if kept else None
+        thread_id = await version_thread(self.threads, saved, job)
+        if thread_id is not None and thread_id != job.channel_id:
+            if await self._post_in_thread(
+                job, thread_id, saved, filename, data, summary, too_big, limit, preview, view
+            ):
+                return
+            thread_id = None  # it goes out below the press, as any page
         try:
             await self.final_edit(job, texts.done(filename, job.job_id, kept=kept))
         except discord.HTTPException as exc:
             log.info("job %s: marking the message done failed: %s", job.job_id, exc)
         what = f"job {job.job_id} follow-up"
+
+        async def posted(message: Any) -> None:
+            if self.threads is not None:
+                await self.threads.record(saved, message, thread_id)
+
         try:
             with _live_token(ticket, what):
                 await send_page_followup(
@@ -441,9 +516,10 @@ class Delivery:
                     limit=limit,
                     preview=preview,
                     # Refine / Regenerate / style need the kept page: no buttons without it.
-                    view=page_view(job.job_id, style_names()) if kept else None,
+                    view=view,
                     ephemeral=job.private,
                     what=what,
+                    posted=posted,
                     attempts=self.attempts,
                     sleep=self._sleep,
                 )
@@ -453,6 +529,48 @@ class Delivery:
                 await self.final_edit(
                     job, texts.upload_refused(exc.status, job.job_id, kept=kept), force=True
                 )
+
+    async def _post_in_thread(
+        self,
+        job: Job,
+        thread_id: int,
+        saved: StoredPage | None,
+        filename: str,
+        data: bytes,
+        summary: str,
+        too_big: str,
+        limit: int,
+        preview: bytes | None,
+        view: discord.ui.View | None,
+    ) -> bool:
+        """Post the version in the page's thread, then point the job's message at it; False
+        when the thread refused it (the caller sends it below the press instead). Needs no
+        interaction token: a version whose token died still reaches its thread."""
+        assert self.threads is not None
+        threads = self.threads
+        what = f"job {job.job_id} in thread {thread_id}"
+        try:
+            _attachments, message = await post_page(
+                lambda **kwargs: threads.post(thread_id, **kwargs),
+                filename=filename,
+                data=data,
+                content=summary,
+                too_big=too_big,
+                limit=limit,
+                what=what,
+                preview=preview,
+                view=view,
+                attempts=self.attempts,
+                sleep=self._sleep,
+            )
+        except (discord.HTTPException, DeliveryExpired) as exc:
+            log.warning("%s: could not post (%s); sending it below the press", what, exc)
+            return False
+        await threads.record(saved, message, thread_id)
+        label = saved.label if saved is not None else ""
+        with contextlib.suppress(discord.HTTPException, DeliveryExpired):
+            await self.final_edit(job, texts.done_in_thread(filename, label, thread_id))
+        return True
 
     async def final_edit(self, job: Job, text: str, *, force: bool = False) -> None:
         """Replace the job's message with ``text`` (no Cancel button), once unless ``force``.

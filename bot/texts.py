@@ -59,6 +59,12 @@ def done(filename: str, job_id: str, *, kept: bool) -> str:
     return f"✅ Done: **{filename}** (below).{where}"
 
 
+def done_in_thread(filename: str, label: str, thread_id: int) -> str:
+    """A later version's message once the version is posted in the page's thread."""
+    version = f" {label}" if label else ""
+    return f"✅ Done: **{filename}**{version} is in the page's thread: <#{thread_id}>."
+
+
 def upload_refused(status: int, job_id: str, *, kept: bool) -> str:
     again = (
         f"The page is kept: get it with `/mypages page:{job_id}`." if kept else "Please ask again."

@@ -7,6 +7,7 @@ and the models are built with random weights in the test run.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+def _sqlite_threads() -> set[threading.Thread]:
+    # aiosqlite runs each connection in a thread of its own, not a daemon: one left open
+    # keeps the interpreter (and `make test`) from exiting after the last test.
+    return {
+        thread
+        for thread in threading.enumerate()
+        if thread.is_alive() and "_connection_worker_thread" in thread.name
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_sqlite_connection_left_open() -> Iterator[None]:
+    """Fail the test that leaves an aiosqlite connection open (see ``_sqlite_threads``)."""
+    before = _sqlite_threads()
+    yield
+    left = _sqlite_threads() - before
+    for thread in left:
+        thread.join(timeout=2.0)  # a close in flight finishes in a moment
+    left = {thread for thread in left if thread.is_alive()}
+    assert not left, f"{len(left)} aiosqlite connection(s) left open: close the store"

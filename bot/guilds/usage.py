@@ -11,6 +11,7 @@ a few seconds disagree about a cooldown by as much, which is harmless.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,16 +80,23 @@ class SqliteUsage:
         self.path = Path(path)
         self.clock = clock
         self._conn: aiosqlite.Connection | None = None
+        # A burst of first requests must open one connection, not one each (every
+        # aiosqlite connection is a thread, and one left unclosed keeps the process alive).
+        self._opening = asyncio.Lock()
 
     async def _connection(self) -> aiosqlite.Connection:
-        if self._conn is None:
-            self._conn = await open_database(self.path, _SCHEMA)
-            # Yesterday's rows say nothing any more (a cooldown never spans a day's worth).
-            await self._conn.execute(
-                "DELETE FROM guild_usage WHERE last_request_at < ?",
-                (self.clock() - MAX_COOLDOWN_S - 86400,),
-            )
-        return self._conn
+        if self._conn is not None:
+            return self._conn
+        async with self._opening:
+            if self._conn is None:
+                conn = await open_database(self.path, _SCHEMA)
+                # Yesterday's rows say nothing any more (a cooldown never spans a day).
+                await conn.execute(
+                    "DELETE FROM guild_usage WHERE last_request_at < ?",
+                    (self.clock() - MAX_COOLDOWN_S - 86400,),
+                )
+                self._conn = conn
+            return self._conn
 
     async def get(self, guild_id: int, user_id: int) -> Usage:
         conn = await self._connection()
@@ -122,9 +130,10 @@ class SqliteUsage:
         return Usage(int(row[0]), now)
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        async with self._opening:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
 
 
 class RedisUsage:

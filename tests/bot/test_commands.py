@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.request
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -170,8 +171,9 @@ class _Interaction:
 
 
 @pytest.fixture
-def idle_bot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HtmlBot:
-    """An HtmlBot that never connects (HtmlBot sets these class attributes)."""
+async def idle_bot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[HtmlBot]:
+    """An HtmlBot that never connects (HtmlBot sets these class attributes); its server
+    settings database is closed after the test."""
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
     settings = Settings(
         discord_token="x",  # type: ignore[arg-type]
@@ -180,7 +182,9 @@ def idle_bot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HtmlBot:
         preview="off",
         _env_file=None,  # type: ignore[call-arg]
     )
-    return HtmlBot(settings, FakeEngine())
+    bot = HtmlBot(settings, FakeEngine())
+    yield bot
+    await bot.guild_gate.aclose()
 
 
 def _closed_errors() -> list[Exception]:

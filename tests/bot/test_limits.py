@@ -3,6 +3,7 @@ on SQLite and on a real Redis, including the reset at the end of the UTC day."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -260,3 +261,16 @@ def test_open_gate_follows_the_backend(tmp_path: Path) -> None:
     gate = open_gate(settings)
     assert isinstance(gate.usage, SqliteUsage)
     assert gate.usage.path == tmp_path / "htmlbot-guilds.sqlite3"
+
+
+async def test_a_burst_of_first_requests_counts_each_and_closes_cleanly(
+    make_usage: MakeUsage,
+) -> None:
+    # 40 members' first requests at once, as a busy server sends them after a restart: every
+    # one counted, and (SQLite) one connection opened, which aclose closes: the autouse
+    # check in tests/conftest.py fails a test that leaves a connection thread behind.
+    usage = make_usage(Clock(EVENING))
+    counted = await asyncio.gather(*(usage.record(GUILD, USER + n) for n in range(40)))
+    assert [u.pages_today for u in counted] == [1] * 40
+    seen = await asyncio.gather(*(usage.get(GUILD, USER + n) for n in range(40)))
+    assert all(u.pages_today == 1 for u in seen)

@@ -10,7 +10,9 @@ enforced and told. Also: a refine refined again, a refine whose token dies (kept
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,10 @@ from tests.e2e.redis_helpers import (
     stop_redis_bot,
 )
 from tests.fake_discord import FakeDiscord, FakeInteraction, FakeRole, FakeUser
+from tests.fake_discord.components import custom_ids
 from tests.fake_discord.payloads import snowflake
+from tests.fake_discord.records import Part
+from tests.model.test_refine_restyle import visible_text
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,6 +65,71 @@ async def delivered(inter: FakeInteraction) -> Any:
     return page
 
 
+@dataclass
+class Version:
+    """A version as the user finds it: the message it came in and its page."""
+
+    message: dict[str, Any]
+    page: Part
+
+    @property
+    def channel_id(self) -> int:
+        return int(self.message["channel_id"])
+
+    @property
+    def text(self) -> str:
+        return str(self.message.get("content") or "")
+
+
+def posted_version(fake: FakeDiscord, pressed: FakeInteraction, label: str) -> Version | None:
+    """Version ``label`` made by ``pressed``: a follow-up of it, or a post in a thread."""
+    for request in fake.find_requests("POST", ok=True):
+        pages = [part for part in request.files if (part.filename or "").endswith(".html")]
+        if not pages or label not in (request.content or ""):
+            continue
+        in_thread = re.search(r"/channels/\d+/messages$", request.path) is not None
+        if in_thread or any(request is mine for mine in pressed.requests):
+            message = fake.messages.get(int(request.response["id"]))
+            if message is not None:
+                return Version(message, pages[0])
+    return None
+
+
+async def next_version(
+    fake: FakeDiscord, pressed: FakeInteraction, label: str, wait_s: float = 60
+) -> Version:
+    """Wait for version ``label`` of the page ``pressed`` continues, with its buttons."""
+    found: list[Version] = []
+
+    def arrived() -> bool:
+        version = posted_version(fake, pressed, label)
+        if version is None or not version.message.get("components"):
+            return False
+        found.append(version)
+        return True
+
+    try:
+        await fake.wait_until(arrived, timeout=wait_s)
+    except TimeoutError:
+        recent = "\n  ".join(f"{r!r} {r.content!r}" for r in fake.requests[-12:])
+        raise AssertionError(f"{label} never arrived; recent requests:\n  {recent}") from None
+    return found[-1]
+
+
+def versions_posted(fake: FakeDiscord, label: str) -> int:
+    """How many pages labelled ``label`` Discord accepted, anywhere."""
+    return sum(
+        1
+        for request in fake.find_requests("POST", ok=True)
+        if label in (request.content or "")
+        and any((part.filename or "").endswith(".html") for part in request.files)
+    )
+
+
+def buttons(message: dict[str, Any], prefix: str) -> list[str]:
+    return [c for c in custom_ids(message.get("components") or []) if c.startswith(prefix)]
+
+
 async def test_regenerate_refine_and_restyle_make_versions_of_one_page(
     start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
 ) -> None:
@@ -69,9 +139,9 @@ async def test_regenerate_refine_and_restyle_make_versions_of_one_page(
     first = await fake.send_command("html", {"prompt": "a bakery in Lyon"}, user=ann)
     await delivered(first)
     [regen] = page_ids(first, "htmlbot:regen:")
-    [refine] = page_ids(first, "htmlbot:refine:")
-    [style] = page_ids(first, "htmlbot:style:")
-    assert "v1" in first.followups[-1]["content"]
+    v1_message = first.followups[-1]
+    assert "v1" in v1_message["content"]
+    assert int(v1_message["channel_id"]) == fake.channel.id
 
     # Someone else's page: refused, privately, and nothing is queued.
     theirs = await fake.press_button(regen, user=bob, message=first)
@@ -79,33 +149,82 @@ async def test_regenerate_refine_and_restyle_make_versions_of_one_page(
     assert theirs.is_ephemeral_reply() and "Only the person who made" in theirs.visible_text
     assert len(engine.requests) == 1
 
+    # The first follow-up starts the page's thread on v1's message and posts v2 there.
     again = await fake.press_button(regen, user=ann, message=first)
-    await delivered(again)
-    assert "v2" in again.followups[-1]["content"]
+    v2 = await next_version(fake, again, "v2")
+    thread = fake.thread_of(v1_message)
+    assert thread is not None and thread.parent_id == fake.channel.id
+    assert "bakery" in thread.name
+    assert v2.channel_id == thread.id
+    await again.wait_until(lambda i: f"<#{thread.id}>" in i.visible_text, timeout=10)
+    assert again.html_files == []  # the page is in the thread, not twice
     assert engine.requests[-1].prompt == "a bakery in Lyon"
     assert engine.requests[-1].sampling.seed != engine.requests[0].sampling.seed
 
-    opened = await fake.press_button(refine, user=ann, message=first)
-    await opened.wait_for_callback(timeout=5)
-    assert opened.modal is not None
-    submitted = await fake.submit_modal(opened, {"instruction": "add a section about hours"})
-    await delivered(submitted)
+    # Refine pressed on v2 inside the thread: answered there, v3 made from v2.
+    [refine_v2] = buttons(v2.message, "htmlbot:refine:")
+    submitted = await open_refine(fake, v2.message, ann, "add a section about hours")
+    assert submitted.channel_id == thread.id
+    v3 = await next_version(fake, submitted, "v3")
+    assert v3.channel_id == thread.id
     refined = engine.requests[-1]
     assert refined.prompt == "add a section about hours"
-    assert refined.description == "a bakery in Lyon" and refined.source_page
-    assert "v3" in submitted.followups[-1]["content"]
+    assert refined.description == "a bakery in Lyon"
+    assert refined.source_page == v2.page.data.decode("utf-8")
+    assert refine_v2.removeprefix("htmlbot:refine:") != regen.removeprefix("htmlbot:regen:")
 
+    # The style switch on the refined version: v4, same words, another theme, no model.
     asked = len(engine.requests)
-    restyled = await fake.choose(first, style, ["dark"], user=ann)
-    page = await delivered(restyled)
-    assert len(engine.requests) == asked  # no model for a style switch
-    assert "v4" in restyled.visible_text and "dark" in restyled.visible_text
-    assert page.data.lstrip().lower().startswith(b"<!doctype html")
+    [style_v3] = buttons(v3.message, "htmlbot:style:")
+    restyled = await fake.choose(v3.message, style_v3, ["dark"], user=ann)
+    v4 = await next_version(fake, restyled, "v4")
+    assert len(engine.requests) == asked
+    assert v4.channel_id == thread.id and "dark" in v4.text
+    v3_html, v4_html = v3.page.data.decode("utf-8"), v4.page.data.decode("utf-8")
+    assert v4_html != v3_html and visible_text(v4_html) == visible_text(v3_html)
+    pages_in_thread = [
+        m["id"]
+        for m in fake.thread_messages(thread)
+        if any(a["filename"].endswith(".html") for a in m.get("attachments") or [])
+    ]
+    assert pages_in_thread == [v.message["id"] for v in (v2, v3, v4)]
 
     listing = await fake.send_command("mypages", {}, user=ann)
     await listing.wait_for_callback(timeout=5)
     for label in ("v1", "v2", "v3", "v4"):
         assert label in listing.visible_text
+
+
+async def test_without_thread_permission_versions_come_below_the_press(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    await start_bot(real_engine)
+    ann = fake.user("ann")
+    first = await fake.send_command("html", {"prompt": "a ski school"}, user=ann)
+    await delivered(first)
+    fake.fail_next(
+        "POST", r"/messages/\d+/threads$", status=403, times=5,
+        body={"message": "Missing Permissions", "code": 50013},
+    )  # fmt: skip
+    [regen] = page_ids(first, "htmlbot:regen:")
+    again = await fake.press_button(regen, user=ann, message=first)
+    v2 = await next_version(fake, again, "v2")
+    assert v2.channel_id == fake.channel.id and again.html_files  # a follow-up, as before
+    assert fake.thread_of(first.followups[-1]) is None
+
+
+async def test_a_private_page_gets_no_thread(
+    start_bot: StartBot, fake: FakeDiscord, real_engine: TextGenerator
+) -> None:
+    await start_bot(real_engine)
+    ann = fake.user("ann")
+    first = await fake.send_command("html", {"prompt": "a diary", "private": True}, user=ann)
+    await delivered(first)
+    [regen] = page_ids(first, "htmlbot:regen:")
+    again = await fake.press_button(regen, user=ann, message=first)
+    v2 = await next_version(fake, again, "v2")
+    assert again.html_files and v2.message["flags"] & 64  # ephemeral, below the press
+    assert fake.find_requests("POST", r"/threads$") == []
 
 
 async def test_a_server_limit_is_enforced_and_explained(
@@ -134,10 +253,19 @@ async def test_a_server_limit_is_enforced_and_explained(
 
 
 async def open_refine(
-    fake: FakeDiscord, message: FakeInteraction, user: FakeUser, instruction: str, **kw: Any
+    fake: FakeDiscord,
+    message: FakeInteraction | dict[str, Any],
+    user: FakeUser,
+    instruction: str,
+    **kw: Any,
 ) -> FakeInteraction:
-    """Press the Refine button on ``message`` and submit its modal with ``instruction``."""
-    [refine] = page_ids(message, "htmlbot:refine:")
+    """Press the Refine button on ``message`` (an interaction's, or a message in a thread)
+    and submit its modal with ``instruction``."""
+    [refine] = (
+        page_ids(message, "htmlbot:refine:")
+        if isinstance(message, FakeInteraction)
+        else buttons(message, "htmlbot:refine:")
+    )
     opened = await fake.press_button(refine, user=user, message=message)
     await opened.wait_for_callback(timeout=5)
     assert opened.modal is not None, opened.visible_text
@@ -154,19 +282,18 @@ async def test_a_refined_page_can_be_refined_again_from_its_own_buttons(
     v1 = await delivered(first)
 
     second = await open_refine(fake, first, ann, "make the header green")
-    v2 = await delivered(second)
-    assert "v2" in second.followups[-1]["content"]
+    v2 = await next_version(fake, second, "v2")
     assert engine.requests[-1].source_page == v1.data.decode("utf-8")
     # v2's message carries buttons of its own version, not v1's.
-    assert page_ids(second, "htmlbot:refine:") != page_ids(first, "htmlbot:refine:")
+    assert buttons(v2.message, "htmlbot:refine:") != page_ids(first, "htmlbot:refine:")
 
-    third = await open_refine(fake, second, ann, "add a footer with the address")
-    await delivered(third)
-    assert "v3" in third.followups[-1]["content"]
+    third = await open_refine(fake, v2.message, ann, "add a footer with the address")
+    v3 = await next_version(fake, third, "v3")
+    assert v3.channel_id == v2.channel_id  # the same thread
     last = engine.requests[-1]
     assert last.prompt == "add a footer with the address"
     assert last.description == "a florist in Nantes"
-    assert last.source_page == v2.data.decode("utf-8")
+    assert last.source_page == v2.page.data.decode("utf-8")
     assert len(engine.requests) == 3
 
 
@@ -196,6 +323,10 @@ async def test_a_refine_whose_token_dies_is_kept_for_mypages(
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)  # room for a (wrong) retry with the dead token
     assert submitted.html_files == []
+    # The thread needs no interaction token: the version still reaches it.
+    v2 = await next_version(fake, submitted, "v2", wait_s=10)
+    assert fake.thread_of(first.followups[-1]) is not None
+    assert v2.channel_id == fake.thread_of(first.followups[-1]).id  # type: ignore[union-attr]
     refused = [i for i, r in enumerate(submitted.requests) if r.status in (401, 404)]
     assert refused, "the bot never tried the dead token"
     assert submitted.requests[refused[0] + 1 :] == []
@@ -263,10 +394,9 @@ async def test_regenerate_works_after_a_restart_of_the_redis_bot(
         run = await start_redis_bot(fake, settings)
 
         again = await fake.press_button(regen, user=ann, message=first)
-        await delivered(again)
+        await next_version(fake, again, "v2")
         await asyncio.sleep(1.0)  # room for a second (wrong) delivery
-        assert len(again.html_files) == 1
-        assert "v2" in again.followups[-1]["content"]
+        assert versions_posted(fake, "v2") == 1
         assert [r.prompt for r in engine.requests] == ["a cycling club"] * 2
         assert len(first.html_files) == 1
     finally:
@@ -290,6 +420,5 @@ async def test_a_version_sent_again_by_mypages_can_be_refined_again(
     assert page_ids(again, "htmlbot:regen:") == [regen]  # the same version's buttons
     assert "v1" in again.visible_text
     pressed = await fake.press_button(regen, user=ann, message=again)
-    await delivered(pressed)
-    assert "v2" in pressed.followups[-1]["content"]
+    await next_version(fake, pressed, "v2")
     assert len(engine.requests) == 2
