@@ -41,32 +41,33 @@ def teacher_forced_logits(runner: Any, forced: Any) -> dict[str, Any]:
     import torch
 
     rows = len(PROMPT_LENGTHS)
-    saved = [t.clone() for t in (runner.cache, runner.tokens, runner.positions, runner.seen)]
+    cache = runner.cache
+    saved = [t.clone() for t in (cache.kv, cache.tokens, cache.positions, cache.seen)]
     captured: list[torch.Tensor] = []
-    head = runner.lm_head
+    head = runner.weights.lm_head
 
     def recording_head(hidden: torch.Tensor) -> torch.Tensor:
         logits = head(hidden)
         captured.append(logits.float())
         return logits
 
-    runner.lm_head = recording_head
+    runner.weights.lm_head = recording_head
     results = {}
     try:
         for attention in ATTENTIONS:
             for buffer, value in zip(
-                (runner.cache, runner.tokens, runner.positions, runner.seen), saved, strict=True
+                (cache.kv, cache.tokens, cache.positions, cache.seen), saved, strict=True
             ):
                 buffer.copy_(value)
-            runner.attention = attention  # eager decode_body: no graphs to recapture
+            runner.forward.attention = attention  # eager decode_body: no graphs to recapture
             captured.clear()
             with torch.inference_mode():
                 for step in range(STEPS):
-                    runner.decode_body(rows, 640)
-                    runner.tokens[:rows] = forced[step]
+                    runner.forward.decode_body(rows, 640)
+                    cache.tokens[:rows] = forced[step]
             results[attention] = torch.stack(captured)
     finally:
-        runner.lm_head = head
+        runner.weights.lm_head = head
     return results
 
 
@@ -74,7 +75,7 @@ def main() -> int:
     import torch
 
     from bench.serving import add_lora, build_base, build_tokenizer
-    from model.fast_engine import FastEngine, FastEngineOptions
+    from model.fast import FastEngine, FastEngineOptions
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (the triton and cuDNN kernels)", file=sys.stderr)
@@ -95,10 +96,10 @@ def main() -> int:
         ]
         runner.prefill(list(range(len(prompts))), prompts)
         for row, prompt in enumerate(prompts):
-            runner.set_row(
+            runner.cache.set_row(
                 row, prompt=prompt, temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=0
             )
-            runner.start_row(row, 7, len(prompt))
+            runner.cache.start_row(row, 7, len(prompt))
         forced = torch.randint(3, 32000, (STEPS, len(prompts)), generator=generator).to(device)
         logits = teacher_forced_logits(runner, forced)
         reference = logits["sdpa"]

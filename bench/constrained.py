@@ -491,7 +491,7 @@ def _bench_model(cpu: bool, tokenizer_dir: str | None = None) -> tuple[Any, Any,
 
 def _build_engine(kind: str, model: Any, tokenizer: Any, device: Any, batch: int) -> Any:
     if kind == "fast":
-        from model.fast_engine import FastEngine, FastEngineOptions
+        from model.fast import FastEngine, FastEngineOptions
 
         options = FastEngineOptions(
             max_seq_len=2048, max_slots=max(batch, 1), ignore_eos=True, progress_interval_s=1.0

@@ -2,7 +2,7 @@
 
 Everything goes through ``model.loading.load_model`` from folders on disk, as the bot does
 (base + LoRA adapter; merged for bf16, unmerged for NF4), then through ``model.engine.Engine``
-(the HF-forward decode loop) or ``model.fast_engine.FastEngine`` (slots + CUDA graphs).
+(the HF-forward decode loop) or ``model.fast.FastEngine`` (slots + CUDA graphs).
 The model is a random Llama (no download) of a configurable size. Prints a table.
 
     python -m bench.engines                 # on the GPU machine
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from model.engine import Engine
-    from model.fast_engine import FastEngine
+    from model.fast import FastEngine
     from model.loading import load_model
     from model.spec import resolve_spec
 

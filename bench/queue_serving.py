@@ -181,7 +181,7 @@ def build_engine(spec: EngineArgs) -> tuple[Any, Any, float]:
     tokenizer and the seconds it took."""
     import torch
 
-    from model.fast_engine import FastEngine, FastEngineOptions
+    from model.fast import FastEngine, FastEngineOptions
 
     device = torch.device("cpu" if spec.cpu else "cuda")
     dtype = torch.float32 if spec.cpu else torch.bfloat16

@@ -459,13 +459,14 @@ def step_times(
             keys = [min(rng.randint(64, 256) + 256, context) for _ in range(b)]
         else:
             keys = [context - 64] * b
-        positions = torch.tensor([k - 1 for k in keys], device=runner.positions.device)
-        runner.positions[:b] = positions
+        positions = torch.tensor([k - 1 for k in keys], device=runner.cache.positions.device)
+        runner.cache.positions[:b] = positions
         runner.decode(b, context)  # captures if needed
-        graph = runner._graphs[(runner.batch_bucket(b), runner.context_bucket(context))]
+        graphs = runner.graphs
+        graph = graphs.captured[(graphs.batch_bucket(b), graphs.context_bucket(context))]
 
         def rewind(b: int = b, positions: Any = positions) -> None:
-            runner.positions[:b] = positions  # the step advances them
+            runner.cache.positions[:b] = positions  # the step advances them
 
         ms = _median_ms(graph.replay, 30, prepare=rewind)
         rows.append(
@@ -489,7 +490,7 @@ def prefill_times(engine: Any, rounds: int = 4) -> list[dict[str, Any]]:
     import torch
     from torch.nn.attention import SDPBackend
 
-    from model import fast_llama
+    from model.fast import forward
 
     runner = engine.runner
     rng = random.Random(11)
@@ -501,22 +502,22 @@ def prefill_times(engine: Any, rounds: int = 4) -> list[dict[str, Any]]:
     ]
     rows = []
     for label, backends in (
-        ("flash/efficient (engine)", fast_llama.PREFILL_ATTENTION_BACKENDS),
+        ("flash/efficient (engine)", forward.PREFILL_ATTENTION_BACKENDS),
         ("cuDNN allowed", default_backends),
     ):
         for prompts in (1, 8):
             times = []
             for _ in range(rounds):
                 lengths = [rng.randint(64, 256) for _ in range(prompts)]
-                saved = fast_llama.PREFILL_ATTENTION_BACKENDS
-                fast_llama.PREFILL_ATTENTION_BACKENDS = backends
+                saved = forward.PREFILL_ATTENTION_BACKENDS
+                forward.PREFILL_ATTENTION_BACKENDS = backends
                 try:
                     torch.cuda.synchronize()
                     began = time.perf_counter()
                     runner.prefill(list(range(prompts)), [[5] * n for n in lengths])
                     torch.cuda.synchronize()
                 finally:
-                    fast_llama.PREFILL_ATTENTION_BACKENDS = saved
+                    forward.PREFILL_ATTENTION_BACKENDS = saved
                 times.append((time.perf_counter() - began) * 1000)
             rows.append(
                 {
@@ -535,12 +536,12 @@ def profile_step(engine: Any, batch: int, context: int, path: Path | None) -> st
     from torch.profiler import ProfilerActivity, profile
 
     runner = engine.runner
-    runner.positions[:batch] = context - 64
+    runner.cache.positions[:batch] = context - 64
     with torch.inference_mode():
-        runner.decode_body(batch, context)
+        runner.forward.decode_body(batch, context)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.decode_body(batch, context)
+            runner.forward.decode_body(batch, context)
             torch.cuda.synchronize()
     events = prof.key_averages()
     kinds: dict[str, float] = {}
@@ -618,13 +619,13 @@ def attention_sweep(shape: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
-    from model import fast_kernels
+    from model.fast import kernels
 
     heads = shape["num_attention_heads"]
     dim = shape["hidden_size"] // heads
     device, dtype = torch.device("cuda"), torch.bfloat16
     cache = torch.randn(2, 32, heads, 1024, dim, device=device, dtype=dtype)
-    saved = (fast_kernels.SPLIT_KEYS, fast_kernels.BLOCK_KEYS, fast_kernels.ATTENTION_WARPS)
+    saved = (kernels.SPLIT_KEYS, kernels.BLOCK_KEYS, kernels.ATTENTION_WARPS)
     rows = []
     try:
         for batch, context, mixed in ((8, 512, False), (8, 640, True), (32, 640, True)):
@@ -646,7 +647,7 @@ def attention_sweep(shape: dict[str, Any]) -> list[dict[str, Any]]:
             )
             # decode_attention reads the module's settings at each call: the sweep sets them.
             kernel = functools.partial(
-                fast_kernels.decode_attention,
+                kernels.decode_attention,
                 q,
                 cache[0],
                 cache[1],
@@ -668,19 +669,19 @@ def attention_sweep(shape: dict[str, Any]) -> list[dict[str, Any]]:
                     for warps in (2, 4, 8):
                         if block > split:
                             continue
-                        fast_kernels.SPLIT_KEYS = split
-                        fast_kernels.BLOCK_KEYS = block
-                        fast_kernels.ATTENTION_WARPS = warps
+                        kernels.SPLIT_KEYS = split
+                        kernels.BLOCK_KEYS = block
+                        kernels.ATTENTION_WARPS = warps
                         timings.append((_graph_time_ms(kernel) * 1000, split, block, warps))
             timings.sort()
             row["triton_best"] = [
                 {"us": us, "split": sp, "block": bl, "warps": w} for us, sp, bl, w in timings[:3]
             ]
-            fast_kernels.SPLIT_KEYS, fast_kernels.BLOCK_KEYS, fast_kernels.ATTENTION_WARPS = saved
+            kernels.SPLIT_KEYS, kernels.BLOCK_KEYS, kernels.ATTENTION_WARPS = saved
             row["triton_default_us"] = _graph_time_ms(kernel) * 1000
             rows.append(row)
     finally:
-        fast_kernels.SPLIT_KEYS, fast_kernels.BLOCK_KEYS, fast_kernels.ATTENTION_WARPS = saved
+        kernels.SPLIT_KEYS, kernels.BLOCK_KEYS, kernels.ATTENTION_WARPS = saved
     return rows
 
 
@@ -786,12 +787,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.verbose:
-        logging.getLogger("model.fast_engine").setLevel(logging.DEBUG)
+        logging.getLogger("model.fast.engine").setLevel(logging.DEBUG)
 
     import torch
     import transformers
 
-    from model.fast_engine import FastEngine, FastEngineOptions
+    from model.fast import FastEngine, FastEngineOptions
 
     device = torch.device("cpu" if args.cpu else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -853,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
             engine4 = FastEngine(nf4, tokenizer, model_name="nf4", options=options)
             engine4.warmup(max_batch=1)
             four = single_stream(engine4, args.new_tokens)
-            four["graphs"] = engine4.runner.use_graphs
+            four["graphs"] = engine4.runner.graphs.enabled
             report["nf4_engine_batch1"] = four
             print(f"4-bit path (fast engine, NF4 + unmerged LoRA, batch 1): {four}", flush=True)
             del engine4
@@ -903,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['fraction_of_floor']:.2f} of floor",
                     flush=True,
                 )
-        if runner.attention != serving_attention or len(runner._graphs) < graphs:
+        if runner.attention != serving_attention or len(runner.graphs.captured) < graphs:
             runner.set_attention(serving_attention)
             engine.warmup(max_batch=64)
         print(f"serving with attention={serving_attention}", flush=True)

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     model_quantization: str | None = None
     model_device: str | None = None
     # "standard": model.engine.Engine (batched generate); "continuous":
-    # model.fast_engine.FastEngine (jobs join between decode steps; fastest on a GPU);
+    # model.fast.FastEngine (jobs join between decode steps; fastest on a GPU);
     # "auto": continuous on CUDA, standard on CPU (where the simple loop is as fast).
     engine: Literal["auto", "standard", "continuous"] = "auto"
     max_new_tokens: int = Field(default=1536, ge=16, le=32768)

@@ -6,7 +6,7 @@ CLI. It imports nothing from ``bot``: a worker process builds its engine from a
 :class:`~model.spec.ModelSpec` and an :class:`EngineConfig` alone.
 
 ``kind``: ``"standard"`` is :class:`model.engine.Engine` (batched ``generate``); ``"continuous"``
-is :class:`model.fast_engine.FastEngine` (jobs join between decode steps; Llama models only);
+is :class:`model.fast.FastEngine` (jobs join between decode steps; Llama models only);
 ``"auto"`` picks the continuous engine on CUDA and the standard one elsewhere (on a CPU the
 simple loop is as fast), falling back to the standard engine when the model is not a Llama.
 """
@@ -23,7 +23,7 @@ from model.spec import ModelSpec
 from model.types import ContinuousGenerator, TextGenerator
 
 if TYPE_CHECKING:
-    from model.fast_engine import FastEngine, FastEngineOptions
+    from model.fast import FastEngine, FastEngineOptions
     from model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def batch_size(engine: object, max_batch: int | None) -> int:
 
 def continuous_options(config: EngineConfig) -> FastEngineOptions:
     """The continuous engine's options for ``config``: its slot count and slot length."""
-    from model.fast_engine import FastEngineOptions
+    from model.fast import FastEngineOptions
 
     prompt_tokens = TEMPLATE_TOKENS + config.max_prompt_chars // CHARS_PER_TOKEN
     return FastEngineOptions(
@@ -164,7 +164,7 @@ def engine_for(loaded: LoadedModel, config: EngineConfig) -> BuiltEngine:
 
 def _continuous_engine(loaded: LoadedModel, config: EngineConfig) -> FastEngine | None:
     """The continuous-batching engine; None (kind "auto") when the model can't use it."""
-    from model.fast_engine import FastEngine
+    from model.fast import FastEngine
 
     try:
         return FastEngine.from_loaded(loaded, continuous_options(config))

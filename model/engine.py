@@ -3,7 +3,8 @@
 A plain decode loop over the Hugging Face forward (not ``generate``) so that each request
 keeps its own temperature, top-p, seed and token budget, and so that a finished or
 cancelled sequence leaves the batch at once instead of costing compute until the slowest
-one ends. It runs on CPU and GPU alike; ``model.fast_engine`` is the GPU-tuned path.
+one ends. It runs on CPU and GPU alike; ``model.fast`` is the GPU-tuned path. When a sequence
+is finished is ``model.stopping.StopRule``'s call, the same as the fast engine's.
 
 Each request is decoded as ``model.prompting.plan_answer`` plans it: a compose answer under
 its form grammar (jump-forward: forced lead-ins ride with the sampled token in one
@@ -30,16 +31,10 @@ from model.constrained import (
     fill_masks,
     full_bitmask,
 )
-from model.fast_sampling import sample_rows
 from model.loading import LoadedModel
 from model.prompting import AnswerPlan, plan_answer
-from model.stopping import (
-    PageEndDetector,
-    cut_after_page,
-    ends_in_loop,
-    eos_token_ids,
-    should_check,
-)
+from model.sampling import sample_rows
+from model.stopping import StopRule, cut_after_page
 from model.types import (
     FinishReason,
     GenerationRequest,
@@ -74,6 +69,19 @@ class _Sequence:
     def prompt_ids(self) -> list[int]:
         return self.plan.prompt_ids
 
+    # What the stop rule reads (model.stopping.DecodingSequence).
+    @property
+    def max_new(self) -> int:
+        return self.request.sampling.max_new_tokens
+
+    @property
+    def is_form(self) -> bool:
+        return self.plan.grammar is not None
+
+    @property
+    def host_constraint(self) -> TokenConstraint | None:
+        return self.constraint
+
 
 def sample_next_tokens(
     logits: torch.Tensor,
@@ -84,7 +92,7 @@ def sample_next_tokens(
 ) -> list[int]:
     """One token per row of ``logits`` [batch, vocab], each row with its own settings.
 
-    The same sampler as the fast engine (:func:`model.fast_sampling.sample_rows`): each
+    The same sampler as the fast engine (:func:`model.sampling.sample_rows`): each
     row's draw depends only on its seed and position (``len(history)``), so a seeded request
     gives the same page whichever engine runs it and whatever shares its batch. ``allowed``
     (bool [batch, vocab]) masks tokens out: their logits become ``-inf`` first, so no
@@ -129,8 +137,8 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        self.stop_token_ids = eos_token_ids(self.model, self.tokenizer)
-        self.page_end = PageEndDetector(self.tokenizer)
+        # Forced tokens ride with the sampled one in one forward (_step_inputs).
+        self.stop_rule = StopRule.for_model(self.model, self.tokenizer, jump_forward=True)
         self.vocab_size = _vocab_size(self.model, self.tokenizer)
         # False decodes every request without its constraint (benchmarks' baseline).
         self.constrain = True
@@ -273,29 +281,7 @@ class Engine:
         if seq.request.cancelled:
             seq.finish = FinishReason.CANCELLED
             return
-        if token in self.stop_token_ids:
-            seq.finish = FinishReason.EOS
-        else:
-            seq.generated.append(token)
-            if seq.constraint is not None and not seq.constraint.accept(token):
-                # Cannot happen while masks are applied: a bug, not the model's fault.
-                log.error("token %d broke the constraint of %s", token, seq.request.request_id)
-                seq.finish = FinishReason.EOS
-            elif seq.constraint is not None and self._take_forced(seq):
-                seq.finish = FinishReason.EOS  # the grammar's answer is complete
-            elif seq.plan.grammar is None and self.page_end.closed(seq.generated):
-                # A compose answer's strings may hold "</html>": only documents end there.
-                seq.finish = FinishReason.HTML_COMPLETE
-            elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
-                seq.finish = FinishReason.LENGTH
-            elif (
-                # A grammar bounds every value, so a form always ends; its lead-ins repeat
-                # by design, which the loop check would take for a loop.
-                seq.plan.grammar is None
-                and should_check(len(seq.generated))
-                and ends_in_loop(seq.generated)
-            ):
-                seq.finish = FinishReason.REPETITION
+        seq.finish = self.stop_rule.accept(seq, token)
         count = len(seq.generated)
         # Forced tokens move the count in jumps: report each time it passes a multiple.
         crossed = count // PROGRESS_EVERY != seq.reported // PROGRESS_EVERY
@@ -305,15 +291,6 @@ class Engine:
                 progress(seq.request.request_id, count)
             except Exception:  # a broken listener must not kill everyone's generation
                 log.exception("progress callback failed")
-
-    def _take_forced(self, seq: _Sequence) -> bool:
-        """Take the tokens the constraint forces next; True when the answer is complete."""
-        assert seq.constraint is not None
-        if seq.constraint.is_finished():
-            return True
-        seq.forced = seq.constraint.forced_tokens()
-        seq.generated.extend(seq.forced)
-        return seq.constraint.is_finished()
 
     def _result(self, seq: _Sequence) -> GenerationResult:
         finished = time.perf_counter()

@@ -1,4 +1,8 @@
-"""Stop rules shared by both engines: EOS, the page's closing ``</html>``, and loops.
+"""When a sequence is finished, the same for both engines: :class:`StopRule`.
+
+EOS, a finished grammar, the page's closing ``</html>``, the token budget, and loops; the
+engines (``model.engine``, ``model.fast.engine``) call :meth:`StopRule.accept` with each new
+token of each sequence and deliver the sequence when it returns a reason.
 
 The closing ``</html>`` counts only where it ends the page: not inside a comment, a raw-text
 element (script, style, textarea, xmp) or a code sample (pre, code) that a page about HTML
@@ -12,9 +16,17 @@ stopping early loses nothing a user wants.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from model.types import FinishReason, GenerationRequest
+
+if TYPE_CHECKING:
+    from model.constrained import TokenConstraint
+
+log = logging.getLogger(__name__)
 
 # A loop must cover this many tokens, in at least this many identical copies, before the
 # sequence is stopped: long enough that legitimate repeated markup (a row of five star
@@ -164,3 +176,111 @@ class PageEndDetector:
         text = self.tokenizer.decode(list(generated), skip_special_tokens=True)
         # What the final token carried past the tag is dropped by the engines as well.
         return closes_page(cut_after_page(text))
+
+
+class DecodingSequence(Protocol):
+    """What :class:`StopRule` reads and updates of a sequence being decoded (each engine's
+    own per-request state satisfies it)."""
+
+    generated: list[int]
+    # Tokens the constraint forced after the newest sampled one (the rule's jump_forward).
+    forced: list[int]
+
+    @property
+    def request(self) -> GenerationRequest: ...
+
+    @property
+    def max_new(self) -> int:
+        """How many tokens it may generate at most."""
+        ...
+
+    @property
+    def is_form(self) -> bool:
+        """A compose answer under its form grammar (bounded; its strings may hold
+        ``</html>``), not a document."""
+        ...
+
+    @property
+    def host_constraint(self) -> TokenConstraint | None:
+        """The constraint the host advances token by token (None: none, or the device
+        advances it)."""
+        ...
+
+
+class StopRule:
+    """Takes each new token of a sequence and says when, and why, the sequence is finished.
+
+    In this order: an EOS token (any of ``eos_ids``) ends the answer and is not part of it;
+    otherwise the token is appended, and the host constraint takes it (a refusal cannot happen
+    while masks are applied: a bug, logged and ended like EOS) and ends the answer when its
+    grammar is complete; with ``jump_forward`` the tokens the constraint then forces are
+    appended too and kept in ``seq.forced`` for the engine to feed in one forward. Then a
+    document ends at its page-closing ``</html>`` (HTML_COMPLETE), any answer at
+    ``seq.max_new`` tokens (LENGTH), and a document stuck in a loop (REPETITION; a form
+    repeats its lead-ins by design and its grammar bounds it anyway).
+
+    ``ignore_eos`` (benchmarks, where random weights must give fixed-length answers) runs to
+    the token budget: EOS, ``</html>`` and loops are ignored.
+    """
+
+    def __init__(
+        self,
+        eos_ids: frozenset[int],
+        page_end: PageEndDetector,
+        *,
+        ignore_eos: bool = False,
+        jump_forward: bool = False,
+    ) -> None:
+        self.eos_ids = eos_ids
+        self.page_end = page_end
+        self.ignore_eos = ignore_eos
+        self.jump_forward = jump_forward
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        vocab_size: int | None = None,
+        *,
+        ignore_eos: bool = False,
+        jump_forward: bool = False,
+    ) -> StopRule:
+        """The rule for a model and its tokenizer (``vocab_size``: the logits' width)."""
+        return cls(
+            eos_token_ids(model, tokenizer),
+            PageEndDetector(tokenizer, vocab_size),
+            ignore_eos=ignore_eos,
+            jump_forward=jump_forward,
+        )
+
+    def accept(self, seq: DecodingSequence, token: int) -> FinishReason | None:
+        """Add ``token`` to ``seq``; why it is finished now, if it is."""
+        ignore_eos = self.ignore_eos
+        if not ignore_eos and token in self.eos_ids:
+            return FinishReason.EOS
+        generated = seq.generated
+        generated.append(token)
+        constraint = seq.host_constraint
+        if constraint is not None:
+            if not constraint.accept(token):
+                # Cannot happen while masks are applied: a bug, not the model's fault.
+                log.error("token %d broke the constraint of %s", token, seq.request.request_id)
+                return FinishReason.EOS
+            if constraint.is_finished():
+                return FinishReason.EOS  # the grammar's answer is complete
+            if self.jump_forward:
+                seq.forced = constraint.forced_tokens()
+                generated.extend(seq.forced)
+                if constraint.is_finished():
+                    return FinishReason.EOS
+        # A form's strings may hold "</html>", and its lead-ins repeat by design (its grammar
+        # bounds it anyway): only documents end at the page's end or in a loop.
+        document = not seq.is_form
+        if not ignore_eos and document and self.page_end.closed(generated):
+            return FinishReason.HTML_COMPLETE
+        if len(generated) >= seq.max_new:
+            return FinishReason.LENGTH
+        if not ignore_eos and document and should_check(len(generated)) and ends_in_loop(generated):
+            return FinishReason.REPETITION
+        return None

@@ -141,7 +141,7 @@ class FakeContinuousEngine(FakeEngine):
         self.serve_calls += 1
         self.threads.add(threading.current_thread().name)
         active: dict[str, tuple[GenerationRequest, int, float]] = {}
-        # Like model.fast_engine.FastEngine: serve until stop is set; whatever still runs
+        # Like model.fast.FastEngine: serve until stop is set; whatever still runs
         # then (or when an error escapes) is delivered as cancelled.
         try:
             while not stop.is_set():

@@ -29,7 +29,7 @@ def loaded(tiny_llama_dir: Path) -> Any:
 
 def make_engine(kind: str, loaded: Any) -> Any:
     if kind == "continuous":
-        from model.fast_engine import FastEngine
+        from model.fast import FastEngine
 
         return FastEngine.from_loaded(loaded)
     from model.engine import Engine

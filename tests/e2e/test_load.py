@@ -76,7 +76,7 @@ async def test_300_simultaneous_interactions_with_continuous_batching(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The same with the continuous-batching engine (the worker's ``serve`` path)."""
-    from model.fast_engine import FastEngine
+    from model.fast import FastEngine
     from model.loading import load_model
     from model.spec import resolve_spec
 

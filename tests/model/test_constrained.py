@@ -23,7 +23,7 @@ from model.constrained import (
     special_token_ids,
 )
 from model.engine import Engine, sample_next_tokens
-from model.fast_engine import FastEngine, FastEngineOptions
+from model.fast import FastEngine, FastEngineOptions
 from model.loading import LoadedModel, load_model
 from model.page.content import PageContent, PageKind, classify_prompt, page_subject, page_title
 from model.page.form import form_for, form_leads, grammar_for, parse_answer
@@ -305,7 +305,7 @@ def run_both(
     handle = None
     if bias is not None:
         handle = loaded.model.lm_head.register_forward_hook(bias.hook)
-        fast.runner.lm_head = bias.wrap(fast.runner.lm_head)
+        fast.runner.weights.lm_head = bias.wrap(fast.runner.weights.lm_head)
     try:
         return engine.generate(requests()), fast.generate(requests())
     finally:

@@ -125,7 +125,7 @@ def test_seeded_sampling_is_reproducible_and_per_request(engine: Engine) -> None
 def test_a_seeded_request_samples_alike_in_both_engines(
     loaded: LoadedModel, engine: Engine
 ) -> None:
-    from model.fast_engine import FastEngine
+    from model.fast import FastEngine
 
     hot = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=11)
     standard = engine.generate([request(PROMPTS[1], hot)])[0]

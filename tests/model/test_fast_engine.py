@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from model.fast_engine import FastEngine, FastEngineOptions
-from model.fast_sampling import sample_rows
+from model.fast import FastEngine, FastEngineOptions
 from model.prompting import plan_answer
+from model.sampling import sample_rows
 from model.types import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 from tests import tiny
 from training.config import DEFAULT_TARGET_MODULES
@@ -282,15 +282,15 @@ def test_stops_when_the_page_closes_and_at_eos(model: Any, tokenizer: Any) -> No
     page = tokenizer("<html><body><p>hi</p></body></html>", add_special_tokens=False)["input_ids"]
     after = tokenizer("\n<p>more</p>", add_special_tokens=False)["input_ids"]
     engine = make_engine(model, tokenizer, max_seq_len=256)
-    engine.runner.lm_head = ScriptedHead(engine.runner.lm_head, page + after)
+    engine.runner.weights.lm_head = ScriptedHead(engine.runner.weights.lm_head, page + after)
     [result] = engine.generate([request("x", SamplingParams(max_new_tokens=60, temperature=0))])
     assert result.finish_reason == FinishReason.HTML_COMPLETE
     assert result.generated_tokens == len(page)
     prefix = plan_answer(tokenizer, request("x")).prefix
     assert result.text == prefix + "<html><body><p>hi</p></body></html>"
 
-    engine.runner.lm_head = ScriptedHead(
-        engine.runner.lm_head.head, [*page[:3], tokenizer.eos_token_id, *after]
+    engine.runner.weights.lm_head = ScriptedHead(
+        engine.runner.weights.lm_head.head, [*page[:3], tokenizer.eos_token_id, *after]
     )
     [result] = engine.generate([request("x", SamplingParams(max_new_tokens=60, temperature=0))])
     assert result.finish_reason == FinishReason.EOS
@@ -298,7 +298,9 @@ def test_stops_when_the_page_closes_and_at_eos(model: Any, tokenizer: Any) -> No
 
     # ignore_eos (benchmarks) runs to max_new_tokens through both.
     bench = make_engine(model, tokenizer, max_seq_len=256, ignore_eos=True)
-    bench.runner.lm_head = ScriptedHead(bench.runner.lm_head, [*page, tokenizer.eos_token_id])
+    bench.runner.weights.lm_head = ScriptedHead(
+        bench.runner.weights.lm_head, [*page, tokenizer.eos_token_id]
+    )
     [result] = bench.generate([request("x", SamplingParams(max_new_tokens=40, temperature=0))])
     assert result.finish_reason == FinishReason.LENGTH
     assert result.generated_tokens == 40

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from model import fast_kernels
-from model.fast_llama import _rotate
+from model.fast import kernels
+from model.fast.forward import rotate
 from tests.model.test_fast_engine import (
     DESCRIPTIONS,
     GREEDY,
@@ -28,7 +28,7 @@ def test_kernels_run_interpreted() -> None:
     """tests/conftest.py sets TRITON_INTERPRET before Triton is imported; without it these
     tests would need a GPU."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    assert fast_kernels.available()
+    assert kernels.available()
 
 
 def rope_tables(positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,11 +49,11 @@ def test_rope_store_rotates_q_and_writes_k_v_at_each_rows_position() -> None:
     v_cache = torch.zeros(slots, kv_heads, length, dim)
     queries = torch.empty(b, heads, dim)
 
-    fast_kernels.rope_store(qkv, cos, sin, positions, k_cache, v_cache, queries)
+    kernels.rope_store(qkv, cos, sin, positions, k_cache, v_cache, queries)
 
     c, s = cos[positions][:, None, :], sin[positions][:, None, :]
-    q = _rotate(qkv[:, : heads * dim].view(b, heads, dim), c, s)
-    k = _rotate(qkv[:, heads * dim : (heads + kv_heads) * dim].view(b, kv_heads, dim), c, s)
+    q = rotate(qkv[:, : heads * dim].view(b, heads, dim), c, s)
+    k = rotate(qkv[:, heads * dim : (heads + kv_heads) * dim].view(b, kv_heads, dim), c, s)
     v = qkv[:, (heads + kv_heads) * dim :].view(b, kv_heads, dim)
     torch.testing.assert_close(queries, q)
     expected_k = torch.zeros_like(k_cache)
@@ -105,11 +105,11 @@ def test_decode_attention_reads_only_each_rows_own_keys(
     q = torch.randn(b, heads, dim)
     out = torch.empty(b, heads * dim)
 
-    fast_kernels.decode_attention(q, keys, values, torch.tensor(positions), context, dim**-0.5, out)
+    kernels.decode_attention(q, keys, values, torch.tensor(positions), context, dim**-0.5, out)
 
     expected = reference_attention(q, keys, values, lengths).float()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert -(-context // fast_kernels.split_size(context)) <= fast_kernels.MAX_SPLITS
+    assert -(-context // kernels.split_size(context)) <= kernels.MAX_SPLITS
 
 
 def test_decode_attention_in_bfloat16_matches_within_rounding() -> None:
@@ -119,9 +119,7 @@ def test_decode_attention_in_bfloat16_matches_within_rounding() -> None:
     values = torch.randn(1, heads, length, dim, dtype=torch.bfloat16)
     q = torch.randn(1, heads, dim, dtype=torch.bfloat16)
     out = torch.empty(1, heads * dim, dtype=torch.bfloat16)
-    fast_kernels.decode_attention(
-        q, keys, values, torch.tensor([length - 1]), length, dim**-0.5, out
-    )
+    kernels.decode_attention(q, keys, values, torch.tensor([length - 1]), length, dim**-0.5, out)
     expected = reference_attention(q, keys, values, [length])
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=1e-2)
 
@@ -147,12 +145,12 @@ def test_auto_attention_stays_on_sdpa_on_cpu(tiny_tokenizer: Any) -> None:
 
 def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the engine runs before it picks the kernels on a GPU (else it keeps SDPA)."""
-    fast_kernels.self_check(torch.device("cpu"), torch.float32, 4, 2, 16)
+    kernels.self_check(torch.device("cpu"), torch.float32, 4, 2, 16)
 
     def off_by_one(q: torch.Tensor, k: Any, v: Any, positions: torch.Tensor, *rest: Any) -> None:
         real_attention(q, k, v, positions - 1, *rest)  # misses each row's newest key
 
-    real_attention = fast_kernels.decode_attention
-    monkeypatch.setattr(fast_kernels, "decode_attention", off_by_one)
+    real_attention = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", off_by_one)
     with pytest.raises(RuntimeError, match="differs from the reference"):
-        fast_kernels.self_check(torch.device("cpu"), torch.float32, 4, 2, 16)
+        kernels.self_check(torch.device("cpu"), torch.float32, 4, 2, 16)

@@ -1,7 +1,9 @@
-"""The in-flight loop detector both engines use."""
+"""The stop rule both engines use: EOS, grammars, the page's end, the budget, loops."""
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +53,7 @@ def test_both_engines_stop_a_model_stuck_in_a_loop(tiny_llama_dir: Path, engine_
     import torch
 
     from model.engine import Engine
-    from model.fast_engine import FastEngine
+    from model.fast import FastEngine
     from model.loading import load_model
     from model.spec import resolve_spec
     from model.types import FinishReason, GenerationRequest, SamplingParams
@@ -152,3 +154,89 @@ def test_page_end_detector_skips_a_closing_tag_inside_a_code_sample(
     assert stops, "the page's own </html> was missed"
     stopped_at = tokenizer.decode(ids[: stops[0] + 1])
     assert stopped_at.rstrip().endswith("That is all.</p></body></html>")
+
+
+@dataclass
+class Row:
+    """The least a sequence needs to go through StopRule.accept (an engine's _Sequence)."""
+
+    max_new: int = 100
+    is_form: bool = False
+    host_constraint: Any = None
+    generated: list[int] = field(default_factory=list)
+    forced: list[int] = field(default_factory=list)
+    request: Any = None
+
+
+class ScriptedConstraint:
+    """Refuses ``refused``, finishes after ``finish_after`` tokens, forces ``forcing`` once."""
+
+    def __init__(self, refused: int = -1, finish_after: int = 99, forcing: list[int] | None = None):
+        self.refused, self.finish_after, self.forcing = refused, finish_after, forcing or []
+        self.taken = 0
+
+    def accept(self, token: int) -> bool:
+        self.taken += 1
+        return token != self.refused
+
+    def is_finished(self) -> bool:
+        return self.taken >= self.finish_after
+
+    def forced_tokens(self) -> list[int]:
+        forced, self.forcing = self.forcing, []
+        self.taken += len(forced)
+        return forced
+
+
+def test_stop_rule_ends_at_eos_the_page_and_the_budget(tiny_tokenizer: Any) -> None:
+    from model.stopping import PageEndDetector, StopRule
+    from model.types import FinishReason
+
+    eos = tiny_tokenizer.eos_token_id
+    page = tiny_tokenizer.encode("<html><body>x</body></html>", add_special_tokens=False)
+    rule = StopRule(frozenset({eos}), PageEndDetector(tiny_tokenizer))
+
+    def run(rule: StopRule, row: Row, tokens: list[int]) -> list[FinishReason | None]:
+        return [rule.accept(row, token) for token in tokens]
+
+    row = Row()
+    assert run(rule, row, [*page[:2], eos]) == [None, None, FinishReason.EOS]
+    assert row.generated == page[:2]  # EOS ends the answer and is not part of it
+    row = Row()
+    assert run(rule, row, page)[-1] == FinishReason.HTML_COMPLETE
+    assert row.generated == page
+    # A form's strings may hold "</html>": it runs on to its budget.
+    form = Row(is_form=True, max_new=len(page))
+    assert run(rule, form, page) == [None] * (len(page) - 1) + [FinishReason.LENGTH]
+    # ignore_eos (benchmarks) runs through EOS and the page's end to the budget.
+    bench = StopRule(frozenset({eos}), PageEndDetector(tiny_tokenizer), ignore_eos=True)
+    row = Row(max_new=len(page) + 2)
+    assert run(bench, row, [*page, eos, eos])[-3:] == [None, None, FinishReason.LENGTH]
+    assert row.generated == [*page, eos, eos]
+    # A loop ends a document, not a form.
+    loop = [7] * MIN_LOOP_TOKENS
+    assert run(rule, Row(max_new=1000), loop)[-1] == FinishReason.REPETITION
+    assert run(rule, Row(max_new=1000, is_form=True), loop)[-1] is None
+
+
+def test_stop_rule_advances_the_host_constraint(tiny_tokenizer: Any) -> None:
+    from model.stopping import PageEndDetector, StopRule
+    from model.types import FinishReason, GenerationRequest
+
+    def rule(jump_forward: bool) -> StopRule:
+        return StopRule(frozenset({0}), PageEndDetector(tiny_tokenizer), jump_forward=jump_forward)
+
+    refusing = Row(host_constraint=ScriptedConstraint(refused=5), request=GenerationRequest("x"))
+    assert rule(False).accept(refusing, 5) == FinishReason.EOS  # logged as a bug
+    finishing = Row(host_constraint=ScriptedConstraint(finish_after=2))
+    assert [rule(False).accept(finishing, t) for t in (3, 4)] == [None, FinishReason.EOS]
+    # Without jump_forward the forced tokens are left to the masks (one step each).
+    stepping = Row(is_form=True, host_constraint=ScriptedConstraint(forcing=[8, 9]))
+    assert rule(False).accept(stepping, 3) is None
+    assert stepping.generated == [3] and stepping.forced == []
+    # With it they join the answer (and count towards its budget), kept for the next feed.
+    jumping = Row(is_form=True, max_new=3, host_constraint=ScriptedConstraint(forcing=[8, 9]))
+    assert rule(True).accept(jumping, 3) == FinishReason.LENGTH
+    assert jumping.generated == [3, 8, 9] and jumping.forced == [8, 9]
+    done = Row(is_form=True, host_constraint=ScriptedConstraint(finish_after=3, forcing=[8, 9]))
+    assert rule(True).accept(done, 3) == FinishReason.EOS  # the forced run completed it

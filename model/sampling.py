@@ -1,4 +1,4 @@
-"""Batched, per-row sampling for the fast engine: one pure tensor function, graph-capturable.
+"""Batched, per-row sampling for both engines: one pure tensor function, graph-capturable.
 
 Every row carries its own temperature, top-p, repetition penalty and seed. The random draw
 is a Gumbel-max race whose noise is a counter-based hash of (seed, position, token id), so a

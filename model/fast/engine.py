@@ -8,7 +8,11 @@
 3. prefill a limited number of newcomers' prompt tokens in one batched forward, so the
    running sequences wait at most one prefill between two of their tokens;
 4. one decode step for all live sequences (one CUDA graph launch on a GPU), then deliver the
-   ones that finished (EOS, the page's closing ``</html>``, ``max_new_tokens``).
+   ones that finished (``model.stopping.StopRule``: EOS, the page's closing ``</html>``,
+   ``max_new_tokens``...).
+
+This module is the scheduling: which request holds which row, when to prefill, launch and
+collect. The model it drives is :class:`model.fast.runner.FastLlama`.
 
 Semantics per request match ``model.engine.Engine``: the answer is planned by
 ``model.prompting.plan_answer`` (prompt, document prefix, constraint); greedy when
@@ -17,7 +21,7 @@ transformers; a ``seed`` makes sampling repeatable (independent of which other r
 share the batch).
 
 Constraints (``model.constrained``): a document's banned strings run on the device inside
-the decode step (``FastLlama.ban_next``), so document mode keeps the launch-ahead loop. A
+the decode step (``SlotCache.ban_next``), so document mode keeps the launch-ahead loop. A
 compose row's grammar mask depends on its previous token, which the host learns only when
 it collects the step; while such a row is live the loop collects each step *before*
 launching the next and fills the grammar rows' masks in between (one sync per step, only
@@ -45,15 +49,9 @@ from model.constrained import (
     fill_masks,
     full_bitmask,
 )
-from model.fast_llama import FastLlama
+from model.fast.runner import FastLlama
 from model.prompting import BANNED_STRINGS, AnswerPlan, plan_answer
-from model.stopping import (
-    PageEndDetector,
-    cut_after_page,
-    ends_in_loop,
-    eos_token_ids,
-    should_check,
-)
+from model.stopping import StopRule, cut_after_page
 from model.types import (
     FinishReason,
     GenerationRequest,
@@ -104,6 +102,8 @@ class _Sequence:
     first_token_at: float | None = None
     last_progress: float = 0.0
     generated: list[int] = field(default_factory=list)
+    # Stays empty: forced tokens go one decode step each here (StopRule without jump_forward).
+    forced: list[int] = field(default_factory=list)
     launched: int = 0  # decode steps launched for it (one may still be in flight)
     done: bool = False  # finished or cancelled: tokens of steps in flight are dropped
 
@@ -113,9 +113,13 @@ class _Sequence:
         return self.constraint is not None and self.ban_state == 0
 
     @property
-    def length(self) -> int:
-        """Tokens in the cache once the newest token is written (prompt + generated - 1)."""
-        return len(self.prompt) + len(self.generated) - 1
+    def host_constraint(self) -> TokenConstraint | None:
+        """Its constraint when the host advances it (not one run on the device)."""
+        return self.constraint if self.ban_state == 0 else None
+
+    @property
+    def is_form(self) -> bool:
+        return self.plan.grammar is not None
 
     @property
     def cached(self) -> int:
@@ -147,8 +151,9 @@ class FastEngine:
             compile_kernels=opts.compile_kernels,
             attention=opts.attention,
         )
-        self.eos_ids = eos_token_ids(model, tokenizer)
-        self.page_end = PageEndDetector(tokenizer, self.runner.vocab_size)
+        self.stop_rule = StopRule.for_model(
+            model, tokenizer, self.runner.vocab_size, ignore_eos=opts.ignore_eos
+        )
         # The policies' banned strings, on the device before any graph is captured.
         banned = sorted(set(BANNED_STRINGS.values()))
         tables = [ban_automaton(tokenizer, b, self.runner.vocab_size).next_state for b in banned]
@@ -274,6 +279,7 @@ class FastEngine:
                 limit,
             )
             prompt = prompt[-(limit // 2) :]
+        # The token budget also keeps prompt + answer inside the sequence's cache row.
         max_new = min(request.sampling.max_new_tokens, limit - len(prompt))
         seq = _Sequence(request=request, plan=plan, prompt=prompt, max_new=max_new, started=now)
         if self.constrain:
@@ -317,7 +323,7 @@ class FastEngine:
             seq.row = len(live) + offset
             sampling = seq.request.sampling
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-            runner.set_row(
+            runner.cache.set_row(
                 seq.row,
                 prompt=seq.prompt,
                 temperature=sampling.temperature,
@@ -341,10 +347,11 @@ class FastEngine:
         )
         live.extend(batch)
         done: list[tuple[_Sequence, FinishReason]] = []
+        accept = self.stop_rule.accept
         for seq, token in zip(batch, tokens, strict=True):
             seq.first_token_at = now
-            runner.start_row(seq.row, token, len(seq.prompt))
-            reason = self._accept(seq, token)
+            runner.cache.start_row(seq.row, token, len(seq.prompt))
+            reason = accept(seq, token)
             if reason is not None:
                 done.append((seq, reason))
             else:
@@ -358,7 +365,7 @@ class FastEngine:
             return
         bitmask = full_bitmask(len(masked), self.runner.vocab_size)
         fill_masks([seq.constraint for seq in masked], bitmask)
-        self.runner.set_masks([seq.row for seq in masked], bitmask)
+        self.runner.cache.set_masks([seq.row for seq in masked], bitmask)
 
     def _launch(self, live: list[_Sequence]) -> tuple[tuple[int, int], list[_Sequence]]:
         context = max(s.cached for s in live) + 1
@@ -378,45 +385,16 @@ class FastEngine:
         tokens = self.runner.collect(ticket)
         now = time.perf_counter()
         done: list[tuple[_Sequence, FinishReason]] = []
+        accept = self.stop_rule.accept
         for seq, token in zip(rows, tokens, strict=True):
             if seq.done:  # finished or cancelled after this step was launched
                 continue
-            reason = self._accept(seq, token)
+            reason = accept(seq, token)
             if reason is not None:
                 done.append((seq, reason))
             elif progress is not None:
                 self._report(seq, progress, now)
         self._deliver(live, done, finished)
-
-    def _accept(self, seq: _Sequence, token: int) -> FinishReason | None:
-        """Add ``token`` to ``seq``; why it is finished now, if it is.
-
-        As in ``model.engine.Engine``: EOS ends the answer and is not part of it.
-        """
-        if not self.options.ignore_eos and token in self.eos_ids:
-            return FinishReason.EOS
-        seq.generated.append(token)
-        if seq.host_masked:
-            assert seq.constraint is not None
-            if not seq.constraint.accept(token):
-                # Cannot happen while masks are applied: a bug, not the model's fault.
-                log.error("token %d broke the constraint of %s", token, seq.request.request_id)
-                return FinishReason.EOS
-            if seq.constraint.is_finished():
-                return FinishReason.EOS  # the grammar's document is complete
-        compose = seq.plan.grammar is not None  # its strings may hold "</html>"
-        if not self.options.ignore_eos and not compose and self.page_end.closed(seq.generated):
-            return FinishReason.HTML_COMPLETE
-        if len(seq.generated) >= seq.max_new or seq.length + 1 >= self.options.max_seq_len:
-            return FinishReason.LENGTH
-        if (
-            not self.options.ignore_eos
-            and seq.plan.grammar is None  # a form is bounded and repeats its lead-ins
-            and should_check(len(seq.generated))
-            and ends_in_loop(seq.generated)
-        ):
-            return FinishReason.REPETITION
-        return None
 
     def _report(
         self, seq: _Sequence, progress: ProgressCallback | None, now: float, force: bool = False
@@ -454,7 +432,7 @@ class FastEngine:
             if seq.row >= len(live):
                 continue  # it was at the end and is gone already
             last = live.pop()
-            self.runner.move_row(last.row, seq.row, last.cached)
+            self.runner.cache.move_row(last.row, seq.row, last.cached)
             last.row = seq.row
             live[seq.row] = last
         while live and id(live[-1]) in leaving:

@@ -1,0 +1,161 @@
+"""A Llama model run over a slot KV cache: the one object the fast engine drives.
+
+:class:`FastLlama` puts the pieces together: the model's weights (``weights``), the slot cache
+with every row's decode state (``cache``), the forward (``forward``) and the decode graphs
+(``graphs``). The engine writes rows' state through ``cache`` and runs the model through the
+methods here: :meth:`~FastLlama.prefill` and :meth:`~FastLlama.sample` for newcomers,
+:meth:`~FastLlama.launch` / :meth:`~FastLlama.collect` for decode steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from model.fast.forward import PREFILL_TOKEN_BUCKET, LlamaForward, choose_attention
+from model.fast.graphs import DecodeGraphs
+from model.fast.kv_cache import SlotCache
+from model.fast.weights import LlamaWeights
+
+
+class FastLlama:
+    """Weights, slot cache, forward and decode graphs of one Llama model."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_seq_len: int,
+        max_slots: int | None,
+        memory_fraction: float,
+        use_cuda_graphs: bool,
+        compile_kernels: bool | str,
+        attention: str,
+    ) -> None:
+        self.weights = weights = LlamaWeights(model)
+        # Chosen before the cache takes the free memory (on a GPU it runs the kernels once).
+        chosen = choose_attention(attention, weights)
+        self.max_seq_len = int(max_seq_len)
+        cos, sin = weights.rope_tables(self.max_seq_len)
+        device = weights.device
+        self.cache = SlotCache(
+            layers=weights.n_layers,
+            kv_heads=weights.n_kv,
+            head_dim=weights.head_dim,
+            max_seq_len=self.max_seq_len,
+            vocab_size=weights.vocab_size,
+            dtype=weights.dtype,
+            device=device,
+            max_slots=max_slots,
+            memory_fraction=memory_fraction,
+        )
+        self.forward = LlamaForward(
+            weights,
+            self.cache,
+            cos=cos,
+            sin=sin,
+            attention=chosen,
+            compile_kernels=compile_kernels,
+        )
+        self.graphs = DecodeGraphs(
+            self.forward.decode_body,
+            self.cache.step_state,
+            device,
+            slots=self.cache.slots,
+            max_seq_len=self.max_seq_len,
+            enabled=use_cuda_graphs and device.type == "cuda",
+        )
+        # Two host buffers (pinned on CUDA) for the tokens of two steps in flight.
+        self._pinned = pinned = device.type == "cuda"
+        slots = self.cache.slots
+        self._host_tokens = [
+            torch.zeros(slots, dtype=torch.int64, pin_memory=pinned) for _ in range(2)
+        ]
+        self._done = [torch.cuda.Event() for _ in range(2)] if pinned else []
+        self._next_buffer = 0
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weights.vocab_size
+
+    @property
+    def attention(self) -> str:
+        """The decode attention in use (``triton``, ``sdpa`` or ``matmul``)."""
+        return self.forward.attention
+
+    def set_attention(self, attention: str) -> None:
+        """Switch the decode attention (benchmarks compare them); graphs are captured again."""
+        self.forward.attention = choose_attention(attention, self.weights)
+        self.graphs.clear()
+
+    def register_ban_tables(self, tables: list[torch.Tensor]) -> list[int]:
+        """:meth:`SlotCache.register_ban_tables`, refused once a graph has been captured
+        (the graphs read ``ban_next``)."""
+        if self.graphs.captured:
+            raise RuntimeError("register the banned-strings tables before capturing graphs")
+        return self.cache.register_ban_tables(tables)
+
+    # ----------------------------------------------------------------- prefill
+
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts into the cache rows; their last-position logits (n, V) float32."""
+        return self.forward.prefill(rows, prompts, self.graphs.batch_bucket(len(rows)))
+
+    def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
+        """Sample one token per row from given logits (used after prefill)."""
+        return self.forward.sample(rows, logits, counters)
+
+    def warm_prefill(self, max_tokens: int) -> int:
+        """Run one prefill per token bucket up to ``max_tokens`` (first-call costs paid now).
+
+        Row 0 is used as scratch: call before serving. Returns how many prefills ran.
+        """
+        limit = min(max_tokens, self.max_seq_len - 1)
+        sizes = range(PREFILL_TOKEN_BUCKET, limit + PREFILL_TOKEN_BUCKET, PREFILL_TOKEN_BUCKET)
+        for size in sizes:
+            self.prefill([0], [[0] * min(size, limit)])
+        # A few multi-prompt batches: their attention and lm_head shapes differ.
+        for count in (2, 4, 8):
+            if count <= self.slots and count * 16 <= limit:
+                self.prefill(list(range(count)), [[0] * 16] * count)
+        return len(sizes)
+
+    # ------------------------------------------------------------------ decode
+
+    def capture_all(self, max_batch: int | None = None) -> int:
+        """Capture every decode graph up to ``max_batch`` rows; how many there are."""
+        return self.graphs.capture_all(max_batch)
+
+    def decode(self, b: int, ctx: int) -> list[int]:
+        """Run one step for rows ``[:b]`` (context bucket ``ctx``); the new tokens."""
+        return self.collect(self.launch(b, ctx))
+
+    def launch(self, b: int, ctx: int) -> tuple[int, int]:
+        """Start one decode step for rows ``[:b]``; :meth:`collect` its tokens later.
+
+        On a GPU this only enqueues work, so the caller can do its bookkeeping for the
+        previous step while this one runs. Two steps may be in flight's reach at once (the
+        host copies alternate between two pinned buffers): collect each before launching
+        the one after next.
+        """
+        self.graphs.run(b, min(ctx, self.max_seq_len))
+        slot = self._next_buffer
+        self._next_buffer ^= 1
+        if self._pinned:
+            self._host_tokens[slot][:b].copy_(self.cache.tokens[:b], non_blocking=True)
+            self._done[slot].record()
+        else:
+            self._host_tokens[slot][:b] = self.cache.tokens[:b]
+        return slot, b
+
+    def collect(self, ticket: tuple[int, int]) -> list[int]:
+        """The tokens of a launched step (waits for it; the wait releases the GIL)."""
+        slot, b = ticket
+        if self._pinned:
+            self._done[slot].synchronize()
+        return list(self._host_tokens[slot][:b].tolist())
