@@ -194,7 +194,7 @@ class Fp8Linear:
     """A bias-free linear layer whose (out, in) weight is stored as fp8 E4M3 with per-output-
     row scales: ``y = x @ W.T`` for ``x`` [..., in] bf16, ``y`` [..., out].
 
-    Called like the fast engine's weight wrappers (``model.fast_llama``). Backends:
+    Called like the fast engine's weight wrappers (``model.fast.weights``). Backends:
 
     - ``"scaled_mm"``: activations quantized per row to E4M3, then ``torch._scaled_mm`` with
       row-wise scales (fp8 tensor cores; half the weight bytes of bf16). Needs
