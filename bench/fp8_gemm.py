@@ -53,14 +53,16 @@ import torch.nn.functional as F
 
 from bench.common import CODELLAMA_7B
 from model import fp8
+from model.fast.fp8_gemm import Fp8Weight
 
-VARIANTS = ("bf16", "bf16_t", "fp8", "fp8_gemm", "fp8_fast")
+VARIANTS = ("bf16", "bf16_t", "fp8", "fp8_gemm", "fp8_fast", "fp8_triton")
 VARIANT_TITLES = {
     "bf16": "bf16 us",
     "bf16_t": "bf16 (in,out) us",
     "fp8": "fp8 us",
     "fp8_gemm": "fp8 gemm us",
     "fp8_fast": "fp8 fast us",
+    "fp8_triton": "fp8 triton us",
 }
 BATCHES = (1, 8, 32, 64)
 MODES = ("graph", "eager")
@@ -181,6 +183,9 @@ def gemm_table(rows: list[dict[str, Any]], gemms: Sequence[Gemm]) -> str:
         "err fp8",
         "err fast",
         "err w-only",
+        "triton vs best bf16",
+        "triton GB/s",
+        "err triton",
     ]
     cells = []
     for r in rows:
@@ -197,6 +202,9 @@ def gemm_table(rows: list[dict[str, Any]], gemms: Sequence[Gemm]) -> str:
                 f"{r['err_fp8']:.4f}",
                 f"{r['err_fp8_fast']:.4f}",
                 f"{r['err_weight_only']:.4f}",
+                f"{_variant_us(r, 'bf16_best') / r['fp8_triton_us']:.2f}x",
+                f"{gb_per_s(gemm.weight_bytes(1), r['fp8_triton_us']):.0f}",
+                f"{r.get('err_fp8_triton', float('nan')):.4f}",
             ]
         )
     return markdown_table(header, cells)
@@ -211,7 +219,9 @@ def totals_table(totals: list[dict[str, Any]]) -> str:
         "fp8 ms",
         "fp8 gemm ms",
         "fp8 fast ms",
+        "fp8 triton ms",
         "fp8 vs best bf16",
+        "triton vs best bf16",
         "bf16 GB/s",
         "fp8 GB/s",
     ]
@@ -219,8 +229,12 @@ def totals_table(totals: list[dict[str, Any]]) -> str:
         [
             t["mode"],
             str(t["m"]),
-            *(f"{t[f'{v}_ms']:.3f}" for v in ("bf16", "bf16_best", "fp8", "fp8_gemm", "fp8_fast")),
+            *(
+                f"{t[f'{v}_ms']:.3f}"
+                for v in ("bf16", "bf16_best", "fp8", "fp8_gemm", "fp8_fast", "fp8_triton")
+            ),
             f"{t['bf16_best_ms'] / t['fp8_ms']:.2f}x",
+            f"{t['bf16_best_ms'] / t['fp8_triton_ms']:.2f}x",
             f"{t['bf16_bytes'] / (t['bf16_ms'] * 1e-3) / 1e9:.0f}",
             f"{t['fp8_bytes'] / (t['fp8_ms'] * 1e-3) / 1e9:.0f}",
         ]
@@ -308,6 +322,9 @@ def measure_gemm(
         fp8.Fp8Linear(lin.weight, lin.scale, backend="scaled_mm", use_fast_accum=True)
         for lin in linears
     ]
+    # The engine's kernel: FP8 weights, bf16 rows (model.fast.fp8_gemm).
+    triton_backend = "triton" if device.type == "cuda" else "dequantize"
+    kernel = [Fp8Weight(lin.weight, lin.scale, backend=triton_backend) for lin in linears]
     rows = []
     for m in batches:
         x = torch.randn(m, gemm.in_features, device=device, dtype=torch.bfloat16)
@@ -318,6 +335,7 @@ def measure_gemm(
             "fp8": [functools.partial(lin, x) for lin in linears],
             "fp8_gemm": [functools.partial(lin.scaled_matmul, x_fp8, x_scale) for lin in linears],
             "fp8_fast": [functools.partial(lin, x) for lin in fast],
+            "fp8_triton": [functools.partial(lin, x) for lin in kernel],
         }
         ref = F.linear(x, weights[0])
         weight_only = F.linear(x, fp8.dequantize(linears[0].weight, linears[0].scale))
@@ -325,6 +343,7 @@ def measure_gemm(
             "err_fp8": max_relative_error(linears[0](x), ref),
             "err_fp8_fast": max_relative_error(fast[0](x), ref),
             "err_weight_only": max_relative_error(weight_only, ref),
+            "err_fp8_triton": max_relative_error(kernel[0](x), ref),
         }
         for mode in modes:
             timer = timers[mode]
@@ -339,7 +358,7 @@ def measure_gemm(
                 file=sys.stderr,
                 flush=True,
             )
-    del weights, transposed, linears, fast
+    del weights, transposed, linears, fast, kernel
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

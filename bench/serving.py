@@ -782,6 +782,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time one layer's attention: SDPA vs the Triton kernel's settings",
     )
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="then hold the same engine's weights in FP8 and serve the phases again (ratio)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -953,12 +958,12 @@ def main(argv: list[str] | None = None) -> int:
     phases: list[dict[str, Any]] = []
     print(HEADER, flush=True)
 
-    async def serve_all() -> None:
+    async def serve_all(suffix: str = "") -> None:
         for c in [int(c) for c in args.concurrency.split(",") if c]:
             phase = await run_phase(
                 engine,
                 tokenizer,
-                f"c={c}",
+                f"c={c}{suffix}",
                 concurrency=c,
                 jobs=c * args.rounds,
                 rate=None,
@@ -971,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
             phase = await run_phase(
                 engine,
                 tokenizer,
-                f"poisson{args.poisson_rate:g}",
+                f"poisson{args.poisson_rate:g}{suffix}",
                 concurrency=None,
                 jobs=args.poisson_jobs,
                 rate=args.poisson_rate,
@@ -982,6 +987,28 @@ def main(argv: list[str] | None = None) -> int:
             print(fmt(phases[-1]), flush=True)
 
     asyncio.run(serve_all())
+    if args.fp8:
+        # The same engine, KV cache and process: only the projections change to FP8, so the
+        # two sets of phases are a side-by-side ratio (the floor column stays bf16's).
+        bf16_phases = list(phases)
+        engine.runner.weights.use_fp8()
+        engine.runner.graphs.clear()
+        engine.warmup(max_batch=64)
+        one8 = single_stream(engine, args.new_tokens)
+        report["fp8_engine_batch1"] = one8
+        print(f"single stream (fp8 weights, engine.generate): {one8}", flush=True)
+        print(HEADER, flush=True)
+        asyncio.run(serve_all(" fp8"))
+        ratios = []
+        for bf16_phase, fp8_phase in zip(bf16_phases, phases[len(bf16_phases) :], strict=True):
+            ratio = fp8_phase["tokens_per_s"] / bf16_phase["tokens_per_s"]
+            ratios.append({"phase": bf16_phase["phase"], "fp8_vs_bf16": ratio})
+            print(
+                f"{bf16_phase['phase']:>12s}: bf16 {bf16_phase['tokens_per_s']:.0f} tok/s, "
+                f"fp8 {fp8_phase['tokens_per_s']:.0f} tok/s, {ratio:.2f}x",
+                flush=True,
+            )
+        report["fp8_ratios"] = ratios
     report["phases"] = phases
     seed_rate = report.get("seed_path", {}).get("tokens_per_s")
     c8 = next((p for p in phases if p["phase"] == "c=8"), None)

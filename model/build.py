@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
 from model.errors import ModelError
-from model.spec import ModelSpec
+from model.spec import ModelSpec, Quantization
 from model.types import ContinuousGenerator, TextGenerator
 
 if TYPE_CHECKING:
@@ -101,14 +101,16 @@ def batch_size(engine: object, max_batch: int | None) -> int:
     return STANDARD_MAX_BATCH
 
 
-def continuous_options(config: EngineConfig) -> FastEngineOptions:
-    """The continuous engine's options for ``config``: its slot count and slot length."""
+def continuous_options(config: EngineConfig, *, weights: str = "bf16") -> FastEngineOptions:
+    """The continuous engine's options for ``config``: its slot count and slot length, and
+    its weight format (``"fp8"`` for ``MODEL_QUANTIZATION=fp8``)."""
     from model.fast import FastEngineOptions
 
     prompt_tokens = TEMPLATE_TOKENS + config.max_prompt_chars // CHARS_PER_TOKEN
     return FastEngineOptions(
         max_slots=config.max_batch,
         max_seq_len=max(FastEngineOptions.max_seq_len, prompt_tokens + config.max_new_tokens),
+        weights=weights,
     )
 
 
@@ -136,6 +138,9 @@ def engine_for(loaded: LoadedModel, config: EngineConfig) -> BuiltEngine:
     on_gpu = loaded.device.type == "cuda"
     engine: GeneratingEngine | None = None
     warmup_seconds = 0.0
+    fp8_weights = loaded.spec.quantization == Quantization.FP8
+    if fp8_weights and config.kind == "standard":
+        raise ModelError("fp8 weights run in the continuous engine: use ENGINE=auto or continuous")
     if config.kind == "continuous" or (config.kind == "auto" and on_gpu):
         fast = _continuous_engine(loaded, config)
         if fast is not None:
@@ -166,10 +171,12 @@ def _continuous_engine(loaded: LoadedModel, config: EngineConfig) -> FastEngine 
     """The continuous-batching engine; None (kind "auto") when the model can't use it."""
     from model.fast import FastEngine
 
+    fp8_weights = loaded.spec.quantization == Quantization.FP8
+    options = continuous_options(config, weights="fp8" if fp8_weights else "bf16")
     try:
-        return FastEngine.from_loaded(loaded, continuous_options(config))
+        return FastEngine.from_loaded(loaded, options)
     except ValueError as exc:  # not a Llama-family model, or an unsupported variant
-        if config.kind == "continuous":
+        if config.kind == "continuous" or fp8_weights:
             raise ModelError(
                 f"ENGINE=continuous can't run {loaded.name}: {exc}; "
                 "use ENGINE=standard (or auto, which falls back to it)"

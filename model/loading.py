@@ -107,6 +107,15 @@ def _check_quantization(spec: ModelSpec, device: Any) -> Any:
     """The bitsandbytes config for ``spec``, or None for full-precision weights."""
     if spec.quantization == Quantization.NONE:
         return None
+    if spec.quantization == Quantization.FP8:
+        from model import fp8
+
+        if not fp8.supported(device):
+            raise QuantizationError(
+                "quantization fp8 needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper); "
+                "use none (or nf4 on older cards)"
+            )
+        return None  # loaded in bf16; the continuous engine quantizes the merged weights
     if device.type != "cuda":
         raise QuantizationError(
             f"quantization {spec.quantization.value} needs a CUDA GPU; use --quantize none on CPU"
@@ -228,9 +237,11 @@ def _attach_adapter(model: Any, spec: ModelSpec, for_training: bool) -> Any:
 def should_merge(spec: ModelSpec, for_training: bool) -> bool:
     if spec.adapter is None or for_training:
         return False
+    # FP8 is applied after loading, to the merged weights: the adapter merges as unquantized.
+    unquantized = spec.quantization in (Quantization.NONE, Quantization.FP8)
     if spec.merge_adapter == "auto":
-        return spec.quantization == Quantization.NONE
-    if spec.merge_adapter == "yes" and spec.quantization != Quantization.NONE:
+        return unquantized
+    if spec.merge_adapter == "yes" and not unquantized:
         raise QuantizationError("merging an adapter into quantized weights is not supported")
     return spec.merge_adapter == "yes"
 

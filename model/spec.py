@@ -23,6 +23,9 @@ class Quantization(StrEnum):
     NONE = "none"
     NF4 = "nf4"  # 4-bit NormalFloat (QLoRA), needs CUDA + bitsandbytes
     INT8 = "int8"  # LLM.int8(), needs CUDA + bitsandbytes
+    # E4M3 weights in the continuous engine (model.fast.fp8_gemm), adapter merged first;
+    # needs a GPU of compute capability 8.9+ (Ada, Hopper). Loaded as bf16, quantized there.
+    FP8 = "fp8"
 
 
 MergeMode = Literal["auto", "yes", "no"]

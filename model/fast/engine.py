@@ -86,6 +86,8 @@ class FastEngineOptions:
     # After an idle engine takes a request, how long it waits for others arriving with it
     # (many users at once): they then share one prefill instead of one each.
     burst_window_s: float = 0.005
+    # "fp8": the decoder's projections in E4M3 (Hopper/Ada; model.fast.fp8_gemm), else bf16.
+    weights: str = "bf16"
 
 
 @dataclass
@@ -150,6 +152,7 @@ class FastEngine:
             use_cuda_graphs=opts.use_cuda_graphs,
             compile_kernels=opts.compile_kernels,
             attention=opts.attention,
+            weight_format=opts.weights,
         )
         self.stop_rule = StopRule.for_model(
             model, tokenizer, self.runner.vocab_size, ignore_eos=opts.ignore_eos

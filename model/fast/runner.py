@@ -32,8 +32,9 @@ class FastLlama:
         use_cuda_graphs: bool,
         compile_kernels: bool | str,
         attention: str,
+        weight_format: str = "bf16",
     ) -> None:
-        self.weights = weights = LlamaWeights(model)
+        self.weights = weights = LlamaWeights(model, weight_format)
         # Chosen before the cache takes the free memory (on a GPU it runs the kernels once).
         chosen = choose_attention(attention, weights)
         self.max_seq_len = int(max_seq_len)

@@ -124,10 +124,32 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-class LlamaWeights:
-    """A Llama model's dimensions and weights; raises ``ValueError`` for other models."""
+WEIGHT_FORMATS = ("bf16", "fp8")
 
-    def __init__(self, model: Any) -> None:
+
+def _fp8_of(linear: Linear) -> Linear:
+    """The FP8 twin of a plain (fused) projection; ValueError for modules it can't read."""
+    from model.fast.fp8_gemm import Fp8Weight
+
+    if isinstance(linear, Fp8Weight):
+        return linear
+    if isinstance(linear, _TransposedWeight):
+        return Fp8Weight.from_weight(linear.transposed.t())
+    if isinstance(linear, _Weight):
+        return Fp8Weight.from_weight(linear.weight)
+    raise ValueError("FP8 weights need a plain bf16 model (not 4-bit, not an unmerged adapter)")
+
+
+class LlamaWeights:
+    """A Llama model's dimensions and weights; raises ``ValueError`` for other models.
+
+    ``weight_format="fp8"`` holds the decoder layers' projections as E4M3 weights with one
+    scale per output channel (:meth:`use_fp8`); the LM head and the embedding stay bf16.
+    """
+
+    def __init__(self, model: Any, weight_format: str = "bf16") -> None:
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {weight_format!r} (one of {WEIGHT_FORMATS})")
         llama = _unwrap(model)
         config = llama.config
         if getattr(config, "model_type", "llama") not in {"llama", "mistral"}:
@@ -161,6 +183,26 @@ class LlamaWeights:
             )
             for layer in inner.layers
         ]
+        self.weight_format = "bf16"
+        if weight_format == "fp8":
+            self.use_fp8()
+
+    def use_fp8(self) -> None:
+        """Quantize every layer's projections to FP8 (E4M3, per output channel), in place.
+
+        A decode step reads each weight once: one byte instead of two halves its floor. The
+        adapter is already merged (``_unwrap``). The bf16 tensors stay referenced by the HF
+        modules, so memory is not given back: this is a speed option. The LM head stays bf16
+        (it decides every token; quantizing it is the guard's separate row in
+        bench/RESULTS.md). Graphs captured before must be dropped (``DecodeGraphs.clear``).
+        """
+        for layer in self.layers:
+            layer.qkv = _fp8_of(layer.qkv)
+            layer.o = _fp8_of(layer.o)
+            layer.gate_up = _fp8_of(layer.gate_up)
+            layer.down = _fp8_of(layer.down)
+        self.weight_format = "fp8"
+        log.info("decoder weights held in FP8 (E4M3, per-channel scales)")
 
     def rope_tables(self, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary ``cos`` and ``sin`` of positions ``[0, max_seq_len)``, (T, head_dim) each,

@@ -6,6 +6,7 @@ through the project's template and ``</html>`` is split the way a real model spl
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Callable
@@ -441,3 +442,37 @@ def test_runs_bnb_4bit_layers_with_an_unmerged_adapter() -> None:
     assert (
         type(quantized.get_base_model().model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     )
+
+
+def test_fp8_weights_decode_as_the_dequantized_model_does(tokenizer: Any) -> None:
+    # The engine with FP8 projections (model.fast.fp8_gemm, under Triton's interpreter here)
+    # must produce what transformers produces from the same weights widened back: the
+    # kernel's math, not an approximation of it, is what is checked.
+    from model import fp8
+
+    model = tiny_llama(tokenizer)
+    widened = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in widened.model.layers:
+            for linear in (
+                layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            ):  # fmt: skip
+                quantized, scale = fp8.quantize_weight(linear.weight)
+                linear.weight.copy_(fp8.dequantize(quantized, scale, linear.weight.dtype))
+    expected = [hf_text(widened, tokenizer, d, GREEDY) for d in DESCRIPTIONS]
+    engine = make_engine(model, tokenizer, max_seq_len=256, weights="fp8")
+    assert engine.runner.weights.weight_format == "fp8"
+    assert [r.text for r in engine.generate([request(d) for d in DESCRIPTIONS])] == expected
+    # And the weights really were quantized (the check above would pass trivially if not).
+    before, after = (
+        model.model.layers[0].mlp.down_proj.weight,
+        widened.model.layers[0].mlp.down_proj,
+    )
+    assert not torch.equal(before, after.weight)
+
+
+def test_fp8_weights_refuse_a_4bit_or_unknown_format(tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="unknown weight format"):
+        make_engine(tiny_llama(tokenizer), tokenizer, max_seq_len=64, weights="int3")

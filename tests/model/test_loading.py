@@ -132,7 +132,7 @@ def test_base_folder_without_config(tmp_path: Path) -> None:
         load_model(resolve_spec(base=str(tmp_path)))
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "fp8"])
 def test_quantization_without_cuda(tiny_llama_dir: Path, quantization: str) -> None:
     with pytest.raises(QuantizationError, match=f"{quantization} needs a CUDA GPU"):
         load_model(resolve_spec(base=str(tiny_llama_dir), quantization=quantization))

@@ -1,0 +1,202 @@
+"""FP8 weights at decode batch sizes: a Triton GEMM that reads E4M3 weights and bf16 rows.
+
+A decode step reads every weight once, so at 1-64 rows it is bound by memory bandwidth, and
+weights of one byte instead of two halve its floor. ``torch._scaled_mm`` (cuBLAS/CUTLASS)
+needs the activations in FP8 too, and at these shapes it is no faster than bf16 even before
+the 4 extra kernels that quantize the rows (bench/RESULTS.md, "FP8 GEMMs"). This kernel keeps
+the rows in bf16: each program streams a ``BLOCK_N x K`` strip of the FP8 weight, widens it to
+bf16 in registers, multiplies it with the rows' ``BLOCK_M x K`` tile on the tensor cores
+(fp32 accumulation), and applies the strip's per-output-channel scales at the end. One kernel
+per projection, no workspace, capturable in a CUDA graph.
+
+Weights are quantized by :func:`model.fp8.quantize_weight` (per output channel, absmax/448).
+On CPU (tests) Triton runs under its interpreter; :class:`Fp8Weight` falls back to
+``dequantize`` + matmul where Triton or FP8 support is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model import fp8
+
+log = logging.getLogger(__name__)
+
+# Rows of a decode step are padded to the dot's minimum tile (16) by masking, never copied.
+MIN_BLOCK_M = 16
+MAX_BLOCK_M = 64
+# More rows than this (a prefill) widen the weight once and use cuBLAS: compute-bound there,
+# where the extra bytes of the widened copy don't matter and cuBLAS's tiles are better.
+KERNEL_MAX_ROWS = 128
+
+
+def block_m_for(rows: int) -> int:
+    """The row tile for ``rows`` rows: the next power of two from 16 up to 64 (more rows take
+    several row tiles)."""
+    block = MIN_BLOCK_M
+    while block < rows and block < MAX_BLOCK_M:
+        block *= 2
+    return block
+
+
+# Tried once per (N, K, row tile) on the first call (the graphs' warm-up step, never inside a
+# capture). Narrow strips give the 100+ programs a 132-SM card needs at N = 4096.
+_CONFIGS = [
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (16, 256, 4, 4),
+    (16, 512, 4, 3),
+    (32, 256, 4, 4),
+    (32, 512, 4, 3),
+    (32, 256, 8, 4),
+    (64, 256, 4, 3),
+    (64, 128, 4, 4),
+    (16, 1024, 8, 2),
+]
+# Under the interpreter (CPU tests) there is nothing to time: one small config, and the dot
+# in float32 (the interpreter's bf16 dot is wrong: numpy has no bf16).
+_INTERPRETED = {"BLOCK_N": 16, "BLOCK_K": 32, "DOT_F32": True}
+
+
+@functools.cache
+def _kernel(tuned: bool) -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fp8_weight_gemm(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_F32: tl.constexpr = False,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wn + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            if DOT_F32:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        out = (acc * scale[None, :]).to(y_ptr.dtype.element_ty)
+        tl.store(
+            y_ptr + rows[:, None] * stride_ym + cols[None, :],
+            out,
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
+
+    if not tuned:
+        return fp8_weight_gemm
+    configs = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, k, w, st in _CONFIGS
+    ]
+    return triton.autotune(configs=configs, key=["N", "K", "BLOCK_M"])(fp8_weight_gemm)
+
+
+def triton_ready(device: torch.device) -> bool:
+    """Whether the kernel can run on ``device``: CUDA with FP8 (compute capability 8.9+)
+    and Triton importable, or any device under ``TRITON_INTERPRET=1`` (tests)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return fp8.supported(device)
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T`` for rows ``x`` (..., K; bf16, or float32 on CPU), an
+    E4M3 ``weight`` (N, K) and its float32 per-row ``scale`` (N,), in ``x``'s dtype, through
+    the Triton kernel."""
+    import triton
+
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m, k = rows.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"rows have {k} features, the weight {weight.shape[1]}")
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    block_m = block_m_for(m)
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
+
+    args = (rows, weight, scale, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0))
+    if x.device.type == "cuda":
+        _kernel(True)[grid](*args, BLOCK_M=block_m, DOT_F32=x.dtype == torch.float32)
+    else:
+        _kernel(False)[grid](*args, BLOCK_M=block_m, **_INTERPRETED)
+    return out.reshape(*x.shape[:-1], n)
+
+
+class Fp8Weight:
+    """A bias-free linear layer held as an E4M3 weight (out, in) with per-output scales.
+
+    Called like the engine's other weight wrappers (``x -> x @ W.T``). ``backend``:
+    ``"triton"`` (the kernel above), ``"dequantize"`` (bf16 matmul of the widened weight:
+    slower, for devices without FP8), or ``"auto"``.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, backend: str = "auto") -> None:
+        if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+            raise ValueError("Fp8Weight takes a 2-D float8_e4m3fn weight")
+        self.weight = weight.contiguous()
+        self.scale = scale.to(torch.float32).contiguous()
+        if backend == "auto":
+            backend = "triton" if triton_ready(weight.device) else "dequantize"
+        if backend not in {"triton", "dequantize"}:
+            raise ValueError(f"unknown FP8 backend {backend!r}")
+        self.backend = backend
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, backend: str = "auto") -> Fp8Weight:
+        """Quantize a bf16 (out, in) weight (see :func:`model.fp8.quantize_weight`)."""
+        quantized, scale = fp8.quantize_weight(weight)
+        return cls(quantized, scale, backend)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() + self.scale.numel() * 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
+            return fp8_weight_matmul(x, self.weight, self.scale)
+        widened = fp8.dequantize(self.weight, self.scale, dtype=x.dtype)
+        return F.linear(x, widened)
