@@ -128,16 +128,19 @@ WEIGHT_FORMATS = ("bf16", "fp8")
 
 
 def _fp8_of(linear: Linear) -> Linear:
-    """The FP8 twin of a plain (fused) projection; ValueError for modules it can't read."""
-    from model.fast.fp8_gemm import Fp8Weight
+    """The FP8 twin of a plain (fused) projection, keeping the bf16 one for the row counts
+    where it is faster (``FP8_WINS_UP_TO_ROWS``); ValueError for modules it can't read."""
+    from model.fast.fp8_gemm import FP8_WINS_UP_TO_ROWS, Fp8Weight
 
     if isinstance(linear, Fp8Weight):
         return linear
     if isinstance(linear, _TransposedWeight):
-        return Fp8Weight.from_weight(linear.transposed.t())
-    if isinstance(linear, _Weight):
-        return Fp8Weight.from_weight(linear.weight)
-    raise ValueError("FP8 weights need a plain bf16 model (not 4-bit, not an unmerged adapter)")
+        weight = linear.transposed.t()
+    elif isinstance(linear, _Weight):
+        weight = linear.weight
+    else:
+        raise ValueError("FP8 weights need a plain bf16 model (not 4-bit, not an unmerged adapter)")
+    return Fp8Weight.from_weight(weight, bf16=linear, max_rows=FP8_WINS_UP_TO_ROWS)
 
 
 class LlamaWeights:
@@ -191,8 +194,9 @@ class LlamaWeights:
         """Quantize every layer's projections to FP8 (E4M3, per output channel), in place.
 
         A decode step reads each weight once: one byte instead of two halves its floor. The
-        adapter is already merged (``_unwrap``). The bf16 tensors stay referenced by the HF
-        modules, so memory is not given back: this is a speed option. The LM head stays bf16
+        adapter is already merged (``_unwrap``). The bf16 weights stay (the HF modules view
+        them, and steps of more than ``FP8_WINS_UP_TO_ROWS`` rows use them use them), so
+        memory is not given back: this is a speed option for small batches. The LM head stays bf16
         (it decides every token; quantizing it is the guard's separate row in
         bench/RESULTS.md). Graphs captured before must be dropped (``DecodeGraphs.clear``).
         """

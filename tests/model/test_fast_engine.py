@@ -444,7 +444,9 @@ def test_runs_bnb_4bit_layers_with_an_unmerged_adapter() -> None:
     )
 
 
-def test_fp8_weights_decode_as_the_dequantized_model_does(tokenizer: Any) -> None:
+def test_fp8_weights_decode_as_the_dequantized_model_does(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The engine with FP8 projections (model.fast.fp8_gemm, under Triton's interpreter here)
     # must produce what transformers produces from the same weights widened back: the
     # kernel's math, not an approximation of it, is what is checked.
@@ -462,6 +464,8 @@ def test_fp8_weights_decode_as_the_dequantized_model_does(tokenizer: Any) -> Non
                 quantized, scale = fp8.quantize_weight(linear.weight)
                 linear.weight.copy_(fp8.dequantize(quantized, scale, linear.weight.dtype))
     expected = [hf_text(widened, tokenizer, d, GREEDY) for d in DESCRIPTIONS]
+    # Every row through the kernel, prefills too (on a GPU larger steps use the bf16 twin).
+    monkeypatch.setattr("model.fast.fp8_gemm.FP8_WINS_UP_TO_ROWS", 10**6)
     engine = make_engine(model, tokenizer, max_seq_len=256, weights="fp8")
     assert engine.runner.weights.weight_format == "fp8"
     assert [r.text for r in engine.generate([request(d) for d in DESCRIPTIONS])] == expected

@@ -53,3 +53,19 @@ def test_bad_inputs_are_refused() -> None:
         fp8_weight_matmul(torch.ones(1, 16, dtype=torch.bfloat16), quantized, scale)
     with pytest.raises(ValueError, match="backend"):
         Fp8Weight(quantized, scale, backend="magic")
+
+
+def test_more_rows_than_the_kernel_wins_at_go_to_the_bf16_twin() -> None:
+    weight = torch.randn(32, 64).to(torch.bfloat16) * 0.1
+    calls: list[int] = []
+
+    def twin(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return F.linear(x, weight)
+
+    layer = Fp8Weight.from_weight(weight, backend="triton", bf16=twin, max_rows=16)
+    small, large = torch.randn(16, 64).to(torch.bfloat16), torch.randn(17, 64).to(torch.bfloat16)
+    layer(small)
+    assert calls == []  # the FP8 kernel
+    torch.testing.assert_close(layer(large), F.linear(large, weight))
+    assert calls == [17]
