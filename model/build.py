@@ -138,9 +138,9 @@ def engine_for(loaded: LoadedModel, config: EngineConfig) -> BuiltEngine:
     on_gpu = loaded.device.type == "cuda"
     engine: GeneratingEngine | None = None
     warmup_seconds = 0.0
-    fp8_weights = loaded.spec.quantization == Quantization.FP8
-    if fp8_weights and config.kind == "standard":
-        raise ModelError("fp8 weights run in the continuous engine: use ENGINE=auto or continuous")
+    if loaded.spec.quantization == Quantization.FP8 and config.kind == "standard":
+        # Loaded as bf16 (FP8 is applied by the continuous engine): run them as they are.
+        log.warning("fp8 weights need ENGINE=auto or continuous; the standard engine runs bf16")
     if config.kind == "continuous" or (config.kind == "auto" and on_gpu):
         fast = _continuous_engine(loaded, config)
         if fast is not None:

@@ -103,6 +103,17 @@ def base_location(spec: ModelSpec) -> str:
     return spec.base
 
 
+def resolve_auto_quantization(spec: ModelSpec, device: Any) -> ModelSpec:
+    """``quantization=auto``: fp8 on a card that runs it (Ada, Hopper), none elsewhere."""
+    if spec.quantization != Quantization.AUTO:
+        return spec
+    from model import fp8
+
+    chosen = Quantization.FP8 if fp8.supported(device) else Quantization.NONE
+    log.info("quantization auto: %s on %s", chosen.value, device)
+    return spec.replace(quantization=chosen)
+
+
 def _check_quantization(spec: ModelSpec, device: Any) -> Any:
     """The bitsandbytes config for ``spec``, or None for full-precision weights."""
     if spec.quantization == Quantization.NONE:
@@ -255,6 +266,7 @@ def load_model(spec: ModelSpec, *, for_training: bool = False) -> LoadedModel:
     """
     started = time.perf_counter()
     device = resolve_device(spec.device)
+    spec = resolve_auto_quantization(spec, device)
     quantization_config = _check_quantization(spec, device)
     adapter_config = check_adapter(spec)
     _warn_if_other_base(spec, adapter_config)

@@ -26,6 +26,8 @@ class Quantization(StrEnum):
     # E4M3 weights in the continuous engine (model.fast.fp8_gemm), adapter merged first;
     # needs a GPU of compute capability 8.9+ (Ada, Hopper). Loaded as bf16, quantized there.
     FP8 = "fp8"
+    # fp8 where the card supports it (compute capability 8.9+), else none.
+    AUTO = "auto"
 
 
 MergeMode = Literal["auto", "yes", "no"]

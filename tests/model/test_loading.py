@@ -183,3 +183,20 @@ def test_seed_base_id_is_accepted() -> None:
     spec = resolve_spec("codellama-html", base="TinyPixel/CodeLlama-7B-Instruct-bf16-sharded")
     assert spec.base == "TinyPixel/CodeLlama-7B-Instruct-bf16-sharded"
     assert spec.adapter == "MG650/CodeLlama_HTML_FineTuned"
+
+
+def test_auto_quantization_is_fp8_only_where_the_card_runs_it(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model import fp8
+    from model.loading import resolve_auto_quantization
+    from model.spec import Quantization
+
+    spec = resolve_spec(base=str(tiny_llama_dir), quantization="auto")
+    assert resolve_auto_quantization(spec, torch.device("cpu")).quantization == Quantization.NONE
+    monkeypatch.setattr(fp8, "supported", lambda device: True)  # as on an H100/H200
+    assert resolve_auto_quantization(spec, torch.device("cpu")).quantization == Quantization.FP8
+    # A CPU load with auto runs unquantized and the adapter-merge rule treats fp8 as bf16.
+    monkeypatch.undo()
+    loaded = load_model(spec)
+    assert loaded.spec.quantization == Quantization.NONE
