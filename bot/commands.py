@@ -25,10 +25,9 @@ import discord
 from discord import app_commands
 
 from bot import texts
-from bot.delivery import attachment_limit, post_page, send_page_followup, version_thread
+from bot.delivery import attachment_limit, post_in_thread, send_page_followup, version_thread
 from bot.errors import (
     BotError,
-    DeliveryExpired,
     InvalidPrompt,
     JobNotFound,
     NotAllowed,
@@ -539,22 +538,18 @@ class Commands:
         thread_id = await version_thread(self.threads, saved, job)
         if thread_id is not None and thread_id != job.channel_id:
             assert self.threads is not None
-            threads, target = self.threads, thread_id
-            try:
-                _attached, message = await post_page(
-                    lambda **kwargs: threads.post(target, **kwargs),
-                    filename=page.filename,
-                    data=styled.data,
-                    content=text,
-                    too_big=text,
-                    limit=attachment_limit(interaction),
-                    what=f"restyle {job.job_id} in thread {thread_id}",
-                    view=view,
-                )
-            except (discord.HTTPException, DeliveryExpired) as exc:
-                log.warning("restyle %s: not posted in its thread (%s)", job.job_id, exc)
-            else:
-                await threads.record(saved, message, thread_id)
+            if await post_in_thread(
+                self.threads,
+                thread_id,
+                saved,
+                filename=page.filename,
+                data=styled.data,
+                content=text,
+                too_big=text,
+                limit=attachment_limit(interaction),
+                what=f"restyle {job.job_id} in thread {thread_id}",
+                view=view,
+            ):
                 await interaction.followup.send(
                     texts.done_in_thread(page.filename, saved.label, thread_id), wait=True
                 )

@@ -309,6 +309,45 @@ async def version_thread(
     return await threads.thread_for(saved)
 
 
+async def post_in_thread(
+    threads: PageThreads,
+    thread_id: int,
+    saved: StoredPage | None,
+    *,
+    filename: str,
+    data: bytes,
+    content: str,
+    too_big: str,
+    limit: int,
+    what: str,
+    preview: bytes | None = None,
+    view: discord.ui.View | None = None,
+    attempts: int = 5,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> bool:
+    """:func:`post_page` into the page's thread and record where version ``saved`` went;
+    False (logged) when Discord refused it: the caller sends it below the press instead."""
+    try:
+        _attachments, message = await post_page(
+            lambda **kwargs: threads.post(thread_id, **kwargs),
+            filename=filename,
+            data=data,
+            content=content,
+            too_big=too_big,
+            limit=limit,
+            what=what,
+            preview=preview,
+            view=view,
+            attempts=attempts,
+            sleep=sleep,
+        )
+    except (discord.HTTPException, DeliveryExpired) as exc:
+        log.warning("%s: could not post (%s); sending it below the press", what, exc)
+        return False
+    await threads.record(saved, message, thread_id)
+    return True
+
+
 class Delivery:
     """Sends each job's outcome to its interaction (see the module docstring)."""
 
@@ -547,30 +586,26 @@ class Delivery:
         when the thread refused it (the caller sends it below the press instead). Needs no
         interaction token: a version whose token died still reaches its thread."""
         assert self.threads is not None
-        threads = self.threads
-        what = f"job {job.job_id} in thread {thread_id}"
-        try:
-            _attachments, message = await post_page(
-                lambda **kwargs: threads.post(thread_id, **kwargs),
-                filename=filename,
-                data=data,
-                content=summary,
-                too_big=too_big,
-                limit=limit,
-                what=what,
-                preview=preview,
-                view=view,
-                attempts=self.attempts,
-                sleep=self._sleep,
-            )
-        except (discord.HTTPException, DeliveryExpired) as exc:
-            log.warning("%s: could not post (%s); sending it below the press", what, exc)
-            return False
-        await threads.record(saved, message, thread_id)
-        label = saved.label if saved is not None else ""
-        with contextlib.suppress(discord.HTTPException, DeliveryExpired):
-            await self.final_edit(job, texts.done_in_thread(filename, label, thread_id))
-        return True
+        posted = await post_in_thread(
+            self.threads,
+            thread_id,
+            saved,
+            filename=filename,
+            data=data,
+            content=summary,
+            too_big=too_big,
+            limit=limit,
+            what=f"job {job.job_id} in thread {thread_id}",
+            preview=preview,
+            view=view,
+            attempts=self.attempts,
+            sleep=self._sleep,
+        )
+        if posted:
+            label = saved.label if saved is not None else ""
+            with contextlib.suppress(discord.HTTPException, DeliveryExpired):
+                await self.final_edit(job, texts.done_in_thread(filename, label, thread_id))
+        return posted
 
     async def final_edit(self, job: Job, text: str, *, force: bool = False) -> None:
         """Replace the job's message with ``text`` (no Cancel button), once unless ``force``.
