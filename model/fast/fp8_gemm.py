@@ -133,6 +133,74 @@ def _kernel(tuned: bool) -> Any:
     return triton.autotune(configs=configs, key=["N", "K", "BLOCK_M"])(fp8_weight_gemm)
 
 
+# A GEMV (no tensor-core dot, so no shuffle of the widened weight into the dot's layout) for
+# up to this many rows: each row is a separate FMA reduction over the strip it shares.
+GEMV_MAX_ROWS = 4
+_GEMV_CONFIGS = [
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (8, 512, 4, 3),
+    (16, 256, 4, 4),
+    (16, 512, 4, 3),
+    (16, 1024, 8, 2),
+    (32, 256, 4, 3),
+    (32, 512, 8, 3),
+    (64, 128, 4, 4),
+    (64, 256, 8, 3),
+]
+_GEMV_INTERPRETED = {"BLOCK_N": 16, "BLOCK_K": 32}
+
+
+@functools.cache
+def _gemv_kernel(tuned: bool) -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fp8_weight_gemv(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        for row in tl.static_range(ROWS):
+            if row < M:
+                acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < K
+                    # The strip is re-read per row from L1/L2, not from memory: rows <= 4.
+                    w = tl.load(
+                        w_ptr + cols[:, None] * stride_wn + ks[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0,
+                    )
+                    x = tl.load(x_ptr + row * stride_xm + ks, mask=k_ok, other=0.0)
+                    acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+                out = (acc * scale).to(y_ptr.dtype.element_ty)
+                tl.store(y_ptr + row * stride_ym + cols, out, mask=col_ok)
+
+    if not tuned:
+        return fp8_weight_gemv
+    configs = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, k, w, st in _GEMV_CONFIGS
+    ]
+    return triton.autotune(configs=configs, key=["N", "K", "ROWS"])(fp8_weight_gemv)
+
+
 def triton_ready(device: torch.device) -> bool:
     """Whether the kernel can run on ``device``: CUDA with FP8 (compute capability 8.9+)
     and Triton importable, or any device under ``TRITON_INTERPRET=1`` (tests)."""
@@ -167,7 +235,17 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
 
     args = (rows, weight, scale, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0))
-    if x.device.type == "cuda":
+    tuned = x.device.type == "cuda"
+    if m <= GEMV_MAX_ROWS:
+
+        def gemv_grid(meta: dict[str, Any]) -> tuple[int]:
+            return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+        rows_tile = 1 if m == 1 else GEMV_MAX_ROWS  # two compiled variants, not four
+        extra = {} if tuned else _GEMV_INTERPRETED
+        _gemv_kernel(tuned)[gemv_grid](*args, ROWS=rows_tile, **extra)
+        return out.reshape(*x.shape[:-1], n)
+    if tuned:
         _kernel(True)[grid](*args, BLOCK_M=block_m, DOT_F32=x.dtype == torch.float32)
     else:
         _kernel(False)[grid](*args, BLOCK_M=block_m, **_INTERPRETED)
