@@ -34,8 +34,8 @@ MAX_BLOCK_M = 64
 # where the extra bytes of the widened copy don't matter and cuBLAS's tiles are better.
 KERNEL_MAX_ROWS = 128
 # With a bf16 twin at hand (the engine keeps one), more rows than this use it: measured on
-# an H200 the kernel beats bf16 at 1-8 rows (1.17x / 1.09x of a step's GEMMs) and loses at
-# 32-64 (0.94x / 0.63x), where it has not yet been tuned to reach the card's bandwidth.
+# an H200 the dot kernel beats bf16 at 2-16 rows (1.08x-1.16x of a step's GEMMs) and loses at
+# 32-64 (0.93x / 0.63x), where it has not yet been tuned to reach the card's bandwidth.
 FP8_WINS_UP_TO_ROWS = 16
 
 
@@ -134,8 +134,10 @@ def _kernel(tuned: bool) -> Any:
 
 
 # A GEMV (no tensor-core dot, so no shuffle of the widened weight into the dot's layout) for
-# up to this many rows: each row is a separate FMA reduction over the strip it shares.
-GEMV_MAX_ROWS = 4
+# a single row: on the H200 it takes a step's GEMMs from 3.61 ms (bf16) to 2.08 (1.74x).
+# Run over 4 rows (re-reading the strip per row) it was 0.55x, so 2+ rows take the dot kernel
+# (1.08x at 8 rows, the same tile as 2-16). The kernel still takes ROWS for that experiment.
+GEMV_MAX_ROWS = 1
 _GEMV_CONFIGS = [
     # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (8, 512, 4, 3),
@@ -241,9 +243,8 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         def gemv_grid(meta: dict[str, Any]) -> tuple[int]:
             return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-        rows_tile = 1 if m == 1 else GEMV_MAX_ROWS  # two compiled variants, not four
         extra = {} if tuned else _GEMV_INTERPRETED
-        _gemv_kernel(tuned)[gemv_grid](*args, ROWS=rows_tile, **extra)
+        _gemv_kernel(tuned)[gemv_grid](*args, ROWS=GEMV_MAX_ROWS, **extra)
         return out.reshape(*x.shape[:-1], n)
     if tuned:
         _kernel(True)[grid](*args, BLOCK_M=block_m, DOT_F32=x.dtype == torch.float32)
