@@ -1,16 +1,20 @@
-"""FP8 weights at decode batch sizes: a Triton GEMM that reads E4M3 weights and bf16 rows.
+"""FP8 weights at decode batch sizes: Triton kernels that read E4M3 weights and bf16 rows.
 
 A decode step reads every weight once, so at 1-64 rows it is bound by memory bandwidth, and
 weights of one byte instead of two halve its floor. ``torch._scaled_mm`` (cuBLAS/CUTLASS)
 needs the activations in FP8 too, and at these shapes it is no faster than bf16 even before
-the 4 extra kernels that quantize the rows (bench/RESULTS.md, "FP8 GEMMs"). This kernel keeps
-the rows in bf16: each program streams a ``BLOCK_N x K`` strip of the FP8 weight, widens it to
-bf16 in registers, multiplies it with the rows' ``BLOCK_M x K`` tile on the tensor cores
-(fp32 accumulation), and applies the strip's per-output-channel scales at the end. One kernel
-per projection, no workspace, capturable in a CUDA graph.
+the 4 extra kernels that quantize the rows (bench/RESULTS.md, "FP8 weights (H200)"). These
+kernels keep the rows in bf16, one kernel per projection, no workspace, capturable in a CUDA
+graph, autotuned on the graphs' warm-up step:
 
-Weights are quantized by :func:`model.fp8.quantize_weight` (per output channel, absmax/448).
-On CPU (tests) Triton runs under its interpreter; :class:`Fp8Weight` falls back to
+- one row: a GEMV, each program streaming a ``BLOCK_N x K`` strip of the FP8 weight and
+  reducing it against the row with FMAs (1.74x of bf16's step GEMMs on an H200);
+- 2-16 rows: the strip widened to bf16 in registers and multiplied with the rows' tile on the
+  tensor cores, fp32 accumulation (1.08-1.16x);
+- more rows: the layer's bf16 twin (the engine keeps it), or the widened weight.
+
+Per-output-channel scales (:func:`model.fp8.quantize_weight`, absmax/448) are applied at the
+end. On CPU (tests) Triton runs under its interpreter; :class:`Fp8Weight` falls back to
 ``dequantize`` + matmul where Triton or FP8 support is missing.
 """
 
