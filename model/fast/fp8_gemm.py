@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 import torch
@@ -137,11 +138,10 @@ def _kernel(tuned: bool) -> Any:
     return triton.autotune(configs=configs, key=["N", "K", "BLOCK_M"])(fp8_weight_gemm)
 
 
-# A GEMV (no tensor-core dot, so no shuffle of the widened weight into the dot's layout) for
-# a single row: on the H200 it takes a step's GEMMs from 3.61 ms (bf16) to 2.08 (1.74x).
+# One row takes a GEMV (no tensor-core dot, so no shuffle of the widened weight into the
+# dot's layout): on the H200 it takes a step's GEMMs from 3.61 ms (bf16) to 2.08 (1.74x).
 # Run over 4 rows (re-reading the strip per row) it was 0.55x, so 2+ rows take the dot kernel
-# (1.08x at 8 rows, the same tile as 2-16). The kernel still takes ROWS for that experiment.
-GEMV_MAX_ROWS = 1
+# (1.08x at 8 rows, the same tile as 2-16).
 _GEMV_CONFIGS = [
     # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (8, 512, 4, 3),
@@ -167,36 +167,27 @@ def _gemv_kernel(tuned: bool) -> Any:
         w_ptr,
         scale_ptr,
         y_ptr,
-        M,
         N,
         K,
-        stride_xm,
         stride_wn,
-        stride_ym,
-        ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wn + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        for row in tl.static_range(ROWS):
-            if row < M:
-                acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < K
-                    # The strip is re-read per row from L1/L2, not from memory: rows <= 4.
-                    w = tl.load(
-                        w_ptr + cols[:, None] * stride_wn + ks[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    )
-                    x = tl.load(x_ptr + row * stride_xm + ks, mask=k_ok, other=0.0)
-                    acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-                out = (acc * scale).to(y_ptr.dtype.element_ty)
-                tl.store(y_ptr + row * stride_ym + cols, out, mask=col_ok)
+        tl.store(y_ptr + cols, (acc * scale).to(y_ptr.dtype.element_ty), mask=col_ok)
 
     if not tuned:
         return fp8_weight_gemv
@@ -204,14 +195,12 @@ def _gemv_kernel(tuned: bool) -> Any:
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
         for n, k, w, st in _GEMV_CONFIGS
     ]
-    return triton.autotune(configs=configs, key=["N", "K", "ROWS"])(fp8_weight_gemv)
+    return triton.autotune(configs=configs, key=["N", "K"])(fp8_weight_gemv)
 
 
 def triton_ready(device: torch.device) -> bool:
     """Whether the kernel can run on ``device``: CUDA with FP8 (compute capability 8.9+)
     and Triton importable, or any device under ``TRITON_INTERPRET=1`` (tests)."""
-    import os
-
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -235,21 +224,21 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if weight.shape[1] != k:
         raise ValueError(f"rows have {k} features, the weight {weight.shape[1]}")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    tuned = x.device.type == "cuda"
+    if m == 1:
+
+        def gemv_grid(meta: dict[str, Any]) -> tuple[int]:
+            return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+        extra = {} if tuned else _GEMV_INTERPRETED
+        _gemv_kernel(tuned)[gemv_grid](rows, weight, scale, out, n, k, weight.stride(0), **extra)
+        return out.reshape(*x.shape[:-1], n)
     block_m = block_m_for(m)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
 
     args = (rows, weight, scale, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0))
-    tuned = x.device.type == "cuda"
-    if m <= GEMV_MAX_ROWS:
-
-        def gemv_grid(meta: dict[str, Any]) -> tuple[int]:
-            return (triton.cdiv(n, meta["BLOCK_N"]),)
-
-        extra = {} if tuned else _GEMV_INTERPRETED
-        _gemv_kernel(tuned)[gemv_grid](*args, ROWS=GEMV_MAX_ROWS, **extra)
-        return out.reshape(*x.shape[:-1], n)
     if tuned:
         _kernel(True)[grid](*args, BLOCK_M=block_m, DOT_F32=x.dtype == torch.float32)
     else:
