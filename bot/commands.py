@@ -25,7 +25,7 @@ import discord
 from discord import app_commands
 
 from bot import texts
-from bot.delivery import attachment_limit, post_in_thread, send_page_followup, version_thread
+from bot.delivery import attachment_limit, send_page_followup, version_in_thread
 from bot.errors import (
     BotError,
     InvalidPrompt,
@@ -535,31 +535,23 @@ class Commands:
         )
         text = texts.restyled(page.filename, saved.label, style)
         view = page_view(job.job_id, style_names())
-        thread_id = await version_thread(self.threads, saved, job)
-        if thread_id is not None and thread_id != job.channel_id:
-            assert self.threads is not None
-            if await post_in_thread(
-                self.threads,
-                thread_id,
-                saved,
-                filename=page.filename,
-                data=styled.data,
-                content=text,
-                too_big=text,
-                limit=attachment_limit(interaction),
-                what=f"restyle {job.job_id} in thread {thread_id}",
-                view=view,
-            ):
-                await interaction.followup.send(
-                    texts.done_in_thread(page.filename, saved.label, thread_id), wait=True
-                )
-                return
-            thread_id = None
-
-        async def posted(message: Any) -> None:
-            if self.threads is not None:
-                await self.threads.record(saved, message, thread_id)
-
+        thread_id, in_thread = await version_in_thread(
+            self.threads,
+            saved,
+            job,
+            filename=page.filename,
+            data=styled.data,
+            content=text,
+            too_big=text,
+            limit=attachment_limit(interaction),
+            view=view,
+        )
+        if in_thread:
+            assert thread_id is not None
+            await interaction.followup.send(
+                texts.done_in_thread(page.filename, saved.label, thread_id), wait=True
+            )
+            return
         await send_page_followup(
             interaction,
             filename=page.filename,
@@ -569,7 +561,7 @@ class Commands:
             ephemeral=job.private,
             what=f"restyle {job.job_id}",
             view=view,
-            posted=posted,
+            posted=self.threads.recorder(saved, thread_id) if self.threads else None,
         )
 
     async def on_component(self, interaction: discord.Interaction) -> None:

@@ -297,36 +297,34 @@ def build_page_for(job: Job) -> Any:
     )
 
 
-async def version_thread(
-    threads: PageThreads | None, saved: StoredPage | None, job: Job
-) -> int | None:
-    """The thread ``saved`` (a version the job made) goes to, or None: a first version, a
-    private page, a DM, no threads configured or none to be had."""
-    if threads is None or saved is None or job.parent_job_id is None:
-        return None
-    if job.private or job.guild_id is None:
-        return None
-    return await threads.thread_for(saved)
-
-
-async def post_in_thread(
-    threads: PageThreads,
-    thread_id: int,
+async def version_in_thread(
+    threads: PageThreads | None,
     saved: StoredPage | None,
+    job: Job,
     *,
     filename: str,
     data: bytes,
     content: str,
     too_big: str,
     limit: int,
-    what: str,
+    view: discord.ui.View | None,
     preview: bytes | None = None,
-    view: discord.ui.View | None = None,
     attempts: int = 5,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-) -> bool:
-    """:func:`post_page` into the page's thread and record where version ``saved`` went;
-    False (logged) when Discord refused it: the caller sends it below the press instead."""
+) -> tuple[int | None, bool]:
+    """Where version ``saved`` (made by ``job``) goes: ``(thread, True)`` when it was just
+    posted in its page's thread (the caller points the press's message at it); else
+    ``(thread, False)``: the caller sends it as a follow-up of the press, inside ``thread``
+    when the press was there, or below it when ``thread`` is None (a first version, a private
+    page, a DM, no threads configured, none to be had, or the thread refused the post)."""
+    if threads is None or saved is None or job.parent_job_id is None:
+        return None, False
+    if job.private or job.guild_id is None:
+        return None, False
+    thread_id = await threads.thread_for(saved)
+    if thread_id is None or thread_id == job.channel_id:
+        return thread_id, False
+    what = f"job {job.job_id} in thread {thread_id}"
     try:
         _attachments, message = await post_page(
             lambda **kwargs: threads.post(thread_id, **kwargs),
@@ -343,9 +341,9 @@ async def post_in_thread(
         )
     except (discord.HTTPException, DeliveryExpired) as exc:
         log.warning("%s: could not post (%s); sending it below the press", what, exc)
-        return False
+        return None, False
     await threads.record(saved, message, thread_id)
-    return True
+    return thread_id, True
 
 
 class Delivery:
@@ -527,23 +525,32 @@ class Delivery:
             f"({_mb(limit)}) even zipped. {where}"
         )
         view = page_view(job.job_id, style_names()) if kept else None
-        thread_id = await version_thread(self.threads, saved, job)
-        if thread_id is not None and thread_id != job.channel_id:
-            if await self._post_in_thread(
-                job, thread_id, saved, filename, data, summary, too_big, limit, preview, view
-            ):
-                return
-            thread_id = None  # it goes out below the press, as any page
+        thread_id, in_thread = await version_in_thread(
+            self.threads,
+            saved,
+            job,
+            filename=filename,
+            data=data,
+            content=summary,
+            too_big=too_big,
+            limit=limit,
+            view=view,
+            preview=preview,
+            attempts=self.attempts,
+            sleep=self._sleep,
+        )
+        if in_thread:
+            # Posted with the bot's token: this edit may find the job's token dead, harmlessly.
+            assert thread_id is not None
+            label = saved.label if saved is not None else ""
+            with contextlib.suppress(discord.HTTPException, DeliveryExpired):
+                await self.final_edit(job, texts.done_in_thread(filename, label, thread_id))
+            return
         try:
             await self.final_edit(job, texts.done(filename, job.job_id, kept=kept))
         except discord.HTTPException as exc:
             log.info("job %s: marking the message done failed: %s", job.job_id, exc)
         what = f"job {job.job_id} follow-up"
-
-        async def posted(message: Any) -> None:
-            if self.threads is not None:
-                await self.threads.record(saved, message, thread_id)
-
         try:
             with _live_token(ticket, what):
                 await send_page_followup(
@@ -558,7 +565,7 @@ class Delivery:
                     view=view,
                     ephemeral=job.private,
                     what=what,
-                    posted=posted,
+                    posted=self.threads.recorder(saved, thread_id) if self.threads else None,
                     attempts=self.attempts,
                     sleep=self._sleep,
                 )
@@ -568,44 +575,6 @@ class Delivery:
                 await self.final_edit(
                     job, texts.upload_refused(exc.status, job.job_id, kept=kept), force=True
                 )
-
-    async def _post_in_thread(
-        self,
-        job: Job,
-        thread_id: int,
-        saved: StoredPage | None,
-        filename: str,
-        data: bytes,
-        summary: str,
-        too_big: str,
-        limit: int,
-        preview: bytes | None,
-        view: discord.ui.View | None,
-    ) -> bool:
-        """Post the version in the page's thread, then point the job's message at it; False
-        when the thread refused it (the caller sends it below the press instead). Needs no
-        interaction token: a version whose token died still reaches its thread."""
-        assert self.threads is not None
-        posted = await post_in_thread(
-            self.threads,
-            thread_id,
-            saved,
-            filename=filename,
-            data=data,
-            content=summary,
-            too_big=too_big,
-            limit=limit,
-            what=f"job {job.job_id} in thread {thread_id}",
-            preview=preview,
-            view=view,
-            attempts=self.attempts,
-            sleep=self._sleep,
-        )
-        if posted:
-            label = saved.label if saved is not None else ""
-            with contextlib.suppress(discord.HTTPException, DeliveryExpired):
-                await self.final_edit(job, texts.done_in_thread(filename, label, thread_id))
-        return posted
 
     async def final_edit(self, job: Job, text: str, *, force: bool = False) -> None:
         """Replace the job's message with ``text`` (no Cancel button), once unless ``force``.

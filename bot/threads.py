@@ -16,6 +16,7 @@ press, in the same channel. Nothing here may lose a version: every failure falls
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import discord
@@ -68,6 +69,16 @@ class PageThreads:
             )
         except Exception as exc:  # where it was posted is a convenience; the page is kept
             log.warning("page %s: could not record its message: %s", version.job_id, exc)
+
+    def recorder(
+        self, version: StoredPage | None, thread_id: int | None
+    ) -> Callable[[Any], Awaitable[None]]:
+        """:meth:`record` for a message not sent yet (``send_page_followup``'s ``posted``)."""
+
+        async def record(message: Any) -> None:
+            await self.record(version, message, thread_id)
+
+        return record
 
     async def thread_for(self, version: StoredPage) -> int | None:
         """The thread ``version``'s page continues in: the one it has, or one started now on

@@ -125,7 +125,11 @@ async def test_recording_where_a_version_went(tmp_path: Path) -> None:
     await threads.record(None, message, 999)  # a version that was not kept: nothing to do
 
 
-async def test_a_store_failure_while_recording_loses_nothing(tmp_path: Path) -> None:
+async def test_a_store_failure_while_recording_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Where a version went is a convenience: a store that fails must not fail the delivery
+    # (the page is already posted), and it must say so.
     store = ResultStore(tmp_path)
     _v1, v2 = await posted_page(store)
 
@@ -134,4 +138,7 @@ async def test_a_store_failure_while_recording_loses_nothing(tmp_path: Path) -> 
 
     threads = threads_with(StartingHttp(999), store)
     threads.pages = SimpleNamespace(set_message=broken)  # type: ignore[assignment]
-    await threads.record(v2, SimpleNamespace(id=1, channel=SimpleNamespace(id=2)), None)
+    record = threads.recorder(v2, None)
+    with caplog.at_level("WARNING", logger="bot.threads"):
+        await record(SimpleNamespace(id=1, channel=SimpleNamespace(id=2)))
+    assert "could not record its message" in caplog.text and "redis away" in caplog.text
