@@ -176,12 +176,17 @@ def _continuous_engine(loaded: LoadedModel, config: EngineConfig) -> FastEngine 
     try:
         return FastEngine.from_loaded(loaded, options)
     except ValueError as exc:  # not a Llama-family model, or an unsupported variant
-        if config.kind == "continuous" or fp8_weights:
+        if config.kind == "continuous":
             raise ModelError(
                 f"ENGINE=continuous can't run {loaded.name}: {exc}; "
                 "use ENGINE=standard (or auto, which falls back to it)"
             ) from None
-        log.warning("continuous engine unavailable (%s); using the standard one", exc)
+        # FP8 lives in the continuous engine; the weights were loaded as bf16, and the
+        # standard engine runs them so (MODEL_QUANTIZATION=auto on an H100 must not fail).
+        unquantized = "; its weights run in bf16" if fp8_weights else ""
+        log.warning(
+            "continuous engine unavailable (%s); using the standard one%s", exc, unquantized
+        )
         return None
 
 

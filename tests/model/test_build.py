@@ -126,6 +126,24 @@ def test_auto_on_a_gpu_falls_back_to_the_standard_engine_for_other_models(
     assert "continuous engine unavailable" in caplog.text
 
 
+def test_fp8_on_a_model_the_continuous_engine_cannot_run_falls_back_to_bf16(
+    tiny_gpt2_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What MODEL_QUANTIZATION=auto gives on an H100 for any model: fp8 must not turn a
+    # model the standard engine runs into a start-up failure.
+    import torch
+
+    from model.loading import load_model
+    from model.spec import Quantization
+
+    loaded = load_model(_cpu_spec(tiny_gpt2_dir))
+    spec = loaded.spec.replace(quantization=Quantization.FP8)
+    on_gpu = dataclasses.replace(loaded, spec=spec, device=torch.device("cuda"))
+    built = engine_for(on_gpu, EngineConfig(kind="auto"))
+    assert built.kind == "standard"
+    assert "its weights run in bf16" in caplog.text
+
+
 def test_a_model_that_cannot_load_is_a_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError):
         build_engine(_cpu_spec(tmp_path / "no-such-model"), EngineConfig())
