@@ -48,6 +48,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.fp8 import E4M3_MAX  # the largest E4M3 value, the scales' denominator
+
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # A flip where the reference's top-1 beat its runner-up by at least this many logits is a
@@ -57,7 +59,6 @@ CLEAR_MARGIN = 1.0
 # The name the rounding attention is registered under (transformers' AttentionInterface).
 FP8_KV_ATTENTION = "fp8_kv_sdpa"
 
-E4M3_MAX = 448.0
 
 # A weight quantizer: (out, in) weight -> its simulated (dequantized) value, same dtype.
 Quantizer = Callable[[Any], Any]
