@@ -9,7 +9,11 @@
    running sequences wait at most one prefill between two of their tokens;
 4. one decode step for all live sequences (one CUDA graph launch on a GPU), then deliver the
    ones that finished (``model.stopping.StopRule``: EOS, the page's closing ``</html>``,
-   ``max_new_tokens``...).
+   ``max_new_tokens``...). With speculative decoding (``FastEngineOptions.speculation``),
+   while a row drafts and the batch is small the step is a verify step instead
+   (``model.fast.verify``): each row's draft (``model.fast.speculative``, n-grams of its own
+   prompt: a refine copies most of its page) checked in one forward, several tokens a step,
+   the same tokens as plain decoding.
 
 This module is the scheduling: which request holds which row, when to prefill, launch and
 collect. The model it drives is :class:`model.fast.runner.FastLlama`.
@@ -50,6 +54,7 @@ from model.constrained import (
     full_bitmask,
 )
 from model.fast.runner import FastLlama
+from model.fast.speculative import PromptLookup
 from model.prompting import BANNED_STRINGS, AnswerPlan, plan_answer
 from model.stopping import StopRule, cut_after_page
 from model.types import (
@@ -62,6 +67,24 @@ from model.types import (
 )
 
 log = logging.getLogger(__name__)
+
+SPECULATION_KINDS = ("off", "refine", "all")
+
+
+@dataclass
+class SpeculationStats:
+    """What speculative decoding did: draft tokens proposed and kept, verify steps run,
+    and the tokens those steps gave (kept drafts plus the model's own one per row)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the model agreed with."""
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,13 @@ class FastEngineOptions:
     burst_window_s: float = 0.005
     # "fp8": the decoder's projections in E4M3 (Hopper/Ada; model.fast.fp8_gemm), else bf16.
     weights: str = "bf16"
+    # Prompt-lookup speculative decoding (model.fast.speculative, model.fast.verify): which
+    # requests draft ("refine": those that rewrite a page the prompt holds; "all": every
+    # document; "off"), how many tokens a draft has, and up to how many rows a verify step
+    # runs (past that, plain steps: a big batch is already compute-bound enough).
+    speculation: str = "refine"
+    draft_tokens: int = 8
+    speculative_rows: int = 16
 
 
 @dataclass
@@ -106,7 +136,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     # Stays empty: forced tokens go one decode step each here (StopRule without jump_forward).
     forced: list[int] = field(default_factory=list)
-    launched: int = 0  # decode steps launched for it (one may still be in flight)
+    launched: int = 0  # input tokens of steps launched for it (a step may be in flight)
+    drafter: PromptLookup | None = None  # drafts for verify steps (None: plain steps only)
     done: bool = False  # finished or cancelled: tokens of steps in flight are dropped
 
     @property
@@ -144,6 +175,12 @@ class FastEngine:
         self.tokenizer = tokenizer
         self._name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "")
         opts = self.options
+        if opts.speculation not in SPECULATION_KINDS:
+            raise ValueError(
+                f"speculation must be one of {SPECULATION_KINDS}, not {opts.speculation!r}"
+            )
+        if opts.draft_tokens < 1 and opts.speculation != "off":
+            raise ValueError("draft_tokens must be at least 1 (or speculation='off')")
         self.runner = FastLlama(
             model,
             max_seq_len=opts.max_seq_len,
@@ -153,7 +190,11 @@ class FastEngine:
             compile_kernels=opts.compile_kernels,
             attention=opts.attention,
             weight_format=opts.weights,
+            draft_tokens=opts.draft_tokens if opts.speculation != "off" else 0,
+            verify_rows=opts.speculative_rows,
         )
+        # Drafted and kept draft tokens, and verify steps run, since the engine was built.
+        self.speculation_stats = SpeculationStats()
         self.stop_rule = StopRule.for_model(
             model, tokenizer, self.runner.vocab_size, ignore_eos=opts.ignore_eos
         )
@@ -248,6 +289,17 @@ class FastEngine:
                             self._admit(request, waiting, finished)
                     if waiting:
                         self._prefill(live, waiting, finished, progress)
+                    if self._speculating(live):
+                        # Drafts need every row's latest token: collect, then verify.
+                        if inflight is not None:
+                            self._collect(inflight, live, finished, progress)
+                            inflight = None
+                        drafts = self._drafts(live)
+                        if any(drafts):
+                            self._verify(live, drafts, finished, progress)
+                        elif live:
+                            inflight = self._launch(live)
+                        continue
                     if any(seq.host_masked for seq in live):
                         # A grammar's next mask needs the last token: collect, then launch.
                         if inflight is not None:
@@ -290,10 +342,20 @@ class FastEngine:
             offset = self._ban_offsets.get(plan.banned)
             if isinstance(seq.constraint, BannedStrings) and offset is not None:
                 seq.ban_state = offset + seq.constraint.state
+        if self._drafts_for(seq):
+            seq.drafter = PromptLookup(prompt)
         if request.cancelled:
             finished(self._result(seq, FinishReason.CANCELLED))
             return
         waiting.append(seq)
+
+    def _drafts_for(self, seq: _Sequence) -> bool:
+        """Whether ``seq`` drafts: per ``options.speculation``, and never under a grammar
+        (its masks are filled on the host one token at a time)."""
+        kind = self.options.speculation
+        if kind == "off" or seq.is_form or seq.host_masked:
+            return False
+        return kind == "all" or seq.request.is_refine
 
     def _drop_cancelled(
         self, live: list[_Sequence], waiting: deque[_Sequence], finished: ResultSink
@@ -376,6 +438,65 @@ class FastEngine:
         for seq in live:
             seq.launched += 1
         return ticket, list(live)
+
+    def _speculating(self, live: list[_Sequence]) -> bool:
+        """Whether this step is a verify step's turn: a row that drafts, few enough rows for
+        the verify graphs, none under a host-filled mask, and room in every row for a draft."""
+        runner = self.runner
+        if not live or len(live) > runner.verify_rows:
+            return False
+        if not any(seq.drafter is not None for seq in live):
+            return False
+        if any(seq.host_masked for seq in live):
+            return False
+        room = runner.max_seq_len - runner.cache.draft_tokens - 1
+        return max(seq.cached for seq in live) <= room
+
+    def _drafts(self, live: list[_Sequence]) -> list[list[int]]:
+        """Each live row's draft (empty where it has none)."""
+        count = self.runner.cache.draft_tokens
+        drafts: list[list[int]] = []
+        for seq in live:
+            drafter = seq.drafter
+            if drafter is None:
+                drafts.append([])
+                continue
+            drafter.update(seq.generated)
+            # A step gives its kept drafts plus one token: never more than the budget left.
+            room = seq.max_new - len(seq.generated) - 1
+            drafts.append(drafter.propose(min(count, room)))
+        return drafts
+
+    def _verify(
+        self,
+        live: list[_Sequence],
+        drafts: list[list[int]],
+        finished: ResultSink,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """One verify step: every row keeps the drafts the model agrees with, plus one."""
+        context = max(s.cached for s in live) + self.runner.cache.draft_tokens + 1
+        rows = list(live)
+        kept = self.runner.verify(drafts, context)
+        now = time.perf_counter()
+        stats = self.speculation_stats
+        stats.steps += 1
+        done: list[tuple[_Sequence, FinishReason]] = []
+        accept = self.stop_rule.accept
+        for seq, draft, tokens in zip(rows, drafts, kept, strict=True):
+            seq.launched += len(tokens)
+            stats.drafted += len(draft)
+            stats.accepted += len(tokens) - 1
+            stats.tokens += len(tokens)
+            for token in tokens:
+                reason = accept(seq, token)
+                if reason is not None:
+                    done.append((seq, reason))
+                    break
+            else:
+                if progress is not None:
+                    self._report(seq, progress, now)
+        self._deliver(live, done, finished)
 
     def _collect(
         self,

@@ -11,6 +11,9 @@ Slots are kept compact: live sequences occupy rows ``0..n-1``; when one leaves, 
 moves into its place (:meth:`SlotCache.move_row`: one copy of that sequence's KV), so a
 batch-``b`` step works on plain views ``[:b]`` with no gather.
 
+Speculative decoding adds four small per-row buffers (``draft``, ``draft_length``,
+``verified``, ``accepted``): the host writes drafts, the verify step writes its verdict.
+
 Constraints (``model.constrained``) live in two per-row buffers: ``allowed_bits`` (a bitmask
 row the host fills for rows under a grammar; all ones otherwise) and ``ban_state`` (the row's
 state in the banned-strings table ``ban_next``, which the decode step itself advances).
@@ -48,6 +51,7 @@ class SlotCache:
         device: torch.device,
         max_slots: int | None,
         memory_fraction: float,
+        draft_tokens: int = 0,
     ) -> None:
         self.layers = layers
         self.kv_heads = kv_heads
@@ -56,6 +60,7 @@ class SlotCache:
         self.vocab_size = vocab_size
         self.dtype = dtype
         self.device = device
+        self.draft_tokens = draft_tokens
         self.slots = self._count_slots(max_slots, memory_fraction)
         self._allocate()
 
@@ -104,6 +109,14 @@ class SlotCache:
         self.allowed_bits = torch.full((s, words), -1, dtype=torch.int32, device=d)
         self.ban_state = torch.zeros(s, dtype=torch.int64, device=d)
         self.ban_next = torch.zeros((1, self.vocab_size), dtype=torch.int32, device=d)
+        # Speculative decoding (model.fast.speculative): each row's draft and how much of it
+        # is real, and what the verify step made of it (the tokens the model picks at each
+        # of the 1 + draft positions, and how many of the draft it kept).
+        k = self.draft_tokens
+        self.draft = torch.zeros((s, k), dtype=torch.int64, device=d)
+        self.draft_length = torch.zeros(s, dtype=torch.int64, device=d)
+        self.verified = torch.zeros((s, k + 1), dtype=torch.int64, device=d)
+        self.accepted = torch.zeros(s, dtype=torch.int64, device=d)
 
     def step_state(self, b: int) -> tuple[torch.Tensor, ...]:
         """What a decode step of rows ``[:b]`` changes besides the KV: views of the rows'

@@ -4,7 +4,9 @@
 with every row's decode state (``cache``), the forward (``forward``) and the decode graphs
 (``graphs``). The engine writes rows' state through ``cache`` and runs the model through the
 methods here: :meth:`~FastLlama.prefill` and :meth:`~FastLlama.sample` for newcomers,
-:meth:`~FastLlama.launch` / :meth:`~FastLlama.collect` for decode steps.
+:meth:`~FastLlama.launch` / :meth:`~FastLlama.collect` for decode steps, and
+:meth:`~FastLlama.verify` for a speculative step (``model.fast.verify``: a draft of
+``draft_tokens`` per row, with graphs of its own for up to ``verify_rows`` rows).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from model.fast.forward import PREFILL_TOKEN_BUCKET, LlamaForward, choose_attention
 from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import SlotCache
+from model.fast.verify import VerifyStep
 from model.fast.weights import LlamaWeights
 
 
@@ -33,6 +36,8 @@ class FastLlama:
         compile_kernels: bool | str,
         attention: str,
         weight_format: str = "bf16",
+        draft_tokens: int = 0,
+        verify_rows: int = 16,
     ) -> None:
         self.weights = weights = LlamaWeights(model, weight_format)
         # Chosen before the cache takes the free memory (on a GPU it runs the kernels once).
@@ -50,6 +55,7 @@ class FastLlama:
             device=device,
             max_slots=max_slots,
             memory_fraction=memory_fraction,
+            draft_tokens=draft_tokens,
         )
         self.forward = LlamaForward(
             weights,
@@ -67,6 +73,20 @@ class FastLlama:
             max_seq_len=self.max_seq_len,
             enabled=use_cuda_graphs and device.type == "cuda",
         )
+        self.verifier: VerifyStep | None = None
+        self.verify_graphs: DecodeGraphs | None = None
+        self.verify_rows = 0
+        if draft_tokens > 0:
+            self.verifier = VerifyStep(self.forward)
+            self.verify_rows = min(verify_rows, self.cache.slots)
+            self.verify_graphs = DecodeGraphs(
+                self.verifier.body,
+                self.cache.step_state,
+                device,
+                slots=self.verify_rows,
+                max_seq_len=self.max_seq_len,
+                enabled=use_cuda_graphs and device.type == "cuda",
+            )
         # Two host buffers (pinned on CUDA) for the tokens of two steps in flight.
         self._pinned = pinned = device.type == "cuda"
         slots = self.cache.slots
@@ -75,6 +95,13 @@ class FastLlama:
         ]
         self._done = [torch.cuda.Event() for _ in range(2)] if pinned else []
         self._next_buffer = 0
+        # The verify step's drafts in, verdicts out (it is collected before the next step).
+        width = max(draft_tokens, 1)
+        self._host_draft = torch.zeros((slots, width), dtype=torch.int64, pin_memory=pinned)
+        self._host_draft_length = torch.zeros(slots, dtype=torch.int64, pin_memory=pinned)
+        self._host_verified = torch.zeros((slots, width + 1), dtype=torch.int64, pin_memory=pinned)
+        self._host_accepted = torch.zeros(slots, dtype=torch.int64, pin_memory=pinned)
+        self._verified = torch.cuda.Event() if pinned else None
 
     @property
     def slots(self) -> int:
@@ -93,11 +120,13 @@ class FastLlama:
         """Switch the decode attention (benchmarks compare them); graphs are captured again."""
         self.forward.attention = choose_attention(attention, self.weights)
         self.graphs.clear()
+        if self.verify_graphs is not None:
+            self.verify_graphs.clear()
 
     def register_ban_tables(self, tables: list[torch.Tensor]) -> list[int]:
         """:meth:`SlotCache.register_ban_tables`, refused once a graph has been captured
         (the graphs read ``ban_next``)."""
-        if self.graphs.captured:
+        if self.graphs.captured or (self.verify_graphs and self.verify_graphs.captured):
             raise RuntimeError("register the banned-strings tables before capturing graphs")
         return self.cache.register_ban_tables(tables)
 
@@ -129,8 +158,13 @@ class FastLlama:
     # ------------------------------------------------------------------ decode
 
     def capture_all(self, max_batch: int | None = None) -> int:
-        """Capture every decode graph up to ``max_batch`` rows; how many there are."""
-        return self.graphs.capture_all(max_batch)
+        """Capture every decode graph up to ``max_batch`` rows, and the verify step's up to
+        ``verify_rows``; how many there are."""
+        count = self.graphs.capture_all(max_batch)
+        if self.verify_graphs is not None:
+            rows = self.verify_rows if max_batch is None else min(max_batch, self.verify_rows)
+            count += self.verify_graphs.capture_all(rows)
+        return count
 
     def decode(self, b: int, ctx: int) -> list[int]:
         """Run one step for rows ``[:b]`` (context bucket ``ctx``); the new tokens."""
@@ -160,3 +194,30 @@ class FastLlama:
         if self._pinned:
             self._done[slot].synchronize()
         return list(self._host_tokens[slot][:b].tolist())
+
+    # ------------------------------------------------------------- speculative
+
+    def verify(self, drafts: list[list[int]], ctx: int) -> list[list[int]]:
+        """One verify step for rows ``[:len(drafts)]`` (``model.fast.verify``), each row with
+        its draft (at most ``draft_tokens``; may be empty); context bucket ``ctx`` must cover
+        every row's position plus the draft. Returns each row's kept tokens: the drafts the
+        model agreed with, then one of its own. Waits for the step."""
+        if self.verify_graphs is None:
+            raise RuntimeError("this model was built without drafts (draft_tokens=0)")
+        b, k = len(drafts), self.cache.draft_tokens
+        if not 0 < b <= self.verify_rows:
+            raise ValueError(f"a verify step takes 1 to {self.verify_rows} rows, not {b}")
+        self._host_draft[:b] = torch.tensor([(d[:k] + [0] * k)[:k] for d in drafts])
+        self._host_draft_length[:b] = torch.tensor([min(len(d), k) for d in drafts])
+        cache, pinned = self.cache, self._pinned
+        cache.draft[:b].copy_(self._host_draft[:b], non_blocking=pinned)
+        cache.draft_length[:b].copy_(self._host_draft_length[:b], non_blocking=pinned)
+        self.verify_graphs.run(b, min(ctx, self.max_seq_len))
+        self._host_verified[:b].copy_(cache.verified[:b], non_blocking=pinned)
+        self._host_accepted[:b].copy_(cache.accepted[:b], non_blocking=pinned)
+        if self._verified is not None:
+            self._verified.record()
+            self._verified.synchronize()
+        picked = self._host_verified[:b].tolist()
+        accepted = self._host_accepted[:b].tolist()
+        return [row[: count + 1] for row, count in zip(picked, accepted, strict=True)]
