@@ -1,0 +1,312 @@
+"""Speculative refine: prompt-lookup drafts against plain decoding, side by side.
+
+Two measurements, one run:
+
+1. **Refines on a real model** (the embedded SmolLM2-135M-Instruct: real weights, so real
+   copying): document-mode refines of real pages (the product's own compose pages for each
+   page kind, rendered in a theme) with a range of instructions, served by one
+   :class:`~model.fast.FastEngine` at 1 and N users, first with ``speculation="off"``, then
+   ``"refine"``, with the same seeds. Reported: generated tokens/s for both and their ratio,
+   the drafts' acceptance rate, tokens per verify step, and how many answers are identical
+   (exact in float32, see tests/model/test_speculative.py; in bf16 on a GPU a near-tie can
+   round the other way in a batched forward).
+2. **Step costs at CodeLlama-7B's shape** (random weights, GPU): one captured decode step
+   against one captured verify step of ``1 + draft`` tokens a row, at 1, 8 and 16 rows. With
+   the tokens per verify step of (1), this gives what the same refines would run at on the
+   7B model, labelled as a projection: the 7B model is not on the device, and its own
+   acceptance rate will differ from the small model's.
+
+    python -m bench.speculative --device cuda --json out/speculative.json
+    python -m bench.speculative --device cpu --users 1 --jobs 2 --new-tokens 256   # a CPU look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+INSTRUCTIONS = [
+    "Make the main heading say 'Welcome' instead.",
+    "Change the footer text to thank the visitor.",
+    "Add one more item at the end of the first list.",
+    "Make the page's tone friendlier, keeping its layout.",
+    "Replace the first paragraph with a shorter one.",
+    "Change the button's text to 'Book now'.",
+    "Add a short testimonial section before the footer.",
+    "Fix any typos and keep everything else the same.",
+]
+THEMES = ["modern", "dark", "playful", "minimal"]
+
+
+def refine_requests(count: int, new_tokens: int, seed: int = 0) -> list[Any]:
+    """``count`` document-mode refines of the product's own pages (one per page kind, in
+    turn, rendered through the page pipeline), with seeded product sampling."""
+    from model.page import page_from_result
+    from model.page.content import EXAMPLES, PageContent, page_subject
+    from model.page.form import answer_text
+    from model.types import (
+        FinishReason,
+        GenerationRequest,
+        GenerationResult,
+        PageMode,
+        SamplingParams,
+    )
+
+    kinds = list(EXAMPLES)
+    requests = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        description = f"a {kind.value} page for a small business"
+        content = PageContent.model_validate(EXAMPLES[kind])
+        answer = answer_text(content, kind, page_subject(description))
+        result = GenerationResult("source", answer, FinishReason.EOS, 0, 0, 0.0, 0.0)
+        page = page_from_result(
+            result, prompt=description, mode=PageMode.COMPOSE, style=THEMES[i % len(THEMES)]
+        )
+        requests.append(
+            GenerationRequest(
+                prompt=INSTRUCTIONS[i % len(INSTRUCTIONS)],
+                source_page=page.html,
+                description=description,
+                sampling=SamplingParams(max_new_tokens=new_tokens, seed=seed + i),
+                request_id=f"refine-{i}",
+            )
+        )
+    return requests
+
+
+def copy_request(request: Any) -> Any:
+    """The same request under a fresh id and cancel event (a request is served once)."""
+    return dataclasses.replace(request, cancel_event=type(request.cancel_event)())
+
+
+def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) -> dict[str, Any]:
+    """Serve ``requests`` ``users`` at a time (all of a batch at once), speculation set."""
+    engine.options = dataclasses.replace(engine.options, speculation=speculation)
+    before = dataclasses.replace(engine.speculation_stats)
+    texts: list[str] = []
+    tokens = 0
+    waits = 0.0  # each batch's wait for its last first token: prefill, not decoding
+    started = time.perf_counter()
+    for first in range(0, len(requests), users):
+        batch = [copy_request(r) for r in requests[first : first + users]]
+        results = engine.generate(batch)
+        texts += [r.text for r in results]
+        tokens += sum(r.generated_tokens for r in results)
+        waits += max(r.time_to_first_token_s for r in results)
+    seconds = time.perf_counter() - started
+    stats = engine.speculation_stats
+    drafted = stats.drafted - before.drafted
+    accepted = stats.accepted - before.accepted
+    steps = stats.steps - before.steps
+    return {
+        "users": users,
+        "speculation": speculation,
+        "jobs": len(requests),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "decode_tokens_per_s": tokens / max(seconds - waits, 1e-9),
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "verify_steps": steps,
+        "tokens_per_verify_step": (stats.tokens - before.tokens) / steps / users if steps else 0,
+        "texts": texts,
+    }
+
+
+def refine_table(
+    device: str, users: list[int], jobs: int, new_tokens: int, draft_tokens: int
+) -> list[dict[str, Any]]:
+    """Section (1): plain and speculative phases on the embedded model, per user count."""
+    from model.fast import FastEngine, FastEngineOptions
+    from model.loading import load_model
+    from model.prompting import page_body
+    from model.spec import resolve_spec
+
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    loaded = load_model(resolve_spec(preset="smollm2", device=device, dtype=dtype))
+    options = FastEngineOptions(
+        max_seq_len=4096,
+        max_slots=max(users),
+        draft_tokens=draft_tokens,
+        speculative_rows=max(users),
+    )
+    engine = FastEngine.from_loaded(loaded, options)
+    if device == "cuda":
+        engine.warmup(max(users))
+    rows = []
+    for count in users:
+        requests = refine_requests(max(jobs, count), new_tokens)
+        serve_phase(engine, requests[:count], count, "refine")  # first-use costs paid
+        plain = serve_phase(engine, requests, count, "off")
+        fast = serve_phase(engine, requests, count, "refine")
+        same = sum(a == b for a, b in zip(plain["texts"], fast["texts"], strict=True))
+        tokenizer = engine.tokenizer
+        prompt_tokens = [len(tokenizer(page_body(r.source_page))["input_ids"]) for r in requests]
+        rows.append(
+            {
+                "users": count,
+                "jobs": len(requests),
+                "page_tokens_mean": statistics.mean(prompt_tokens),
+                "answer_tokens_mean": fast["tokens"] / len(requests),
+                "plain_tokens_per_s": plain["tokens_per_s"],
+                "speculative_tokens_per_s": fast["tokens_per_s"],
+                "speedup": fast["tokens_per_s"] / plain["tokens_per_s"],
+                "plain_decode_tokens_per_s": plain["decode_tokens_per_s"],
+                "speculative_decode_tokens_per_s": fast["decode_tokens_per_s"],
+                "decode_speedup": fast["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+                "acceptance": fast["acceptance"],
+                "tokens_per_verify_step": fast["tokens_per_verify_step"],
+                "identical_answers": same,
+            }
+        )
+        print(fmt_refine(rows[-1]), flush=True)
+    return rows
+
+
+def step_table(draft_tokens: int, batches: list[int], context: int) -> list[dict[str, Any]]:
+    """Section (2): captured decode vs verify step at CodeLlama-7B's shape (random bf16)."""
+    import torch
+
+    from bench.serving import CODELLAMA_7B, _median_ms, build_base, build_tokenizer
+    from model.fast import FastEngine, FastEngineOptions
+
+    model = build_base(CODELLAMA_7B, torch.device("cuda"), torch.bfloat16)
+    tokenizer = build_tokenizer(CODELLAMA_7B["vocab_size"])
+    options = FastEngineOptions(
+        max_seq_len=context,
+        max_slots=max(batches),
+        draft_tokens=draft_tokens,
+        speculative_rows=max(batches),
+        speculation="all",
+    )
+    engine = FastEngine(model, tokenizer, model_name="codellama-7b-shape", options=options)
+    runner = engine.runner
+    cache = runner.cache
+    keys = context - draft_tokens - 64
+    rows = []
+    for b in batches:
+        positions = torch.full((b,), keys, dtype=torch.int64, device=cache.positions.device)
+
+        def rewind(b: int = b, positions: Any = positions) -> None:
+            cache.positions[:b] = positions
+
+        rewind()
+        runner.decode(b, context)
+        decode_graph = runner.graphs.captured[
+            (runner.graphs.batch_bucket(b), runner.graphs.context_bucket(context))
+        ]
+        decode_ms = _median_ms(decode_graph.replay, 30, prepare=rewind)
+        rewind()
+        runner.verify([[5] * draft_tokens] * b, context)
+        verify_graphs = runner.verify_graphs
+        assert verify_graphs is not None
+        verify_graph = verify_graphs.captured[
+            (verify_graphs.batch_bucket(b), verify_graphs.context_bucket(context))
+        ]
+        verify_ms = _median_ms(verify_graph.replay, 30, prepare=rewind)
+        rows.append(
+            {
+                "batch": b,
+                "context": context,
+                "decode_ms": decode_ms,
+                "verify_ms": verify_ms,
+                "verify_over_decode": verify_ms / decode_ms,
+            }
+        )
+        print(fmt_step(rows[-1]), flush=True)
+    del engine, model
+    return rows
+
+
+def fmt_refine(row: dict[str, Any]) -> str:
+    return (
+        f"| {row['users']} | {row['jobs']} | {row['page_tokens_mean']:.0f} | "
+        f"{row['answer_tokens_mean']:.0f} | {row['plain_tokens_per_s']:.0f} | "
+        f"{row['speculative_tokens_per_s']:.0f} | **{row['speedup']:.2f}x** | "
+        f"{row['plain_decode_tokens_per_s']:.0f} | {row['speculative_decode_tokens_per_s']:.0f} | "
+        f"**{row['decode_speedup']:.2f}x** | "
+        f"{row['acceptance']:.0%} | {row['tokens_per_verify_step']:.2f} | "
+        f"{row['identical_answers']}/{row['jobs']} |"
+    )
+
+
+def fmt_step(row: dict[str, Any]) -> str:
+    return (
+        f"| {row['batch']} | {row['context']} | {row['decode_ms']:.2f} | "
+        f"{row['verify_ms']:.2f} | {row['verify_over_decode']:.2f} |"
+    )
+
+
+REFINE_HEADER = (
+    "| users | jobs | page tokens | answer tokens | plain tok/s | speculative tok/s | speed-up "
+    "| plain decode tok/s | speculative decode tok/s | decode speed-up "
+    "| drafts kept | tokens / verify step / row | identical answers |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+STEP_HEADER = (
+    "| rows | context | decode step ms | verify step ms | verify / decode |\n|---|---|---|---|---|"
+)
+
+
+def projection(refines: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[str]:
+    """What the refines' tokens per verify step would give at the 7B shape's step costs."""
+    lines = []
+    by_batch = {row["batch"]: row for row in steps}
+    for row in refines:
+        step = by_batch.get(row["users"])
+        if step is None:
+            continue
+        ratio = row["tokens_per_verify_step"] / step["verify_over_decode"]
+        lines.append(
+            f"- {row['users']} user(s): {row['tokens_per_verify_step']:.2f} tokens a verify "
+            f"step at {step['verify_over_decode']:.2f}x a decode step's time: "
+            f"**{ratio:.2f}x** plain decoding's tokens/s (projected)"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--users", default="1,8", help="comma-separated user counts")
+    parser.add_argument("--jobs", type=int, default=8, help="refine jobs per phase")
+    parser.add_argument("--new-tokens", type=int, default=2048, help="answer budget")
+    parser.add_argument("--draft-tokens", type=int, default=8)
+    parser.add_argument("--context", type=int, default=2048, help="step-cost context")
+    parser.add_argument("--skip-steps", action="store_true", help="skip the 7B-shape steps")
+    parser.add_argument("--skip-refines", action="store_true", help="skip the real refines")
+    parser.add_argument("--json", type=Path, help="write the tables here too")
+    args = parser.parse_args(argv)
+    users = [int(u) for u in args.users.split(",")]
+
+    refines: list[dict[str, Any]] = []
+    if not args.skip_refines:
+        print("## Refines on the embedded SmolLM2-135M-Instruct\n")
+        print(REFINE_HEADER, flush=True)
+        refines = refine_table(args.device, users, args.jobs, args.new_tokens, args.draft_tokens)
+    steps: list[dict[str, Any]] = []
+    if args.device == "cuda" and not args.skip_steps:
+        print("\n## Step costs at CodeLlama-7B's shape (random bf16 weights)\n")
+        print(STEP_HEADER, flush=True)
+        steps = step_table(args.draft_tokens, sorted({1, *users, 16}), args.context)
+        print()
+        print("\n".join(projection(refines, steps)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        for row in refines:
+            row.pop("texts", None)
+        args.json.write_text(json.dumps({"refines": refines, "steps": steps}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
