@@ -183,11 +183,11 @@ def test_a_burst_reaching_an_idle_engine_shares_one_prefill(
     prefill_sizes: list[int] = []
     real_prefill = engine.runner.prefill
 
-    def counting_prefill(rows: list[int], prompts: list[list[int]]) -> Any:
+    def counting_prefill(rows: list[int], prompts: list[list[int]], *rest: Any) -> Any:
         prefill_sizes.append(len(prompts))
-        return real_prefill(rows, prompts)
+        return real_prefill(rows, prompts, *rest)
 
-    engine.runner.prefill = counting_prefill  # type: ignore[method-assign]
+    engine.runner.prefill = counting_prefill  # type: ignore[method-assign,assignment]
 
     def take(count: int, wait: bool) -> list[GenerationRequest]:
         batch = queue[:count]
