@@ -415,10 +415,17 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert [p["phase"] for p in report["phases"]] == ["c=1", "c=2", "poisson20"]
+    phases = {p["phase"]: p for p in report["phases"]}
+    assert list(phases) == ["c=1", "c=2", "poisson20", "poisson20 plain"]
     for phase in report["phases"]:
         assert phase["failed"] == 0 and phase["jobs"] >= 1
         assert phase["tokens"] == 6 * phase["jobs"]
+    # Poisson phases time every token; the prefix cache serves all but the first prompts,
+    # and the plain phase (no prefix reuse, no chunks) reuses nothing.
+    for name in ("poisson20", "poisson20 plain"):
+        assert phases[name]["token_gap_max_ms"] > 0
+    assert phases["poisson20"]["prefill_reused_tokens"] > 0
+    assert phases["poisson20 plain"]["prefill_reused_tokens"] == 0
 
 
 def test_runs_bnb_4bit_layers_with_an_unmerged_adapter() -> None:
