@@ -252,6 +252,14 @@ def test_prefix_entries_are_dropped_when_the_weights_change(model: Any, tokenize
     assert engine.prefill_stats.reused_tokens == reused  # no hit on the old model's KV
 
 
+def test_no_prefix_entry_fits_a_zero_byte_bound(model: Any, tokenizer: Any) -> None:
+    engine = make_engine(model, tokenizer, max_seq_len=256, prefix_cache_mb=0)
+    results = [engine.generate([request(d)])[0] for d in DESCRIPTIONS]
+    assert not engine.prefix_cache.entries
+    assert engine.prefill_stats.reused_tokens == 0
+    assert [r.text for r in results] == [hf_text(model, tokenizer, d, GREEDY) for d in DESCRIPTIONS]
+
+
 # ------------------------------------------------------------------ engine equivalence
 
 
