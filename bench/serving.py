@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import gc
 import json
@@ -228,6 +229,8 @@ class Phase:
     lags: list[float] = field(default_factory=list)
     peak_bytes: int = 0
     mean_batch: float = 0.0
+    token_gaps: list[float] = field(default_factory=list)  # Poisson phases only
+    prefill: dict[str, int] = field(default_factory=dict)  # the engine's counts, this phase
 
     def summary(self, floor: Callable[[float, float], float]) -> dict[str, Any]:
         done = [r for r in self.records if r.state == "done"]
@@ -259,6 +262,11 @@ class Phase:
             "loop_lag_p99_ms": 1000 * percentile(self.lags, 99),
             "loop_lag_max_ms": 1000 * max(self.lags, default=0.0),
             "peak_gpu_gb": self.peak_bytes / 1e9,
+            "token_gap_p99_ms": 1000 * percentile(self.token_gaps, 99),
+            "token_gap_max_ms": 1000 * max(self.token_gaps, default=float("nan")),
+            "prefill_computed_tokens": self.prefill.get("computed_tokens", 0),
+            "prefill_reused_tokens": self.prefill.get("reused_tokens", 0),
+            "prefill_cuts": self.prefill.get("cuts", 0),
         }
 
 
@@ -278,6 +286,36 @@ class Sink:
         future = self.futures.pop(job.job_id, None)
         if future is not None and not future.done():
             future.set_result(job)
+
+
+class TokenGaps:
+    """The engine as the worker sees it, with every token's progress report timed: the
+    gaps between two tokens of one job (a prefill of newcomers stalls every running one).
+
+    The engine reports each token (``progress_interval_s=0`` for the phase); the worker still
+    gets them at the engine's usual pace, so its own work stays as it was.
+    """
+
+    def __init__(self, engine: Any, interval_s: float) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self.gaps: list[float] = []
+
+    def serve(self, take: Any, finished: Any, progress: Any, stop: Any) -> None:
+        last: dict[str, float] = {}
+        passed: dict[str, float] = {}
+
+        def timed(request_id: str, tokens: int) -> None:
+            now = time.perf_counter()
+            before = last.get(request_id)
+            if before is not None:
+                self.gaps.append(now - before)
+            last[request_id] = now
+            if now - passed.get(request_id, 0.0) >= self.interval_s:
+                passed[request_id] = now
+                progress(request_id, tokens)
+
+        self.engine.serve(take, finished, timed, stop)
 
 
 async def lag_sampler(lags: list[float], interval: float = 0.005) -> None:
@@ -302,8 +340,14 @@ async def run_phase(
     rate: float | None,
     new_tokens: int,
     seed: int,
+    long_every: int = 0,
 ) -> Phase:
-    """Submit ``jobs`` jobs: closed loop of ``concurrency`` clients, or Poisson at ``rate``/s."""
+    """Submit ``jobs`` jobs: closed loop of ``concurrency`` clients, or Poisson at ``rate``/s.
+
+    Poisson phases also time every token (:class:`TokenGaps`); with ``long_every`` every
+    such job in that many carries a refine-sized prompt (1,000-2,000 tokens, within
+    ``max_seq_len``).
+    """
     import torch
 
     from bot.jobs import Job
@@ -319,9 +363,20 @@ async def run_phase(
         max_total=4096, max_per_user=4, max_batch=engine.slots, throughput=throughput
     )
     sink = Sink()
+    options = engine.options
+    gaps = TokenGaps(engine, options.progress_interval_s) if rate is not None else None
+    if gaps is not None:
+        engine.options = dataclasses.replace(options, progress_interval_s=0.0)
     worker = Worker(
-        engine, LocalQueue(scheduler), sink, loop, max_batch=engine.slots, throughput=throughput
+        gaps or engine,
+        LocalQueue(scheduler),
+        sink,
+        loop,
+        max_batch=engine.slots,
+        throughput=throughput,
     )
+    counts_before = dataclasses.asdict(engine.prefill_stats)
+    longest_prompt = options.max_seq_len - new_tokens - 128
     rng = random.Random(seed)
     phase = Phase(name)
     batch_samples: list[int] = []
@@ -330,6 +385,8 @@ async def run_phase(
 
     async def one_job(user: int) -> None:
         target = rng.randint(64, 256)
+        if long_every and user % long_every == long_every - 1:
+            target = max(target, min(rng.randint(1000, 2000), longest_prompt))
         description = make_description(rng, max(1, target - template_tokens))
         job = Job.create(user_id=user, prompt=description, ttl_s=3600.0, sampling=sampling)
         record = JobRecord(submitted=time.perf_counter())
@@ -381,6 +438,10 @@ async def run_phase(
         batch_task.cancel()
         worker.stop()
         await asyncio.to_thread(worker.join, 60)
+        engine.options = options
+    counts = dataclasses.asdict(engine.prefill_stats)
+    phase.prefill = {key: counts[key] - counts_before[key] for key in counts}
+    phase.token_gaps = gaps.gaps if gaps is not None else []
     busy = [b for b in batch_samples if b > 0]
     phase.mean_batch = statistics.mean(busy) if busy else 0.0
     if torch.cuda.is_available():
@@ -750,6 +811,16 @@ def fmt(row: dict[str, Any]) -> str:
     )
 
 
+def prefill_line(row: dict[str, Any]) -> str:
+    computed, reused = row["prefill_computed_tokens"], row["prefill_reused_tokens"]
+    return (
+        f"{row['phase']:>12s}: ttft p99 {row['ttft_p99_s']:.3f} s, longest gap between two "
+        f"tokens of a job {row['token_gap_max_ms']:.1f} ms (p99 {row['token_gap_p99_ms']:.1f}"
+        f" ms); prefill ran {computed} prompt tokens, reused {reused} from the prefix cache "
+        f"({reused / max(1, computed + reused):.0%}), cut {row['prefill_cuts']} times"
+    )
+
+
 HEADER = (
     f"{'phase':>12s} {'jobs':>5s} {'tok/s':>9s} {'ttft50':>7s} {'ttft99':>7s} {'tpot50':>7s} "
     f"{'tpot99':>7s} {'e2e50':>7s} {'e2e99':>7s} {'batch':>6s} {'floor':>6s} {'lag99':>7s} "
@@ -766,6 +837,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="jobs per client")
     parser.add_argument("--poisson-rate", type=float, default=4.0, help="jobs/s; 0 = skip")
     parser.add_argument("--poisson-jobs", type=int, default=48)
+    parser.add_argument(
+        "--poisson-long-every",
+        type=int,
+        default=0,
+        help="every Nth Poisson job has a refine-sized prompt, 1000-2000 tokens (needs "
+        "--max-seq-len 2560 or so for all of it)",
+    )
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=None, help="the engine's prefill chunk"
+    )
+    parser.add_argument(
+        "--no-prefill-compare",
+        action="store_true",
+        help="skip the Poisson phase again without prefix reuse and chunking",
+    )
     parser.add_argument("--seed-jobs", type=int, default=2)
     parser.add_argument("--seed-tokens", type=int, default=128)
     parser.add_argument("--skip-4bit", action="store_true")
@@ -875,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
     options = FastEngineOptions(
         max_seq_len=args.max_seq_len, ignore_eos=True, attention=args.attention, max_slots=64
     )
+    if args.prefill_tokens:
+        options = dataclasses.replace(options, prefill_tokens=args.prefill_tokens)
     engine = FastEngine(model, tokenizer, model_name="codellama-7b-shape", options=options)
     del model
     gc.collect()
@@ -982,11 +1070,38 @@ def main(argv: list[str] | None = None) -> int:
                 rate=args.poisson_rate,
                 new_tokens=args.new_tokens,
                 seed=99,
+                long_every=args.poisson_long_every,
             )
             phases.append(phase.summary(floor))
             print(fmt(phases[-1]), flush=True)
+            print(prefill_line(phases[-1]), flush=True)
 
     asyncio.run(serve_all())
+    if args.poisson_rate > 0 and not args.no_prefill_compare:
+        # The same arrivals through the engine's prefill as it was before prefix reuse and
+        # chunking (whole prompts, 2048 tokens a forward, its shapes warmed first).
+        serving_options = engine.options
+        engine.options = dataclasses.replace(
+            serving_options, prefix_cache=False, chunked_prefill=False, prefill_tokens=2048
+        )
+        engine.warmup(max_batch=64)
+        phase = asyncio.run(
+            run_phase(
+                engine,
+                tokenizer,
+                f"poisson{args.poisson_rate:g} plain",
+                concurrency=None,
+                jobs=args.poisson_jobs,
+                rate=args.poisson_rate,
+                new_tokens=args.new_tokens,
+                seed=99,
+                long_every=args.poisson_long_every,
+            )
+        )
+        engine.options = serving_options
+        phases.append(phase.summary(floor))
+        print(fmt(phases[-1]), flush=True)
+        print(prefill_line(phases[-1]), flush=True)
     if args.fp8:
         # The same engine, KV cache and process: only the projections change to FP8, so the
         # two sets of phases are a side-by-side ratio (the floor column stays bf16's).

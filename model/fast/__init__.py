@@ -14,6 +14,9 @@
 - ``graphs``: :class:`DecodeGraphs`, the decode step captured in CUDA graphs per (batch
   bucket, context bucket) and replayed.
 - ``kernels``: the Triton kernels of the decode step (rotary + KV write, split-K attention).
+- ``prefix_cache``: :class:`~model.fast.prefix_cache.PrefixCache`, the KV of prompt prefixes
+  many prompts share (template, system prompt), copied into new rows instead of prefilled.
+- ``prefill_plan``: which prompt tokens one prefill takes (chunks under a token budget).
 
 Sampling (``model.sampling``) and the stop rule (``model.stopping``) are shared with the
 standard engine, ``model.engine``.

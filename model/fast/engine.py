@@ -5,8 +5,11 @@
 
 1. drop cancelled sequences (their slots free at once);
 2. take up to as many new requests as there are free slots (the scheduler keeps the queue);
-3. prefill a limited number of newcomers' prompt tokens in one batched forward, so the
-   running sequences wait at most one prefill between two of their tokens;
+3. prefill at most ``prefill_tokens`` of the waiting prompts' tokens in one batched forward,
+   so the running sequences wait at most one such prefill between two of their tokens: a
+   longer prompt is cut into chunks, one per iteration (``model.fast.prefill_plan``), and a
+   prompt starting like earlier ones gets their shared prefix's KV copied into its row
+   instead (``model.fast.prefix_cache``);
 4. one decode step for all live sequences (one CUDA graph launch on a GPU), then deliver the
    ones that finished (``model.stopping.StopRule``: EOS, the page's closing ``</html>``,
    ``max_new_tokens``...). With speculative decoding (``FastEngineOptions.speculation``),
@@ -36,12 +39,13 @@ next one (``bench/constrained.py --engine fast`` measures it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +57,8 @@ from model.constrained import (
     fill_masks,
     full_bitmask,
 )
+from model.fast.prefill_plan import PrefillStats, plan_chunks
+from model.fast.prefix_cache import PrefixCache, PrefixHit, read_prefix, write_prefix
 from model.fast.runner import FastLlama
 from model.fast.speculative import PromptLookup
 from model.prompting import BANNED_STRINGS, AnswerPlan, plan_answer
@@ -94,12 +100,29 @@ class FastEngineOptions:
     ``max_slots=None`` sizes the KV cache from free GPU memory (8 slots on CPU).
     ``ignore_eos`` runs every request to ``max_new_tokens`` (EOS and ``</html>`` ignored):
     for benchmarks, where random weights must produce fixed-length answers.
+
+    ``prefill_tokens`` bounds the prompt tokens one prefill runs between two decode steps:
+    every running sequence waits for that prefill, so it bounds the gap between two of their
+    tokens (512 tokens of a 7B: ~10-15 ms on an H100-class GPU by its FLOPs, an estimate;
+    ``bench/serving.py`` measures the longest gap). With ``chunked_prefill`` the budget is
+    filled across the waiting prompts and the last one is cut: a longer prompt (a refine
+    carries a whole page, 1,000-2,000 tokens) is prefilled over several iterations and joins
+    the decode batch after its last chunk. Without, whole prompts are taken while they fit,
+    at least one however long (the engine before chunking, with 2048).
+
+    ``prefix_cache`` keeps the KV of prompt prefixes that prompts share (the template and
+    system prompt), at most ``prefix_cache_mb`` of it on the device (taken from the memory
+    the KV cache leaves free), and copies it into each new row instead of prefilling it
+    again (``model.fast.prefix_cache``). Both may be switched between serve() calls.
     """
 
     max_seq_len: int = 2048
     max_slots: int | None = None
     memory_fraction: float = 0.92
-    prefill_tokens: int = 2048  # prompt tokens prefilled between two decode steps, at most
+    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps, at most
+    chunked_prefill: bool = True
+    prefix_cache: bool = True
+    prefix_cache_mb: int = 256
     use_cuda_graphs: bool = True
     compile_kernels: bool = True
     attention: str = "auto"  # Triton kernels on CUDA, else "sdpa"; or "matmul"
@@ -131,6 +154,8 @@ class _Sequence:
     # Its banned strings run on the device from this state (0: none there).
     ban_state: int = 0
     row: int = -1
+    # Prompt tokens whose KV is in its row (earlier chunks, a shared prefix copied in).
+    prefilled: int = 0
     first_token_at: float | None = None
     last_progress: float = 0.0
     generated: list[int] = field(default_factory=list)
@@ -204,6 +229,8 @@ class FastEngine:
         self._ban_offsets = dict(zip(banned, self.runner.register_ban_tables(tables), strict=True))
         # False decodes every request without its constraint (benchmarks' baseline).
         self.constrain = True
+        self.prefix_cache = PrefixCache(max_bytes=opts.prefix_cache_mb * 2**20)
+        self.prefill_stats = PrefillStats()
         self._lock = threading.Lock()  # one serve()/generate() at a time
 
     @classmethod
@@ -376,19 +403,76 @@ class FastEngine:
         finished: ResultSink,
         progress: ProgressCallback | None,
     ) -> None:
-        """Prefill newcomers up to the token budget (at least one) into rows after ``live``."""
-        batch: list[_Sequence] = []
-        budget = self.options.prefill_tokens
-        while waiting and (not batch or budget >= len(waiting[0].prompt)):
-            seq = waiting.popleft()
-            budget -= len(seq.prompt)
-            batch.append(seq)
-        runner = self.runner
-        for offset, seq in enumerate(batch):
-            seq.row = len(live) + offset
+        """Prefill the next chunks of the waiting prompts (``plan_chunks``); those whose last
+        chunk ran sample their first token and join ``live``.
+
+        Rows: live sequences hold rows ``0..n-1``. The prompts completing here take rows
+        ``n, n+1, ...`` in order; the one cut short (at most one: chunks go in order) keeps
+        the next row, parked (``SlotCache.park_row``), and stays first in ``waiting``. Not
+        being in ``live``, ``_release`` never moves it and decode steps run it only as
+        padding. If rows below it are freed meanwhile it moves down with its last chunk.
+        """
+        runner, cache, stats = self.runner, self.runner.cache, self.prefill_stats
+        prefixes = self.prefix_cache if self.options.prefix_cache else None
+        if prefixes is not None:
+            prefixes.keep_for(runner.weights.weight_format)
+        hits: list[PrefixHit | None] = []
+
+        def spans() -> Iterator[tuple[int, int]]:
+            for seq in waiting:
+                hit = None
+                if prefixes is not None and seq.row < 0:  # not started: a shared prefix?
+                    hit = prefixes.lookup(seq.prompt)
+                hits.append(hit)
+                yield (hit.length if hit else seq.prefilled), len(seq.prompt)
+
+        opts = self.options
+        plan = plan_chunks(spans(), max(1, opts.prefill_tokens), opts.chunked_prefill)
+        batch = [waiting[i] for i in range(len(plan))]
+        first = len(live)
+        for i, (seq, hit, (_, end)) in enumerate(zip(batch, hits, plan, strict=False)):
+            row = first + i
+            if seq.row < 0:  # its first chunk
+                seq.row = row
+                cache.park_row(row)
+                if hit is not None:
+                    write_prefix(cache, row, hit.entry.kv, hit.length)
+                    seq.prefilled = hit.length
+                    stats.reused_tokens += hit.length
+            elif seq.row != row and end == len(seq.prompt):
+                assert seq.row > row, "a partly prefilled row below the live ones"
+                cache.move_row(seq.row, row, seq.prefilled)  # live rows below it left
+                seq.row = row
+        began = time.perf_counter()
+        logits = runner.prefill(
+            [seq.row for seq in batch],
+            [seq.prompt[start:end] for seq, (start, end) in zip(batch, plan, strict=True)],
+            [start for start, _ in plan],
+        )
+        stats.forwards += 1
+        stats.computed_tokens += sum(end - start for start, end in plan)
+        for seq, (_, end) in zip(batch, plan, strict=True):
+            seq.prefilled = end
+        ready = [seq for seq in batch if seq.prefilled == len(seq.prompt)]
+        stats.cuts += len(batch) - len(ready)
+        for seq in ready:
+            popped = waiting.popleft()  # the ready ones are the first waiting
+            assert popped is seq
+        log.debug(
+            "prefill: %d chunk(s), %d tokens, %d prompt(s) ready, %.1f ms (%d still waiting)",
+            len(batch),
+            sum(end - start for start, end in plan),
+            len(ready),
+            (time.perf_counter() - began) * 1000,
+            len(waiting),
+        )
+        if not ready:
+            return
+        stats.prompts += len(ready)
+        for seq in ready:
             sampling = seq.request.sampling
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-            runner.cache.set_row(
+            cache.set_row(
                 seq.row,
                 prompt=seq.prompt,
                 temperature=sampling.temperature,
@@ -397,25 +481,20 @@ class FastEngine:
                 seed=seed,
                 ban_state=seq.ban_state,
             )
-        self._fill_masks(batch)
-        rows = [s.row for s in batch]
-        began = time.perf_counter()
-        logits = runner.prefill(rows, [s.prompt for s in batch])
-        tokens = runner.sample(rows, logits, [len(s.prompt) for s in batch])
+        self._fill_masks(ready)
+        rows = [seq.row for seq in ready]
+        tokens = runner.sample(rows, logits[: len(ready)], [len(s.prompt) for s in ready])
         now = time.perf_counter()
-        log.debug(
-            "prefill: %d prompt(s), %d tokens, %.1f ms (%d still waiting)",
-            len(batch),
-            sum(len(s.prompt) for s in batch),
-            (now - began) * 1000,
-            len(waiting),
-        )
-        live.extend(batch)
+        if prefixes is not None:
+            for seq in ready:  # its row holds the whole prompt's KV now
+                prefixes.learn(seq.prompt, functools.partial(read_prefix, cache, seq.row))
+        live.extend(ready)
+        assert all(s.row == i for i, s in enumerate(live)), "slot rows out of order"
         done: list[tuple[_Sequence, FinishReason]] = []
         accept = self.stop_rule.accept
-        for seq, token in zip(batch, tokens, strict=True):
+        for seq, token in zip(ready, tokens, strict=True):
             seq.first_token_at = now
-            runner.cache.start_row(seq.row, token, len(seq.prompt))
+            cache.start_row(seq.row, token, len(seq.prompt))
             reason = accept(seq, token)
             if reason is not None:
                 done.append((seq, reason))

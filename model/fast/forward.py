@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +47,29 @@ PREFILL_ATTENTION_BACKENDS = [
 PREFILL_TOKEN_BUCKET = 128
 
 ATTENTION_KINDS = ("auto", "triton", "sdpa", "matmul")
+
+
+@dataclass(frozen=True)
+class _CachedKeys:
+    """Prompts of a prefill that continue their rows: those rows, how many of each row's
+    positions attention reads, and which of them each query sees ((m, 1, width, keys))."""
+
+    rows: torch.Tensor
+    keys: int
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _AttentionGroup:
+    """Prompts of a prefill attended together: ``gather`` (m, width) their packed token
+    indices (padding repeats the last), ``real`` which are tokens, ``packed`` where their
+    outputs go (None: all the packed tokens, in order), ``cached`` set when they continue
+    their rows' cached keys."""
+
+    gather: torch.Tensor
+    real: torch.Tensor
+    packed: torch.Tensor | None = None
+    cached: _CachedKeys | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -311,8 +335,19 @@ class LlamaForward:
 
     # ----------------------------------------------------------------- prefill
 
-    def prefill(self, rows: list[int], prompts: list[list[int]], logit_rows: int) -> torch.Tensor:
+    def prefill(
+        self,
+        rows: list[int],
+        prompts: list[list[int]],
+        logit_rows: int,
+        starts: list[int] | None = None,
+    ) -> torch.Tensor:
         """Run the prompts into the cache rows; returns last-position logits (n, V) float32.
+
+        ``starts[i]`` (default 0) is the position of ``prompts[i]``'s first token in its row:
+        a prompt may continue one whose first ``starts[i]`` tokens are in that row already (a
+        chunk of a long prompt, or the rest after a shared prefix was copied in); it attends
+        to those cached keys and causally among its own tokens.
 
         The prompts are packed into one sequence, padded to a multiple of
         ``PREFILL_TOKEN_BUCKET`` tokens: the projections and the MLP see only a few shapes,
@@ -325,6 +360,9 @@ class LlamaForward:
         """
         w, cache = self.weights, self.cache
         lengths = [len(p) for p in prompts]
+        starts = starts if starts is not None else [0] * len(prompts)
+        if any(s < 0 or s + n > self.max_seq_len for s, n in zip(starts, lengths, strict=True)):
+            raise ValueError(f"prompt past the cache rows' {self.max_seq_len} positions")
         n, longest, total = len(prompts), max(lengths), sum(lengths)
         padded = -(-total // PREFILL_TOKEN_BUCKET) * PREFILL_TOKEN_BUCKET
         device = w.device
@@ -332,21 +370,20 @@ class LlamaForward:
             flat = torch.zeros(padded, dtype=torch.int64)
             flat[:total] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
             positions = torch.zeros(padded, dtype=torch.int64)
-            positions[:total] = torch.cat([torch.arange(length) for length in lengths])
+            positions[:total] = torch.cat(
+                [torch.arange(s, s + length) for s, length in zip(starts, lengths, strict=True)]
+            )
             sizes = torch.tensor(lengths)
             slot_of_token = torch.repeat_interleave(torch.tensor(rows), sizes)
             # (n, longest): the packed index of each prompt's tokens. Padding repeats the
             # prompt's last token; it sits after every real query, so the causal mask hides it.
-            starts = torch.cumsum(sizes, 0) - sizes
+            first = torch.cumsum(sizes, 0) - sizes
             offsets = torch.arange(longest)
-            gather = starts[:, None] + torch.minimum(offsets, sizes[:, None] - 1)
+            gather = first[:, None] + torch.minimum(offsets, sizes[:, None] - 1)
             real = offsets[None, :] < sizes[:, None]
+            groups = self._attention_groups(rows, starts, gather, real)
             ids, positions = flat.to(device), positions.to(device)
-            slot_of_token, gather, real = (
-                slot_of_token.to(device),
-                gather.to(device),
-                real.to(device),
-            )
+            slot_of_token = slot_of_token.to(device)
             x = w.embed[ids]
             cos = self.cos[positions][:, None, :]
             sin = self.sin[positions][:, None, :]
@@ -363,7 +400,15 @@ class LlamaForward:
                 kv = torch.stack((k[:total], v[:total]), dim=1)
                 cache.kv[index][:, slot_of_token, :, positions[:total]] = kv
                 attn = torch.zeros((padded, hq), dtype=x.dtype, device=device)
-                attn[:total] = self._attend_prompts(q, k, v, gather, real)
+                for group in groups:
+                    if group.cached is None:
+                        out = self._attend_prompts(q, k, v, group.gather, group.real)
+                    else:
+                        out = self._attend_cached(q, index, group)
+                    if group.packed is None:
+                        attn[:total] = out
+                    else:
+                        attn[group.packed] = out
                 x = x + layer.o(attn)
                 h = rms_norm(x, layer.post_norm, w.eps)
                 x = x + layer.down(_silu_mul(layer.gate_up(h)))
@@ -372,6 +417,43 @@ class LlamaForward:
             last += [last[-1]] * (logit_rows - n)
             x = rms_norm(x[torch.tensor(last, device=device) - 1], w.final_norm, w.eps)
             return w.lm_head(x).float()[:n]
+
+    def _attention_groups(
+        self, rows: list[int], starts: list[int], gather: torch.Tensor, real: torch.Tensor
+    ) -> list[_AttentionGroup]:
+        """The prompts split by how they attend: those starting at position 0 (causal among
+        their own tokens, today's fast path) and those continuing a row's cached keys (one
+        explicit mask); each with the packed indices its outputs go to (host-built, then
+        moved to the device once)."""
+        device = self.weights.device
+        fresh = [i for i, s in enumerate(starts) if s == 0]
+        later = [i for i, s in enumerate(starts) if s > 0]
+        if not later:  # the common case, exactly as before offsets existed
+            return [_AttentionGroup(gather.to(device), real.to(device))]
+        groups = []
+        for members in (fresh, later):
+            if not members:
+                continue
+            index = torch.tensor(members)
+            width = int(real[index].sum(1).max())
+            g, r = gather[index, :width], real[index, :width]
+            cached = None
+            if members is later:
+                begin = torch.tensor([starts[i] for i in members])
+                # Query j of a prompt sits at position start + j (padding repeats the last);
+                # it sees the row's keys [0, that position].
+                query_pos = begin[:, None] + torch.minimum(torch.arange(width), r.sum(1, True) - 1)
+                # Read up to a multiple of 16 keys (masked): the memory-efficient kernel
+                # wants an aligned mask, and attention sees fewer shapes.
+                keys = min(-(-(int(query_pos.max()) + 1) // 16) * 16, self.max_seq_len)
+                visible = torch.arange(keys)[None, None, :] <= query_pos[:, :, None]
+                cached = _CachedKeys(
+                    rows=torch.tensor([rows[i] for i in members]).to(device),
+                    keys=keys,
+                    mask=visible[:, None].to(device),
+                )
+            groups.append(_AttentionGroup(g.to(device), r.to(device), g[r].to(device), cached))
+        return groups
 
     def _attend_prompts(
         self,
@@ -391,6 +473,31 @@ class LlamaForward:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         out = out.transpose(1, 2)[real]  # (real tokens in packed order, heads, D)
         return out.reshape(out.shape[0], w.n_heads * w.head_dim)
+
+    def _attend_cached(self, q: torch.Tensor, layer: int, group: _AttentionGroup) -> torch.Tensor:
+        """Attention of prompts that continue their rows: each query over its row's cached
+        keys up to its own position (the new tokens' keys were written there just before),
+        from packed (tokens, heads, D) to packed (the group's real tokens, heads * D)."""
+        w, cached = self.weights, group.cached
+        assert cached is not None
+        queries = q[group.gather].transpose(1, 2)  # (m, heads, width, D)
+        keys, values = self._row_keys_values(layer, cached.rows, cached.keys)
+        if w.group > 1:
+            keys = keys.repeat_interleave(w.group, dim=1)
+            values = values.repeat_interleave(w.group, dim=1)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=cached.mask, scale=self.scale
+        )
+        out = out.transpose(1, 2)[group.real]
+        return out.reshape(out.shape[0], w.n_heads * w.head_dim)
+
+    def _row_keys_values(
+        self, layer: int, rows: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``rows``' positions ``[0, length)`` in ``layer``, (m, kv heads, length,
+        D) each: the one place where prefill reads the cache back."""
+        kv = self.cache.kv[layer]
+        return kv[0][rows, :, :length], kv[1][rows, :, :length]
 
     def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
         """Sample one token per row from given logits (used after prefill)."""

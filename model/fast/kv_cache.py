@@ -171,6 +171,18 @@ class SlotCache:
             index = torch.tensor(rows, dtype=torch.int64, device=self.device)
             self.allowed_bits[index] = bitmask.to(self.device, non_blocking=True)
 
+    def park_row(self, row: int) -> None:
+        """Point a row being prefilled (not decoding yet) at the last position.
+
+        A decode step runs its whole batch bucket, so rows past the live ones run as padding
+        and write K/V at their own position: parked there, they write where no prompt or
+        answer reads (a row's last position is read only by a step past ``max_new_tokens``,
+        whose token is dropped). :meth:`set_row` and :meth:`start_row` set the rest when the
+        row goes live.
+        """
+        with torch.inference_mode():
+            self.positions[row] = self.max_seq_len - 1
+
     def start_row(self, row: int, token: int, position: int) -> None:
         """Make ``token`` (at ``position``) the next decode input of ``row``."""
         with torch.inference_mode():

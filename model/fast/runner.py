@@ -132,9 +132,16 @@ class FastLlama:
 
     # ----------------------------------------------------------------- prefill
 
-    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run the prompts into the cache rows; their last-position logits (n, V) float32."""
-        return self.forward.prefill(rows, prompts, self.graphs.batch_bucket(len(rows)))
+    def prefill(
+        self, rows: list[int], prompts: list[list[int]], starts: list[int] | None = None
+    ) -> torch.Tensor:
+        """Run the prompts into the cache rows; their last-position logits (n, V) float32.
+
+        ``starts[i]`` (default 0): where ``prompts[i]`` begins in its row, whose positions
+        before it already hold that sequence's keys (see :meth:`LlamaForward.prefill`).
+        """
+        bucket = self.graphs.batch_bucket(len(rows))
+        return self.forward.prefill(rows, prompts, bucket, starts)
 
     def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
         """Sample one token per row from given logits (used after prefill)."""
@@ -153,6 +160,11 @@ class FastLlama:
         for count in (2, 4, 8):
             if count <= self.slots and count * 16 <= limit:
                 self.prefill(list(range(count)), [[0] * 16] * count)
+        # Prompts continuing their rows (chunks, shared prefixes): the masked attention,
+        # alone and next to a fresh prompt.
+        if self.slots >= 2 and limit >= 48:
+            self.prefill([0], [[0] * 16], starts=[16])
+            self.prefill([0, 1], [[0] * 16, [0] * 16], starts=[32, 0])
         return len(sizes)
 
     # ------------------------------------------------------------------ decode

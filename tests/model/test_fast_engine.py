@@ -183,11 +183,11 @@ def test_a_burst_reaching_an_idle_engine_shares_one_prefill(
     prefill_sizes: list[int] = []
     real_prefill = engine.runner.prefill
 
-    def counting_prefill(rows: list[int], prompts: list[list[int]]) -> Any:
+    def counting_prefill(rows: list[int], prompts: list[list[int]], *rest: Any) -> Any:
         prefill_sizes.append(len(prompts))
-        return real_prefill(rows, prompts)
+        return real_prefill(rows, prompts, *rest)
 
-    engine.runner.prefill = counting_prefill  # type: ignore[method-assign]
+    engine.runner.prefill = counting_prefill  # type: ignore[method-assign,assignment]
 
     def take(count: int, wait: bool) -> list[GenerationRequest]:
         batch = queue[:count]
@@ -415,10 +415,17 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert [p["phase"] for p in report["phases"]] == ["c=1", "c=2", "poisson20"]
+    phases = {p["phase"]: p for p in report["phases"]}
+    assert list(phases) == ["c=1", "c=2", "poisson20", "poisson20 plain"]
     for phase in report["phases"]:
         assert phase["failed"] == 0 and phase["jobs"] >= 1
         assert phase["tokens"] == 6 * phase["jobs"]
+    # Poisson phases time every token; the prefix cache serves all but the first prompts,
+    # and the plain phase (no prefix reuse, no chunks) reuses nothing.
+    for name in ("poisson20", "poisson20 plain"):
+        assert phases[name]["token_gap_max_ms"] > 0
+    assert phases["poisson20"]["prefill_reused_tokens"] > 0
+    assert phases["poisson20 plain"]["prefill_reused_tokens"] == 0
 
 
 def test_runs_bnb_4bit_layers_with_an_unmerged_adapter() -> None:
