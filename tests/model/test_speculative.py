@@ -310,3 +310,34 @@ def test_a_verify_step_leaves_the_row_where_its_kept_tokens_put_it(
     assert int(cache.tokens[0]) == answer[6]
     assert int(cache.positions[0]) == len(prompt) + 6
     assert set(cache.seen[0].nonzero().flatten().tolist()) == set(prompt) | set(answer[:7])
+
+
+def test_verify_steps_beside_a_refine_prefilled_in_chunks(
+    model: Any, tiny_tokenizer: Any, oracle: type[OracleDrafts]
+) -> None:
+    """One refine verifies while the next one's long prompt comes in 32-token chunks, and
+    every step runs all verify rows (a GPU batch bucket runs rows past the live ones, the
+    parked row being prefilled among them): both answers are plain decoding's."""
+    greedy = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.1)
+    batch = [
+        GenerationRequest(prompt=p, source_page=PAGE, description="a bakery", sampling=greedy)
+        for p in ("make the title larger", "add a menu item for tarts")
+    ]
+    texts, answers = plain_answers(model, tiny_tokenizer, batch)
+    for request_, answer in zip(batch, answers, strict=True):
+        oracle.answers[tuple(plan_answer(tiny_tokenizer, request_).prompt_ids)] = answer
+    fast = engine(model, tiny_tokenizer, draft_tokens=4, prefill_tokens=32)
+    runner = fast.runner
+    assert runner.verifier is not None
+    verifier = runner.verifier
+
+    def every_row(b: int, ctx: int) -> None:
+        with torch.inference_mode():
+            verifier.body(runner.verify_rows, ctx)
+
+    assert runner.verify_graphs is not None
+    runner.verify_graphs.run = every_row  # type: ignore[method-assign]
+    results = fast.generate(batch)
+    assert [r.text for r in results] == texts
+    assert fast.prefill_stats.cuts > 0
+    assert fast.speculation_stats.accepted == fast.speculation_stats.drafted > 0
