@@ -430,7 +430,7 @@ def test_bench_compile_tasks_cover_every_variant_once() -> None:
     assert len(set(keys)) == len(keys)
 
 
-def choice_row(shape: str, m: int, path: str, us: float, **extra: Any) -> dict[str, Any]:
+def choice_row(shape: str, m: int, path: str, us: float | None, **extra: Any) -> dict[str, Any]:
     row = {"shape": shape, "n": 64, "k": 64, "m": m, "path": path, "us": us, "err": 0.001}
     row |= {"label": extra.pop("label", path), "config": extra.pop("config", None)}
     return row | extra
