@@ -1,21 +1,25 @@
-"""FP8 weights at decode batch sizes: Triton kernels that read E4M3 weights and bf16 rows.
+"""FP8 weights in the decode step: which kernel serves how many rows, and the kernels of one row
+and of the first multi-row design.
 
 A decode step reads every weight once, so at 1-64 rows it is bound by memory bandwidth, and
-weights of one byte instead of two halve its floor. ``torch._scaled_mm`` (cuBLAS/CUTLASS)
-needs the activations in FP8 too, and at these shapes it is no faster than bf16 even before
-the 4 extra kernels that quantize the rows (bench/RESULTS.md, "FP8 weights (H200)"). These
-kernels keep the rows in bf16, one kernel per projection, no workspace, capturable in a CUDA
-graph, autotuned on the graphs' warm-up step:
+weights of one byte instead of two halve its floor. :class:`Fp8Weight` holds one projection as
+an E4M3 weight with per-output-channel scales (:func:`model.fp8.quantize_weight`) and sends
+each call to a path by its row count (:data:`ROUTES`, set from ``bench.fp8_gemm``'s sweep on
+an H200):
 
-- one row: a GEMV, each program streaming a ``BLOCK_N x K`` strip of the FP8 weight and
-  reducing it against the row with FMAs (1.74x of bf16's step GEMMs on an H200);
-- 2-16 rows: the strip widened to bf16 in registers and multiplied with the rows' tile on the
-  tensor cores, fp32 accumulation (1.08-1.16x);
-- more rows: the layer's bf16 twin (the engine keeps it), or the widened weight.
+- ``"gemv"`` (one row): each program streams a ``BLOCK_N x K`` strip of the weight and reduces
+  it against the row with FMAs (1.74x of bf16's step GEMMs on an H200);
+- ``"dot"``: the first multi-row kernel here, the strip widened to bf16 in registers and
+  multiplied with the rows' tile on the tensor cores (1.08-1.16x at 8-16 rows, 0.63x at 64);
+- ``"splitk_bf16"``, ``"splitk_f16"``, ``"splitk_fp8"``: the split-K kernel of
+  :mod:`model.fast.fp8_splitk` in its three modes (configuration per shape from
+  :mod:`model.fast.fp8_tuning`);
+- ``"bf16"``: the layer's bf16 twin, where the engine keeps one (``LlamaWeights(keep_bf16=)``);
+- ``"scaled_mm"``, ``"dequantize"``: prefill sizes without a twin (:mod:`model.fast.fp8_prefill`).
 
-Per-output-channel scales (:func:`model.fp8.quantize_weight`, absmax/448) are applied at the
-end. On CPU (tests) Triton runs under its interpreter; :class:`Fp8Weight` falls back to
-``dequantize`` + matmul where Triton or FP8 support is missing.
+Every kernel call is one launch, allocates only its output, and runs inside a CUDA graph. On CPU
+(tests) Triton runs under its interpreter; :class:`Fp8Weight` falls back to ``dequantize`` +
+matmul where Triton or FP8 support is missing.
 """
 
 from __future__ import annotations
@@ -23,34 +27,81 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from model import fp8
+from model.fast import fp8_prefill, fp8_splitk
+from model.fast.fp8_tuning import TUNER
 
 log = logging.getLogger(__name__)
 
 # Rows of a decode step are padded to the dot's minimum tile (16) by masking, never copied.
 MIN_BLOCK_M = 16
 MAX_BLOCK_M = 64
-# More rows than this (a prefill) widen the weight once and use cuBLAS: compute-bound there,
-# where the extra bytes of the widened copy don't matter and cuBLAS's tiles are better.
-KERNEL_MAX_ROWS = 128
-# With a bf16 twin at hand (the engine keeps one), more rows than this use it: measured on
-# an H200 the dot kernel beats bf16 at 2-16 rows (1.08x-1.16x of a step's GEMMs) and loses at
-# 32-64 (0.93x / 0.63x), where it has not yet been tuned to reach the card's bandwidth.
+# Measured on an H200 (bench/RESULTS.md): the dot kernel beats bf16 at 2-16 rows (1.08x-1.16x
+# of a step's GEMMs) and loses at 32-64 (0.93x / 0.63x).
 FP8_WINS_UP_TO_ROWS = 16
+
+UNLIMITED = sys.maxsize
+PATHS = (
+    "gemv",
+    "dot",
+    "splitk_bf16",
+    "splitk_f16",
+    "splitk_fp8",
+    "bf16",
+    "scaled_mm",
+    "dequantize",
+)
+SPLITK_MODES = {"splitk_bf16": "bf16", "splitk_f16": "f16", "splitk_fp8": "fp8"}
+# (most rows, path), by increasing row count: a call of M rows takes the first path whose
+# limit is at least M. The last limit is UNLIMITED. Until the split-K sweep has run on the
+# H200 this is the measured state of commit c40b960: the GEMV, the dot kernel up to 16 rows,
+# then the bf16 twin (which LlamaWeights then keeps: see uses_bf16_twin).
+ROUTES: tuple[tuple[int, str], ...] = (
+    (1, "gemv"),
+    (FP8_WINS_UP_TO_ROWS, "dot"),
+    (UNLIMITED, "bf16"),
+)
+# What a "bf16" route runs on a layer without its twin: the widened weight in cuBLAS.
+NO_TWIN_PATH = "dequantize"
+
+
+def check_routes(routes: tuple[tuple[int, str], ...]) -> None:
+    """Raise ``ValueError`` unless ``routes`` is a valid routing table (see :data:`ROUTES`)."""
+    if not routes or routes[-1][0] != UNLIMITED:
+        raise ValueError("the last route must cover any number of rows (UNLIMITED)")
+    limits = [limit for limit, _ in routes]
+    if limits != sorted(set(limits)) or limits[0] < 1:
+        raise ValueError(f"route limits must increase from 1 or more: {limits}")
+    for limit, path in routes:
+        if path not in PATHS:
+            raise ValueError(f"unknown FP8 path {path!r} (one of {PATHS})")
+        if path == "gemv" and limit != 1:
+            raise ValueError("the GEMV takes one row: its route's limit must be 1")
+
+
+def route_for(rows: int, routes: tuple[tuple[int, str], ...] | None = None) -> str:
+    """The path a call of ``rows`` rows takes under ``routes`` (default :data:`ROUTES`)."""
+    for limit, path in routes or ROUTES:
+        if rows <= limit:
+            return path
+    raise ValueError(f"no route covers {rows} rows")
+
+
+def uses_bf16_twin(routes: tuple[tuple[int, str], ...] | None = None) -> bool:
+    """Whether any route runs the bf16 twin (else the engine need not keep it)."""
+    return any(path == "bf16" for _, path in routes or ROUTES)
 
 
 def block_m_for(rows: int) -> int:
     """The row tile for ``rows`` rows: the next power of two from 16 up to 64 (more rows take
     several row tiles)."""
-    block = MIN_BLOCK_M
-    while block < rows and block < MAX_BLOCK_M:
-        block *= 2
-    return block
+    return fp8_splitk.block_m_for(rows)
 
 
 # Tried once per (N, K, row tile) on the first call (the graphs' warm-up step, never inside a
@@ -250,8 +301,10 @@ class Fp8Weight:
     """A bias-free linear layer held as an E4M3 weight (out, in) with per-output scales.
 
     Called like the engine's other weight wrappers (``x -> x @ W.T``). ``backend``:
-    ``"triton"`` (the kernel above), ``"dequantize"`` (bf16 matmul of the widened weight:
-    slower, for devices without FP8), or ``"auto"``.
+    ``"triton"`` (the paths of ``routes``, default :data:`ROUTES` as it is at call time),
+    ``"dequantize"`` (the bf16 twin if there is one, else a matmul of the widened weight: for
+    devices without FP8), or ``"auto"``. ``bf16``: the same layer in bf16 (a callable), for
+    the ``"bf16"`` route; without it that route runs :data:`NO_TWIN_PATH`.
     """
 
     def __init__(
@@ -261,20 +314,24 @@ class Fp8Weight:
         backend: str = "auto",
         *,
         bf16: Any = None,
-        max_rows: int = KERNEL_MAX_ROWS,
+        routes: tuple[tuple[int, str], ...] | None = None,
     ) -> None:
         if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
             raise ValueError("Fp8Weight takes a 2-D float8_e4m3fn weight")
         self.weight = weight.contiguous()
         self.scale = scale.to(torch.float32).contiguous()
-        # The same layer in bf16 (a callable), used above ``max_rows`` rows; None: widen.
         self.bf16 = bf16
-        self.max_rows = max_rows
+        if routes is not None:
+            check_routes(routes)
+        self.routes = routes
         if backend == "auto":
             backend = "triton" if triton_ready(weight.device) else "dequantize"
         if backend not in {"triton", "dequantize"}:
             raise ValueError(f"unknown FP8 backend {backend!r}")
         self.backend = backend
+        # Paths that failed here once (no configuration ran): the dot kernel serves them.
+        self._broken: set[str] = set()
+        self._scaled_mm: fp8.Fp8Linear | bool | None = False  # False: not tried yet
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, backend: str = "auto", **options: Any) -> Fp8Weight:
@@ -284,14 +341,60 @@ class Fp8Weight:
 
     @property
     def nbytes(self) -> int:
+        """The FP8 weight and its scales (not the twin)."""
         return self.weight.numel() + self.scale.numel() * 4
+
+    def path_for(self, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
+        """The path a call of ``rows`` rows of ``dtype`` takes on this layer."""
+        if self.backend == "dequantize":
+            return "bf16" if self.bf16 is not None else "dequantize"
+        path = route_for(rows, self.routes)
+        if path == "bf16" and self.bf16 is None:
+            path = NO_TWIN_PATH
+        on_gpu = self.weight.device.type == "cuda"
+        if path in SPLITK_MODES and (path in self._broken or (on_gpu and dtype != torch.bfloat16)):
+            path = "dot"
+        if path == "scaled_mm" and (dtype != torch.bfloat16 or self._scaled_mm_layer() is None):
+            path = "dequantize"
+        if path == "gemv" and rows != 1:
+            path = "dot"
+        return path
+
+    def _scaled_mm_layer(self) -> fp8.Fp8Linear | None:
+        if self._scaled_mm is False:
+            self._scaled_mm = fp8_prefill.scaled_mm_linear(self.weight, self.scale)
+        return self._scaled_mm if isinstance(self._scaled_mm, fp8.Fp8Linear) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.backend == "triton" and rows <= self.max_rows:
-            return fp8_weight_matmul(x, self.weight, self.scale)
-        if self.bf16 is not None:
+        path = self.path_for(rows, x.dtype)
+        if path == "bf16":
             out: torch.Tensor = self.bf16(x)
             return out
-        widened = fp8.dequantize(self.weight, self.scale, dtype=x.dtype)
-        return F.linear(x, widened)
+        flat = x.reshape(-1, x.shape[-1])
+        if path == "dequantize":
+            if self.backend == "dequantize":  # no Triton: the widened weight, as before
+                result = F.linear(flat, fp8.dequantize(self.weight, self.scale, dtype=x.dtype))
+            else:
+                result = fp8_prefill.dequantize_matmul(flat, self.weight, self.scale)
+        elif path == "scaled_mm":
+            layer = self._scaled_mm_layer()
+            assert layer is not None  # path_for checked
+            result = layer(flat)
+        elif path in SPLITK_MODES:
+            result = self._splitk(path, flat)
+        else:
+            result = fp8_weight_matmul(flat, self.weight, self.scale)
+        return result.reshape(*x.shape[:-1], self.weight.shape[0])
+
+    def _splitk(self, path: str, flat: torch.Tensor) -> torch.Tensor:
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        mode = SPLITK_MODES[path]
+        try:
+            config = TUNER.config_for(mode, flat, self.weight, self.scale)
+        except RuntimeError as error:
+            log.warning("FP8 %s unavailable (%s); the dot kernel serves it", path, error)
+            self._broken.add(path)
+            return fp8_weight_matmul(flat, self.weight, self.scale)
+        return fp8_splitk.splitk_matmul(flat, self.weight, self.scale, mode, config)

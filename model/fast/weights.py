@@ -127,30 +127,85 @@ def _unwrap(model: Any) -> Any:
 WEIGHT_FORMATS = ("bf16", "fp8")
 
 
-def _fp8_of(linear: Linear) -> Linear:
-    """The FP8 twin of a plain (fused) projection, keeping the bf16 one for the row counts
-    where it is faster (``FP8_WINS_UP_TO_ROWS``); ValueError for modules it can't read."""
-    from model.fast.fp8_gemm import FP8_WINS_UP_TO_ROWS, Fp8Weight
+def _bf16_weight(linear: Linear) -> torch.Tensor:
+    """The (out, in) bf16 weight of a plain (fused) projection; ValueError for modules that
+    FP8 can't read (4-bit, an unmerged adapter)."""
+    if isinstance(linear, _TransposedWeight):
+        return linear.transposed.t()
+    if isinstance(linear, _Weight):
+        return linear.weight
+    raise ValueError("FP8 weights need a plain bf16 model (not 4-bit, not an unmerged adapter)")
+
+
+def _fp8_of(linear: Linear, keep_bf16: bool) -> Linear:
+    """The FP8 version of a plain (fused) projection, holding the bf16 one as its twin when
+    ``keep_bf16`` (for the routes that run it, ``model.fast.fp8_gemm.ROUTES``)."""
+    from model.fast.fp8_gemm import Fp8Weight
 
     if isinstance(linear, Fp8Weight):
         return linear
+    return Fp8Weight.from_weight(_bf16_weight(linear), bf16=linear if keep_bf16 else None)
+
+
+def _fp8_of_check(linear: Linear) -> None:
+    from model.fast.fp8_gemm import Fp8Weight
+
+    if not isinstance(linear, Fp8Weight):
+        _bf16_weight(linear)
+
+
+def _linear_tensors(linear: Linear) -> list[torch.Tensor]:
+    """The weight tensors a projection callable holds (its modules' parameters)."""
     if isinstance(linear, _TransposedWeight):
-        weight = linear.transposed.t()
-    elif isinstance(linear, _Weight):
-        weight = linear.weight
-    else:
-        raise ValueError("FP8 weights need a plain bf16 model (not 4-bit, not an unmerged adapter)")
-    return Fp8Weight.from_weight(weight, bf16=linear, max_rows=FP8_WINS_UP_TO_ROWS)
+        return [linear.transposed]
+    if isinstance(linear, _Weight):
+        return [linear.weight]
+    if isinstance(linear, _Modules):
+        return [p.data for module in linear.modules for p in module.parameters()]
+    return []
+
+
+def _release(modules: list[Any]) -> None:
+    """Point HF linears that view a fused bf16 weight at an empty tensor, so that the weight's
+    memory goes once the fast engine drops it. The HF model can't run after this."""
+    for module in modules:
+        weight = module.weight
+        weight.data = torch.empty((0, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+
+
+def _projections(layer: Any) -> list[Any]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    ]
+
+
+def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 class LlamaWeights:
     """A Llama model's dimensions and weights; raises ``ValueError`` for other models.
 
     ``weight_format="fp8"`` holds the decoder layers' projections as E4M3 weights with one
-    scale per output channel (:meth:`use_fp8`); the LM head and the embedding stay bf16.
+    scale per output channel (:meth:`use_fp8`, ``keep_bf16`` as there); the LM head and the
+    embedding stay bf16.
     """
 
-    def __init__(self, model: Any, weight_format: str = "bf16") -> None:
+    def __init__(
+        self, model: Any, weight_format: str = "bf16", *, keep_bf16: bool | None = None
+    ) -> None:
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weight format {weight_format!r} (one of {WEIGHT_FORMATS})")
         llama = _unwrap(model)
@@ -187,26 +242,63 @@ class LlamaWeights:
             for layer in inner.layers
         ]
         self.weight_format = "bf16"
+        self.bf16_twin = False
         if weight_format == "fp8":
-            self.use_fp8()
+            self.use_fp8(keep_bf16=keep_bf16)
 
-    def use_fp8(self) -> None:
+    def use_fp8(self, keep_bf16: bool | None = None) -> None:
         """Quantize every layer's projections to FP8 (E4M3, per output channel), in place.
 
         A decode step reads each weight once: one byte instead of two halves its floor. The
-        adapter is already merged (``_unwrap``). The bf16 weights stay (the HF modules view
-        them, and steps of more than ``FP8_WINS_UP_TO_ROWS`` rows use them use them), so
-        memory is not given back: this is a speed option for small batches. The LM head stays bf16
-        (it decides every token; quantizing it is the guard's separate row in
-        bench/RESULTS.md). Graphs captured before must be dropped (``DecodeGraphs.clear``).
+        adapter is already merged (``_unwrap``). ``keep_bf16``: keep each projection's bf16
+        weight as its twin, for the routes that run it; by default only when a route of
+        ``model.fast.fp8_gemm.ROUTES`` does (``uses_bf16_twin``). Without it the bf16 weights
+        are freed layer by layer (the HF modules' views of them too, so the HF model can't run
+        afterwards), which takes the decoder's weights to about half of bf16's; nothing changes
+        before every projection is known to be plain bf16 (``ValueError`` otherwise, the model
+        left as it was). The LM head stays bf16 (it decides every token; quantizing it is the
+        guard's separate row in bench/RESULTS.md). Graphs captured before must be dropped
+        (``DecodeGraphs.clear``).
         """
-        for layer in self.layers:
-            layer.qkv = _fp8_of(layer.qkv)
-            layer.o = _fp8_of(layer.o)
-            layer.gate_up = _fp8_of(layer.gate_up)
-            layer.down = _fp8_of(layer.down)
+        from model.fast.fp8_gemm import uses_bf16_twin
+
+        keep = uses_bf16_twin() if keep_bf16 is None else keep_bf16
+        for layer in self.layers:  # check them all first: a failure changes nothing
+            for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                _fp8_of_check(linear)
+        for layer, hf_layer in zip(self.layers, self.llama.model.layers, strict=True):
+            layer.qkv = _fp8_of(layer.qkv, keep)
+            layer.o = _fp8_of(layer.o, keep)
+            layer.gate_up = _fp8_of(layer.gate_up, keep)
+            layer.down = _fp8_of(layer.down, keep)
+            if not keep:
+                _release(_projections(hf_layer))
+        if not keep and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the KV cache sizes itself from free memory
         self.weight_format = "fp8"
-        log.info("decoder weights held in FP8 (E4M3, per-channel scales)")
+        self.bf16_twin = keep
+        log.info(
+            "decoder weights held in FP8 (E4M3, per-channel scales)%s; weights %.2f GB",
+            ", bf16 twins kept" if keep else "",
+            self.weight_bytes() / 1e9,
+        )
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the fast engine reads (embedding, norms, LM head, the
+        projections, and their bf16 twins where kept), each storage counted once."""
+        from model.fast.fp8_gemm import Fp8Weight
+
+        tensors = [self.embed, self.final_norm, *_linear_tensors(self.lm_head)]
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.post_norm]
+            for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if isinstance(linear, Fp8Weight):
+                    tensors += [linear.weight, linear.scale]
+                    if linear.bf16 is not None:
+                        tensors += _linear_tensors(linear.bf16)
+                else:
+                    tensors += _linear_tensors(linear)
+        return _unique_bytes(tensors)
 
     def rope_tables(self, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary ``cos`` and ``sin`` of positions ``[0, max_seq_len)``, (T, head_dim) each,

@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from model.fast import FastEngine, FastEngineOptions
+from model.fast.fp8_gemm import UNLIMITED
 from model.prompting import plan_answer
 from model.sampling import sample_rows
 from model.types import FinishReason, GenerationRequest, GenerationResult, SamplingParams
@@ -451,8 +452,16 @@ def test_runs_bnb_4bit_layers_with_an_unmerged_adapter() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "routes",
+    [
+        ((1, "gemv"), (UNLIMITED, "dot")),
+        # The split-K kernel everywhere, prefills too, and so no bf16 twin.
+        ((1, "gemv"), (UNLIMITED, "splitk_bf16")),
+    ],
+)
 def test_fp8_weights_decode_as_the_dequantized_model_does(
-    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch, routes: tuple[tuple[int, str], ...]
 ) -> None:
     # The engine with FP8 projections (model.fast.fp8_gemm, under Triton's interpreter here)
     # must produce what transformers produces from the same weights widened back: the
@@ -471,17 +480,15 @@ def test_fp8_weights_decode_as_the_dequantized_model_does(
                 quantized, scale = fp8.quantize_weight(linear.weight)
                 linear.weight.copy_(fp8.dequantize(quantized, scale, linear.weight.dtype))
     expected = [hf_text(widened, tokenizer, d, GREEDY) for d in DESCRIPTIONS]
-    # Every row through the kernel, prefills too (on a GPU larger steps use the bf16 twin).
-    monkeypatch.setattr("model.fast.fp8_gemm.FP8_WINS_UP_TO_ROWS", 10**6)
+    original = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    # Every row through the FP8 kernels (on a GPU the routes come from bench.fp8_gemm).
+    monkeypatch.setattr("model.fast.fp8_gemm.ROUTES", routes)
     engine = make_engine(model, tokenizer, max_seq_len=256, weights="fp8")
     assert engine.runner.weights.weight_format == "fp8"
+    assert engine.runner.weights.bf16_twin is False  # no route runs it
     assert [r.text for r in engine.generate([request(d) for d in DESCRIPTIONS])] == expected
     # And the weights really were quantized (the check above would pass trivially if not).
-    before, after = (
-        model.model.layers[0].mlp.down_proj.weight,
-        widened.model.layers[0].mlp.down_proj,
-    )
-    assert not torch.equal(before, after.weight)
+    assert not torch.equal(original, widened.model.layers[0].mlp.down_proj.weight)
 
 
 def test_fp8_weights_refuse_a_4bit_or_unknown_format(tokenizer: Any) -> None:

@@ -8,6 +8,7 @@ helpers of ``bench.fp8_gemm`` are tested at the end.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -16,8 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import fp8_gemm
+from bench import fp8_choice, fp8_gemm
+from bench import fp8_compile as bench_compile
 from model import fp8
+from model.fast.fp8_gemm import UNLIMITED, check_routes
 
 # Round-to-nearest with E4M3's 3 mantissa bits: within half a step, 2^-4 of the value.
 E4M3_RELATIVE = 2.0**-4
@@ -381,99 +384,162 @@ def test_supported_follows_compute_capability(
 
 
 def test_bench_decode_gemms_are_codellama_7b() -> None:
-    shapes = {g.name: (g.in_features, g.out_features, g.per_step) for g in fp8_gemm.decode_gemms()}
+    shapes = {g.name: (g.in_features, g.out_features) for g in fp8_gemm.decode_gemms()}
     assert shapes == {
-        "qkv": (4096, 12288, 32),
-        "o": (4096, 4096, 32),
-        "gate_up": (4096, 22016, 32),
-        "down": (11008, 4096, 32),
-        "lm_head": (4096, 32016, 1),
+        "qkv": (4096, 12288),
+        "o": (4096, 4096),
+        "gate_up": (4096, 22016),
+        "down": (11008, 4096),
     }
-    for gemm in fp8_gemm.decode_gemms():
-        assert gemm.in_features % 16 == 0 and gemm.out_features % 16 == 0
 
 
 def test_bench_weight_copies_cover_the_l2_cache() -> None:
     l2 = 50 * 2**20
     assert fp8_gemm.weight_copies(4096 * 4096, l2) == 13  # o in fp8: 16 MiB
-    assert fp8_gemm.weight_copies(32016 * 4096, l2) == 2  # the LM head: at least two
+    assert fp8_gemm.weight_copies(32016 * 4096, l2) == 2  # at least two
     assert fp8_gemm.weight_copies(1 << 20, l2) == 16  # capped
 
 
 def test_bench_max_relative_error() -> None:
-    ref = torch.tensor([[1.0, -4.0, 2.0], [0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
-    out = torch.tensor([[1.0, -4.5, 2.0], [0.0, 0.0, 0.0], [10.0, 1.0, 0.0]])
+    ref = torch.tensor([[1.0, -4.0, 2.0], [0.0, 0.0, 0.0]])
+    out = torch.tensor([[1.0, -4.5, 2.0], [0.0, 0.0, 0.0]])
     assert fp8_gemm.max_relative_error(out, ref) == pytest.approx(0.125)
-    out[1, 2] = 1e-3
-    assert fp8_gemm.max_relative_error(out, ref) == math.inf
+    assert fp8_gemm.max_relative_error(torch.ones(2), torch.zeros(2)) == math.inf
     assert fp8_gemm.max_relative_error(ref.bfloat16(), ref) == 0.0
 
 
-def synthetic_rows(mode: str, m: int, us: float) -> list[dict[str, Any]]:
+def test_bench_first_split_fills_the_card() -> None:
+    o, gate_up, down = (g for g in fp8_gemm.decode_gemms() if g.name in ("o", "gate_up", "down"))
+    assert fp8_gemm.first_split(16, o, (64, 256, 4, 4), sms=132) == 6  # 64 programs x 6 >= 264
+    assert fp8_gemm.first_split(16, gate_up, (64, 256, 4, 4), sms=132) == 1  # 344 already
+    assert fp8_gemm.first_split(64, down, (128, 512, 4, 3), sms=132) == 8  # 32 x 8 (22 blocks)
+
+
+def test_bench_compile_tasks_cover_every_variant_once() -> None:
+    gemms = fp8_gemm.decode_gemms()
+    tiles = ((64, 256, 4, 4), (64, 512, 4, 3))
+    tasks = fp8_gemm.compile_tasks(gemms, [1, 2, 24, 64], ["bf16", "fp8"], tiles)
+    splitk = [t for t in tasks if t["kind"] == "splitk"]
+    # 2 modes x 3 row tiles x (1 + 2 K parities: 11008 is not a multiple of 512) x 2 splits
+    assert len(splitk) == 2 * 3 * 3 * 2
+    assert {t["k"] % t["config"]["block_k"] == 0 for t in splitk} == {True, False}
+    dots = [t for t in tasks if t["kind"] == "dot"]
+    assert {tuple(t["ms"]) for t in dots} == {(2,), (24,), (64,)}
+    assert [t["kind"] for t in tasks].count("gemv") == 1
+    keys = [bench_compile.task_key(t) for t in tasks]
+    assert len(set(keys)) == len(keys)
+
+
+def choice_row(shape: str, m: int, path: str, us: float | None, **extra: Any) -> dict[str, Any]:
+    row = {"shape": shape, "n": 64, "k": 64, "m": m, "path": path, "us": us, "err": 0.001}
+    row |= {"label": extra.pop("label", path), "config": extra.pop("config", None)}
+    return row | extra
+
+
+def test_bench_choice_picks_per_policy_and_builds_routes() -> None:
     rows = []
-    for gemm in fp8_gemm.decode_gemms():
-        row: dict[str, Any] = {"gemm": gemm.name, "m": m, "mode": mode}
-        for i, variant in enumerate(fp8_gemm.VARIANTS):
-            row[f"{variant}_us"] = us * (i + 1)
-        row["bf16_t_us"] = us / 2  # the (in, out) layout wins here
-        row.update({"err_fp8": 0.05, "err_fp8_fast": 0.06, "err_weight_only": 0.03})
-        rows.append(row)
-    return rows
+    for shape in ("a", "b"):
+        rows += [choice_row(shape, 1, "bf16", 10), choice_row(shape, 1, "gemv", 6)]
+        rows += [choice_row(shape, 1, "splitk_bf16", 7)]
+        for m in (2, 16):
+            rows += [choice_row(shape, m, "bf16", 10), choice_row(shape, m, "dot", 8)]
+            rows += [choice_row(shape, m, "splitk_f16", 6), choice_row(shape, m, "splitk_fp8", 5)]
+        rows += [choice_row(shape, 64, "bf16", 10), choice_row(shape, 64, "splitk_f16", 11)]
+        rows += [choice_row(shape, 64, "splitk_fp8", 7)]
+        rows += [choice_row(shape, 512, "bf16", 50), choice_row(shape, 512, "dequantize", 60)]
+        rows += [choice_row(shape, 512, "scaled_mm", 30)]
+    rows.append(choice_row("a", 2, "splitk_f16", 1, err=0.5))  # wrong: never chosen
+    rows.append(choice_row("a", 2, "splitk_bf16", None))  # failed
+    result = fp8_choice.choose(rows, ["a", "b"], [1, 2, 16, 64, 512])
+    assert result["per_m"][2] == {"bf16": 20, "dot": 16, "splitk_f16": 12, "splitk_fp8": 10}
+    policies = result["policies"]
+    assert policies["exact, no twin"]["routes"] == (
+        (1, "gemv"), (64, "splitk_f16"), (UNLIMITED, "dequantize"),
+    )  # fmt: skip
+    assert policies["exact, twin allowed"]["routes"] == (
+        (1, "gemv"), (16, "splitk_f16"), (UNLIMITED, "bf16"),
+    )  # fmt: skip
+    assert policies["E4M3 rows, no twin"]["routes"] == (
+        (1, "gemv"), (64, "splitk_fp8"), (UNLIMITED, "scaled_mm"),
+    )  # fmt: skip
+    assert policies["exact, no twin"]["vs_bf16"][2] == pytest.approx(20 / 12)
+    for policy in policies.values():
+        check_routes(policy["routes"])
+        namespace = {"UNLIMITED": UNLIMITED}
+        exec(fp8_choice.routes_literal(policy["routes"]), namespace)
+        assert namespace["ROUTES"] == policy["routes"]
+    assert fp8_choice.routes_from([(1, "splitk_bf16"), (2, "gemv"), (4, None)]) == (
+        (1, "splitk_bf16"), (UNLIMITED, "dot"),
+    )  # fmt: skip
 
 
-def test_bench_step_totals_sum_the_layers_and_head() -> None:
-    gemms = fp8_gemm.decode_gemms()
-    rows = synthetic_rows("graph", 1, 10.0) + synthetic_rows("graph", 8, 20.0)
-    rows += synthetic_rows("eager", 1, 10.0)[:-1]  # no LM head: incomplete, skipped
-    totals = fp8_gemm.step_totals(rows, gemms)
-    assert [(t["mode"], t["m"]) for t in totals] == [("graph", 1), ("graph", 8)]
-    per_step = 4 * 32 + 1  # four GEMMs a layer, 32 layers, one LM head
-    assert totals[0]["bf16_ms"] == pytest.approx(per_step * 10.0 / 1000)
-    assert totals[0]["fp8_ms"] == pytest.approx(per_step * 30.0 / 1000)
-    assert totals[0]["bf16_best_ms"] == pytest.approx(per_step * 5.0 / 1000)
-    assert totals[1]["fp8_gemm_ms"] == pytest.approx(per_step * 80.0 / 1000)
-    hidden, inter, vocab = 4096, 11008, 32016
-    layer = hidden * (3 * hidden + hidden + 2 * inter + inter)
-    assert totals[0]["bf16_bytes"] == 2 * (32 * layer + vocab * hidden)
-    assert totals[0]["fp8_bytes"] * 2 == totals[0]["bf16_bytes"]
+def test_bench_pretuned_takes_the_config_fastest_over_its_row_tile() -> None:
+    fast, slow = (
+        {"block_m": 16, "block_n": 64, "block_k": 256, "split_k": s, "num_warps": 4,
+         "num_stages": 4} for s in (2, 4)
+    )  # fmt: skip
+    rows = [
+        choice_row("a", 2, "splitk_f16", 5, config=fast, label="fast"),
+        choice_row("a", 16, "splitk_f16", 9, config=fast, label="fast"),
+        choice_row("a", 2, "splitk_f16", 6, config=slow, label="slow"),
+        choice_row("a", 16, "splitk_f16", 6, config=slow, label="slow"),  # 12 < 14 in all
+        choice_row("a", 2, "splitk_bf16", 1, config=fast, label="fast"),  # only at M=2: out
+        choice_row("a", 16, "splitk_bf16", 7, config=slow, label="slow"),
+        choice_row("a", 2, "splitk_bf16", 7, config=slow, label="slow"),
+    ]
+    chosen = fp8_choice.pretuned(rows, lambda m: 16)
+    assert {key: row["label"] for key, row in chosen.items()} == {
+        ("f16", 64, 64, 16): "slow",
+        ("bf16", 64, 64, 16): "slow",
+    }
+    text = fp8_choice.pretuned_literal(chosen)
+    assert "('f16', 64, 64, 16): SplitKConfig(16, 64, 256, 4, 4, 4)," in text
 
 
-def test_bench_tables_render() -> None:
-    gemms = fp8_gemm.decode_gemms()
-    rows = synthetic_rows("graph", 1, 10.0)
-    table = fp8_gemm.gemm_table(rows, gemms).splitlines()
-    assert len(table) == 2 + len(gemms)
-    assert table[0].startswith("| shape | M | bf16 us |")
-    assert "| qkv 4096->12288 | 1 | 10.0 | 5.0 | 30.0 |" in table[2]
-    assert "| 0.33x | 0.17x |" in table[2]
-    totals = fp8_gemm.totals_table(fp8_gemm.step_totals(rows, gemms)).splitlines()
-    assert len(totals) == 3 and totals[2].startswith("| graph | 1 |")
-    with pytest.raises(ValueError, match="cells"):
-        fp8_gemm.markdown_table(["a", "b"], [["1"]])
-
-
-def test_bench_measure_gemm_runs_every_variant_on_cpu() -> None:
-    """The closures, the weight copies and the errors, with a timer that runs each call once
-    and checks its output (the real timers need CUDA)."""
-    gemm = fp8_gemm.Gemm("small", out_features=48, in_features=64, per_step=2)
-    outputs: list[torch.Tensor] = []
+def test_bench_sweeps_and_reports_on_cpu() -> None:
+    """The whole measurement path once, tiny shapes under Triton's interpreter, with a timer
+    that runs each call once (the real one needs CUDA): a Python slip here would cost the
+    GPU run."""
+    gemms = [fp8_gemm.Gemm("a", 48, 64), fp8_gemm.Gemm("b", 32, 96)]
+    ticks = iter(range(1, 10**6))
 
     def run_once(calls: Any, samples: int) -> float:
-        outputs.extend(call() for call in calls)
-        return float(len(calls))
+        for call in calls:
+            call()
+        return 100.0 / next(ticks)
 
-    timers: dict[str, fp8_gemm.Timer] = {"graph": run_once, "eager": run_once}
-    rows = fp8_gemm.measure_gemm(gemm, [1, 3], ["graph"], 5, 1 << 20, torch.device("cpu"), timers)
-    assert [(r["mode"], r["m"]) for r in rows] == [("graph", 1), ("graph", 3)]
-    copies = rows[0]["copies"]
-    assert copies == 16  # tiny weights: the cap
-    assert all(r[f"{v}_us"] == copies for r in rows for v in fp8_gemm.VARIANTS)
-    assert len(outputs) == 2 * len(fp8_gemm.VARIANTS) * copies
-    assert {tuple(o.shape) for o in outputs} == {(1, 48), (3, 48)}
-    assert {o.dtype for o in outputs} == {torch.bfloat16}
-    for r in rows:
-        assert 0 < r["err_weight_only"] < r["err_fp8"] < 0.25
-        assert 0 < r["err_fp8_fast"] < 0.25
+    sweep = fp8_gemm.Sweep(samples=1, sms=4, skip=set(), timer=run_once)
+    tiles = ((16, 32, 4, 1), (32, 16, 4, 1))
+    for gemm in gemms:
+        bank = fp8_gemm.Bank(gemm, copies=2, device=torch.device("cpu"))
+        best = fp8_gemm.sweep_decode(sweep, bank, [1, 3, 17], ["bf16", "f16", "fp8"], tiles)
+        assert {mode for mode, _ in best} == {"bf16", "f16", "fp8"}
+        fp8_gemm.sweep_prefill(sweep, bank, [130], best)
+    failed = [r for r in sweep.rows if r["us"] is None]
+    assert not failed, failed[0]
+    assert all(fp8_choice.valid(r) for r in sweep.rows)
+    paths = {r["path"] for r in sweep.rows}
+    assert paths == {"bf16", "gemv", "dot", "splitk_bf16", "splitk_f16", "splitk_fp8",
+                     "scaled_mm", "dequantize"}  # fmt: skip
+    text, summary = fp8_choice.report(
+        sweep.rows, [(g.name, g.label) for g in gemms], [1, 3, 17, 130]
+    )
+    assert "## a 64->48" in text and "ROUTES = ((" in text and "PRETUNED = {" in text
+    json.dumps({"rows": sweep.rows, "summary": summary}, default=str)
+
+
+def test_bench_compile_workers_report_each_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One worker process on CPU (Triton's interpreter, inherited from this process): a good
+    # variant passes, one whose tile Triton refuses (not a power of two) is reported.
+    monkeypatch.setenv(bench_compile.DEVICE_VARIABLE, "cpu")
+    good = {"kind": "splitk", "mode": "f16", "k": 64, "ms": [3],
+            "config": {"block_m": 16, "block_n": 16, "block_k": 32, "split_k": 2,
+                       "num_warps": 4, "num_stages": 1}}  # fmt: skip
+    bad = json.loads(json.dumps(good))
+    bad["config"]["block_k"] = 24
+    results = bench_compile.precompile([good, bad], workers=1, budget_s=240)
+    assert results[bench_compile.task_key(good)] == ""
+    assert results[bench_compile.task_key(bad)] != ""
 
 
 def test_bench_exits_with_a_message_without_an_fp8_gpu(
@@ -481,4 +547,4 @@ def test_bench_exits_with_a_message_without_an_fp8_gpu(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert fp8_gemm.main([]) == 2
-    assert "needs a CUDA GPU with fp8 matmuls: no CUDA device" in capsys.readouterr().err
+    assert "needs a CUDA GPU with FP8: no CUDA device" in capsys.readouterr().err
