@@ -88,6 +88,9 @@ class FastEngineOptions:
     burst_window_s: float = 0.005
     # "fp8": the decoder's projections in E4M3 (Hopper/Ada; model.fast.fp8_gemm), else bf16.
     weights: str = "bf16"
+    # "fp8": K and V stored as E4M3 with a scale per token and head (model.fast.kv_cache):
+    # half the cache bytes a step reads, twice the slots; "bf16": the model's dtype.
+    kv_cache: str = "bf16"
 
 
 @dataclass
@@ -153,6 +156,7 @@ class FastEngine:
             compile_kernels=opts.compile_kernels,
             attention=opts.attention,
             weight_format=opts.weights,
+            kv_cache=opts.kv_cache,
         )
         self.stop_rule = StopRule.for_model(
             model, tokenizer, self.runner.vocab_size, ignore_eos=opts.ignore_eos

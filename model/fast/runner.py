@@ -33,10 +33,12 @@ class FastLlama:
         compile_kernels: bool | str,
         attention: str,
         weight_format: str = "bf16",
+        kv_cache: str = "bf16",
     ) -> None:
         self.weights = weights = LlamaWeights(model, weight_format)
         # Chosen before the cache takes the free memory (on a GPU it runs the kernels once).
-        chosen = choose_attention(attention, weights)
+        self._attention_asked = attention
+        chosen = choose_attention(attention, weights, kv_cache)
         self.max_seq_len = int(max_seq_len)
         cos, sin = weights.rope_tables(self.max_seq_len)
         device = weights.device
@@ -50,6 +52,7 @@ class FastLlama:
             device=device,
             max_slots=max_slots,
             memory_fraction=memory_fraction,
+            kv_format=kv_cache,
         )
         self.forward = LlamaForward(
             weights,
@@ -91,8 +94,17 @@ class FastLlama:
 
     def set_attention(self, attention: str) -> None:
         """Switch the decode attention (benchmarks compare them); graphs are captured again."""
-        self.forward.attention = choose_attention(attention, self.weights)
+        self.forward.attention = choose_attention(attention, self.weights, self.cache.kv_format)
+        self._attention_asked = attention
         self.graphs.clear()
+
+    def set_kv_cache(self, kv_cache: str) -> None:
+        """Store the KV cache in another format, same slots (benchmarks compare them): the
+        cached keys are dropped, so call it with no row live; graphs are captured again."""
+        self.graphs.clear()
+        self.cache.set_kv_format(kv_cache)
+        # The Triton kernels' self-check is per format (fp8 needs E4M3 conversions).
+        self.forward.attention = choose_attention(self._attention_asked, self.weights, kv_cache)
 
     def register_ban_tables(self, tables: list[torch.Tensor]) -> list[int]:
         """:meth:`SlotCache.register_ban_tables`, refused once a graph has been captured

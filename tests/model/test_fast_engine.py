@@ -409,16 +409,21 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
             "20",
             "--max-seq-len",
             "384",
+            "--kv-cache",
+            "fp8",
             "--json",
             str(out),
         ]
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert [p["phase"] for p in report["phases"]] == ["c=1", "c=2", "poisson20"]
+    # The phases, then the same ones again with the engine's KV cache switched to fp8.
+    names = ["c=1", "c=2", "poisson20"]
+    assert [p["phase"] for p in report["phases"]] == [*names, *(f"{n} kv8" for n in names)]
     for phase in report["phases"]:
         assert phase["failed"] == 0 and phase["jobs"] >= 1
         assert phase["tokens"] == 6 * phase["jobs"]
+    assert [r["phase"] for r in report["fp8_kv_ratios"]] == names
 
 
 def test_runs_bnb_4bit_layers_with_an_unmerged_adapter() -> None:
