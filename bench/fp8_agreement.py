@@ -18,9 +18,13 @@ accumulation order):
 - fp8 weights: q, k, v, o, gate, up, down of every decoder layer, per-output-channel scales
   (what ``MODEL_QUANTIZATION=fp8`` quantizes; the engine keeps the LM head in bf16);
 - + LM head: the output projection too (the embedding table it is tied to stays exact);
-- fp8 KV: keys (after RoPE) and values rounded to E4M3 as attention reads them, with one
-  static scale per layer and KV head (``absmax / 448`` over the prompt tokens, the way a
-  serving engine calibrates on a first prefill; larger continuation values saturate);
+- fp8 KV, the engine's: keys (after RoPE) and values rounded to E4M3 as attention reads
+  them, one scale per token and KV head (``absmax / 448`` of that vector), through
+  ``model.fast.kv_cache.fp8_round_trip``, the functions ``KV_CACHE=fp8`` stores and reads
+  the cache with (its Triton kernels do the same arithmetic), alone and with fp8 weights;
+- fp8 KV with static scales: one per layer and KV head instead (``absmax / 448`` over the
+  prompt tokens, the way a serving engine calibrates on a first prefill; larger continuation
+  values saturate), cheaper to store but coarser;
 - fp8 weights with one per-tensor scale, and a control: 4-bit round-to-nearest per-channel
   weights, which the measure must rank clearly lower.
 
@@ -222,6 +226,25 @@ def fp8_kv_cache(model: Any, scales: KvScales) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def engine_fp8_kv_cache(model: Any) -> Iterator[None]:
+    """Keys (after RoPE) and values as the engine's fp8 KV cache gives them back (E4M3, one
+    scale per token and KV head): ``model.fast.kv_cache.fp8_round_trip`` itself, so this
+    measures the engine's scheme, not a copy of it. Every position attends over rounded keys,
+    as in the engine, whose prefill attends over the cache's round trip too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from model.fast.kv_cache import fp8_round_trip
+
+    def rounding(module: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        # key, value: (batch, kv heads, positions, head dim): a scale per (token, head) vector.
+        key, value = fp8_round_trip(key), fp8_round_trip(value)
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    with _attention(model, rounding):
+        yield
+
+
+@contextlib.contextmanager
 def bf16_compute(model: Any) -> Iterator[None]:
     """``model``'s parameters in bfloat16 for the duration, so that activations are bf16 too,
     as on the GPU (buffers such as RoPE's frequencies stay float32, as when loaded in bf16)."""
@@ -404,9 +427,12 @@ def variants(
     kv_scales = calibrate_kv_scales(model, [case.prompt for case in cases])
 
     @contextlib.contextmanager
-    def fp8(*, lm_head: bool = False, kv: bool = False) -> Iterator[None]:
+    def fp8(*, lm_head: bool = False, kv: bool = False, engine_kv: bool = False) -> Iterator[None]:
         with quantized_weights(model, fp8_per_channel, lm_head=lm_head):
-            if kv:
+            if engine_kv:
+                with engine_fp8_kv_cache(model):
+                    yield
+            elif kv:
                 with fp8_kv_cache(model, kv_scales):
                     yield
             else:
@@ -422,9 +448,11 @@ def variants(
         *floors,
         ("fp8 weights", fp8),
         ("fp8 weights + LM head", lambda: fp8(lm_head=True)),
-        ("fp8 KV cache alone", lambda: fp8_kv_cache(model, kv_scales)),
-        ("fp8 weights + fp8 KV", lambda: fp8(kv=True)),
-        ("fp8 weights + LM head + fp8 KV", lambda: fp8(lm_head=True, kv=True)),
+        ("fp8 KV (engine: scale per token and head)", lambda: engine_fp8_kv_cache(model)),
+        ("fp8 weights + fp8 KV (engine)", lambda: fp8(engine_kv=True)),
+        ("fp8 KV, static scale per layer and head", lambda: fp8_kv_cache(model, kv_scales)),
+        ("fp8 weights + fp8 KV (static)", lambda: fp8(kv=True)),
+        ("fp8 weights + LM head + fp8 KV (static)", lambda: fp8(lm_head=True, kv=True)),
         ("fp8 weights, per-tensor scale", lambda: quantized_weights(model, fp8_per_tensor)),
         ("control: int4 per-channel", lambda: quantized_weights(model, int_per_channel(4))),
     ]

@@ -873,6 +873,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="then hold the same engine's weights in FP8 and serve the phases again (ratio)",
     )
+    parser.add_argument(
+        "--kv-cache",
+        choices=["bf16", "fp8"],
+        default="bf16",
+        help="fp8: then store the same engine's KV cache in FP8 and serve the phases again "
+        "(ratio; after --fp8's phases when both are given, so with FP8 weights too)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -1077,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
             print(prefill_line(phases[-1]), flush=True)
 
     asyncio.run(serve_all())
+    bf16_phases = list(phases)
     if args.poisson_rate > 0 and not args.no_prefill_compare:
         # The same arrivals through the engine's prefill as it was before prefix reuse and
         # chunking (whole prompts, 2048 tokens a forward, its shapes warmed first).
@@ -1102,28 +1110,37 @@ def main(argv: list[str] | None = None) -> int:
         phases.append(phase.summary(floor))
         print(fmt(phases[-1]), flush=True)
         print(prefill_line(phases[-1]), flush=True)
-    if args.fp8:
-        # The same engine, KV cache and process: only the projections change to FP8, so the
-        # two sets of phases are a side-by-side ratio (the floor column stays bf16's).
-        bf16_phases = list(phases)
-        engine.runner.weights.use_fp8()
-        engine.runner.graphs.clear()
+
+    def serve_changed(name: str, suffix: str) -> None:
+        """The phases again once the engine changed (same process, same slots): ratios to
+        the bf16 phases (the floor column stays bf16's)."""
+        engine.runner.clear_graphs()
         engine.warmup(max_batch=64)
-        one8 = single_stream(engine, args.new_tokens)
-        report["fp8_engine_batch1"] = one8
-        print(f"single stream (fp8 weights, engine.generate): {one8}", flush=True)
+        one_changed = single_stream(engine, args.new_tokens)
+        report[f"{name}_engine_batch1"] = one_changed
+        print(f"single stream ({name}, engine.generate): {one_changed}", flush=True)
+        first = len(phases)
         print(HEADER, flush=True)
-        asyncio.run(serve_all(" fp8"))
+        asyncio.run(serve_all(suffix))
         ratios = []
-        for bf16_phase, fp8_phase in zip(bf16_phases, phases[len(bf16_phases) :], strict=True):
-            ratio = fp8_phase["tokens_per_s"] / bf16_phase["tokens_per_s"]
-            ratios.append({"phase": bf16_phase["phase"], "fp8_vs_bf16": ratio})
+        for bf16_phase, phase in zip(bf16_phases, phases[first:], strict=True):
+            ratio = phase["tokens_per_s"] / bf16_phase["tokens_per_s"]
+            ratios.append({"phase": bf16_phase["phase"], f"{name}_vs_bf16": ratio})
             print(
                 f"{bf16_phase['phase']:>12s}: bf16 {bf16_phase['tokens_per_s']:.0f} tok/s, "
-                f"fp8 {fp8_phase['tokens_per_s']:.0f} tok/s, {ratio:.2f}x",
+                f"{name} {phase['tokens_per_s']:.0f} tok/s, {ratio:.2f}x",
                 flush=True,
             )
-        report["fp8_ratios"] = ratios
+        report[f"{name}_ratios"] = ratios
+
+    if args.fp8:
+        # The same engine, KV cache and process: only the projections change to FP8.
+        engine.runner.weights.use_fp8()
+        serve_changed("fp8", " fp8")
+    if args.kv_cache == "fp8":
+        # Then only the cache's format (same slot count: the phases' batches are alike).
+        engine.runner.set_kv_cache("fp8")
+        serve_changed("fp8_weights_kv" if args.fp8 else "fp8_kv", " kv8")
     report["phases"] = phases
     seed_rate = report.get("seed_path", {}).get("tokens_per_s")
     c8 = next((p for p in phases if p["phase"] == "c=8"), None)

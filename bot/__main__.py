@@ -81,6 +81,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_new_tokens=settings.max_new_tokens,
         max_prompt_chars=settings.max_prompt_chars,
         cpu_threads=settings.cpu_threads,
+        kv_cache=settings.kv_cache,
     )
 
 

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EngineKind = Literal["auto", "standard", "continuous"]
+# The continuous engine's KV cache: the model's dtype, or E4M3 with a scale per token and head
+# (model.fast.kv_cache). The standard engine keeps transformers' cache whatever this says.
+KvCacheFormat = Literal["bf16", "fp8"]
 # What ``build_engine`` returns: the standard engine is a TextGenerator, the continuous one
 # both (the worker serves it through ``serve`` when it has it).
 GeneratingEngine = TextGenerator | ContinuousGenerator
@@ -54,7 +57,8 @@ class EngineConfig:
     ``max_prompt_chars`` size each KV slot so that no answer is cut short by the cache.
     ``cpu_threads`` is torch's thread count on a CPU (None: :mod:`model.threads` picks).
     ``warmup`` captures the continuous engine's CUDA graphs before returning (~30 s for a
-    7B model) rather than on users' first jobs; it does nothing on a CPU.
+    7B model) rather than on users' first jobs; it does nothing on a CPU. ``kv_cache`` is the
+    continuous engine's KV-cache format (the bot's ``KV_CACHE``).
     """
 
     kind: EngineKind = "auto"
@@ -63,11 +67,15 @@ class EngineConfig:
     max_prompt_chars: int = 1000
     cpu_threads: int | None = None
     warmup: bool = True
+    kv_cache: KvCacheFormat = "bf16"
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(EngineKind):
             kinds = ", ".join(get_args(EngineKind))
             raise ValueError(f"engine kind must be one of {kinds}, not {self.kind!r}")
+        if self.kv_cache not in get_args(KvCacheFormat):
+            formats = ", ".join(get_args(KvCacheFormat))
+            raise ValueError(f"kv_cache must be one of {formats}, not {self.kv_cache!r}")
         for name in ("max_batch", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -102,8 +110,8 @@ def batch_size(engine: object, max_batch: int | None) -> int:
 
 
 def continuous_options(config: EngineConfig, *, weights: str = "bf16") -> FastEngineOptions:
-    """The continuous engine's options for ``config``: its slot count and slot length, and
-    its weight format (``"fp8"`` for ``MODEL_QUANTIZATION=fp8``)."""
+    """The continuous engine's options for ``config``: its slot count and slot length, its
+    weight format (``"fp8"`` for ``MODEL_QUANTIZATION=fp8``) and its KV-cache format."""
     from model.fast import FastEngineOptions
 
     prompt_tokens = TEMPLATE_TOKENS + config.max_prompt_chars // CHARS_PER_TOKEN
@@ -111,6 +119,7 @@ def continuous_options(config: EngineConfig, *, weights: str = "bf16") -> FastEn
         max_slots=config.max_batch,
         max_seq_len=max(FastEngineOptions.max_seq_len, prompt_tokens + config.max_new_tokens),
         weights=weights,
+        kv_cache=config.kv_cache,
     )
 
 
@@ -150,6 +159,8 @@ def engine_for(loaded: LoadedModel, config: EngineConfig) -> BuiltEngine:
     if engine is None:
         from model.engine import Engine
 
+        if config.kv_cache != "bf16":
+            log.warning("KV_CACHE=%s needs the continuous engine; ignored", config.kv_cache)
         engine = Engine(loaded)
     size = batch_size(engine, config.max_batch)
     kind: Literal["standard", "continuous"] = (

@@ -111,11 +111,13 @@ def _rope_kv(
     return q, torch.stack((k, v), dim=1)
 
 
-def choose_attention(attention: str, weights: LlamaWeights) -> str:
-    """The decode attention to run for ``attention`` (one of :data:`ATTENTION_KINDS`).
+def choose_attention(attention: str, weights: LlamaWeights, kv_format: str = "bf16") -> str:
+    """The decode attention to run for ``attention`` (one of :data:`ATTENTION_KINDS`) over a
+    cache in ``kv_format``.
 
-    ``auto``: the Triton kernels on CUDA when Triton is there and passes its self-check, else
-    SDPA. ``triton`` may be forced on CPU (the tests run it under Triton's interpreter).
+    ``auto``: the Triton kernels on CUDA when Triton is there and passes its self-check (for
+    that cache format), else SDPA. ``triton`` may be forced on CPU (the tests run it under
+    Triton's interpreter).
     """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {attention!r}")
@@ -129,7 +131,7 @@ def choose_attention(attention: str, weights: LlamaWeights) -> str:
     if weights.device.type == "cuda" and fits and kernels.available():
         try:
             kernels.self_check(
-                weights.device, weights.dtype, weights.n_heads, weights.n_kv, head_dim
+                weights.device, weights.dtype, weights.n_heads, weights.n_kv, head_dim, kv_format
             )
         except Exception as error:  # an optimisation only: SDPA is still correct
             log.warning(
@@ -257,11 +259,11 @@ class LlamaForward:
         """Attention of one new query per row over its cached keys ``[0, ctx)``.
 
         Grouped-query heads need no copy of K/V: the ``group`` query heads that share a KV
-        head are laid out as ``group`` queries of that head.
+        head are laid out as ``group`` queries of that head. (An fp8 cache is dequantized
+        into a temporary first: this path is the fallback, the Triton kernel reads fp8.)
         """
         w = self.weights
-        keys = self.cache.kv[layer, 0, :b, :, :ctx]
-        values = self.cache.kv[layer, 1, :b, :, :ctx]
+        keys, values = self.cache.read_kv(layer, b, ctx)
         q = q.view(b, w.n_kv, w.group, w.head_dim)
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.scale)
@@ -292,19 +294,26 @@ class LlamaForward:
         h = self._norm(x, layers[0].input_norm, w.eps)
         for index, layer in enumerate(layers):
             if triton:
-                keys, values = cache.kv[index, 0], cache.kv[index, 1]
+                keys, values, k_scales, v_scales = cache.layer_kv(index)
                 kernels.rope_store(
-                    layer.qkv(h), self.cos, self.sin, positions, keys, values, queries
+                    layer.qkv(h),
+                    self.cos,
+                    self.sin,
+                    positions,
+                    keys,
+                    values,
+                    queries,
+                    k_scales,
+                    v_scales,
                 )
                 kernels.decode_attention(
-                    queries, keys, values, positions, ctx, self.scale, attended
+                    queries, keys, values, positions, ctx, self.scale, attended, k_scales, v_scales
                 )
                 attn = attended
             else:
                 q, kv = self._rope_kv(layer.qkv(h), cos, sin, w.n_heads, w.n_kv)
-                # cache.kv[index] is (2, slots, kv heads, T, D); this writes K and V of every
-                # row at its position in one kernel.
-                cache.kv[index][:, self.rows[:b], :, positions] = kv
+                # K and V of every row at its position, in one indexed write (two in fp8).
+                cache.write_kv(index, self.rows[:b], positions, kv)
                 attn = self._attend_decode(q, b, ctx, index, bias)
             x, h = self._add_norm(x, layer.o(attn), layer.post_norm, w.eps)
             down = layer.down(self._silu_mul(layer.gate_up(h)))
@@ -395,10 +404,13 @@ class LlamaForward:
                 q = rotate(qkv[:, :hq].view(padded, w.n_heads, w.head_dim), cos, sin)
                 k = rotate(qkv[:, hq : hq + hkv].view(padded, w.n_kv, w.head_dim), cos, sin)
                 v = qkv[:, hq + hkv :].view(padded, w.n_kv, w.head_dim)
-                # cache.kv[index] is (2, slots, kv heads, T, D): every real token's K and V at
-                # its (slot, position) in one write.
+                # Every real token's K and V at its (slot, position), in one indexed write.
                 kv = torch.stack((k[:total], v[:total]), dim=1)
-                cache.kv[index][:, slot_of_token, :, positions[:total]] = kv
+                cache.write_kv(index, slot_of_token, positions[:total], kv)
+                # The prompt attends over K and V as the cache holds them (an fp8 round trip,
+                # or themselves): what decode steps will read, so prompt and answer tokens
+                # see the same keys.
+                k, v = cache.as_read(k), cache.as_read(v)
                 attn = torch.zeros((padded, hq), dtype=x.dtype, device=device)
                 for group in groups:
                     if group.cached is None:
@@ -496,8 +508,7 @@ class LlamaForward:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``rows``' positions ``[0, length)`` in ``layer``, (m, kv heads, length,
         D) each: the one place where prefill reads the cache back."""
-        kv = self.cache.kv[layer]
-        return kv[0][rows, :, :length], kv[1][rows, :, :length]
+        return self.cache.read_rows(layer, rows, length)
 
     def sample(self, rows: list[int], logits: torch.Tensor, counters: list[int]) -> list[int]:
         """Sample one token per row from given logits (used after prefill)."""

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 # Rows of a decode step are padded to the dot's minimum tile (16) by masking, never copied.
 MIN_BLOCK_M = 16
 MAX_BLOCK_M = 64
-# Measured on an H200 (bench/RESULTS.md): the dot kernel beats bf16 at 2-16 rows (1.08x-1.16x
-# of a step's GEMMs) and loses at 32-64 (0.93x / 0.63x).
-FP8_WINS_UP_TO_ROWS = 16
+# Measured on an H200 (bench/RESULTS.md, "FP8 GEMMs after split-K"): over one layer's four
+# GEMMs the exact split-K kernel beats bf16 by 1.29-1.34x at 2-16 rows and 1.19-1.21x at
+# 24-32, and loses at 48-64 (0.95-0.98x); the dot kernel it replaces gave 1.11-1.13x.
+SPLITK_WINS_UP_TO_ROWS = 32
 
 UNLIMITED = sys.maxsize
 PATHS = (
@@ -59,12 +60,13 @@ PATHS = (
 )
 SPLITK_MODES = {"splitk_bf16": "bf16", "splitk_f16": "f16", "splitk_fp8": "fp8"}
 # (most rows, path), by increasing row count: a call of M rows takes the first path whose
-# limit is at least M. The last limit is UNLIMITED. Until the split-K sweep has run on the
-# H200 this is the measured state of commit c40b960: the GEMV, the dot kernel up to 16 rows,
-# then the bf16 twin (which LlamaWeights then keeps: see uses_bf16_twin).
+# limit is at least M. The last limit is UNLIMITED. The sweep's "exact, twin allowed" policy
+# on the H200: the GEMV, split-K with bf16-widened weights up to 32 rows, then the bf16 twin
+# (which LlamaWeights then keeps: see uses_bf16_twin). Without the twin (6.5 GB less at 7B)
+# the 48-64-row steps lose 2-5% and prefills 17-37% (dequantize per call).
 ROUTES: tuple[tuple[int, str], ...] = (
     (1, "gemv"),
-    (FP8_WINS_UP_TO_ROWS, "dot"),
+    (SPLITK_WINS_UP_TO_ROWS, "splitk_bf16"),
     (UNLIMITED, "bf16"),
 )
 # What a "bf16" route runs on a layer without its twin: the widened weight in cuBLAS.

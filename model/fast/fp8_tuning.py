@@ -41,8 +41,23 @@ ENGINE_TILES: tuple[tuple[int, int, int, int], ...] = (
 ENGINE_SPLITS: tuple[int, ...] = (1, 2, 4, 8)
 
 # (mode, N, K, block_m) -> the configuration the H200 sweep found fastest (bench.fp8_gemm
-# prints this table); shapes not listed are timed on their first call.
-PRETUNED: dict[tuple[str, int, int, int], SplitKConfig] = {}
+# prints this table); shapes not listed are timed on their first call. These are the
+# exact ("bf16") mode's winners at CodeLlama-7B's shapes from the sweep at commit a58e1cb
+# (bench/RESULTS.md, "FP8 GEMMs after split-K"); other cards still time their own.
+PRETUNED: dict[tuple[str, int, int, int], SplitKConfig] = {
+    ("bf16", 4096, 4096, 16): SplitKConfig(16, 64, 256, 4, 4, 3),
+    ("bf16", 4096, 4096, 32): SplitKConfig(32, 64, 128, 4, 4, 4),
+    ("bf16", 4096, 4096, 64): SplitKConfig(64, 64, 128, 2, 4, 4),
+    ("bf16", 4096, 11008, 16): SplitKConfig(16, 64, 256, 4, 4, 3),
+    ("bf16", 4096, 11008, 32): SplitKConfig(32, 64, 128, 4, 4, 4),
+    ("bf16", 4096, 11008, 64): SplitKConfig(64, 64, 128, 4, 4, 4),
+    ("bf16", 12288, 4096, 16): SplitKConfig(16, 64, 256, 2, 4, 3),
+    ("bf16", 12288, 4096, 32): SplitKConfig(32, 64, 128, 2, 4, 4),
+    ("bf16", 12288, 4096, 64): SplitKConfig(64, 64, 128, 1, 4, 4),
+    ("bf16", 22016, 4096, 16): SplitKConfig(16, 64, 256, 1, 4, 3),
+    ("bf16", 22016, 4096, 32): SplitKConfig(32, 64, 128, 1, 4, 4),
+    ("bf16", 22016, 4096, 64): SplitKConfig(64, 128, 128, 3, 8, 4),
+}
 
 # The largest difference to the reference, over the reference's largest magnitude, that a
 # candidate may show: bf16 output rounding for the exact modes, E4M3 rows for "fp8".

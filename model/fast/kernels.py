@@ -11,6 +11,12 @@ Two things the generic kernels can't do well inside a CUDA graph:
   row's position, and leaves q for attention: one kernel where there were two (Inductor's
   rope and an ``index_put``).
 
+Both take the fp8 KV cache (``model.fast.kv_cache``: E4M3 values, one float32 scale per
+token and KV head): :func:`rope_store` quantizes the new K and V as it stores them (the
+arithmetic of ``kv_cache.quantize_kv``), and :func:`decode_attention` loads the E4M3 values and
+their scales and widens them in registers, folding the key scale into each score and the value
+scale into each softmax weight (two multiplies a key, not two per element).
+
 The kernels are built on first use (:func:`kernels`), so this module imports without Triton
 (the engine then keeps SDPA), and the tests run them under Triton's CPU interpreter
 (``TRITON_INTERPRET=1``). Arithmetic is float32 inside the kernels and rounds once on store.
@@ -22,6 +28,9 @@ import functools
 from typing import Any
 
 import torch
+
+from model.fast.kv_cache import MIN_KV_ABSMAX, dequantize_kv, quantize_kv
+from model.fp8 import E4M3_MAX
 
 try:
     import triton
@@ -37,6 +46,25 @@ SPLIT_KEYS = 64
 BLOCK_KEYS = 64
 MAX_SPLITS = 32  # longer contexts use bigger chunks instead of more of them
 ATTENTION_WARPS = 2
+
+
+if HAVE_TRITON:
+    # At module level: a jit function called from a kernel must be a global of its module.
+    @triton.jit
+    def _to_e4m3(x, scale, FP8_MAX: tl.constexpr):
+        """``x / scale`` clamped to E4M3's range and rounded to nearest even on its grid, in
+        float32: the conversion to fp8 that follows is then exact on any backend. (Triton
+        3.9's interpreter rounds up a mantissa of all ones without the carry: 31.8 -> 16.)"""
+        y = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        # Normal range: keep 3 of float32's 23 mantissa bits, ties to even; a carry out of
+        # the mantissa goes into the exponent, as it should.
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+        normal = bits.to(tl.float32, bitcast=True)
+        # Below 2^-6 (E4M3's subnormals, steps of 2^-9): adding 1.5 * 2^14, whose float32
+        # step is 2^-9, rounds to that grid.
+        subnormal = (y + 24576.0) - 24576.0
+        return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
 
 
 def available() -> bool:
@@ -64,6 +92,8 @@ def kernels() -> Any:
         q_ptr,
         k_cache_ptr,
         v_cache_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
         stride_qkv_row,
         stride_cos,
         stride_q_row,
@@ -71,10 +101,15 @@ def kernels() -> Any:
         stride_cache_row,
         stride_cache_head,
         stride_cache_pos,
+        stride_scale_row,
+        stride_scale_head,
         max_position,
         HEADS: tl.constexpr,
         KV_HEADS: tl.constexpr,
         HALF: tl.constexpr,
+        FP8: tl.constexpr,
+        FP8_MAX: tl.constexpr,
+        MIN_ABSMAX: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)  # 0..HEADS-1: a query head; then the KV heads
@@ -98,17 +133,43 @@ def kernels() -> Any:
                 row * stride_cache_row + kv_head * stride_cache_head + position * stride_cache_pos
             )
             dtype = k_cache_ptr.dtype.element_ty
-            tl.store(k_cache_ptr + slot + offs, rotated_first.to(dtype))
-            tl.store(k_cache_ptr + slot + HALF + offs, rotated_second.to(dtype))
             value = qkv_ptr + row * stride_qkv_row + (HEADS + KV_HEADS + kv_head) * (2 * HALF)
-            tl.store(v_cache_ptr + slot + offs, tl.load(value + offs))
-            tl.store(v_cache_ptr + slot + HALF + offs, tl.load(value + HALF + offs))
+            if FP8:
+                # kv_cache.quantize_kv's arithmetic: scale absmax / 448, divide, clamp, round.
+                value_first = tl.load(value + offs).to(tl.float32)
+                value_second = tl.load(value + HALF + offs).to(tl.float32)
+                k_absmax = tl.maximum(
+                    tl.max(tl.abs(rotated_first), axis=0), tl.max(tl.abs(rotated_second), axis=0)
+                )
+                v_absmax = tl.maximum(
+                    tl.max(tl.abs(value_first), axis=0), tl.max(tl.abs(value_second), axis=0)
+                )
+                k_scale = tl.maximum(k_absmax, MIN_ABSMAX) / FP8_MAX
+                v_scale = tl.maximum(v_absmax, MIN_ABSMAX) / FP8_MAX
+                k_first = _to_e4m3(rotated_first, k_scale, FP8_MAX)
+                k_second = _to_e4m3(rotated_second, k_scale, FP8_MAX)
+                v_first = _to_e4m3(value_first, v_scale, FP8_MAX)
+                v_second = _to_e4m3(value_second, v_scale, FP8_MAX)
+                tl.store(k_cache_ptr + slot + offs, k_first.to(dtype))
+                tl.store(k_cache_ptr + slot + HALF + offs, k_second.to(dtype))
+                tl.store(v_cache_ptr + slot + offs, v_first.to(dtype))
+                tl.store(v_cache_ptr + slot + HALF + offs, v_second.to(dtype))
+                scale_slot = row * stride_scale_row + kv_head * stride_scale_head + position
+                tl.store(k_scale_ptr + scale_slot, k_scale)
+                tl.store(v_scale_ptr + scale_slot, v_scale)
+            else:
+                tl.store(k_cache_ptr + slot + offs, rotated_first.to(dtype))
+                tl.store(k_cache_ptr + slot + HALF + offs, rotated_second.to(dtype))
+                tl.store(v_cache_ptr + slot + offs, tl.load(value + offs))
+                tl.store(v_cache_ptr + slot + HALF + offs, tl.load(value + HALF + offs))
 
     @triton.jit
     def attention_partial_kernel(
         q_ptr,
         k_cache_ptr,
         v_cache_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
         positions_ptr,
         acc_ptr,
         max_ptr,
@@ -118,6 +179,8 @@ def kernels() -> Any:
         stride_cache_row,
         stride_cache_head,
         stride_cache_pos,
+        stride_scale_row,
+        stride_scale_head,
         context,
         scale,
         GROUP: tl.constexpr,
@@ -125,6 +188,7 @@ def kernels() -> Any:
         SPLIT: tl.constexpr,
         BLOCK: tl.constexpr,
         DIM: tl.constexpr,
+        FP8: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -138,6 +202,7 @@ def kernels() -> Any:
         q = tl.load(q_ptr + row * stride_q_row + head * stride_q_head + offs_d).to(tl.float32)
         q = q * scale
         base = row * stride_cache_row + (head // GROUP) * stride_cache_head
+        scale_base = row * stride_scale_row + (head // GROUP) * stride_scale_head
         best = tl.full((), float("-inf"), tl.float32)
         total = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((DIM,), dtype=tl.float32)
@@ -149,11 +214,19 @@ def kernels() -> Any:
             keys = tl.load(k_cache_ptr + where, mask=live[:, None], other=0.0).to(tl.float32)
             values = tl.load(v_cache_ptr + where, mask=live[:, None], other=0.0).to(tl.float32)
             scores = tl.sum(keys * q[None, :], axis=1)
+            if FP8:
+                # One scale per key: q . (s * k) = s * (q . k), and sum_n w_n * s_n * v_n.
+                k_scales = tl.load(k_scale_ptr + scale_base + offs_n, mask=live, other=0.0)
+                v_scales = tl.load(v_scale_ptr + scale_base + offs_n, mask=live, other=0.0)
+                scores = scores * k_scales
             scores = tl.where(live, scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=0))
             correction = tl.exp(best - new_best)
             weights = tl.exp(scores - new_best)
-            acc = acc * correction + tl.sum(weights[:, None] * values, axis=0)
+            if FP8:
+                acc = acc * correction + tl.sum((weights * v_scales)[:, None] * values, axis=0)
+            else:
+                acc = acc * correction + tl.sum(weights[:, None] * values, axis=0)
             total = total * correction + tl.sum(weights, axis=0)
             best = new_best
         index = (row * tl.num_programs(1) + head) * SPLITS + split
@@ -213,17 +286,22 @@ def rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     q_out: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> None:
     """Rotate a decode step's fused ``q|k|v`` and store: q into ``q_out``, k and v in the cache.
 
     ``qkv`` is (b, (heads + 2 * kv_heads) * dim); ``cos``/``sin`` (max_positions, dim);
     ``k_cache``/``v_cache`` (slots, kv_heads, max_positions, dim), row ``i`` of the batch being
-    slot ``i``; ``q_out`` (b, heads, dim).
+    slot ``i``; ``q_out`` (b, heads, dim). An fp8 cache (float8_e4m3fn) takes its scales,
+    ``k_scales``/``v_scales`` (slots, kv_heads, max_positions) float32, and gets each new
+    vector quantized with a scale of its own.
     """
     b, heads, dim = q_out.shape
     kv_heads = k_cache.shape[1]
     if qkv.stride(-1) != 1 or cos.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("rope_store needs contiguous last dimensions")
+    k_scales, v_scales = _scales_of(k_cache, k_scales, v_scales)
     kernels().rope_store[(b, heads + kv_heads)](
         qkv,
         cos,
@@ -232,6 +310,8 @@ def rope_store(
         q_out,
         k_cache,
         v_cache,
+        k_scales,
+        v_scales,
         qkv.stride(0),
         cos.stride(0),
         q_out.stride(0),
@@ -239,51 +319,97 @@ def rope_store(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        k_scales.stride(0),
+        k_scales.stride(1),
         k_cache.shape[2] - 1,
         HEADS=heads,
         KV_HEADS=kv_heads,
         HALF=dim // 2,
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
+        FP8_MAX=E4M3_MAX,
+        MIN_ABSMAX=MIN_KV_ABSMAX,
     )
 
 
+def _scales_of(
+    k_cache: torch.Tensor, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale tensors a kernel gets: an fp8 cache's own (checked), else a stand-in the
+    kernel never reads (its FP8 branch is compiled out)."""
+    if k_cache.dtype != torch.float8_e4m3fn:
+        return k_cache, k_cache
+    if k_scales is None or v_scales is None:
+        raise ValueError("an fp8 KV cache needs its k_scales and v_scales")
+    if k_scales.shape != k_cache.shape[:3] or v_scales.stride() != k_scales.stride():
+        raise ValueError("k_scales and v_scales must be (slots, kv_heads, positions), alike")
+    if k_scales.stride(-1) != 1 or k_scales.dtype != torch.float32:
+        raise ValueError("the scales must be float32 with contiguous positions")
+    return k_scales, v_scales
+
+
 def self_check(
-    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    kv_format: str = "bf16",
 ) -> None:
-    """Compile and run both kernels once on ``device``; raise if they fail or are wrong.
+    """Compile and run both kernels once on ``device`` for a cache in ``kv_format``; raise
+    if they fail or are wrong.
 
     The engine calls this before choosing the kernels, so a GPU or Triton build that can't run
-    them (an old architecture, a broken install) falls back to SDPA at start-up instead of
-    failing every request.
+    them (an old architecture, a broken install, no E4M3 conversions before compute
+    capability 8.9) falls back to SDPA at start-up instead of failing every request.
     """
     generator = torch.Generator(device="cpu").manual_seed(0)
     length, rows = 70, 2
+    fp8 = kv_format == "fp8"
 
     def draw(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
     keys, values = draw(rows, kv_heads, length, dim), draw(rows, kv_heads, length, dim)
+    k_scales = v_scales = None
+    if fp8:
+        (keys, k_scales), (values, v_scales) = quantize_kv(keys), quantize_kv(values)
     positions = torch.tensor([length - 1, 5], device=device)
     zeros = torch.zeros(length, dim, device=device, dtype=dtype)
     queries = torch.empty(rows, heads, dim, device=device, dtype=dtype)
     qkv = draw(rows, (heads + 2 * kv_heads) * dim)
     # cos 1, sin 0: the rotation is the identity, so q comes back as it went in.
-    rope_store(qkv, zeros + 1, zeros, positions, keys, values, queries)
+    rope_store(qkv, zeros + 1, zeros, positions, keys, values, queries, k_scales, v_scales)
     if not torch.equal(queries.reshape(rows, -1), qkv[:, : heads * dim]):
         raise RuntimeError("rope_store wrote wrong queries")
-    written = keys[torch.arange(rows, device=device), :, positions].reshape(rows, -1)
-    if not torch.equal(written, qkv[:, heads * dim : (heads + kv_heads) * dim]):
+    stored_keys = _widened(keys, k_scales, dtype)
+    stored_values = _widened(values, v_scales, dtype)
+    written = stored_keys[torch.arange(rows, device=device), :, positions]
+    given = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
+    if fp8:
+        # Within E4M3's rounding of each vector (2^-4 of its largest element), not bitwise:
+        # a GPU's float32 division may round a last bit differently from torch's.
+        bound = given.float().abs().amax(dim=-1, keepdim=True) / 16 * 1.01
+        right = bool(((written.float() - given.float()).abs() <= bound).all())
+    else:
+        right = torch.equal(written, given)
+    if not right:
         raise RuntimeError("rope_store wrote wrong keys")
     out = torch.empty(rows, heads * dim, device=device, dtype=dtype)
-    decode_attention(queries, keys, values, positions, length, dim**-0.5, out)
+    decode_attention(queries, keys, values, positions, length, dim**-0.5, out, k_scales, v_scales)
     group = heads // kv_heads
     for row, position in enumerate(positions.tolist()):
-        k = keys[row, :, : position + 1].float().repeat_interleave(group, dim=0)
-        v = values[row, :, : position + 1].float().repeat_interleave(group, dim=0)
+        k = stored_keys[row, :, : position + 1].float().repeat_interleave(group, dim=0)
+        v = stored_values[row, :, : position + 1].float().repeat_interleave(group, dim=0)
         q = queries[row].float()[:, None, :]
         expected = torch.softmax(q @ k.transpose(1, 2) * dim**-0.5, dim=-1) @ v
         error = (out[row].float() - expected.reshape(-1)).abs().max().item()
         if not error < 0.05:
             raise RuntimeError(f"decode attention differs from the reference by {error:.3g}")
+
+
+def _widened(cache: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A cache as values of ``dtype`` (dequantized when it is fp8)."""
+    return cache if scales is None else dequantize_kv(cache, scales, dtype)
 
 
 def split_size(context: int) -> int:
@@ -302,17 +428,21 @@ def decode_attention(
     context: int,
     scale: float,
     out: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> None:
     """One query per row over its own keys ``[0, min(position + 1, context))``, into ``out``.
 
     ``q`` (b, heads, dim); caches (slots, kv_heads, T, dim) with rows ``[:b]`` in use;
     ``out`` (b, heads * dim). Query head ``h`` reads KV head ``h // (heads // kv_heads)``.
+    An fp8 cache comes with its scales (see :func:`rope_store`).
     """
     b, heads, dim = q.shape
     group = heads // k_cache.shape[1]
     split = split_size(context)
     splits = -(-context // split)
     ops = kernels()
+    k_scales, v_scales = _scales_of(k_cache, k_scales, v_scales)
     acc = torch.empty((b, heads, splits, dim), dtype=torch.float32, device=q.device)
     maxima = torch.empty((b, heads, splits), dtype=torch.float32, device=q.device)
     sums = torch.empty((b, heads, splits), dtype=torch.float32, device=q.device)
@@ -320,6 +450,8 @@ def decode_attention(
         q,
         k_cache,
         v_cache,
+        k_scales,
+        v_scales,
         positions,
         acc,
         maxima,
@@ -329,6 +461,8 @@ def decode_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        k_scales.stride(0),
+        k_scales.stride(1),
         context,
         scale,
         GROUP=group,
@@ -336,6 +470,7 @@ def decode_attention(
         SPLIT=split,
         BLOCK=min(BLOCK_KEYS, split),
         DIM=dim,
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=ATTENTION_WARPS,
     )
     ops.reduce[(b, heads)](

@@ -52,15 +52,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def read_prefix(cache: SlotCache, row: int, length: int) -> torch.Tensor:
-    """A copy of ``row``'s KV at positions ``[0, length)``: (layers, 2, kv heads, length, D)."""
-    with torch.inference_mode():
-        return cache.kv[:, :, row, :, :length].clone()
+    """A copy of ``row``'s KV at positions ``[0, length)`` in the cache's own format
+    (:meth:`SlotCache.save_prefix`: (layers, 2, kv heads, length, ...))."""
+    return cache.save_prefix(row, length)
 
 
 def write_prefix(cache: SlotCache, row: int, kv: torch.Tensor, length: int) -> None:
     """Copy the first ``length`` positions of an entry's ``kv`` into ``row`` (one copy)."""
-    with torch.inference_mode():
-        cache.kv[:, :, row, :, :length] = kv[:, :, :, :length]
+    cache.load_prefix(row, kv, length)
 
 
 @dataclass

@@ -38,10 +38,12 @@ class FastLlama:
         weight_format: str = "bf16",
         draft_tokens: int = 0,
         verify_rows: int = 16,
+        kv_cache: str = "bf16",
     ) -> None:
         self.weights = weights = LlamaWeights(model, weight_format)
         # Chosen before the cache takes the free memory (on a GPU it runs the kernels once).
-        chosen = choose_attention(attention, weights)
+        self._attention_asked = attention
+        chosen = choose_attention(attention, weights, kv_cache)
         self.max_seq_len = int(max_seq_len)
         cos, sin = weights.rope_tables(self.max_seq_len)
         device = weights.device
@@ -56,6 +58,7 @@ class FastLlama:
             max_slots=max_slots,
             memory_fraction=memory_fraction,
             draft_tokens=draft_tokens,
+            kv_format=kv_cache,
         )
         self.forward = LlamaForward(
             weights,
@@ -118,10 +121,24 @@ class FastLlama:
 
     def set_attention(self, attention: str) -> None:
         """Switch the decode attention (benchmarks compare them); graphs are captured again."""
-        self.forward.attention = choose_attention(attention, self.weights)
+        self.forward.attention = choose_attention(attention, self.weights, self.cache.kv_format)
+        self._attention_asked = attention
+        self.clear_graphs()
+
+    def clear_graphs(self) -> None:
+        """Drop every captured graph, decode and verify (the step changed: new weights, a
+        new attention or cache format); they are captured again on use or at warm-up."""
         self.graphs.clear()
         if self.verify_graphs is not None:
             self.verify_graphs.clear()
+
+    def set_kv_cache(self, kv_cache: str) -> None:
+        """Store the KV cache in another format, same slots (benchmarks compare them): the
+        cached keys are dropped, so call it with no row live; graphs are captured again."""
+        self.clear_graphs()
+        self.cache.set_kv_format(kv_cache)
+        # The Triton kernels' self-check is per format (fp8 needs E4M3 conversions).
+        self.forward.attention = choose_attention(self._attention_asked, self.weights, kv_cache)
 
     def register_ban_tables(self, tables: list[torch.Tensor]) -> list[int]:
         """:meth:`SlotCache.register_ban_tables`, refused once a graph has been captured

@@ -64,8 +64,7 @@ class VerifyStep:
         h = fwd._norm(x, layers[0].input_norm, w.eps)
         for index, layer in enumerate(layers):
             q, kv = fwd._rope_kv(layer.qkv(h), cos, sin, w.n_heads, w.n_kv)
-            # cache.kv[index] is (2, slots, kv heads, T, D): every position's K and V at once.
-            cache.kv[index][:, rows, :, flat_positions] = kv
+            cache.write_kv(index, rows, flat_positions, kv)  # every position's K and V at once
             attn = self._attend(q, b, ctx, index, bias)
             x, h = fwd._add_norm(x, layer.o(attn), layer.post_norm, w.eps)
             down = layer.down(fwd._silu_mul(layer.gate_up(h)))
@@ -143,9 +142,7 @@ class VerifyStep:
         """
         fwd, w = self.forward, self.forward.weights
         width = self.draft_tokens + 1
-        cache = fwd.cache
-        keys = cache.kv[layer, 0, :b, :, :ctx]
-        values = cache.kv[layer, 1, :b, :, :ctx]
+        keys, values = fwd.cache.read_kv(layer, b, ctx)
         q = q.view(b, width, w.n_heads, w.head_dim).transpose(1, 2)
         q = q.reshape(b, w.n_kv, w.group * width, w.head_dim)
         if fwd.attention == "matmul":

@@ -45,6 +45,22 @@ def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert TOKEN not in repr(settings) and TOKEN not in str(settings.model_dump())
 
 
+def test_kv_cache_reaches_the_engine_config_and_a_bad_one_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bot.__main__ import engine_config
+
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    assert engine_config(load_settings()).kv_cache == "bf16"
+    monkeypatch.setenv("KV_CACHE", "fp8")
+    assert engine_config(load_settings()).kv_cache == "fp8"
+    monkeypatch.setenv("KV_CACHE", "int4")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).startswith("KV_CACHE: ")
+    assert "'bf16'" in str(info.value) and "'fp8'" in str(info.value)
+
+
 def test_dotenv_file_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"DISCORD_TOKEN={TOKEN}\nMAX_BATCH=4\n")
     settings = load_settings()

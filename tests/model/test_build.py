@@ -52,11 +52,19 @@ def test_continuous_slots_hold_a_whole_prompt_and_answer() -> None:
     assert long.max_slots == 4
     # 4,000 answer tokens and 3,000 characters of prompt (at most 1,500 tokens) fit a slot.
     assert long.max_seq_len >= 4000 + 1500
+    assert small.kv_cache == "bf16"
+    assert continuous_options(EngineConfig(kv_cache="fp8")).kv_cache == "fp8"
 
 
 @pytest.mark.parametrize(
     "changes",
-    [{"kind": "fast"}, {"max_batch": 0}, {"cpu_threads": 0}, {"max_new_tokens": 0}],
+    [
+        {"kind": "fast"},
+        {"max_batch": 0},
+        {"cpu_threads": 0},
+        {"max_new_tokens": 0},
+        {"kv_cache": "fp16"},
+    ],
 )
 def test_engine_config_refuses_nonsense(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

@@ -410,19 +410,26 @@ def test_serving_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
             "20",
             "--max-seq-len",
             "384",
+            "--kv-cache",
+            "fp8",
             "--json",
             str(out),
         ]
     )
     assert code == 0
     report = json.loads(out.read_text())
+    # The phases, the Poisson one again through the old prefill (no prefix reuse, no
+    # chunks), then the first ones again with the engine's KV cache switched to fp8.
+    names = ["c=1", "c=2", "poisson20"]
+    expected = [*names, "poisson20 plain", *(f"{n} kv8" for n in names)]
     phases = {p["phase"]: p for p in report["phases"]}
-    assert list(phases) == ["c=1", "c=2", "poisson20", "poisson20 plain"]
+    assert [p["phase"] for p in report["phases"]] == expected
     for phase in report["phases"]:
         assert phase["failed"] == 0 and phase["jobs"] >= 1
         assert phase["tokens"] == 6 * phase["jobs"]
+    assert [r["phase"] for r in report["fp8_kv_ratios"]] == names
     # Poisson phases time every token; the prefix cache serves all but the first prompts,
-    # and the plain phase (no prefix reuse, no chunks) reuses nothing.
+    # and the plain phase reuses nothing.
     for name in ("poisson20", "poisson20 plain"):
         assert phases[name]["token_gap_max_ms"] > 0
     assert phases["poisson20"]["prefill_reused_tokens"] > 0

@@ -77,6 +77,7 @@ def test_each_variant_changes_the_model_only_while_it_lasts(
             model, fp8_agreement.fp8_per_channel, lm_head=True
         ),
         "fp8 KV": lambda: fp8_agreement.fp8_kv_cache(model, kv_scales),
+        "fp8 KV, the engine's": lambda: fp8_agreement.engine_fp8_kv_cache(model),
         "bf16 compute": lambda: fp8_agreement.bf16_compute(model),
     }
     for name, make in variants.items():

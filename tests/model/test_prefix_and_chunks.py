@@ -376,3 +376,20 @@ def test_a_live_row_leaving_while_another_is_mid_prefill(model: Any, tokenizer: 
     assert {k: r.text for k, r in results.items()} == expected
     # The running ones kept getting tokens between the long prompt's chunks.
     assert engine.prefill_stats.cuts >= 5
+
+
+def test_chunks_and_prefix_entries_keep_an_fp8_cache_exact(model: Any, tokenizer: Any) -> None:
+    """With the KV cache in fp8, prefix entries carry the scales and chunks read back the
+    stored keys: the same text as the fp8 engine prefilling whole prompts, no reuse."""
+    requests = [request(d, PENALIZED) for d in [*DESCRIPTIONS, LONG_DESCRIPTION]]
+    plain = make_engine(model, tokenizer, max_seq_len=512, kv_cache="fp8", **PLAIN)
+    expected = [r.text for r in plain.generate(requests)]
+    engine = make_engine(model, tokenizer, max_seq_len=512, kv_cache="fp8", prefill_tokens=16)
+    pad_every_step(engine)
+    first = engine.generate(requests[:1])
+    rest = engine.generate(requests[1:])
+    assert [r.text for r in [*first, *rest]] == expected
+    assert engine.prefill_stats.reused_tokens > 0 and engine.prefill_stats.cuts > 0
+    entry = engine.prefix_cache.entries[0]
+    assert entry.kv.dtype == torch.uint8  # E4M3 bytes, then each position's scale
+    assert entry.kv.shape[-1] == engine.runner.cache.head_dim + 4

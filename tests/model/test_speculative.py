@@ -128,10 +128,10 @@ def requests(samplings: list[SamplingParams]) -> list[GenerationRequest]:
 
 
 def plain_answers(
-    model: Any, tokenizer: Any, batch: list[GenerationRequest]
+    model: Any, tokenizer: Any, batch: list[GenerationRequest], **options: Any
 ) -> tuple[list[str], list[list[int]]]:
     """Plain decoding's texts, and each answer's tokens (read back from the engine rows)."""
-    plain = engine(model, tokenizer, speculation="off")
+    plain = engine(model, tokenizer, speculation="off", **options)
     captured: dict[str, list[int]] = {}
     original = plain._deliver
 
@@ -153,16 +153,25 @@ SAMPLED = [
 ]
 
 
-@pytest.mark.parametrize("wrong", [set(), {0, 5, 6, 19, 20, 21, 30}, set(range(64))])
+@pytest.mark.parametrize(
+    ("wrong", "kv_cache"),
+    [
+        (set(), "bf16"),
+        ({0, 5, 6, 19, 20, 21, 30}, "bf16"),
+        (set(range(64)), "bf16"),
+        ({3, 4, 17}, "fp8"),
+    ],
+)
 def test_verify_steps_give_exactly_the_plain_answers(
-    model: Any, tiny_tokenizer: Any, oracle: type[OracleDrafts], wrong: set[int]
+    model: Any, tiny_tokenizer: Any, oracle: type[OracleDrafts], wrong: set[int], kv_cache: str
 ) -> None:
     """Greedy and seeded rows, penalties, rows of different lengths leaving mid-batch: the
-    same texts as plain decoding, whether the drafts are all right, partly or all wrong."""
+    same texts as plain decoding, whether the drafts are all right, partly or all wrong,
+    and over an fp8 KV cache (its writes and reads are the decode step's)."""
     batch = requests(SAMPLED)
-    texts, answers = plain_answers(model, tiny_tokenizer, batch)
+    texts, answers = plain_answers(model, tiny_tokenizer, batch, kv_cache=kv_cache)
     assert len(set(texts)) == len(texts)
-    fast = engine(model, tiny_tokenizer, speculation="all", draft_tokens=5)
+    fast = engine(model, tiny_tokenizer, speculation="all", draft_tokens=5, kv_cache=kv_cache)
     for request_, answer in zip(batch, answers, strict=True):
         oracle.answers[tuple(plan_answer(tiny_tokenizer, request_).prompt_ids)] = answer
     oracle.wrong = wrong
