@@ -105,6 +105,7 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
     drafted = stats.drafted - before.drafted
     accepted = stats.accepted - before.accepted
     steps = stats.steps - before.steps
+    rows = stats.rows - before.rows
     return {
         "users": users,
         "speculation": speculation,
@@ -117,13 +118,13 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
         "accepted": accepted,
         "acceptance": accepted / drafted if drafted else 0.0,
         "verify_steps": steps,
-        "tokens_per_verify_step": (stats.tokens - before.tokens) / steps / users if steps else 0,
+        "tokens_per_verify_step": (stats.tokens - before.tokens) / rows if rows else 0.0,
         "texts": texts,
     }
 
 
 def refine_table(
-    device: str, users: list[int], jobs: int, new_tokens: int, draft_tokens: int
+    device: str, users: list[int], jobs: int, new_tokens: int, draft_tokens: int, dtype: str
 ) -> list[dict[str, Any]]:
     """Section (1): plain and speculative phases on the embedded model, per user count."""
     from model.fast import FastEngine, FastEngineOptions
@@ -131,7 +132,6 @@ def refine_table(
     from model.prompting import page_body
     from model.spec import resolve_spec
 
-    dtype = "bfloat16" if device == "cuda" else "float32"
     loaded = load_model(resolve_spec(preset="smollm2", device=device, dtype=dtype))
     options = FastEngineOptions(
         max_seq_len=4096,
@@ -249,7 +249,7 @@ def fmt_step(row: dict[str, Any]) -> str:
 REFINE_HEADER = (
     "| users | jobs | page tokens | answer tokens | plain tok/s | speculative tok/s | speed-up "
     "| plain decode tok/s | speculative decode tok/s | decode speed-up "
-    "| drafts kept | tokens / verify step / row | identical answers |\n"
+    "| drafts kept | tokens / row / verify step | identical answers |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 STEP_HEADER = (
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=8, help="refine jobs per phase")
     parser.add_argument("--new-tokens", type=int, default=2048, help="answer budget")
     parser.add_argument("--draft-tokens", type=int, default=8)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="refines' model dtype")
     parser.add_argument("--context", type=int, default=2048, help="step-cost context")
     parser.add_argument("--skip-steps", action="store_true", help="skip the 7B-shape steps")
     parser.add_argument("--skip-refines", action="store_true", help="skip the real refines")
@@ -292,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_refines:
         print("## Refines on the embedded SmolLM2-135M-Instruct\n")
         print(REFINE_HEADER, flush=True)
-        refines = refine_table(args.device, users, args.jobs, args.new_tokens, args.draft_tokens)
+        dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+        print(f"({dtype}, draft of {args.draft_tokens} tokens)\n")
+        refines = refine_table(
+            args.device, users, args.jobs, args.new_tokens, args.draft_tokens, dtype
+        )
     steps: list[dict[str, Any]] = []
     if args.device == "cuda" and not args.skip_steps:
         print("\n## Step costs at CodeLlama-7B's shape (random bf16 weights)\n")

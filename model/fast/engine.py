@@ -79,12 +79,13 @@ SPECULATION_KINDS = ("off", "refine", "all")
 
 @dataclass
 class SpeculationStats:
-    """What speculative decoding did: draft tokens proposed and kept, verify steps run,
-    and the tokens those steps gave (kept drafts plus the model's own one per row)."""
+    """What speculative decoding did: draft tokens proposed and kept, verify steps run and
+    the rows they ran, and the tokens those rows gave (kept drafts plus the model's own one)."""
 
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
+    rows: int = 0
     tokens: int = 0
 
     @property
@@ -564,6 +565,7 @@ class FastEngine:
         now = time.perf_counter()
         stats = self.speculation_stats
         stats.steps += 1
+        stats.rows += len(rows)
         done: list[tuple[_Sequence, FinishReason]] = []
         accept = self.stop_rule.accept
         for seq, draft, tokens in zip(rows, drafts, kept, strict=True):

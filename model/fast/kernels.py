@@ -110,9 +110,11 @@ def kernels() -> Any:
         FP8: tl.constexpr,
         FP8_MAX: tl.constexpr,
         MIN_ABSMAX: tl.constexpr,
+        ROWS_PER_SLOT: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)  # 0..HEADS-1: a query head; then the KV heads
+        slot_row = row // ROWS_PER_SLOT  # the cache row (a verify step: several rows each)
         position = tl.minimum(tl.load(positions_ptr + row), max_position)
         offs = tl.arange(0, HALF)
         cos = tl.load(cos_ptr + position * stride_cos + offs).to(tl.float32)
@@ -130,7 +132,9 @@ def kernels() -> Any:
         else:
             kv_head = head - HEADS
             slot = (
-                row * stride_cache_row + kv_head * stride_cache_head + position * stride_cache_pos
+                slot_row * stride_cache_row
+                + kv_head * stride_cache_head
+                + position * stride_cache_pos
             )
             dtype = k_cache_ptr.dtype.element_ty
             value = qkv_ptr + row * stride_qkv_row + (HEADS + KV_HEADS + kv_head) * (2 * HALF)
@@ -154,7 +158,7 @@ def kernels() -> Any:
                 tl.store(k_cache_ptr + slot + HALF + offs, k_second.to(dtype))
                 tl.store(v_cache_ptr + slot + offs, v_first.to(dtype))
                 tl.store(v_cache_ptr + slot + HALF + offs, v_second.to(dtype))
-                scale_slot = row * stride_scale_row + kv_head * stride_scale_head + position
+                scale_slot = slot_row * stride_scale_row + kv_head * stride_scale_head + position
                 tl.store(k_scale_ptr + scale_slot, k_scale)
                 tl.store(v_scale_ptr + scale_slot, v_scale)
             else:
@@ -189,10 +193,12 @@ def kernels() -> Any:
         BLOCK: tl.constexpr,
         DIM: tl.constexpr,
         FP8: tl.constexpr,
+        ROWS_PER_SLOT: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
+        slot_row = row // ROWS_PER_SLOT
         # Keys [0, position] are live (the current token's was just written); rows padding a
         # batch bucket may hold any position, so the context bucket bounds them too.
         length = tl.minimum(tl.load(positions_ptr + row) + 1, context)
@@ -201,8 +207,8 @@ def kernels() -> Any:
         offs_d = tl.arange(0, DIM)
         q = tl.load(q_ptr + row * stride_q_row + head * stride_q_head + offs_d).to(tl.float32)
         q = q * scale
-        base = row * stride_cache_row + (head // GROUP) * stride_cache_head
-        scale_base = row * stride_scale_row + (head // GROUP) * stride_scale_head
+        base = slot_row * stride_cache_row + (head // GROUP) * stride_cache_head
+        scale_base = slot_row * stride_scale_row + (head // GROUP) * stride_scale_head
         best = tl.full((), float("-inf"), tl.float32)
         total = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((DIM,), dtype=tl.float32)
@@ -288,6 +294,7 @@ def rope_store(
     q_out: torch.Tensor,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    rows_per_slot: int = 1,
 ) -> None:
     """Rotate a decode step's fused ``q|k|v`` and store: q into ``q_out``, k and v in the cache.
 
@@ -295,7 +302,8 @@ def rope_store(
     ``k_cache``/``v_cache`` (slots, kv_heads, max_positions, dim), row ``i`` of the batch being
     slot ``i``; ``q_out`` (b, heads, dim). An fp8 cache (float8_e4m3fn) takes its scales,
     ``k_scales``/``v_scales`` (slots, kv_heads, max_positions) float32, and gets each new
-    vector quantized with a scale of its own.
+    vector quantized with a scale of its own. With ``rows_per_slot`` (a verify step: several
+    tokens of one sequence, each at its own position) row ``i`` is slot ``i // rows_per_slot``.
     """
     b, heads, dim = q_out.shape
     kv_heads = k_cache.shape[1]
@@ -328,6 +336,7 @@ def rope_store(
         FP8=k_cache.dtype == torch.float8_e4m3fn,
         FP8_MAX=E4M3_MAX,
         MIN_ABSMAX=MIN_KV_ABSMAX,
+        ROWS_PER_SLOT=rows_per_slot,
     )
 
 
@@ -430,12 +439,15 @@ def decode_attention(
     out: torch.Tensor,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    rows_per_slot: int = 1,
 ) -> None:
     """One query per row over its own keys ``[0, min(position + 1, context))``, into ``out``.
 
     ``q`` (b, heads, dim); caches (slots, kv_heads, T, dim) with rows ``[:b]`` in use;
     ``out`` (b, heads * dim). Query head ``h`` reads KV head ``h // (heads // kv_heads)``.
-    An fp8 cache comes with its scales (see :func:`rope_store`).
+    An fp8 cache comes with its scales (see :func:`rope_store`). With ``rows_per_slot``, row
+    ``i`` reads slot ``i // rows_per_slot``: the rows of one sequence at successive positions
+    attend causally among themselves, as their keys are already in the cache.
     """
     b, heads, dim = q.shape
     group = heads // k_cache.shape[1]
@@ -471,6 +483,7 @@ def decode_attention(
         BLOCK=min(BLOCK_KEYS, split),
         DIM=dim,
         FP8=k_cache.dtype == torch.float8_e4m3fn,
+        ROWS_PER_SLOT=rows_per_slot,
         num_warps=ATTENTION_WARPS,
     )
     ops.reduce[(b, heads)](

@@ -13,7 +13,10 @@ the model's own). The answer is therefore the one plain decoding writes, token f
 for greedy and sampled rows alike; a wrong draft costs only the extra positions' compute.
 
 Its shapes are fixed per (batch bucket, context bucket), so it is captured in CUDA graphs
-like the decode step (``model.fast.graphs``), with its own set of graphs. The rows' state is
+like the decode step (``model.fast.graphs``), with its own set of graphs. With the Triton
+attention it runs the decode step's kernels, each of a row's ``k + 1`` tokens as a row of its
+own on the row's slot (``rows_per_slot``): a token's keys stop at its own position, which is
+the causal mask; other attentions use a mask over the cache (SDPA or matmul). The rows' state is
 updated in place for the next step: input token, position, seen set and banned-strings state.
 KV is written for all ``k + 1`` positions; those past the kept ones are overwritten before
 any query can see them (a key is visible only to queries at its position or later).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model.fast import kernels
 from model.fast.forward import LlamaForward
 from model.sampling import sample_rows
 
@@ -55,17 +59,51 @@ class VerifyStep:
         counters = start[:, None] + self.offsets[None, :] + 1  # the sampler's, as in decode
         positions = (counters - 1).clamp(max=fwd.max_seq_len - 1)
         flat_positions = positions.reshape(-1)
-        cos = fwd.cos[flat_positions][:, None, :]
-        sin = fwd.sin[flat_positions][:, None, :]
-        rows = fwd.rows[:b].repeat_interleave(width)
-        bias = self._bias(positions, ctx)
+        if fwd.attention != "triton":
+            cos = fwd.cos[flat_positions][:, None, :]
+            sin = fwd.sin[flat_positions][:, None, :]
+            rows = fwd.rows[:b].repeat_interleave(width)
+            bias = self._bias(positions, ctx)
         x = w.embed[inputs.reshape(-1)]
         layers = w.layers
         h = fwd._norm(x, layers[0].input_norm, w.eps)
+        triton = fwd.attention == "triton"
+        if triton:
+            # The decode kernels, each row's k + 1 tokens as rows of their own on its slot.
+            queries = torch.empty((total, w.n_heads, w.head_dim), dtype=w.dtype, device=x.device)
+            attended = torch.empty((total, w.n_heads * w.head_dim), dtype=w.dtype, device=x.device)
         for index, layer in enumerate(layers):
-            q, kv = fwd._rope_kv(layer.qkv(h), cos, sin, w.n_heads, w.n_kv)
-            cache.write_kv(index, rows, flat_positions, kv)  # every position's K and V at once
-            attn = self._attend(q, b, ctx, index, bias)
+            if triton:
+                keys, values, k_scales, v_scales = cache.layer_kv(index)
+                kernels.rope_store(
+                    layer.qkv(h),
+                    fwd.cos,
+                    fwd.sin,
+                    flat_positions,
+                    keys,
+                    values,
+                    queries,
+                    k_scales,
+                    v_scales,
+                    rows_per_slot=width,
+                )
+                kernels.decode_attention(
+                    queries,
+                    keys,
+                    values,
+                    flat_positions,
+                    ctx,
+                    fwd.scale,
+                    attended,
+                    k_scales,
+                    v_scales,
+                    rows_per_slot=width,
+                )
+                attn = attended
+            else:
+                q, kv = fwd._rope_kv(layer.qkv(h), cos, sin, w.n_heads, w.n_kv)
+                cache.write_kv(index, rows, flat_positions, kv)  # every position's K and V
+                attn = self._attend(q, b, ctx, index, bias)
             x, h = fwd._add_norm(x, layer.o(attn), layer.post_norm, w.eps)
             down = layer.down(fwd._silu_mul(layer.gate_up(h)))
             following = layers[index + 1].input_norm if index + 1 < len(layers) else None
@@ -148,7 +186,7 @@ class VerifyStep:
         if fwd.attention == "matmul":
             scores = torch.matmul(q, keys.transpose(-1, -2)).float() * fwd.scale + bias
             out = torch.matmul(scores.softmax(dim=-1).to(q.dtype), values)
-        else:  # the Triton kernels take one query a row: SDPA runs the verify step for them
+        else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=fwd.scale)
         out = out.view(b, w.n_heads, width, w.head_dim).transpose(1, 2)
         return out.reshape(b * width, w.n_heads * w.head_dim)

@@ -154,24 +154,34 @@ SAMPLED = [
 
 
 @pytest.mark.parametrize(
-    ("wrong", "kv_cache"),
+    ("wrong", "kv_cache", "attention"),
     [
-        (set(), "bf16"),
-        ({0, 5, 6, 19, 20, 21, 30}, "bf16"),
-        (set(range(64)), "bf16"),
-        ({3, 4, 17}, "fp8"),
+        (set(), "bf16", "sdpa"),
+        ({0, 5, 6, 19, 20, 21, 30}, "bf16", "sdpa"),
+        (set(range(64)), "bf16", "matmul"),
+        ({3, 4, 17}, "fp8", "sdpa"),
+        ({2, 9, 10}, "bf16", "triton"),
+        ({2, 9, 10}, "fp8", "triton"),
     ],
 )
 def test_verify_steps_give_exactly_the_plain_answers(
-    model: Any, tiny_tokenizer: Any, oracle: type[OracleDrafts], wrong: set[int], kv_cache: str
+    model: Any,
+    tiny_tokenizer: Any,
+    oracle: type[OracleDrafts],
+    wrong: set[int],
+    kv_cache: str,
+    attention: str,
 ) -> None:
     """Greedy and seeded rows, penalties, rows of different lengths leaving mid-batch: the
     same texts as plain decoding, whether the drafts are all right, partly or all wrong,
-    and over an fp8 KV cache (its writes and reads are the decode step's)."""
+    over an fp8 KV cache (its writes and reads are the decode step's), with each attention
+    (the Triton kernels under their CPU interpreter)."""
     batch = requests(SAMPLED)
-    texts, answers = plain_answers(model, tiny_tokenizer, batch, kv_cache=kv_cache)
+    options = {"kv_cache": kv_cache, "attention": attention}
+    texts, answers = plain_answers(model, tiny_tokenizer, batch, **options)
     assert len(set(texts)) == len(texts)
-    fast = engine(model, tiny_tokenizer, speculation="all", draft_tokens=5, kv_cache=kv_cache)
+    fast = engine(model, tiny_tokenizer, speculation="all", draft_tokens=5, **options)
+    assert fast.runner.attention == attention
     for request_, answer in zip(batch, answers, strict=True):
         oracle.answers[tuple(plan_answer(tiny_tokenizer, request_).prompt_ids)] = answer
     oracle.wrong = wrong
