@@ -16,7 +16,8 @@ Its shapes are fixed per (batch bucket, context bucket), so it is captured in CU
 like the decode step (``model.fast.graphs``), with its own set of graphs. With the Triton
 attention it runs the decode step's kernels, each of a row's ``k + 1`` tokens as a row of its
 own on the row's slot (``rows_per_slot``): a token's keys stop at its own position, which is
-the causal mask; other attentions use a mask over the cache (SDPA or matmul). The rows' state is
+the causal mask (at one row; with more, each would read its keys again, so SDPA with a mask
+runs them), and other attentions use the mask too (SDPA or matmul). The rows' state is
 updated in place for the next step: input token, position, seen set and banned-strings state.
 KV is written for all ``k + 1`` positions; those past the kept ones are overwritten before
 any query can see them (a key is visible only to queries at its position or later).
@@ -59,7 +60,12 @@ class VerifyStep:
         counters = start[:, None] + self.offsets[None, :] + 1  # the sampler's, as in decode
         positions = (counters - 1).clamp(max=fwd.max_seq_len - 1)
         flat_positions = positions.reshape(-1)
-        if fwd.attention != "triton":
+        # The Triton kernels take each of a row's k + 1 tokens as a row of its own, so each
+        # reads the slot's keys again: at one row that costs less than a masked SDPA (6.0 vs
+        # 6.3 ms a step at CodeLlama-7B's shape on an H200), at 8 rows far more (16.4 vs
+        # 8.9 ms; bench/RESULTS.md, "Speculative refine").
+        triton = fwd.attention == "triton" and b == 1
+        if not triton:
             cos = fwd.cos[flat_positions][:, None, :]
             sin = fwd.sin[flat_positions][:, None, :]
             rows = fwd.rows[:b].repeat_interleave(width)
@@ -67,7 +73,6 @@ class VerifyStep:
         x = w.embed[inputs.reshape(-1)]
         layers = w.layers
         h = fwd._norm(x, layers[0].input_norm, w.eps)
-        triton = fwd.attention == "triton"
         if triton:
             # The decode kernels, each row's k + 1 tokens as rows of their own on its slot.
             queries = torch.empty((total, w.n_heads, w.head_dim), dtype=w.dtype, device=x.device)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from model import prompting
-from model.fast import FastEngine, FastEngineOptions
+from model.fast import FastEngine, FastEngineOptions, kernels
 from model.fast import engine as engine_module
 from model.fast.speculative import PromptLookup
 from model.prompting import plan_answer
@@ -360,3 +360,30 @@ def test_verify_steps_beside_a_refine_prefilled_in_chunks(
     assert [r.text for r in results] == texts
     assert fast.prefill_stats.cuts > 0
     assert fast.speculation_stats.accepted == fast.speculation_stats.drafted > 0
+
+
+@pytest.mark.parametrize("kv_cache", ["bf16", "fp8"])
+def test_a_lone_row_verifies_through_the_triton_kernels(
+    model: Any, tiny_tokenizer: Any, oracle: type[OracleDrafts], kv_cache: str
+) -> None:
+    """One row: the verify step runs the decode kernels with its k + 1 tokens as rows of
+    their own (more rows go through SDPA); the answer is plain decoding's."""
+    batch = requests(SAMPLED[1:2])
+    options = {"kv_cache": kv_cache, "attention": "triton"}
+    texts, answers = plain_answers(model, tiny_tokenizer, batch, **options)
+    oracle.answers[tuple(plan_answer(tiny_tokenizer, batch[0]).prompt_ids)] = answers[0]
+    oracle.wrong = {4, 11, 12}
+    fast = engine(model, tiny_tokenizer, speculation="all", draft_tokens=5, **options)
+    calls: list[int] = []
+    original = kernels.decode_attention
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs.get("rows_per_slot", 1))
+        original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "decode_attention", counted)
+        (result,) = fast.generate(batch)
+    assert result.text == texts[0]
+    assert 6 in calls  # verify steps: 1 + 5 rows on the slot
+    assert 0 < fast.speculation_stats.accepted < fast.speculation_stats.drafted
