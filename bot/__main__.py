@@ -82,6 +82,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_prompt_chars=settings.max_prompt_chars,
         cpu_threads=settings.cpu_threads,
         kv_cache=settings.kv_cache,
+        speculation=settings.speculation,
     )
 
 

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # The continuous engine's KV cache: "bf16" (the model's dtype) or "fp8" (E4M3 with a
     # scale per token and head: half the bytes a decode step reads, twice the slots).
     kv_cache: Literal["bf16", "fp8"] = "bf16"
+    # Speculative decoding in the continuous engine (model.fast.speculative): "refine" jobs
+    # draft from the page they rewrite, "all" document jobs draft from their own text, "off".
+    speculation: Literal["refine", "all", "off"] = "refine"
     max_new_tokens: int = Field(default=1536, ge=16, le=32768)
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
     # "compose": the model writes the content, the project's themes the page; "document":

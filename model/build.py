@@ -32,6 +32,8 @@ EngineKind = Literal["auto", "standard", "continuous"]
 # The continuous engine's KV cache: the model's dtype, or E4M3 with a scale per token and head
 # (model.fast.kv_cache). The standard engine keeps transformers' cache whatever this says.
 KvCacheFormat = Literal["bf16", "fp8"]
+# Which jobs the continuous engine decodes speculatively (model.fast.speculative).
+Speculation = Literal["refine", "all", "off"]
 # What ``build_engine`` returns: the standard engine is a TextGenerator, the continuous one
 # both (the worker serves it through ``serve`` when it has it).
 GeneratingEngine = TextGenerator | ContinuousGenerator
@@ -58,7 +60,8 @@ class EngineConfig:
     ``cpu_threads`` is torch's thread count on a CPU (None: :mod:`model.threads` picks).
     ``warmup`` captures the continuous engine's CUDA graphs before returning (~30 s for a
     7B model) rather than on users' first jobs; it does nothing on a CPU. ``kv_cache`` is the
-    continuous engine's KV-cache format (the bot's ``KV_CACHE``).
+    continuous engine's KV-cache format (the bot's ``KV_CACHE``), ``speculation`` which of its
+    jobs draft tokens (``SPECULATION``).
     """
 
     kind: EngineKind = "auto"
@@ -68,6 +71,7 @@ class EngineConfig:
     cpu_threads: int | None = None
     warmup: bool = True
     kv_cache: KvCacheFormat = "bf16"
+    speculation: Speculation = "refine"
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(EngineKind):
@@ -76,6 +80,9 @@ class EngineConfig:
         if self.kv_cache not in get_args(KvCacheFormat):
             formats = ", ".join(get_args(KvCacheFormat))
             raise ValueError(f"kv_cache must be one of {formats}, not {self.kv_cache!r}")
+        if self.speculation not in get_args(Speculation):
+            kinds = ", ".join(get_args(Speculation))
+            raise ValueError(f"speculation must be one of {kinds}, not {self.speculation!r}")
         for name in ("max_batch", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -111,7 +118,8 @@ def batch_size(engine: object, max_batch: int | None) -> int:
 
 def continuous_options(config: EngineConfig, *, weights: str = "bf16") -> FastEngineOptions:
     """The continuous engine's options for ``config``: its slot count and slot length, its
-    weight format (``"fp8"`` for ``MODEL_QUANTIZATION=fp8``) and its KV-cache format."""
+    weight format (``"fp8"`` for ``MODEL_QUANTIZATION=fp8``), its KV-cache format and which
+    jobs it decodes speculatively."""
     from model.fast import FastEngineOptions
 
     prompt_tokens = TEMPLATE_TOKENS + config.max_prompt_chars // CHARS_PER_TOKEN
@@ -120,6 +128,7 @@ def continuous_options(config: EngineConfig, *, weights: str = "bf16") -> FastEn
         max_seq_len=max(FastEngineOptions.max_seq_len, prompt_tokens + config.max_new_tokens),
         weights=weights,
         kv_cache=config.kv_cache,
+        speculation=config.speculation,
     )
 
 

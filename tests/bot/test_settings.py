@@ -61,6 +61,21 @@ def test_kv_cache_reaches_the_engine_config_and_a_bad_one_is_named(
     assert "'bf16'" in str(info.value) and "'fp8'" in str(info.value)
 
 
+def test_speculation_reaches_the_engine_config_and_a_bad_one_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bot.__main__ import engine_config
+
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    assert engine_config(load_settings()).speculation == "refine"
+    monkeypatch.setenv("SPECULATION", "off")
+    assert engine_config(load_settings()).speculation == "off"
+    monkeypatch.setenv("SPECULATION", "maybe")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).startswith("SPECULATION: ")
+
+
 def test_dotenv_file_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"DISCORD_TOKEN={TOKEN}\nMAX_BATCH=4\n")
     settings = load_settings()

@@ -54,6 +54,8 @@ def test_continuous_slots_hold_a_whole_prompt_and_answer() -> None:
     assert long.max_seq_len >= 4000 + 1500
     assert small.kv_cache == "bf16"
     assert continuous_options(EngineConfig(kv_cache="fp8")).kv_cache == "fp8"
+    assert small.speculation == "refine"
+    assert continuous_options(EngineConfig(speculation="off")).speculation == "off"
 
 
 @pytest.mark.parametrize(
@@ -64,6 +66,7 @@ def test_continuous_slots_hold_a_whole_prompt_and_answer() -> None:
         {"cpu_threads": 0},
         {"max_new_tokens": 0},
         {"kv_cache": "fp16"},
+        {"speculation": "sometimes"},
     ],
 )
 def test_engine_config_refuses_nonsense(changes: dict[str, Any]) -> None:
