@@ -1,6 +1,6 @@
 """The continuous-batching GPU engine for Llama models, one module per concern.
 
-- ``engine``: :class:`FastEngine` and :class:`FastEngineOptions`, the scheduling: requests
+- ``engine``: :class:`FastEngine`, the scheduling: requests
   admitted into free rows, prefilled in batches, decoded together, delivered when
   ``model.stopping.StopRule`` says they are finished, cancelled ones dropped at once.
 - ``runner``: :class:`FastLlama`, what the engine drives: the pieces below wired together,
@@ -17,6 +17,12 @@
 - ``prefix_cache``: :class:`~model.fast.prefix_cache.PrefixCache`, the KV of prompt prefixes
   many prompts share (template, system prompt), copied into new rows instead of prefilled.
 - ``prefill_plan``: which prompt tokens one prefill takes (chunks under a token budget).
+- ``sequences``: :class:`FastEngineOptions`, and each served request's state (row, prompt,
+  answer so far, constraint, drafter).
+- ``speculative`` and ``verify``: prompt-lookup drafts (:class:`PromptLookup`) and the verify
+  step that checks a draft of ``k`` tokens per row in one forward (its own CUDA graphs).
+- ``fp8_gemm``, ``fp8_splitk``, ``fp8_tuning``, ``fp8_prefill``: FP8 weights' kernels, which
+  one serves how many rows, their per-shape configurations, and prefill sizes.
 
 Sampling (``model.sampling``) and the stop rule (``model.stopping``) are shared with the
 standard engine, ``model.engine``.
@@ -24,11 +30,12 @@ standard engine, ``model.engine``.
 
 from __future__ import annotations
 
-from model.fast.engine import FastEngine, FastEngineOptions
+from model.fast.engine import FastEngine
 from model.fast.forward import LlamaForward
 from model.fast.graphs import DecodeGraphs
 from model.fast.kv_cache import SlotCache
 from model.fast.runner import FastLlama
+from model.fast.sequences import FastEngineOptions
 from model.fast.weights import LlamaWeights
 
 __all__ = [

@@ -46,12 +46,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from model.constrained import (
     BannedStrings,
-    TokenConstraint,
     ban_automaton,
     constraint_for,
     fill_masks,
@@ -60,8 +58,14 @@ from model.constrained import (
 from model.fast.prefill_plan import PrefillStats, plan_chunks
 from model.fast.prefix_cache import PrefixCache, PrefixHit, read_prefix, write_prefix
 from model.fast.runner import FastLlama
+from model.fast.sequences import (
+    SPECULATION_KINDS,
+    FastEngineOptions,
+    ServedSequence,
+    SpeculationStats,
+)
 from model.fast.speculative import PromptLookup
-from model.prompting import BANNED_STRINGS, AnswerPlan, plan_answer
+from model.prompting import BANNED_STRINGS, plan_answer
 from model.stopping import StopRule, cut_after_page
 from model.types import (
     FinishReason,
@@ -73,120 +77,6 @@ from model.types import (
 )
 
 log = logging.getLogger(__name__)
-
-SPECULATION_KINDS = ("off", "refine", "all")
-
-
-@dataclass
-class SpeculationStats:
-    """What speculative decoding did: draft tokens proposed and kept, verify steps run and
-    the rows they ran, and the tokens those rows gave (kept drafts plus the model's own one)."""
-
-    drafted: int = 0
-    accepted: int = 0
-    steps: int = 0
-    rows: int = 0
-    tokens: int = 0
-
-    @property
-    def acceptance(self) -> float:
-        """The share of drafted tokens the model agreed with."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-
-@dataclass(frozen=True)
-class FastEngineOptions:
-    """Settings of :class:`FastEngine`.
-
-    ``max_slots=None`` sizes the KV cache from free GPU memory (8 slots on CPU).
-    ``ignore_eos`` runs every request to ``max_new_tokens`` (EOS and ``</html>`` ignored):
-    for benchmarks, where random weights must produce fixed-length answers.
-
-    ``prefill_tokens`` bounds the prompt tokens one prefill runs between two decode steps:
-    every running sequence waits for that prefill, so it bounds the gap between two of their
-    tokens (512 tokens of a 7B: ~10-15 ms on an H100-class GPU by its FLOPs, an estimate;
-    ``bench/serving.py`` measures the longest gap). With ``chunked_prefill`` the budget is
-    filled across the waiting prompts and the last one is cut: a longer prompt (a refine
-    carries a whole page, 1,000-2,000 tokens) is prefilled over several iterations and joins
-    the decode batch after its last chunk. Without, whole prompts are taken while they fit,
-    at least one however long (the engine before chunking, with 2048).
-
-    ``prefix_cache`` keeps the KV of prompt prefixes that prompts share (the template and
-    system prompt), at most ``prefix_cache_mb`` of it on the device (taken from the memory
-    the KV cache leaves free), and copies it into each new row instead of prefilling it
-    again (``model.fast.prefix_cache``). Both may be switched between serve() calls.
-    """
-
-    max_seq_len: int = 2048
-    max_slots: int | None = None
-    memory_fraction: float = 0.92
-    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps, at most
-    chunked_prefill: bool = True
-    prefix_cache: bool = True
-    prefix_cache_mb: int = 256
-    use_cuda_graphs: bool = True
-    compile_kernels: bool = True
-    attention: str = "auto"  # Triton kernels on CUDA, else "sdpa"; or "matmul"
-    progress_interval_s: float = 0.25
-    ignore_eos: bool = False
-    idle_wait: bool = True  # pass wait=True to take() when nothing runs
-    # After an idle engine takes a request, how long it waits for others arriving with it
-    # (many users at once): they then share one prefill instead of one each.
-    burst_window_s: float = 0.005
-    # "fp8": the decoder's projections in E4M3 (Hopper/Ada; model.fast.fp8_gemm), else bf16.
-    weights: str = "bf16"
-    # Prompt-lookup speculative decoding (model.fast.speculative, model.fast.verify): which
-    # requests draft ("refine": those that rewrite a page the prompt holds; "all": every
-    # document; "off"), how many tokens a draft has, and up to how many rows a verify step
-    # runs (past that, plain steps: a big batch is already compute-bound enough).
-    speculation: str = "refine"
-    draft_tokens: int = 8
-    speculative_rows: int = 16
-    # "fp8": K and V stored as E4M3 with a scale per token and head (model.fast.kv_cache):
-    # half the cache bytes a step reads, twice the slots; "bf16": the model's dtype.
-    kv_cache: str = "bf16"
-
-
-@dataclass
-class _Sequence:
-    request: GenerationRequest
-    plan: AnswerPlan
-    prompt: list[int]
-    max_new: int
-    started: float
-    constraint: TokenConstraint | None = None
-    # Its banned strings run on the device from this state (0: none there).
-    ban_state: int = 0
-    row: int = -1
-    # Prompt tokens whose KV is in its row (earlier chunks, a shared prefix copied in).
-    prefilled: int = 0
-    first_token_at: float | None = None
-    last_progress: float = 0.0
-    generated: list[int] = field(default_factory=list)
-    # Stays empty: forced tokens go one decode step each here (StopRule without jump_forward).
-    forced: list[int] = field(default_factory=list)
-    launched: int = 0  # input tokens of steps launched for it (a step may be in flight)
-    drafter: PromptLookup | None = None  # drafts for verify steps (None: plain steps only)
-    done: bool = False  # finished or cancelled: tokens of steps in flight are dropped
-
-    @property
-    def host_masked(self) -> bool:
-        """Its mask must be filled by the host before each step (a grammar)."""
-        return self.constraint is not None and self.ban_state == 0
-
-    @property
-    def host_constraint(self) -> TokenConstraint | None:
-        """Its constraint when the host advances it (not one run on the device)."""
-        return self.constraint if self.ban_state == 0 else None
-
-    @property
-    def is_form(self) -> bool:
-        return self.plan.grammar is not None
-
-    @property
-    def cached(self) -> int:
-        """Positions of its KV written once every launched step has run."""
-        return len(self.prompt) + self.launched
 
 
 class FastEngine:
@@ -302,10 +192,10 @@ class FastEngine:
     ) -> None:
         """Serve until ``stop`` is set; running requests are then cancelled and delivered."""
         with self._lock:
-            live: list[_Sequence] = []
-            waiting: deque[_Sequence] = deque()
+            live: list[ServedSequence] = []
+            waiting: deque[ServedSequence] = deque()
             # The step in flight and the rows it ran (row -> sequence at launch time).
-            inflight: tuple[tuple[int, int], list[_Sequence]] | None = None
+            inflight: tuple[tuple[int, int], list[ServedSequence]] | None = None
             try:
                 while not stop.is_set():
                     self._drop_cancelled(live, waiting, finished)
@@ -352,7 +242,7 @@ class FastEngine:
     # ------------------------------------------------------------------ steps
 
     def _admit(
-        self, request: GenerationRequest, waiting: deque[_Sequence], finished: ResultSink
+        self, request: GenerationRequest, waiting: deque[ServedSequence], finished: ResultSink
     ) -> None:
         now = time.perf_counter()
         plan = plan_answer(self.tokenizer, request)
@@ -368,7 +258,9 @@ class FastEngine:
             prompt = prompt[-(limit // 2) :]
         # The token budget also keeps prompt + answer inside the sequence's cache row.
         max_new = min(request.sampling.max_new_tokens, limit - len(prompt))
-        seq = _Sequence(request=request, plan=plan, prompt=prompt, max_new=max_new, started=now)
+        seq = ServedSequence(
+            request=request, plan=plan, prompt=prompt, max_new=max_new, started=now
+        )
         if self.constrain:
             seq.constraint = constraint_for(plan, self.tokenizer, self.runner.vocab_size)
             offset = self._ban_offsets.get(plan.banned)
@@ -381,7 +273,7 @@ class FastEngine:
             return
         waiting.append(seq)
 
-    def _drafts_for(self, seq: _Sequence) -> bool:
+    def _drafts_for(self, seq: ServedSequence) -> bool:
         """Whether ``seq`` drafts: per ``options.speculation``, and never under a grammar
         (its masks are filled on the host one token at a time)."""
         kind = self.options.speculation
@@ -390,7 +282,7 @@ class FastEngine:
         return kind == "all" or seq.request.is_refine
 
     def _drop_cancelled(
-        self, live: list[_Sequence], waiting: deque[_Sequence], finished: ResultSink
+        self, live: list[ServedSequence], waiting: deque[ServedSequence], finished: ResultSink
     ) -> None:
         for seq in [s for s in waiting if s.request.cancelled]:
             waiting.remove(seq)
@@ -403,8 +295,8 @@ class FastEngine:
 
     def _prefill(
         self,
-        live: list[_Sequence],
-        waiting: deque[_Sequence],
+        live: list[ServedSequence],
+        waiting: deque[ServedSequence],
         finished: ResultSink,
         progress: ProgressCallback | None,
     ) -> None:
@@ -495,7 +387,7 @@ class FastEngine:
                 prefixes.learn(seq.prompt, functools.partial(read_prefix, cache, seq.row))
         live.extend(ready)
         assert all(s.row == i for i, s in enumerate(live)), "slot rows out of order"
-        done: list[tuple[_Sequence, FinishReason]] = []
+        done: list[tuple[ServedSequence, FinishReason]] = []
         accept = self.stop_rule.accept
         for seq, token in zip(ready, tokens, strict=True):
             seq.first_token_at = now
@@ -507,7 +399,7 @@ class FastEngine:
                 self._report(seq, progress, now, force=True)
         self._deliver(live, done, finished)
 
-    def _fill_masks(self, seqs: list[_Sequence]) -> None:
+    def _fill_masks(self, seqs: list[ServedSequence]) -> None:
         """Fill and upload the next-token masks of the rows whose host fills them."""
         masked = [seq for seq in seqs if seq.host_masked]
         if not masked:
@@ -516,14 +408,14 @@ class FastEngine:
         fill_masks([seq.constraint for seq in masked], bitmask)
         self.runner.cache.set_masks([seq.row for seq in masked], bitmask)
 
-    def _launch(self, live: list[_Sequence]) -> tuple[tuple[int, int], list[_Sequence]]:
+    def _launch(self, live: list[ServedSequence]) -> tuple[tuple[int, int], list[ServedSequence]]:
         context = max(s.cached for s in live) + 1
         ticket = self.runner.launch(len(live), context)
         for seq in live:
             seq.launched += 1
         return ticket, list(live)
 
-    def _speculating(self, live: list[_Sequence]) -> bool:
+    def _speculating(self, live: list[ServedSequence]) -> bool:
         """Whether this step is a verify step's turn: a row that drafts, few enough rows for
         the verify graphs, none under a host-filled mask, and room in every row for a draft."""
         runner = self.runner
@@ -536,7 +428,7 @@ class FastEngine:
         room = runner.max_seq_len - runner.cache.draft_tokens - 1
         return max(seq.cached for seq in live) <= room
 
-    def _drafts(self, live: list[_Sequence]) -> list[list[int]]:
+    def _drafts(self, live: list[ServedSequence]) -> list[list[int]]:
         """Each live row's draft (empty where it has none)."""
         count = self.runner.cache.draft_tokens
         drafts: list[list[int]] = []
@@ -553,7 +445,7 @@ class FastEngine:
 
     def _verify(
         self,
-        live: list[_Sequence],
+        live: list[ServedSequence],
         drafts: list[list[int]],
         finished: ResultSink,
         progress: ProgressCallback | None,
@@ -566,7 +458,7 @@ class FastEngine:
         stats = self.speculation_stats
         stats.steps += 1
         stats.rows += len(rows)
-        done: list[tuple[_Sequence, FinishReason]] = []
+        done: list[tuple[ServedSequence, FinishReason]] = []
         accept = self.stop_rule.accept
         for seq, draft, tokens in zip(rows, drafts, kept, strict=True):
             seq.launched += len(tokens)
@@ -585,15 +477,15 @@ class FastEngine:
 
     def _collect(
         self,
-        inflight: tuple[tuple[int, int], list[_Sequence]],
-        live: list[_Sequence],
+        inflight: tuple[tuple[int, int], list[ServedSequence]],
+        live: list[ServedSequence],
         finished: ResultSink,
         progress: ProgressCallback | None,
     ) -> None:
         ticket, rows = inflight
         tokens = self.runner.collect(ticket)
         now = time.perf_counter()
-        done: list[tuple[_Sequence, FinishReason]] = []
+        done: list[tuple[ServedSequence, FinishReason]] = []
         accept = self.stop_rule.accept
         for seq, token in zip(rows, tokens, strict=True):
             if seq.done:  # finished or cancelled after this step was launched
@@ -606,7 +498,11 @@ class FastEngine:
         self._deliver(live, done, finished)
 
     def _report(
-        self, seq: _Sequence, progress: ProgressCallback | None, now: float, force: bool = False
+        self,
+        seq: ServedSequence,
+        progress: ProgressCallback | None,
+        now: float,
+        force: bool = False,
     ) -> None:
         if progress is None:
             return
@@ -620,8 +516,8 @@ class FastEngine:
 
     def _deliver(
         self,
-        live: list[_Sequence],
-        done: list[tuple[_Sequence, FinishReason]],
+        live: list[ServedSequence],
+        done: list[tuple[ServedSequence, FinishReason]],
         finished: ResultSink,
     ) -> None:
         if not done:
@@ -630,7 +526,7 @@ class FastEngine:
         for seq, reason in done:
             finished(self._result(seq, reason))
 
-    def _release(self, live: list[_Sequence], gone: list[_Sequence]) -> None:
+    def _release(self, live: list[ServedSequence], gone: list[ServedSequence]) -> None:
         """Remove ``gone`` from ``live``, moving the last live rows into the holes."""
         leaving = {id(s) for s in gone}
         for seq in gone:
@@ -648,7 +544,7 @@ class FastEngine:
             live.pop()
         assert all(s.row == i for i, s in enumerate(live)), "slot rows out of order"
 
-    def _result(self, seq: _Sequence, reason: FinishReason) -> GenerationResult:
+    def _result(self, seq: ServedSequence, reason: FinishReason) -> GenerationResult:
         now = time.perf_counter()
         text = seq.plan.prefix + self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         if reason == FinishReason.HTML_COMPLETE:
