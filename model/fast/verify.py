@@ -14,13 +14,14 @@ for greedy and sampled rows alike; a wrong draft costs only the extra positions'
 
 Its shapes are fixed per (batch bucket, context bucket), so it is captured in CUDA graphs
 like the decode step (``model.fast.graphs``), with its own set of graphs. With the Triton
-attention it runs the decode step's kernels, each of a row's ``k + 1`` tokens as a row of its
-own on the row's slot (``rows_per_slot``): a token's keys stop at its own position, which is
-the causal mask (at one row; with more, each would read its keys again, so SDPA with a mask
-runs them), and other attentions use the mask too (SDPA or matmul). The rows' state is
-updated in place for the next step: input token, position, seen set and banned-strings state.
-KV is written for all ``k + 1`` positions; those past the kept ones are overwritten before
-any query can see them (a key is visible only to queries at its position or later).
+attention it writes K and V with the decode step's kernel, each of a row's ``k + 1`` tokens
+as a row of its own on the row's slot (``rows_per_slot``), and attends with
+``model.fast.verify_attention``: each key read once for the slot's tokens, each token's keys
+stopping at its own position (the causal mask). Other attentions take a mask (SDPA, matmul).
+The rows' state is updated in place for the next step: input token, position, seen set and
+banned-strings state. KV is written for all ``k + 1`` positions; those past the kept ones are
+overwritten before any query can see them (a key is visible only to queries at its position
+or later).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from model.fast import kernels
 from model.fast.forward import LlamaForward
+from model.fast.verify_attention import verify_attention
 from model.sampling import sample_rows
 
 
@@ -60,11 +62,7 @@ class VerifyStep:
         counters = start[:, None] + self.offsets[None, :] + 1  # the sampler's, as in decode
         positions = (counters - 1).clamp(max=fwd.max_seq_len - 1)
         flat_positions = positions.reshape(-1)
-        # The Triton kernels take each of a row's k + 1 tokens as a row of its own, so each
-        # reads the slot's keys again: at one row that costs less than a masked SDPA (6.0 vs
-        # 6.3 ms a step at CodeLlama-7B's shape on an H200), at 8 rows far more (16.4 vs
-        # 8.9 ms; bench/RESULTS.md, "Speculative refine").
-        triton = fwd.attention == "triton" and b == 1
+        triton = fwd.attention == "triton"
         if not triton:
             cos = fwd.cos[flat_positions][:, None, :]
             sin = fwd.sin[flat_positions][:, None, :]
@@ -92,7 +90,8 @@ class VerifyStep:
                     v_scales,
                     rows_per_slot=width,
                 )
-                kernels.decode_attention(
+                # Each key read once for the slot's k + 1 queries (model.fast.verify_attention).
+                verify_attention(
                     queries,
                     keys,
                     values,
@@ -100,9 +99,9 @@ class VerifyStep:
                     ctx,
                     fwd.scale,
                     attended,
+                    width,
                     k_scales,
                     v_scales,
-                    rows_per_slot=width,
                 )
                 attn = attended
             else:

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from model import prompting
-from model.fast import FastEngine, FastEngineOptions, kernels
+from model.fast import FastEngine, FastEngineOptions
 from model.fast import engine as engine_module
+from model.fast import verify as verify_module
 from model.fast.speculative import PromptLookup
 from model.prompting import plan_answer
 from model.types import GenerationRequest, SafetyPolicy, SamplingParams
@@ -363,27 +364,29 @@ def test_verify_steps_beside_a_refine_prefilled_in_chunks(
 
 
 @pytest.mark.parametrize("kv_cache", ["bf16", "fp8"])
-def test_a_lone_row_verifies_through_the_triton_kernels(
+def test_triton_verify_steps_read_each_slot_once_and_stay_exact(
     model: Any, tiny_tokenizer: Any, oracle: type[OracleDrafts], kv_cache: str
 ) -> None:
-    """One row: the verify step runs the decode kernels with its k + 1 tokens as rows of
-    their own (more rows go through SDPA); the answer is plain decoding's."""
-    batch = requests(SAMPLED[1:2])
+    """With the Triton attention a verify step attends through ``verify_attention`` (a
+    slot's k + 1 queries together), at two rows and then one; the answers are plain
+    decoding's."""
+    batch = requests([SAMPLED[1], SAMPLED[2]])
     options = {"kv_cache": kv_cache, "attention": "triton"}
     texts, answers = plain_answers(model, tiny_tokenizer, batch, **options)
-    oracle.answers[tuple(plan_answer(tiny_tokenizer, batch[0]).prompt_ids)] = answers[0]
+    for request_, answer in zip(batch, answers, strict=True):
+        oracle.answers[tuple(plan_answer(tiny_tokenizer, request_).prompt_ids)] = answer
     oracle.wrong = {4, 11, 12}
     fast = engine(model, tiny_tokenizer, speculation="all", draft_tokens=5, **options)
-    calls: list[int] = []
-    original = kernels.decode_attention
+    slots: list[int] = []
+    original = verify_module.verify_attention
 
-    def counted(*args: Any, **kwargs: Any) -> None:
-        calls.append(kwargs.get("rows_per_slot", 1))
-        original(*args, **kwargs)
+    def counted(q: torch.Tensor, *args: Any) -> None:
+        slots.append(q.shape[0] // 6)
+        original(q, *args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "decode_attention", counted)
-        (result,) = fast.generate(batch)
-    assert result.text == texts[0]
-    assert 6 in calls  # verify steps: 1 + 5 rows on the slot
+        patch.setattr(verify_module, "verify_attention", counted)
+        results = fast.generate(batch)
+    assert [r.text for r in results] == texts
+    assert {1, 2} <= set(slots)  # steps of two slots, then of the longer one alone
     assert 0 < fast.speculation_stats.accepted < fast.speculation_stats.drafted
