@@ -10,7 +10,9 @@ for that position (``model.sampling`` keys its noise by seed and position). Posi
 pick is valid only if the drafts before it were right, so the row keeps the picks up to and
 including the first one that differs from the draft (``accepted`` drafts plus one token of
 the model's own). The answer is therefore the one plain decoding writes, token for token,
-for greedy and sampled rows alike; a wrong draft costs only the extra positions' compute.
+for greedy and sampled rows alike (exactly in float32; in bf16 the batched forward rounds
+differently, so a near-tie may now and then go the other way); a wrong draft costs only the
+extra positions' compute.
 
 Its shapes are fixed per (batch bucket, context bucket), so it is captured in CUDA graphs
 like the decode step (``model.fast.graphs``), with its own set of graphs. With the Triton
