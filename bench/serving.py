@@ -1068,20 +1068,24 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(phase.summary(floor))
             print(fmt(phases[-1]), flush=True)
         if args.poisson_rate > 0:
-            phase = await run_phase(
-                engine,
-                tokenizer,
-                f"poisson{args.poisson_rate:g}{suffix}",
-                concurrency=None,
-                jobs=args.poisson_jobs,
-                rate=args.poisson_rate,
-                new_tokens=args.new_tokens,
-                seed=99,
-                long_every=args.poisson_long_every,
-            )
-            phases.append(phase.summary(floor))
-            print(fmt(phases[-1]), flush=True)
-            print(prefill_line(phases[-1]), flush=True)
+            await serve_poisson(suffix)
+
+    async def serve_poisson(suffix: str) -> None:
+        """The Poisson phase (same arrivals every time: seed 99), its prefill line too."""
+        phase = await run_phase(
+            engine,
+            tokenizer,
+            f"poisson{args.poisson_rate:g}{suffix}",
+            concurrency=None,
+            jobs=args.poisson_jobs,
+            rate=args.poisson_rate,
+            new_tokens=args.new_tokens,
+            seed=99,
+            long_every=args.poisson_long_every,
+        )
+        phases.append(phase.summary(floor))
+        print(fmt(phases[-1]), flush=True)
+        print(prefill_line(phases[-1]), flush=True)
 
     asyncio.run(serve_all())
     bf16_phases = list(phases)
@@ -1093,23 +1097,8 @@ def main(argv: list[str] | None = None) -> int:
             serving_options, prefix_cache=False, chunked_prefill=False, prefill_tokens=2048
         )
         engine.warmup(max_batch=64)
-        phase = asyncio.run(
-            run_phase(
-                engine,
-                tokenizer,
-                f"poisson{args.poisson_rate:g} plain",
-                concurrency=None,
-                jobs=args.poisson_jobs,
-                rate=args.poisson_rate,
-                new_tokens=args.new_tokens,
-                seed=99,
-                long_every=args.poisson_long_every,
-            )
-        )
+        asyncio.run(serve_poisson(" plain"))
         engine.options = serving_options
-        phases.append(phase.summary(floor))
-        print(fmt(phases[-1]), flush=True)
-        print(prefill_line(phases[-1]), flush=True)
 
     def serve_changed(name: str, suffix: str) -> None:
         """The phases again once the engine changed (same process, same slots): ratios to

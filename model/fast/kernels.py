@@ -193,12 +193,10 @@ def kernels() -> Any:
         BLOCK: tl.constexpr,
         DIM: tl.constexpr,
         FP8: tl.constexpr,
-        ROWS_PER_SLOT: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
-        slot_row = row // ROWS_PER_SLOT
         # Keys [0, position] are live (the current token's was just written); rows padding a
         # batch bucket may hold any position, so the context bucket bounds them too.
         length = tl.minimum(tl.load(positions_ptr + row) + 1, context)
@@ -207,8 +205,8 @@ def kernels() -> Any:
         offs_d = tl.arange(0, DIM)
         q = tl.load(q_ptr + row * stride_q_row + head * stride_q_head + offs_d).to(tl.float32)
         q = q * scale
-        base = slot_row * stride_cache_row + (head // GROUP) * stride_cache_head
-        scale_base = slot_row * stride_scale_row + (head // GROUP) * stride_scale_head
+        base = row * stride_cache_row + (head // GROUP) * stride_cache_head
+        scale_base = row * stride_scale_row + (head // GROUP) * stride_scale_head
         best = tl.full((), float("-inf"), tl.float32)
         total = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((DIM,), dtype=tl.float32)
@@ -429,6 +427,42 @@ def split_size(context: int) -> int:
     return size
 
 
+class SplitPartials:
+    """Split-K attention's partial results for ``rows`` query rows over a context bucket:
+    each (row, head, key chunk)'s weighted values, running maximum and sum, which
+    :meth:`reduce` combines. The decode kernel and the verify kernel
+    (``model.fast.verify_attention``) both write this layout."""
+
+    def __init__(self, rows: int, heads: int, dim: int, context: int, device: torch.device):
+        self.split = split_size(context)
+        self.splits = -(-context // self.split)
+        self.block = min(BLOCK_KEYS, self.split)
+        self.context = context
+        shape = (rows, heads, self.splits)
+        self.acc = torch.empty((*shape, dim), dtype=torch.float32, device=device)
+        self.maxima = torch.empty(shape, dtype=torch.float32, device=device)
+        self.sums = torch.empty(shape, dtype=torch.float32, device=device)
+
+    def reduce(self, positions: torch.Tensor, out: torch.Tensor) -> None:
+        """Combine the chunks of each row's keys ``[0, min(position + 1, context))`` into
+        ``out`` (rows, heads * dim)."""
+        rows, heads, _, dim = self.acc.shape
+        ops = kernels()
+        ops.reduce[(rows, heads)](
+            self.acc,
+            self.maxima,
+            self.sums,
+            positions,
+            out,
+            out.stride(0),
+            self.context,
+            SPLITS=self.splits,
+            SPLITS_POW2=ops.next_power_of_2(self.splits),
+            SPLIT=self.split,
+            DIM=dim,
+        )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -439,35 +473,26 @@ def decode_attention(
     out: torch.Tensor,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
-    rows_per_slot: int = 1,
 ) -> None:
     """One query per row over its own keys ``[0, min(position + 1, context))``, into ``out``.
 
     ``q`` (b, heads, dim); caches (slots, kv_heads, T, dim) with rows ``[:b]`` in use;
     ``out`` (b, heads * dim). Query head ``h`` reads KV head ``h // (heads // kv_heads)``.
-    An fp8 cache comes with its scales (see :func:`rope_store`). With ``rows_per_slot``, row
-    ``i`` reads slot ``i // rows_per_slot``: the rows of one sequence at successive positions
-    attend causally among themselves, as their keys are already in the cache.
+    An fp8 cache comes with its scales (see :func:`rope_store`).
     """
     b, heads, dim = q.shape
-    group = heads // k_cache.shape[1]
-    split = split_size(context)
-    splits = -(-context // split)
-    ops = kernels()
     k_scales, v_scales = _scales_of(k_cache, k_scales, v_scales)
-    acc = torch.empty((b, heads, splits, dim), dtype=torch.float32, device=q.device)
-    maxima = torch.empty((b, heads, splits), dtype=torch.float32, device=q.device)
-    sums = torch.empty((b, heads, splits), dtype=torch.float32, device=q.device)
-    ops.partial[(b, heads, splits)](
+    partials = SplitPartials(b, heads, dim, context, q.device)
+    kernels().partial[(b, heads, partials.splits)](
         q,
         k_cache,
         v_cache,
         k_scales,
         v_scales,
         positions,
-        acc,
-        maxima,
-        sums,
+        partials.acc,
+        partials.maxima,
+        partials.sums,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -477,25 +502,12 @@ def decode_attention(
         k_scales.stride(1),
         context,
         scale,
-        GROUP=group,
-        SPLITS=splits,
-        SPLIT=split,
-        BLOCK=min(BLOCK_KEYS, split),
+        GROUP=heads // k_cache.shape[1],
+        SPLITS=partials.splits,
+        SPLIT=partials.split,
+        BLOCK=partials.block,
         DIM=dim,
         FP8=k_cache.dtype == torch.float8_e4m3fn,
-        ROWS_PER_SLOT=rows_per_slot,
         num_warps=ATTENTION_WARPS,
     )
-    ops.reduce[(b, heads)](
-        acc,
-        maxima,
-        sums,
-        positions,
-        out,
-        out.stride(0),
-        context,
-        SPLITS=splits,
-        SPLITS_POW2=ops.next_power_of_2(splits),
-        SPLIT=split,
-        DIM=dim,
-    )
+    partials.reduce(positions, out)

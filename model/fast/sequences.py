@@ -28,11 +28,6 @@ class SpeculationStats:
     rows: int = 0
     tokens: int = 0
 
-    @property
-    def acceptance(self) -> float:
-        """The share of drafted tokens the model agreed with."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
 
 @dataclass(frozen=True)
 class FastEngineOptions:

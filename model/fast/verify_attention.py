@@ -2,12 +2,13 @@
 
 A verify step (``model.fast.verify``) has ``k + 1`` query tokens per slot at successive
 positions ``p..p+k``; token ``i`` sees the slot's keys ``[0, p + i]`` (its own and those before
-it were just written). The decode kernel (``model.fast.kernels.decode_attention`` with
-``rows_per_slot``) takes each token as a row of its own, so every key is read ``k + 1`` times:
-at 8 slots that made a verify step 2.5x a decode step on an H200. Here one program takes one
+it were just written). The decode kernel (``model.fast.kernels.decode_attention``), given
+each token as a row of its own, would read every key ``k + 1`` times: at 8 slots that made a
+verify step 2.5x a decode step on an H200. Here one program takes one
 (slot, head, key chunk) and all the slot's queries: a block of keys is loaded once and scored
 against every query (a ``(queries, keys)`` tile), each query masked at its own position. The
-partial results have the decode kernel's layout, so its reduce kernel finishes them.
+partial results have the decode kernel's layout (``kernels.SplitPartials``), so its reduce
+kernel finishes them.
 
 The two products run on the tensor cores in bf16 (the keys and values are exact there, bf16
 or E4M3; the scaled queries and the softmax weights round to bf16) with float32 sums: an
@@ -145,31 +146,25 @@ def verify_attention(
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
 ) -> None:
-    """``kernels.decode_attention(..., rows_per_slot=queries_per_slot)``, reading each key
-    once per slot: ``q`` (b * queries_per_slot, heads, dim), rows of a slot together and in
-    position order; ``positions`` one per row; ``out`` (rows, heads * dim)."""
+    """What ``kernels.decode_attention`` would give with each query a row of its own on its
+    slot, reading each key once per slot: ``q`` (slots * queries_per_slot, heads, dim), the
+    rows of a slot together and in position order; ``positions`` one per row; ``out``
+    (rows, heads * dim)."""
     rows, heads, dim = q.shape
     if rows % queries_per_slot:
         raise ValueError(f"{rows} rows are not whole slots of {queries_per_slot}")
-    slots = rows // queries_per_slot
-    group = heads // k_cache.shape[1]
-    split = kernels.split_size(context)
-    splits = -(-context // split)
-    ops = kernels.kernels()
     k_scales, v_scales = kernels._scales_of(k_cache, k_scales, v_scales)
-    acc = torch.empty((rows, heads, splits, dim), dtype=torch.float32, device=q.device)
-    maxima = torch.empty((rows, heads, splits), dtype=torch.float32, device=q.device)
-    sums = torch.empty((rows, heads, splits), dtype=torch.float32, device=q.device)
-    _kernel()[(slots, heads, splits)](
+    partials = kernels.SplitPartials(rows, heads, dim, context, q.device)
+    _kernel()[(rows // queries_per_slot, heads, partials.splits)](
         q,
         k_cache,
         v_cache,
         k_scales,
         v_scales,
         positions,
-        acc,
-        maxima,
-        sums,
+        partials.acc,
+        partials.maxima,
+        partials.sums,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -180,27 +175,15 @@ def verify_attention(
         context,
         scale,
         HEADS=heads,
-        GROUP=group,
-        SPLITS=splits,
-        SPLIT=split,
-        BLOCK=min(BLOCK_KEYS, split),
+        GROUP=heads // k_cache.shape[1],
+        SPLITS=partials.splits,
+        SPLIT=partials.split,
+        BLOCK=min(BLOCK_KEYS, partials.split),
         DIM=dim,
         FP8=k_cache.dtype == torch.float8_e4m3fn,
         QUERIES=queries_per_slot,
-        QUERIES_POW2=max(16, ops.next_power_of_2(queries_per_slot)),
+        QUERIES_POW2=max(16, triton.next_power_of_2(queries_per_slot)),
         DOT_F32=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=ATTENTION_WARPS,
     )
-    ops.reduce[(rows, heads)](
-        acc,
-        maxima,
-        sums,
-        positions,
-        out,
-        out.stride(0),
-        context,
-        SPLITS=splits,
-        SPLITS_POW2=ops.next_power_of_2(splits),
-        SPLIT=split,
-        DIM=dim,
-    )
+    partials.reduce(positions, out)

@@ -45,35 +45,25 @@ def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert TOKEN not in repr(settings) and TOKEN not in str(settings.model_dump())
 
 
-def test_kv_cache_reaches_the_engine_config_and_a_bad_one_is_named(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("variable", "default", "other", "bad"),
+    [("KV_CACHE", "bf16", "fp8", "int4"), ("SPECULATION", "refine", "off", "maybe")],
+)
+def test_engine_choices_reach_the_engine_config_and_a_bad_one_is_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str, default: str, other: str, bad: str
 ) -> None:
     from bot.__main__ import engine_config
 
+    field = variable.lower()
     monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
-    assert engine_config(load_settings()).kv_cache == "bf16"
-    monkeypatch.setenv("KV_CACHE", "fp8")
-    assert engine_config(load_settings()).kv_cache == "fp8"
-    monkeypatch.setenv("KV_CACHE", "int4")
+    assert getattr(engine_config(load_settings()), field) == default
+    monkeypatch.setenv(variable, other)
+    assert getattr(engine_config(load_settings()), field) == other
+    monkeypatch.setenv(variable, bad)
     with pytest.raises(SettingsError) as info:
         load_settings()
-    assert str(info.value).startswith("KV_CACHE: ")
-    assert "'bf16'" in str(info.value) and "'fp8'" in str(info.value)
-
-
-def test_speculation_reaches_the_engine_config_and_a_bad_one_is_named(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from bot.__main__ import engine_config
-
-    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
-    assert engine_config(load_settings()).speculation == "refine"
-    monkeypatch.setenv("SPECULATION", "off")
-    assert engine_config(load_settings()).speculation == "off"
-    monkeypatch.setenv("SPECULATION", "maybe")
-    with pytest.raises(SettingsError) as info:
-        load_settings()
-    assert str(info.value).startswith("SPECULATION: ")
+    assert str(info.value).startswith(f"{variable}: ")
+    assert f"'{default}'" in str(info.value) and f"'{other}'" in str(info.value)
 
 
 def test_dotenv_file_is_read(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""The verify step's attention kernel against the decode kernel, under Triton's interpreter.
+"""The verify step's attention kernel against plain attention, under Triton's interpreter.
 
-``verify_attention`` reads each key once for all of a slot's queries; it must give what the
-decode kernel gives with every query as a row of its own (``rows_per_slot``), for bf16 and
-fp8 caches, slots at different positions, queries past a short context and GQA heads.
+``verify_attention`` reads each key once for all of a slot's queries; each query must get
+softmax attention over its own slot's keys ``[0, min(position + 1, context))``, as decode
+attention gives one query, for bf16 and fp8 caches, slots at different positions, queries
+past a short context and GQA heads.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fast import kernels
-from model.fast.kv_cache import quantize_kv
+from model.fast.kv_cache import dequantize_kv, quantize_kv
 from model.fast.verify_attention import verify_attention
 
 
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
 @pytest.mark.parametrize("queries", [1, 5, 9])
-def test_verify_attention_matches_the_decode_kernel_row_by_row(
+def test_each_query_attends_to_its_own_slot_up_to_its_position(
     kv_format: str, queries: int
 ) -> None:
     generator = torch.Generator().manual_seed(queries)
@@ -34,19 +34,18 @@ def test_verify_attention_matches_the_decode_kernel_row_by_row(
     positions = (starts[:, None] + torch.arange(queries)[None, :]).reshape(-1)
     q = torch.randn(slots * queries, heads, dim, generator=generator)
     context = 192
+    stored_keys, stored_values = keys, values
+    if k_scales is not None and v_scales is not None:
+        stored_keys = dequantize_kv(keys, k_scales, torch.float32)
+        stored_values = dequantize_kv(values, v_scales, torch.float32)
     expected = torch.empty(slots * queries, heads * dim)
-    kernels.decode_attention(
-        q,
-        keys,
-        values,
-        positions,
-        context,
-        dim**-0.5,
-        expected,
-        k_scales,
-        v_scales,
-        rows_per_slot=queries,
-    )
+    group = heads // kv_heads
+    for row, position in enumerate(positions.tolist()):
+        seen = min(position + 1, context)
+        slot_keys = stored_keys[row // queries, :, :seen].repeat_interleave(group, dim=0)
+        slot_values = stored_values[row // queries, :, :seen].repeat_interleave(group, dim=0)
+        weights = torch.softmax(q[row][:, None, :] @ slot_keys.transpose(1, 2) * dim**-0.5, -1)
+        expected[row] = (weights @ slot_values).reshape(-1)
     got = torch.empty_like(expected)
     verify_attention(
         q, keys, values, positions, context, dim**-0.5, got, queries, k_scales, v_scales
