@@ -44,12 +44,35 @@ INSTRUCTIONS = [
 THEMES = ["modern", "dark", "playful", "minimal"]
 
 
-def refine_requests(count: int, new_tokens: int, seed: int = 0) -> list[Any]:
+def long_content(kind: Any) -> dict[str, Any]:
+    """The hand-written content of ``kind`` grown to the sections a page may hold (five),
+    taken from the other kinds' sections: a page of about twice the tokens, the size of
+    a page the 7B model writes (1,000-2,000 tokens), where a refine copies the most."""
+    from model.page.content import EXAMPLES, PageContent
+
+    content = dict(EXAMPLES[kind])
+    sections = list(content.get("sections", []))
+    pool = [s for k, c in EXAMPLES.items() if k != kind for s in c.get("sections", [])]
+    limit = PageContent.model_fields["sections"].metadata[0].max_length
+    for section in pool:
+        if len(sections) >= limit:
+            break
+        if section["heading"] not in {s["heading"] for s in sections}:
+            sections.append(section)
+    content["sections"] = sections
+    return content
+
+
+def refine_requests(
+    count: int, new_tokens: int, seed: int = 0, long_pages: bool = True
+) -> list[Any]:
     """``count`` document-mode refines of the product's own pages (one per page kind, in
-    turn, rendered through the page pipeline), with seeded product sampling."""
+    turn, rendered in a theme; grown to five sections with ``long_pages``), with seeded
+    product sampling."""
     from model.page import page_from_result
     from model.page.content import EXAMPLES, PageContent, page_subject
     from model.page.form import answer_text
+    from model.page.theming import render_content
     from model.types import (
         FinishReason,
         GenerationRequest,
@@ -63,16 +86,23 @@ def refine_requests(count: int, new_tokens: int, seed: int = 0) -> list[Any]:
     for i in range(count):
         kind = kinds[i % len(kinds)]
         description = f"a {kind.value} page for a small business"
-        content = PageContent.model_validate(EXAMPLES[kind])
-        answer = answer_text(content, kind, page_subject(description))
-        result = GenerationResult("source", answer, FinishReason.EOS, 0, 0, 0.0, 0.0)
-        page = page_from_result(
-            result, prompt=description, mode=PageMode.COMPOSE, style=THEMES[i % len(THEMES)]
-        )
+        theme = THEMES[i % len(THEMES)]
+        if long_pages:
+            # The compose form has two sections' slots, so these pages go straight to the
+            # templates (the form would drop the other three).
+            content = PageContent.model_validate(long_content(kind))
+            html = render_content(content, theme=theme, description=description)
+        else:
+            content = PageContent.model_validate(EXAMPLES[kind])
+            answer = answer_text(content, kind, page_subject(description))
+            result = GenerationResult("source", answer, FinishReason.EOS, 0, 0, 0.0, 0.0)
+            html = page_from_result(
+                result, prompt=description, mode=PageMode.COMPOSE, style=theme
+            ).html
         requests.append(
             GenerationRequest(
                 prompt=INSTRUCTIONS[i % len(INSTRUCTIONS)],
-                source_page=page.html,
+                source_page=html,
                 description=description,
                 sampling=SamplingParams(max_new_tokens=new_tokens, seed=seed + i),
                 request_id=f"refine-{i}",
@@ -93,13 +123,29 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
     texts: list[str] = []
     tokens = 0
     waits = 0.0  # each batch's wait for its last first token: prefill, not decoding
+    runner = engine.runner
+    verify = runner.verify
+    in_verify = 0.0  # wall time inside the runner's verify step: GPU, copies and the sync
+
+    def timed_verify(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_verify
+        began = time.perf_counter()
+        try:
+            return verify(*args, **kwargs)
+        finally:
+            in_verify += time.perf_counter() - began
+
+    runner.verify = timed_verify  # this instance only; restored below
     started = time.perf_counter()
-    for first in range(0, len(requests), users):
-        batch = [copy_request(r) for r in requests[first : first + users]]
-        results = engine.generate(batch)
-        texts += [r.text for r in results]
-        tokens += sum(r.generated_tokens for r in results)
-        waits += max(r.time_to_first_token_s for r in results)
+    try:
+        for first in range(0, len(requests), users):
+            batch = [copy_request(r) for r in requests[first : first + users]]
+            results = engine.generate(batch)
+            texts += [r.text for r in results]
+            tokens += sum(r.generated_tokens for r in results)
+            waits += max(r.time_to_first_token_s for r in results)
+    finally:
+        del runner.verify
     seconds = time.perf_counter() - started
     stats = engine.speculation_stats
     drafted = stats.drafted - before.drafted
@@ -119,14 +165,26 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
         "acceptance": accepted / drafted if drafted else 0.0,
         "verify_steps": steps,
         "tokens_per_verify_step": (stats.tokens - before.tokens) / rows if rows else 0.0,
+        # Where a verify step's time goes: inside the runner's call, and the whole loop's
+        # decoding time per verify step (the difference is the host's drafting, stop rule
+        # and bookkeeping, which a verify step cannot overlap, plus any plain steps).
+        "verify_call_ms": 1000 * in_verify / steps if steps else 0.0,
+        "loop_ms_per_verify_step": 1000 * (seconds - waits) / steps if steps else 0.0,
         "texts": texts,
     }
 
 
 def refine_table(
-    device: str, users: list[int], jobs: int, new_tokens: int, draft_tokens: int, dtype: str
-) -> list[dict[str, Any]]:
-    """Section (1): plain and speculative phases on the embedded model, per user count."""
+    device: str,
+    users: list[int],
+    jobs: int,
+    new_tokens: int,
+    draft_tokens: int,
+    dtype: str,
+    long_pages: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Section (1): plain and speculative phases on the embedded model, per user count; on
+    a GPU also the same model's decode and verify step costs (graph replays, no host)."""
     from model.fast import FastEngine, FastEngineOptions
     from model.loading import load_model
     from model.prompting import page_body
@@ -144,7 +202,7 @@ def refine_table(
         engine.warmup(max(users))
     rows = []
     for count in users:
-        requests = refine_requests(max(jobs, count), new_tokens)
+        requests = refine_requests(max(jobs, count), new_tokens, long_pages=long_pages)
         serve_phase(engine, requests[:count], count, "refine")  # first-use costs paid
         plain = serve_phase(engine, requests, count, "off")
         fast = serve_phase(engine, requests, count, "refine")
@@ -166,31 +224,30 @@ def refine_table(
                 "acceptance": fast["acceptance"],
                 "tokens_per_verify_step": fast["tokens_per_verify_step"],
                 "identical_answers": same,
+                "verify_call_ms": fast["verify_call_ms"],
+                "loop_ms_per_verify_step": fast["loop_ms_per_verify_step"],
             }
         )
         print(fmt_refine(rows[-1]), flush=True)
-    return rows
+    steps: list[dict[str, Any]] = []
+    if device == "cuda":
+        print("\nThe same model's steps alone (graph replays, context 2,048):\n")
+        print(STEP_HEADER, flush=True)
+        steps = step_costs(engine, sorted(set(users)), 2048)
+    return rows, steps
 
 
-def step_table(draft_tokens: int, batches: list[int], context: int) -> list[dict[str, Any]]:
-    """Section (2): captured decode vs verify step at CodeLlama-7B's shape (random bf16)."""
+def step_costs(engine: Any, batches: list[int], context: int) -> list[dict[str, Any]]:
+    """One captured decode step against one captured verify step of ``engine`` (drafts of
+    ``engine``'s ``draft_tokens``), at each row count in ``batches``, the context at
+    ``context``: median GPU times of graph replays, positions rewound before each."""
     import torch
 
-    from bench.serving import CODELLAMA_7B, _median_ms, build_base, build_tokenizer
-    from model.fast import FastEngine, FastEngineOptions
+    from bench.serving import _median_ms
 
-    model = build_base(CODELLAMA_7B, torch.device("cuda"), torch.bfloat16)
-    tokenizer = build_tokenizer(CODELLAMA_7B["vocab_size"])
-    options = FastEngineOptions(
-        max_seq_len=context,
-        max_slots=max(batches),
-        draft_tokens=draft_tokens,
-        speculative_rows=max(batches),
-        speculation="all",
-    )
-    engine = FastEngine(model, tokenizer, model_name="codellama-7b-shape", options=options)
     runner = engine.runner
     cache = runner.cache
+    draft_tokens = cache.draft_tokens
     keys = context - draft_tokens - 64
     rows = []
     for b in batches:
@@ -223,6 +280,27 @@ def step_table(draft_tokens: int, batches: list[int], context: int) -> list[dict
             }
         )
         print(fmt_step(rows[-1]), flush=True)
+    return rows
+
+
+def step_table(draft_tokens: int, batches: list[int], context: int) -> list[dict[str, Any]]:
+    """Section (2): captured decode vs verify step at CodeLlama-7B's shape (random bf16)."""
+    import torch
+
+    from bench.serving import CODELLAMA_7B, build_base, build_tokenizer
+    from model.fast import FastEngine, FastEngineOptions
+
+    model = build_base(CODELLAMA_7B, torch.device("cuda"), torch.bfloat16)
+    tokenizer = build_tokenizer(CODELLAMA_7B["vocab_size"])
+    options = FastEngineOptions(
+        max_seq_len=context,
+        max_slots=max(batches),
+        draft_tokens=draft_tokens,
+        speculative_rows=max(batches),
+        speculation="all",
+    )
+    engine = FastEngine(model, tokenizer, model_name="codellama-7b-shape", options=options)
+    rows = step_costs(engine, batches, context)
     del engine, model
     return rows
 
@@ -235,7 +313,8 @@ def fmt_refine(row: dict[str, Any]) -> str:
         f"{row['plain_decode_tokens_per_s']:.0f} | {row['speculative_decode_tokens_per_s']:.0f} | "
         f"**{row['decode_speedup']:.2f}x** | "
         f"{row['acceptance']:.0%} | {row['tokens_per_verify_step']:.2f} | "
-        f"{row['identical_answers']}/{row['jobs']} |"
+        f"{row['identical_answers']}/{row['jobs']} | {row['verify_call_ms']:.2f} | "
+        f"{row['loop_ms_per_verify_step']:.2f} |"
     )
 
 
@@ -249,8 +328,9 @@ def fmt_step(row: dict[str, Any]) -> str:
 REFINE_HEADER = (
     "| users | jobs | page tokens | answer tokens | plain tok/s | speculative tok/s | speed-up "
     "| plain decode tok/s | speculative decode tok/s | decode speed-up "
-    "| drafts kept | tokens / row / verify step | identical answers |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| drafts kept | tokens / row / verify step | identical answers "
+    "| verify call ms | loop ms / verify step |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 STEP_HEADER = (
     "| rows | context | decode step ms | verify step ms | verify / decode |\n|---|---|---|---|---|"
@@ -285,18 +365,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=2048, help="step-cost context")
     parser.add_argument("--skip-steps", action="store_true", help="skip the 7B-shape steps")
     parser.add_argument("--skip-refines", action="store_true", help="skip the real refines")
+    parser.add_argument(
+        "--short-pages",
+        action="store_true",
+        help="the hand-written pages as they are (~700 tokens) instead of grown to five "
+        "sections (~1,100)",
+    )
     parser.add_argument("--json", type=Path, help="write the tables here too")
     args = parser.parse_args(argv)
     users = [int(u) for u in args.users.split(",")]
 
     refines: list[dict[str, Any]] = []
+    small_steps: list[dict[str, Any]] = []
     if not args.skip_refines:
         print("## Refines on the embedded SmolLM2-135M-Instruct\n")
         print(REFINE_HEADER, flush=True)
         dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
         print(f"({dtype}, draft of {args.draft_tokens} tokens)\n")
-        refines = refine_table(
-            args.device, users, args.jobs, args.new_tokens, args.draft_tokens, dtype
+        refines, small_steps = refine_table(
+            args.device,
+            users,
+            args.jobs,
+            args.new_tokens,
+            args.draft_tokens,
+            dtype,
+            long_pages=not args.short_pages,
         )
     steps: list[dict[str, Any]] = []
     if args.device == "cuda" and not args.skip_steps:
@@ -309,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         for row in refines:
             row.pop("texts", None)
-        args.json.write_text(json.dumps({"refines": refines, "steps": steps}, indent=2))
+        tables = {"refines": refines, "small_model_steps": small_steps, "steps": steps}
+        args.json.write_text(json.dumps(tables, indent=2))
     return 0
 
 
