@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.fast.speculative import DEFAULT_MAX_NGRAM, DEFAULT_MIN_NGRAM
+
 INSTRUCTIONS = [
     "Make the main heading say 'Welcome' instead.",
     "Change the footer text to thank the visitor.",
@@ -117,7 +119,8 @@ def copy_request(request: Any) -> Any:
 
 
 def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) -> dict[str, Any]:
-    """Serve ``requests`` ``users`` at a time (all of a batch at once), speculation set."""
+    """Serve ``requests`` ``users`` at a time (all of a batch at once), speculation set.
+    Each answer's prompt and token ids are kept too (``"answers"``), for :func:`replay`."""
     engine.options = dataclasses.replace(engine.options, speculation=speculation)
     before = dataclasses.replace(engine.speculation_stats)
     texts: list[str] = []
@@ -135,7 +138,24 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
         finally:
             in_verify += time.perf_counter() - began
 
-    runner.verify = timed_verify  # this instance only; restored below
+    launch = runner.launch
+    plain_steps = 0  # steps with no draft in any row: plain decoding inside the phase
+
+    def counted_launch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal plain_steps
+        plain_steps += 1
+        return launch(*args, **kwargs)
+
+    answers: list[dict[str, list[int]]] = []
+    result = engine._result
+
+    def kept_result(seq: Any, reason: Any) -> Any:
+        answers.append({"prompt": list(seq.prompt), "answer": list(seq.generated)})
+        return result(seq, reason)
+
+    runner.verify = timed_verify  # these instances only; restored below
+    runner.launch = counted_launch
+    engine._result = kept_result
     started = time.perf_counter()
     try:
         for first in range(0, len(requests), users):
@@ -145,7 +165,7 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
             tokens += sum(r.generated_tokens for r in results)
             waits += max(r.time_to_first_token_s for r in results)
     finally:
-        del runner.verify
+        del runner.verify, runner.launch, engine._result
     seconds = time.perf_counter() - started
     stats = engine.speculation_stats
     drafted = stats.drafted - before.drafted
@@ -164,6 +184,7 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
         "accepted": accepted,
         "acceptance": accepted / drafted if drafted else 0.0,
         "verify_steps": steps,
+        "plain_steps": plain_steps,
         "tokens_per_verify_step": (stats.tokens - before.tokens) / rows if rows else 0.0,
         # Where a verify step's time goes: inside the runner's call, and the whole loop's
         # decoding time per verify step (the difference is the host's drafting, stop rule
@@ -171,6 +192,7 @@ def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) 
         "verify_call_ms": 1000 * in_verify / steps if steps else 0.0,
         "loop_ms_per_verify_step": 1000 * (seconds - waits) / steps if steps else 0.0,
         "texts": texts,
+        "answers": answers,
     }
 
 
@@ -226,6 +248,13 @@ def refine_table(
                 "identical_answers": same,
                 "verify_call_ms": fast["verify_call_ms"],
                 "loop_ms_per_verify_step": fast["loop_ms_per_verify_step"],
+                # Step counts, for the projection: plain decoding's steps, and the
+                # speculative phase's verify steps and the plain steps between them (no row
+                # had a draft).
+                "plain_phase_steps": plain["plain_steps"],
+                "verify_steps": fast["verify_steps"],
+                "plain_steps_between": fast["plain_steps"],
+                "answers": plain["answers"],
             }
         )
         print(fmt_refine(rows[-1]), flush=True)
@@ -305,6 +334,102 @@ def step_table(draft_tokens: int, batches: list[int], context: int) -> list[dict
     return rows
 
 
+def replay(
+    answers: list[dict[str, list[int]]],
+    users: int,
+    draft_tokens: int,
+    max_ngram: int = DEFAULT_MAX_NGRAM,
+    min_ngram: int = DEFAULT_MIN_NGRAM,
+) -> dict[str, Any]:
+    """The steps the engine's speculative loop would take for answers already written.
+
+    Verification keeps exactly the tokens plain decoding writes, so an answer's tokens fix
+    what each draft keeps: its longest prefix that the answer goes on with. This runs the
+    loop without a model, ``users`` rows in lockstep as the engine batches them (a verify
+    step when any row has a draft, rows without one taking a single token; a plain step
+    when none has), each row's first token from its prefill. Drafting settings can be
+    compared offline on a GPU run's answers (``--answers``, then ``--replay``).
+    """
+    from model.fast.speculative import PromptLookup
+
+    verify_steps = plain_steps = drafted = accepted = tokens = without_drafts = 0
+    for first in range(0, len(answers), users):
+        rows = answers[first : first + users]
+        without_drafts += max(len(row["answer"]) for row in rows) - 1
+        drafters = [
+            PromptLookup(row["prompt"], max_ngram=max_ngram, min_ngram=min_ngram) for row in rows
+        ]
+        written = [min(1, len(row["answer"])) for row in rows]  # the prefill's token
+        while True:
+            live = [i for i, row in enumerate(rows) if written[i] < len(row["answer"])]
+            if not live:
+                break
+            drafts = {}
+            for i in live:
+                answer = rows[i]["answer"]
+                drafters[i].update(answer[: written[i]])
+                drafts[i] = drafters[i].propose(draft_tokens)
+            if not any(drafts.values()):
+                plain_steps += 1
+                for i in live:
+                    written[i] += 1
+                continue
+            verify_steps += 1
+            for i in live:
+                answer, draft, at = rows[i]["answer"], drafts[i], written[i]
+                # The step's last token is the model's own, as the engine's budget keeps it.
+                limit = min(len(draft), len(answer) - at - 1)
+                kept = 0
+                while kept < limit and draft[kept] == answer[at + kept]:
+                    kept += 1
+                drafted += len(draft)
+                accepted += kept
+                written[i] = at + kept + 1
+        tokens += sum(len(row["answer"]) for row in rows)
+    return {
+        "users": users,
+        "draft_tokens": draft_tokens,
+        "max_ngram": max_ngram,
+        "min_ngram": min_ngram,
+        "tokens": tokens,
+        "verify_steps": verify_steps,
+        "plain_steps": plain_steps,
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "steps_without_drafts": without_drafts,
+    }
+
+
+# The drafting settings --replay compares: (draft tokens, longest n-gram, shortest n-gram).
+REPLAY_SETTINGS = [(8, 4, 2), (8, 4, 1), (8, 6, 3), (16, 4, 2), (16, 4, 1), (4, 4, 2)]
+
+
+def replay_table(tables: dict[str, Any]) -> list[str]:
+    """Markdown rows: each of :data:`REPLAY_SETTINGS` replayed on a run's answers; the
+    speed-up uses that run's 7B-shape verify / decode cost at 8 draft tokens (so for other
+    draft lengths it is a bound: longer drafts cost a little more per step)."""
+    costs = {row["batch"]: row["verify_over_decode"] for row in tables.get("steps", [])}
+    lines = [
+        "| users | draft tokens | n-grams | drafts kept | verify steps | plain steps "
+        "| steps without drafts | projected speed-up (7B step costs) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for users_key, answers in sorted(tables["answers"].items(), key=lambda kv: int(kv[0])):
+        users = int(users_key)
+        cost = costs.get(users)
+        for draft_tokens, max_ngram, min_ngram in REPLAY_SETTINGS:
+            row = replay(answers, users, draft_tokens, max_ngram, min_ngram)
+            speedup = "-"
+            if cost is not None:
+                spent = row["verify_steps"] * cost + row["plain_steps"]
+                speedup = f"{row['steps_without_drafts'] / spent:.2f}x"
+            lines.append(
+                f"| {users} | {draft_tokens} | {max_ngram}..{min_ngram} | "
+                f"{row['acceptance']:.0%} | {row['verify_steps']} | {row['plain_steps']} | "
+                f"{row['steps_without_drafts']} | {speedup} |"
+            )
+    return lines
+
+
 def fmt_refine(row: dict[str, Any]) -> str:
     return (
         f"| {row['users']} | {row['jobs']} | {row['page_tokens_mean']:.0f} | "
@@ -338,18 +463,23 @@ STEP_HEADER = (
 
 
 def projection(refines: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[str]:
-    """What the refines' tokens per verify step would give at the 7B shape's step costs."""
+    """What the refines' steps would take at the 7B shape's step costs: plain decoding's
+    steps against the speculative phase's verify steps (each ``verify / decode`` of a decode
+    step) plus its plain steps. Host time and prefill are left out."""
     lines = []
     by_batch = {row["batch"]: row for row in steps}
     for row in refines:
         step = by_batch.get(row["users"])
-        if step is None:
+        if step is None or not row["verify_steps"]:
             continue
-        ratio = row["tokens_per_verify_step"] / step["verify_over_decode"]
+        cost = step["verify_over_decode"]
+        speculative = row["verify_steps"] * cost + row["plain_steps_between"]
+        ratio = row["plain_phase_steps"] / speculative
         lines.append(
-            f"- {row['users']} user(s): {row['tokens_per_verify_step']:.2f} tokens a verify "
-            f"step at {step['verify_over_decode']:.2f}x a decode step's time: "
-            f"**{ratio:.2f}x** plain decoding's tokens/s (projected)"
+            f"- {row['users']} user(s): {row['plain_phase_steps']} plain steps against "
+            f"{row['verify_steps']} verify steps at {cost:.2f}x a decode step's time plus "
+            f"{row['plain_steps_between']} plain ones: **{ratio:.2f}x** plain decoding's "
+            "tokens/s (projected)"
         )
     return lines
 
@@ -372,7 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         "sections (~1,100)",
     )
     parser.add_argument("--json", type=Path, help="write the tables here too")
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        help="no model: replay drafting settings on the answers a --json run saved",
+    )
     args = parser.parse_args(argv)
+    if args.replay:
+        print("\n".join(replay_table(json.loads(args.replay.read_text()))))
+        return 0
     users = [int(u) for u in args.users.split(",")]
 
     refines: list[dict[str, Any]] = []
@@ -400,9 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(projection(refines, steps)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        for row in refines:
-            row.pop("texts", None)
-        tables = {"refines": refines, "small_model_steps": small_steps, "steps": steps}
+        answers = {str(row["users"]): row.pop("answers") for row in refines}
+        tables = {
+            "refines": refines,
+            "small_model_steps": small_steps,
+            "steps": steps,
+            "answers": answers,
+        }
         args.json.write_text(json.dumps(tables, indent=2))
     return 0
 
