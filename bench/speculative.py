@@ -118,10 +118,18 @@ def copy_request(request: Any) -> Any:
     return dataclasses.replace(request, cancel_event=type(request.cancel_event)())
 
 
-def serve_phase(engine: Any, requests: list[Any], users: int, speculation: str) -> dict[str, Any]:
+def serve_phase(
+    engine: Any,
+    requests: list[Any],
+    users: int,
+    speculation: str,
+    min_ngram: int = DEFAULT_MIN_NGRAM,
+) -> dict[str, Any]:
     """Serve ``requests`` ``users`` at a time (all of a batch at once), speculation set.
     Each answer's prompt and token ids are kept too (``"answers"``), for :func:`replay`."""
-    engine.options = dataclasses.replace(engine.options, speculation=speculation)
+    engine.options = dataclasses.replace(
+        engine.options, speculation=speculation, draft_min_ngram=min_ngram
+    )
     before = dataclasses.replace(engine.speculation_stats)
     texts: list[str] = []
     tokens = 0
@@ -204,9 +212,11 @@ def refine_table(
     draft_tokens: int,
     dtype: str,
     long_pages: bool = True,
+    min_ngrams: tuple[int, ...] = (DEFAULT_MIN_NGRAM,),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Section (1): plain and speculative phases on the embedded model, per user count; on
-    a GPU also the same model's decode and verify step costs (graph replays, no host)."""
+    """Section (1): plain and speculative phases on the embedded model, per user count (a
+    speculative phase for each shortest n-gram in ``min_ngrams``); on a GPU also the same
+    model's decode and verify step costs (graph replays, no host)."""
     from model.fast import FastEngine, FastEngineOptions
     from model.loading import load_model
     from model.prompting import page_body
@@ -227,43 +237,55 @@ def refine_table(
         requests = refine_requests(max(jobs, count), new_tokens, long_pages=long_pages)
         serve_phase(engine, requests[:count], count, "refine")  # first-use costs paid
         plain = serve_phase(engine, requests, count, "off")
-        fast = serve_phase(engine, requests, count, "refine")
-        same = sum(a == b for a, b in zip(plain["texts"], fast["texts"], strict=True))
         tokenizer = engine.tokenizer
         prompt_tokens = [len(tokenizer(page_body(r.source_page))["input_ids"]) for r in requests]
-        rows.append(
-            {
-                "users": count,
-                "jobs": len(requests),
-                "page_tokens_mean": statistics.mean(prompt_tokens),
-                "answer_tokens_mean": fast["tokens"] / len(requests),
-                "plain_tokens_per_s": plain["tokens_per_s"],
-                "speculative_tokens_per_s": fast["tokens_per_s"],
-                "speedup": fast["tokens_per_s"] / plain["tokens_per_s"],
-                "plain_decode_tokens_per_s": plain["decode_tokens_per_s"],
-                "speculative_decode_tokens_per_s": fast["decode_tokens_per_s"],
-                "decode_speedup": fast["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
-                "acceptance": fast["acceptance"],
-                "tokens_per_verify_step": fast["tokens_per_verify_step"],
-                "identical_answers": same,
-                "verify_call_ms": fast["verify_call_ms"],
-                "loop_ms_per_verify_step": fast["loop_ms_per_verify_step"],
-                # Step counts, for the projection: plain decoding's steps, and the
-                # speculative phase's verify steps and the plain steps between them (no row
-                # had a draft).
-                "plain_phase_steps": plain["plain_steps"],
-                "verify_steps": fast["verify_steps"],
-                "plain_steps_between": fast["plain_steps"],
-                "answers": plain["answers"],
-            }
-        )
-        print(fmt_refine(rows[-1]), flush=True)
+        for min_ngram in min_ngrams:
+            fast = serve_phase(engine, requests, count, "refine", min_ngram)
+            rows.append(refine_row(count, requests, prompt_tokens, plain, fast, min_ngram))
+            print(fmt_refine(rows[-1]), flush=True)
     steps: list[dict[str, Any]] = []
     if device == "cuda":
         print("\nThe same model's steps alone (graph replays, context 2,048):\n")
         print(STEP_HEADER, flush=True)
         steps = step_costs(engine, sorted(set(users)), 2048)
     return rows, steps
+
+
+def refine_row(
+    users: int,
+    requests: list[Any],
+    prompt_tokens: list[int],
+    plain: dict[str, Any],
+    fast: dict[str, Any],
+    min_ngram: int,
+) -> dict[str, Any]:
+    """One row of section (1): a speculative phase against the plain one."""
+    same = sum(a == b for a, b in zip(plain["texts"], fast["texts"], strict=True))
+    return {
+        "users": users,
+        "min_ngram": min_ngram,
+        "jobs": len(requests),
+        "page_tokens_mean": statistics.mean(prompt_tokens),
+        "answer_tokens_mean": fast["tokens"] / len(requests),
+        "plain_tokens_per_s": plain["tokens_per_s"],
+        "speculative_tokens_per_s": fast["tokens_per_s"],
+        "speedup": fast["tokens_per_s"] / plain["tokens_per_s"],
+        "plain_decode_tokens_per_s": plain["decode_tokens_per_s"],
+        "speculative_decode_tokens_per_s": fast["decode_tokens_per_s"],
+        "decode_speedup": fast["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+        "acceptance": fast["acceptance"],
+        "tokens_per_verify_step": fast["tokens_per_verify_step"],
+        "identical_answers": same,
+        "verify_call_ms": fast["verify_call_ms"],
+        "loop_ms_per_verify_step": fast["loop_ms_per_verify_step"],
+        # Step counts, for the projection: plain decoding's steps, and the
+        # speculative phase's verify steps and the plain steps between them (no row
+        # had a draft).
+        "plain_phase_steps": plain["plain_steps"],
+        "verify_steps": fast["verify_steps"],
+        "plain_steps_between": fast["plain_steps"],
+        "answers": plain["answers"],
+    }
 
 
 def step_costs(engine: Any, batches: list[int], context: int) -> list[dict[str, Any]]:
@@ -432,7 +454,7 @@ def replay_table(tables: dict[str, Any]) -> list[str]:
 
 def fmt_refine(row: dict[str, Any]) -> str:
     return (
-        f"| {row['users']} | {row['jobs']} | {row['page_tokens_mean']:.0f} | "
+        f"| {row['users']} | {row['min_ngram']} | {row['jobs']} | {row['page_tokens_mean']:.0f} | "
         f"{row['answer_tokens_mean']:.0f} | {row['plain_tokens_per_s']:.0f} | "
         f"{row['speculative_tokens_per_s']:.0f} | **{row['speedup']:.2f}x** | "
         f"{row['plain_decode_tokens_per_s']:.0f} | {row['speculative_decode_tokens_per_s']:.0f} | "
@@ -451,11 +473,12 @@ def fmt_step(row: dict[str, Any]) -> str:
 
 
 REFINE_HEADER = (
-    "| users | jobs | page tokens | answer tokens | plain tok/s | speculative tok/s | speed-up "
+    "| users | shortest n-gram | jobs | page tokens | answer tokens | plain tok/s "
+    "| speculative tok/s | speed-up "
     "| plain decode tok/s | speculative decode tok/s | decode speed-up "
     "| drafts kept | tokens / row / verify step | identical answers "
     "| verify call ms | loop ms / verify step |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 STEP_HEADER = (
     "| rows | context | decode step ms | verify step ms | verify / decode |\n|---|---|---|---|---|"
@@ -503,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write the tables here too")
     parser.add_argument(
+        "--min-ngrams",
+        default=str(DEFAULT_MIN_NGRAM),
+        help="comma-separated shortest n-grams to draft with, a speculative phase each",
+    )
+    parser.add_argument(
         "--replay",
         type=Path,
         help="no model: replay drafting settings on the answers a --json run saved",
@@ -528,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             args.draft_tokens,
             dtype,
             long_pages=not args.short_pages,
+            min_ngrams=tuple(int(n) for n in args.min_ngrams.split(",")),
         )
     steps: list[dict[str, Any]] = []
     if args.device == "cuda" and not args.skip_steps:

@@ -64,7 +64,7 @@ from model.fast.sequences import (
     ServedSequence,
     SpeculationStats,
 )
-from model.fast.speculative import PromptLookup
+from model.fast.speculative import DEFAULT_MAX_NGRAM, PromptLookup
 from model.prompting import BANNED_STRINGS, plan_answer
 from model.stopping import StopRule, cut_after_page
 from model.types import (
@@ -100,6 +100,10 @@ class FastEngine:
             )
         if opts.draft_tokens < 1 and opts.speculation != "off":
             raise ValueError("draft_tokens must be at least 1 (or speculation='off')")
+        if not 1 <= opts.draft_min_ngram <= DEFAULT_MAX_NGRAM:
+            raise ValueError(
+                f"draft_min_ngram must be 1 to {DEFAULT_MAX_NGRAM}, not {opts.draft_min_ngram}"
+            )
         self.runner = FastLlama(
             model,
             max_seq_len=opts.max_seq_len,
@@ -267,7 +271,7 @@ class FastEngine:
             if isinstance(seq.constraint, BannedStrings) and offset is not None:
                 seq.ban_state = offset + seq.constraint.state
         if self._drafts_for(seq):
-            seq.drafter = PromptLookup(prompt)
+            seq.drafter = PromptLookup(prompt, min_ngram=self.options.draft_min_ngram)
         if request.cancelled:
             finished(self._result(seq, FinishReason.CANCELLED))
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.constrained import TokenConstraint
-from model.fast.speculative import PromptLookup
+from model.fast.speculative import DEFAULT_MIN_NGRAM, PromptLookup
 from model.prompting import AnswerPlan
 from model.types import GenerationRequest
 
@@ -77,6 +77,9 @@ class FastEngineOptions:
     speculation: str = "refine"
     draft_tokens: int = 8
     speculative_rows: int = 16
+    # The shortest match a draft is looked up by (model.fast.speculative.PromptLookup):
+    # 1 drafts after any token seen before, where a longer one would leave a plain step.
+    draft_min_ngram: int = DEFAULT_MIN_NGRAM
     # "fp8": K and V stored as E4M3 with a scale per token and head (model.fast.kv_cache):
     # half the cache bytes a step reads, twice the slots; "bf16": the model's dtype.
     kv_cache: str = "bf16"

@@ -95,7 +95,7 @@ class OracleDrafts:
     answers: ClassVar[dict[tuple[int, ...], list[int]]] = {}
     wrong: ClassVar[set[int]] = set()
 
-    def __init__(self, prompt: Sequence[int]) -> None:
+    def __init__(self, prompt: Sequence[int], min_ngram: int = 2) -> None:
         self.answer = self.answers.get(tuple(prompt), [])
         self.written = 0
 
@@ -228,6 +228,35 @@ def test_rows_without_drafts_share_verify_steps_and_stay_exact(
     assert stats.steps < 30
 
 
+def test_the_engine_drafts_with_its_shortest_ngram_and_stays_exact(
+    model: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``draft_min_ngram`` reaches the real drafter (no oracle), and the refine's answers,
+    sampled or greedy, are plain decoding's."""
+    made: list[PromptLookup] = []
+
+    def lookup(prompt: Sequence[int], **kwargs: Any) -> PromptLookup:
+        made.append(PromptLookup(prompt, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(engine_module, "PromptLookup", lookup)
+    batch = [
+        GenerationRequest(
+            prompt="make the title larger",
+            source_page=PAGE,
+            description="a bakery",
+            sampling=SamplingParams(
+                max_new_tokens=24, temperature=temperature, seed=7, repetition_penalty=1.1
+            ),
+        )
+        for temperature in (0.0, 0.8)
+    ]
+    texts, _ = plain_answers(model, tiny_tokenizer, batch)
+    fast = engine(model, tiny_tokenizer, speculation="refine", draft_min_ngram=1)
+    assert [r.text for r in fast.generate(batch)] == texts
+    assert [drafter.min_ngram for drafter in made] == [1, 1]
+
+
 def test_no_speculation_builds_no_verify_graphs_and_bad_options_are_refused(
     model: Any, tiny_tokenizer: Any
 ) -> None:
@@ -239,6 +268,9 @@ def test_no_speculation_builds_no_verify_graphs_and_bad_options_are_refused(
         engine(model, tiny_tokenizer, speculation="sometimes")
     with pytest.raises(ValueError, match="draft_tokens"):
         engine(model, tiny_tokenizer, draft_tokens=0)
+    for shortest in (0, 5):
+        with pytest.raises(ValueError, match="draft_min_ngram"):
+            engine(model, tiny_tokenizer, draft_min_ngram=shortest)
 
 
 def echo_llama(tokenizer: Any) -> Any:
