@@ -880,9 +880,17 @@ def main(argv: list[str] | None = None) -> int:
         help="fp8: then store the same engine's KV cache in FP8 and serve the phases again "
         "(ratio; after --fp8's phases when both are given, so with FP8 weights too)",
     )
+    parser.add_argument(
+        "--fp8-rows",
+        action="store_true",
+        help="with --fp8: then round the rows to E4M3 too at 2-32 rows (FP8 x FP8 tensor "
+        "cores) and serve the phases again (ratio)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.fp8_rows and not args.fp8:
+        parser.error("--fp8-rows needs --fp8 (the rows meet FP8 weights)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.verbose:
         logging.getLogger("model.fast.engine").setLevel(logging.DEBUG)
@@ -1130,6 +1138,22 @@ def main(argv: list[str] | None = None) -> int:
         # Then only the cache's format (same slot count: the phases' batches are alike).
         engine.runner.set_kv_cache("fp8")
         serve_changed("fp8_weights_kv" if args.fp8 else "fp8_kv", " kv8")
+    if args.fp8_rows:
+        # Then the FP8 x FP8 tensor cores at 2-32 rows: the rows rounded to E4M3 per row and
+        # K block (split-K's "fp8" mode), a change of numerics the quality guard measures
+        # (bench.fp8_agreement, "E4M3 rows"); the engine's routes are the exact ones.
+        from model.fast import fp8_gemm
+
+        fp8_gemm.ROUTES = (
+            (1, "gemv"),
+            (fp8_gemm.SPLITK_WINS_UP_TO_ROWS, "splitk_fp8"),
+            (fp8_gemm.UNLIMITED, "bf16"),
+        )
+        try:
+            serve_changed("fp8_rows", " r8")
+        except Exception as error:  # keep the phases measured before it
+            print(f"the E4M3-rows phases failed: {error!r}", flush=True)
+            report["fp8_rows_error"] = repr(error)
     report["phases"] = phases
     seed_rate = report.get("seed_path", {}).get("tokens_per_s")
     c8 = next((p for p in phases if p["phase"] == "c=8"), None)
