@@ -11,7 +11,7 @@ def test_a_copy_is_drafted_whole_after_one_plain_step() -> None:
     # Prefill writes 7; (99, 7) is not in the prompt, so one plain step writes 8; then
     # (7, 8) is found and every draft is kept: 9 tokens a verify step (8 drafted + 1).
     answer = list(range(7, 41))  # 34 tokens
-    row = replay([{"prompt": PROMPT, "answer": answer}], users=1, draft_tokens=8)
+    row = replay([{"prompt": PROMPT, "answer": answer}], users=1, draft_tokens=8, min_ngram=2)
     assert row["plain_steps"] == 1
     # 32 tokens left after two: three steps of 9, then 5 (4 kept, the model's own last).
     assert row["verify_steps"] == 4
@@ -22,7 +22,7 @@ def test_a_copy_is_drafted_whole_after_one_plain_step() -> None:
 
 def test_an_answer_with_nothing_to_copy_takes_plain_steps_only() -> None:
     answer = [500 + i for i in range(20)]
-    row = replay([{"prompt": PROMPT, "answer": answer}], users=1, draft_tokens=8)
+    row = replay([{"prompt": PROMPT, "answer": answer}], users=1, draft_tokens=8, min_ngram=2)
     assert row["verify_steps"] == 0
     assert row["plain_steps"] == 19
     assert row["acceptance"] == 0.0
@@ -31,7 +31,7 @@ def test_an_answer_with_nothing_to_copy_takes_plain_steps_only() -> None:
 def test_a_wrong_draft_still_gives_one_token() -> None:
     # After (7, 8) the prompt goes on with 9, the answer with 600: nothing kept, one token.
     answer = [7, 8, 600, 601]
-    row = replay([{"prompt": PROMPT, "answer": answer}], users=1, draft_tokens=4)
+    row = replay([{"prompt": PROMPT, "answer": answer}], users=1, draft_tokens=4, min_ngram=2)
     assert row["verify_steps"] == 1  # (7, 8) -> [9, 10, 11, 12], none kept; writes 600
     assert row["plain_steps"] == 2  # 8 (no draft yet), then 601 ((8, 600) is new)
     assert row["acceptance"] == 0.0
@@ -40,8 +40,8 @@ def test_a_wrong_draft_still_gives_one_token() -> None:
 def test_rows_in_lockstep_verify_when_any_row_has_a_draft() -> None:
     copy = {"prompt": PROMPT, "answer": list(range(7, 41))}
     novel = {"prompt": PROMPT, "answer": [500 + i for i in range(20)]}
-    together = replay([copy, novel], users=2, draft_tokens=8)
-    alone = replay([copy], users=1, draft_tokens=8)
+    together = replay([copy, novel], users=2, draft_tokens=8, min_ngram=2)
+    alone = replay([copy], users=1, draft_tokens=8, min_ngram=2)
     # The novel row rides along in the copy's verify steps, and takes plain steps with it
     # only when neither row has a draft; after the copy ends it goes on alone.
     assert together["verify_steps"] == alone["verify_steps"]
