@@ -23,11 +23,13 @@ Two measurements, one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,18 @@ def copy_request(request: Any) -> Any:
     return dataclasses.replace(request, cancel_event=type(request.cancel_event)())
 
 
+@contextlib.contextmanager
+def wrapped(obj: Any, name: str, hook: Callable[..., Any]) -> Iterator[None]:
+    """``obj.name(*args)`` runs as ``hook(original, *args)`` inside the block (this instance
+    only: the attribute is removed again after, so the class's method shows through)."""
+    original = getattr(obj, name)
+    setattr(obj, name, lambda *args: hook(original, *args))
+    try:
+        yield
+    finally:
+        delattr(obj, name)
+
+
 def serve_phase(
     engine: Any,
     requests: list[Any],
@@ -136,37 +150,31 @@ def serve_phase(
     tokens = 0
     waits = 0.0  # each batch's wait for its last first token: prefill, not decoding
     runner = engine.runner
-    verify = runner.verify
-    in_verify = 0.0  # wall time inside the runner's verify step: GPU, copies and the sync
+    spent = {"verify": 0.0}  # wall time inside the runner's verify step: GPU, copies, sync
+    counts = {"launch": 0}  # steps with no draft in any row: plain decoding in the phase
+    answers: list[dict[str, list[int]]] = []  # in the order the jobs finish, batch by batch
 
-    def timed_verify(*args: Any, **kwargs: Any) -> Any:
-        nonlocal in_verify
+    def timed(call: Any, *args: Any) -> Any:
         began = time.perf_counter()
         try:
-            return verify(*args, **kwargs)
+            return call(*args)
         finally:
-            in_verify += time.perf_counter() - began
+            spent["verify"] += time.perf_counter() - began
 
-    launch = runner.launch
-    plain_steps = 0  # steps with no draft in any row: plain decoding inside the phase
+    def counted(call: Any, *args: Any) -> Any:
+        counts["launch"] += 1
+        return call(*args)
 
-    def counted_launch(*args: Any, **kwargs: Any) -> Any:
-        nonlocal plain_steps
-        plain_steps += 1
-        return launch(*args, **kwargs)
-
-    answers: list[dict[str, list[int]]] = []
-    result = engine._result
-
-    def kept_result(seq: Any, reason: Any) -> Any:
+    def kept(call: Any, seq: Any, reason: Any) -> Any:
         answers.append({"prompt": list(seq.prompt), "answer": list(seq.generated)})
-        return result(seq, reason)
+        return call(seq, reason)
 
-    runner.verify = timed_verify  # these instances only; restored below
-    runner.launch = counted_launch
-    engine._result = kept_result
     started = time.perf_counter()
-    try:
+    with (
+        wrapped(runner, "verify", timed),
+        wrapped(runner, "launch", counted),
+        wrapped(engine, "_result", kept),
+    ):
         for first in range(0, len(requests), users):
             batch = [copy_request(r) for r in requests[first : first + users]]
             results = engine.generate(batch)
@@ -175,8 +183,6 @@ def serve_phase(
             jobs += [(r.generated_tokens, r.total_s - r.time_to_first_token_s) for r in results]
             tokens += sum(r.generated_tokens for r in results)
             waits += max(r.time_to_first_token_s for r in results)
-    finally:
-        del runner.verify, runner.launch, engine._result
     seconds = time.perf_counter() - started
     stats = engine.speculation_stats
     drafted = stats.drafted - before.drafted
@@ -195,12 +201,12 @@ def serve_phase(
         "accepted": accepted,
         "acceptance": accepted / drafted if drafted else 0.0,
         "verify_steps": steps,
-        "plain_steps": plain_steps,
+        "plain_steps": counts["launch"],
         "tokens_per_verify_step": (stats.tokens - before.tokens) / rows if rows else 0.0,
         # Where a verify step's time goes: inside the runner's call, and the whole loop's
         # decoding time per verify step (the difference is the host's drafting, stop rule
         # and bookkeeping, which a verify step cannot overlap, plus any plain steps).
-        "verify_call_ms": 1000 * in_verify / steps if steps else 0.0,
+        "verify_call_ms": 1000 * spent["verify"] / steps if steps else 0.0,
         "loop_ms_per_verify_step": 1000 * (seconds - waits) / steps if steps else 0.0,
         "texts": texts,
         "answers": answers,

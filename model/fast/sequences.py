@@ -78,9 +78,8 @@ class FastEngineOptions:
     draft_tokens: int = 8
     speculative_rows: int = 16
     # The shortest match a draft is looked up by (model.fast.speculative.PromptLookup):
-    # 1 drafts after any token seen before, where a longer one would leave a plain step.
-    # Replayed on an H200 run's refine answers (bench.speculative --replay), 1 takes fewer
-    # steps than 2 at 1 and 8 users (bench/RESULTS.md, "Speculative refine, drafting").
+    # 1 drafts after any token seen before, where a longer one would leave a plain step
+    # (measured both ways: bench/RESULTS.md, "Speculative refine, drafting").
     draft_min_ngram: int = DEFAULT_MIN_NGRAM
     # "fp8": K and V stored as E4M3 with a scale per token and head (model.fast.kv_cache):
     # half the cache bytes a step reads, twice the slots; "bf16": the model's dtype.

@@ -15,8 +15,7 @@ Two ways to find a continuation, in order:
   with, the draft continues from there. A copy stays aligned with its source through
   repeated markup (``</div>`` recurs everywhere) where a fresh lookup could jump elsewhere.
 * **Lookup.** Otherwise the most recent earlier occurrence of the context's last
-  ``max_ngram`` tokens (then fewer, down to ``min_ngram``, by default a single token) gives
-  the position to copy from.
+  ``max_ngram`` tokens (then fewer, down to ``min_ngram``) gives the position to copy from.
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 DEFAULT_MAX_NGRAM = 4
-# 1: after any token seen before (a 2-gram minimum leaves more plain steps; measured by
-# replaying real refine answers, bench.speculative --replay).
-DEFAULT_MIN_NGRAM = 1
+# 2: a 1-token lookup drafts more often, which a replay of real refine answers favoured,
+# but measured on an H200 it won only for one user in bf16 and lost at 8 users and in
+# float32 (bench/RESULTS.md, "Speculative refine, drafting"), so it stays an option.
+DEFAULT_MIN_NGRAM = 2
 
 
 class PromptLookup:
