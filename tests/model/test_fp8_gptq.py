@@ -35,7 +35,7 @@ def output_error(
     return float(((x @ (weight.float() - w_q).T) ** 2).sum())
 
 
-def test_output_format_and_scales_are_round_to_nearest_s() -> None:
+def test_output_format_and_scales_match_quantize_weight() -> None:
     weight = weight_of()
     hessian = fp8.input_hessian(correlated_inputs(1000, seed=1))
     w_fp8, scale = fp8.quantize_weight_gptq(weight, hessian)
