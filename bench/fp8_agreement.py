@@ -25,6 +25,13 @@ accumulation order):
 - fp8 KV with static scales: one per layer and KV head instead (``absmax / 448`` over the
   prompt tokens, the way a serving engine calibrates on a first prefill; larger continuation
   values saturate), cheaper to store but coarser;
+- fp8 weights in the kernels' format with other codes or scales: GPTQ
+  (``model.fp8.quantize_weight_gptq``, calibrated on the prompts of ``bench.quality_prompts``
+  that are not measured, with their greedy continuations: ``--calibration-prompts``), and
+  per-row scales chosen to minimize the squared rounding error (no calibration);
+- E4M3 rows: each linear's input rows rounded to E4M3 per row and K block (128 or 256) with
+  absmax / 448 scales, what the split-K kernel's ``MODE_FP8`` computes, alone and with fp8
+  weights (round to nearest or GPTQ);
 - fp8 weights with one per-tensor scale, and a control: 4-bit round-to-nearest per-channel
   weights, which the measure must rank clearly lower.
 
@@ -39,7 +46,8 @@ question is fp8 against the bf16 engine); the continuations are decoded in float
 
     python -m bench.fp8_agreement [--prompts 8 --tokens 200 --dtype float32 --mode document]
 
-The defaults take about 4 minutes on an idle 2-core CPU (the float32 forwards dominate).
+The defaults take about 7 minutes on a 2-core CPU (the float32 forwards dominate; the batched
+calibration decode and GPTQ about 2.5 of them).
 """
 
 from __future__ import annotations
