@@ -25,6 +25,13 @@ accumulation order):
 - fp8 KV with static scales: one per layer and KV head instead (``absmax / 448`` over the
   prompt tokens, the way a serving engine calibrates on a first prefill; larger continuation
   values saturate), cheaper to store but coarser;
+- fp8 weights in the kernels' format with other codes or scales: GPTQ
+  (``model.fp8.quantize_weight_gptq``, calibrated on the prompts of ``bench.quality_prompts``
+  that are not measured, with their greedy continuations: ``--calibration-prompts``), and
+  per-row scales chosen to minimize the squared rounding error (no calibration);
+- E4M3 rows: each linear's input rows rounded to E4M3 per row and K block (128 or 256) with
+  absmax / 448 scales, what the split-K kernel's ``MODE_FP8`` computes, alone and with fp8
+  weights (round to nearest or GPTQ);
 - fp8 weights with one per-tensor scale, and a control: 4-bit round-to-nearest per-channel
   weights, which the measure must rank clearly lower.
 
@@ -39,7 +46,8 @@ question is fp8 against the bf16 engine); the continuations are decoded in float
 
     python -m bench.fp8_agreement [--prompts 8 --tokens 200 --dtype float32 --mode document]
 
-The defaults take about 4 minutes on an idle 2-core CPU (the float32 forwards dominate).
+The defaults take about 7 minutes on a 2-core CPU (the float32 forwards dominate; the batched
+calibration decode and GPTQ about 2.5 of them).
 """
 
 from __future__ import annotations
@@ -59,6 +67,11 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # A flip where the reference's top-1 beat its runner-up by at least this many logits is a
 # real change of the distribution, not a near-tie decided by rounding.
 CLEAR_MARGIN = 1.0
+
+# The split-K kernel's K block in MODE_FP8: its engine tiles use 128 or 256
+# (model.fast.fp8_tuning.ENGINE_TILES), and the rows get one E4M3 scale per row and block.
+ROWS_BLOCK_K = 128
+ROWS_BLOCK_K_WIDE = 256
 
 # The name the rounding attention is registered under (transformers' AttentionInterface).
 FP8_KV_ATTENTION = "fp8_kv_sdpa"
@@ -82,6 +95,32 @@ def fp8_per_tensor(weight: Any) -> Any:
     """E4M3 with one scale for the whole tensor: the largest row sets every row's range."""
     scale = weight.abs().amax().clamp(min=1e-12) / E4M3_MAX
     return round_to_e4m3(weight, scale).to(weight.dtype)
+
+
+# The MSE scale search: factors of the absmax scale tried per row. E4M3's grid is the same in
+# every binade, so one octave [1, 2) covers every distinct placement of a row on it; factors
+# below 1 clip the row's largest values instead.
+MSE_SCALE_FACTORS = (0.8, 2.0)
+MSE_SCALE_STEPS = 48
+
+
+def fp8_mse_scale(weight: Any) -> Any:
+    """E4M3 with one scale per output row, each row's scale chosen (among ``absmax / 448``
+    times a factor in :data:`MSE_SCALE_FACTORS`) to minimize the row's squared rounding error:
+    calibration-free, the kernels' format (codes and a float32 scale per row)."""
+    import torch
+
+    w = weight.float()
+    base = w.abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX
+    best_scale, best_error = base, torch.full_like(base, float("inf"))
+    low, high = MSE_SCALE_FACTORS
+    for factor in torch.linspace(low, high, MSE_SCALE_STEPS + 1)[:-1].tolist():
+        scale = base * factor
+        error = ((round_to_e4m3(w, scale[:, None]) - w) ** 2).sum(dim=1)
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.where(better, error, best_error)
+    return round_to_e4m3(w, best_scale[:, None]).to(weight.dtype)
 
 
 def bf16_rounding(weight: Any) -> Any:
@@ -244,6 +283,111 @@ def engine_fp8_kv_cache(model: Any) -> Iterator[None]:
         yield
 
 
+Hessians = list[Any]  # per decoder linear (decoder_linears' order): X^T X of its inputs
+
+
+def calibration_hessians(model: Any, sequences: Sequence[Sequence[int]]) -> Hessians:
+    """``model.fp8.input_hessian`` of every decoder linear's inputs over ``sequences``, from
+    the model as it is (unquantized). Linears that read the same input (q, k and v; gate and
+    up) share one tensor."""
+    import torch
+
+    from model.fp8 import input_hessian
+
+    # Of each layer's 7 linears (DECODER_LINEARS' order), the one whose input each reads.
+    reads_input_of = (0, 0, 0, 3, 4, 4, 6)
+    linears = decoder_linears(model)
+    owners = [7 * (i // 7) + reads_input_of[i % 7] for i in range(len(linears))]
+    sums: dict[int, Any] = {}
+
+    def recorder(index: int) -> Callable[..., None]:
+        def record(module: Any, args: tuple[Any, ...]) -> None:
+            hessian = input_hessian(args[0])
+            sums[index] = sums[index] + hessian if index in sums else hessian
+
+        return record
+
+    hooks = [linears[i].register_forward_pre_hook(recorder(i)) for i in sorted(set(owners))]
+    try:
+        with torch.inference_mode():
+            for ids in sequences:
+                model(torch.tensor([list(ids)]), use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [sums[owner] for owner in owners]
+
+
+def gptq_weights(model: Any, hessians: Hessians) -> list[Any]:
+    """Every decoder linear's weight through ``model.fp8.quantize_weight_gptq`` with its
+    calibration Hessian, dequantized (float32)."""
+    import torch
+
+    from model.fp8 import dequantize, quantize_weight_gptq
+
+    return [
+        dequantize(*quantize_weight_gptq(linear.weight.data, hessian), dtype=torch.float32)
+        for linear, hessian in zip(decoder_linears(model), hessians, strict=True)
+    ]
+
+
+@contextlib.contextmanager
+def replaced_weights(model: Any, weights: Sequence[Any]) -> Iterator[None]:
+    """``model`` with each decoder linear's weight replaced by ``weights`` (same order, cast
+    to the weight's current dtype) for the duration."""
+    import torch
+
+    return_to = [(linear.weight, linear.weight.data) for linear in decoder_linears(model)]
+    try:
+        with torch.no_grad():
+            for (parameter, data), weight in zip(return_to, weights, strict=True):
+                parameter.data = weight.to(data.dtype)
+        yield
+    finally:
+        for parameter, data in return_to:
+            parameter.data = data
+
+
+def e4m3_row_blocks(rows: Any, block_k: int) -> Any:
+    """What ``model.fast.fp8_splitk``'s MODE_FP8 multiplies the weight with: each row of
+    ``rows`` [..., K] cut into K blocks of ``block_k`` from 0 (the kernel's K loop; the last
+    block may be short: zeros pad it and leave its absmax alone), each block rounded to E4M3
+    with the scale ``absmax / 448`` (``x * (448 / absmax)``, as the kernel computes it),
+    widened back, float32."""
+    import torch.nn.functional as F
+
+    x = rows.float()
+    k = x.shape[-1]
+    blocks = F.pad(x, (0, -k % block_k)).unflatten(-1, (-1, block_k))
+    absmax = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    rounded = round_to_e4m3(blocks * (E4M3_MAX / absmax), 1.0) * (absmax / E4M3_MAX)
+    return rounded.flatten(-2)[..., :k]
+
+
+@contextlib.contextmanager
+def e4m3_rows(model: Any, block_k: int = ROWS_BLOCK_K) -> Iterator[None]:
+    """Every decoder linear computing as the split-K kernel's MODE_FP8 does: its input rows
+    through :func:`e4m3_row_blocks`, times the weight as it is (fp8 weights when combined with
+    a weight variant), accumulated in float32, the output in the activations' dtype."""
+    import torch.nn.functional as F
+
+    linears = decoder_linears(model)
+
+    def forward_of(linear: Any) -> Callable[[Any], Any]:
+        def forward(x: Any) -> Any:
+            return F.linear(e4m3_row_blocks(x, block_k), linear.weight.float()).to(x.dtype)
+
+        return forward
+
+    try:
+        for linear in linears:
+            linear.forward = forward_of(linear)  # an instance attribute shadows the method
+        yield
+    finally:
+        for linear in linears:
+            linear.__dict__.pop("forward", None)
+
+
 @contextlib.contextmanager
 def bf16_compute(model: Any) -> Iterator[None]:
     """``model``'s parameters in bfloat16 for the duration, so that activations are bf16 too,
@@ -334,6 +478,60 @@ def prompt_ids(tokenizer: Any, count: int, mode: str = "document") -> list[tuple
     ]
 
 
+def calibration_prompt_ids(
+    tokenizer: Any, evaluated: Sequence[str], count: int, mode: str = "document"
+) -> list[tuple[str, list[int]]]:
+    """``count`` prompts of ``bench.quality_prompts`` that are not ``evaluated`` (ids), spread
+    over the rest, encoded as :func:`prompt_ids` does: GPTQ's calibration text, kept apart
+    from what the measure scores so that the number is not fitted to it."""
+    from bench.quality_prompts import PROMPTS
+    from model.prompting import plan_answer
+    from model.types import GenerationRequest, PageMode
+
+    rest = [p for p in PROMPTS if p.id not in set(evaluated)]
+    if not 1 <= count <= len(rest):
+        raise ValueError(f"choose between 1 and {len(rest)} calibration prompts, got {count}")
+    chosen = [rest[i * len(rest) // count] for i in range(count)]
+    page_mode = PageMode(mode)
+    return [
+        (p.id, plan_answer(tokenizer, GenerationRequest(p.prompt, mode=page_mode)).prompt_ids)
+        for p in chosen
+    ]
+
+
+def calibration_sequences(
+    model: Any, tokenizer: Any, prompts: Sequence[tuple[str, list[int]]], tokens: int
+) -> list[list[int]]:
+    """Each prompt followed by its greedy continuation of up to ``tokens`` tokens, decoded in
+    one left-padded batch (about 8x faster than one at a time on 2 cores; the padding may
+    change a near-tie here and there, which does not matter for calibration text)."""
+    import torch
+
+    longest = max(len(ids) for _, ids in prompts)
+    pad = tokenizer.pad_token_id
+    padded = torch.tensor([[pad] * (longest - len(ids)) + ids for _, ids in prompts])
+    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for _, ids in prompts])
+    with torch.inference_mode():
+        out = model.generate(
+            padded,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+        )
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for (_, ids), row in zip(prompts, out, strict=True):
+        continuation = row[longest:].tolist()
+        if eos in continuation:
+            continuation = continuation[: continuation.index(eos) + 1]
+        sequences.append(ids + continuation)
+    return sequences
+
+
 def greedy_cases(
     model: Any, tokenizer: Any, prompts: Sequence[tuple[str, list[int]]], tokens: int
 ) -> list[Case]:
@@ -419,11 +617,12 @@ def compare(
 
 
 def variants(
-    model: Any, cases: Sequence[Case], dtype: str = "float32"
+    model: Any, cases: Sequence[Case], dtype: str = "float32", hessians: Hessians | None = None
 ) -> list[tuple[str, Callable[[], contextlib.AbstractContextManager[None]]]]:
     """The table's rows: a name and a factory of the context in which ``model`` is that
     variant. Call it (and use the contexts) inside :func:`compute` for ``dtype``; in float32
-    the first rows are bf16 floors: what rounding to bf16 alone changes."""
+    the first rows are bf16 floors: what rounding to bf16 alone changes. ``hessians``
+    (:func:`calibration_hessians`, from other prompts than ``cases``) adds the GPTQ rows."""
     kv_scales = calibrate_kv_scales(model, [case.prompt for case in cases])
 
     @contextlib.contextmanager
@@ -438,11 +637,32 @@ def variants(
             else:
                 yield
 
+    @contextlib.contextmanager
+    def rows(
+        weights: Callable[[], contextlib.AbstractContextManager[None]], block_k: int
+    ) -> Iterator[None]:
+        with weights(), e4m3_rows(model, block_k):
+            yield
+
     floors: list[tuple[str, Callable[[], contextlib.AbstractContextManager[None]]]] = []
     if dtype == "float32":
         floors = [
             ("floor: bf16 weights", lambda: quantized_weights(model, bf16_rounding)),
             ("floor: bf16 compute (weights and activations)", lambda: bf16_compute(model)),
+        ]
+    calibrated: list[tuple[str, Callable[[], contextlib.AbstractContextManager[None]]]] = []
+    if hessians is not None:
+        # Quantized once (the model's weights in the current dtype), used by two rows.
+        gptq = gptq_weights(model, hessians)
+        calibrated = [
+            (
+                "fp8 weights, GPTQ (calibrated on other prompts)",
+                lambda: replaced_weights(model, gptq),
+            ),
+            (
+                f"E4M3 rows (K block {ROWS_BLOCK_K}) + fp8 weights, GPTQ",
+                lambda: rows(lambda: replaced_weights(model, gptq), ROWS_BLOCK_K),
+            ),
         ]
     return [
         *floors,
@@ -454,6 +674,23 @@ def variants(
         ("fp8 weights + fp8 KV (static)", lambda: fp8(kv=True)),
         ("fp8 weights + LM head + fp8 KV (static)", lambda: fp8(lm_head=True, kv=True)),
         ("fp8 weights, per-tensor scale", lambda: quantized_weights(model, fp8_per_tensor)),
+        (
+            "fp8 weights, MSE-chosen scale per channel",
+            lambda: quantized_weights(model, fp8_mse_scale),
+        ),
+        *calibrated,
+        (
+            f"E4M3 rows (K block {ROWS_BLOCK_K}), weights unquantized",
+            lambda: e4m3_rows(model, ROWS_BLOCK_K),
+        ),
+        (
+            f"E4M3 rows (K block {ROWS_BLOCK_K}) + fp8 weights",
+            lambda: rows(fp8, ROWS_BLOCK_K),
+        ),
+        (
+            f"E4M3 rows (K block {ROWS_BLOCK_K_WIDE}) + fp8 weights",
+            lambda: rows(fp8, ROWS_BLOCK_K_WIDE),
+        ),
         ("control: int4 per-channel", lambda: quantized_weights(model, int_per_channel(4))),
     ]
 
@@ -488,6 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded model runs on a CPU; bfloat16: as on the GPU)",
     )
     parser.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=0,
+        help="GPTQ's calibration: this many prompts of bench.quality_prompts that are not "
+        "measured, each with a greedy continuation of --tokens (default 0: all of them, 36 "
+        "at 8 prompts; -1: no GPTQ rows)",
+    )
+    parser.add_argument(
         "--mode",
         choices=("document", "compose"),
         default="document",
@@ -506,10 +751,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # them fastest on a CPU (bf16 single-token steps are slow there).
     prompts = prompt_ids(tokenizer, args.prompts, args.mode)
     cases = greedy_cases(model, tokenizer, prompts, args.tokens)
+    hessians = None
+    if args.calibration_prompts >= 0:
+        from bench.quality_prompts import PROMPTS
+
+        count = args.calibration_prompts or len(PROMPTS) - len(prompts)
+        calibration = calibration_prompt_ids(
+            tokenizer, [prompt_id for prompt_id, _ in prompts], count, args.mode
+        )
+        sequences = calibration_sequences(model, tokenizer, calibration, args.tokens)
+        # From the float32 model, in either --dtype: a statistic of the inputs, which bf16
+        # rounding would hardly change.
+        hessians = calibration_hessians(model, sequences)
+        print(
+            f"GPTQ calibration: {len(sequences)} other prompts "
+            f"({', '.join(prompt_id for prompt_id, _ in calibration)}), "
+            f"{sum(map(len, sequences))} tokens",
+            file=sys.stderr,
+        )
     with compute(model, args.dtype):
         references = [reference(model, case) for case in cases]
         rows = []
-        for name, make in variants(model, cases, args.dtype):
+        for name, make in variants(model, cases, args.dtype, hessians):
             with make():
                 rows.append(compare(name, model, cases, references))
             print(f"  {name}: {100 * rows[-1].rate:.2f}%", file=sys.stderr)

@@ -96,17 +96,32 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero), so ``weight[n] ≈ w_fp8[n] * scale[n]``. Raises ``ValueError`` for a weight that
     is not 2-D or holds inf or NaN (its scale would be meaningless).
     """
+    w = _checked_weight(weight)
+    scale = _row_scales(w)
+    return _to_e4m3(w / scale[:, None]), scale
+
+
+def _checked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as float32, after the checks :func:`quantize_weight` documents."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     w = weight.detach().to(torch.float32)
-    absmax = w.abs().amax(dim=1)
-    if not bool(torch.isfinite(absmax).all()):
+    if not bool(torch.isfinite(w.abs().amax(dim=1)).all()):
         raise ValueError("the weight holds inf or NaN; it cannot be scaled to fp8")
-    scale = torch.where(absmax > 0, absmax / E4M3_MAX, torch.ones_like(absmax))
-    # w / scale can exceed 448 by a rounding step; not every torch build's cast saturates
-    # (out of range can become NaN), so clamp.
-    w_fp8 = (w / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return w_fp8, scale
+    return w
+
+
+def _row_scales(w: torch.Tensor) -> torch.Tensor:
+    """``absmax / 448`` per row of a float32 weight, 1 for an all-zero row."""
+    absmax = w.abs().amax(dim=1)
+    return torch.where(absmax > 0, absmax / E4M3_MAX, torch.ones_like(absmax))
+
+
+def _to_e4m3(scaled: torch.Tensor) -> torch.Tensor:
+    """Float32 values (already divided by their scale) as the nearest float8_e4m3fn."""
+    # A value can exceed 448 by a rounding step (or, under error feedback, by more); not
+    # every torch build's cast saturates (out of range can become NaN), so clamp.
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def dequantize(
@@ -114,6 +129,93 @@ def dequantize(
 ) -> torch.Tensor:
     """``w_fp8 * scale`` row by row, in ``dtype``: the inverse of :func:`quantize_weight`."""
     return (w_fp8.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+
+
+def input_hessian(rows: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` (in, in) in float64 for a linear layer's input rows ``X`` [..., in]: the
+    statistic :func:`quantize_weight_gptq` needs. Sum it over calibration batches (the scale
+    of the sum does not matter, only its shape)."""
+    x = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
+    return x.T @ x
+
+
+# GPTQ's damping: this fraction of the Hessian's mean diagonal is added to its diagonal. It
+# keeps the Cholesky factorization stable and stops the error feedback from fitting the
+# calibration tokens too closely (bench/RESULTS.md, "FP8 quality guard": on SmolLM2 with
+# ~12k calibration tokens, 0.03-0.1 generalized better to other prompts than GPTQ's usual
+# 0.01, which is meant for ~260k tokens).
+GPTQ_DAMP = 0.03
+# Columns updated together (GPTQ's lazy batch updates); the result does not depend on it
+# beyond float32 rounding, only the speed does.
+GPTQ_BLOCK = 128
+
+
+def quantize_weight_gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    damp: float = GPTQ_DAMP,
+    block_size: int = GPTQ_BLOCK,
+    act_order: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (out, in) weight as float8_e4m3fn with one float32 scale per output row, the codes
+    chosen by GPTQ (Frantar et al., 2022) on the E4M3 grid instead of round-to-nearest.
+
+    The output is what :func:`quantize_weight` returns, with the same scales
+    (``absmax / 448`` per row): the kernels read it unchanged. Only the E4M3 codes differ.
+    Columns (input channels) are rounded one at a time, and each column's rounding error is
+    fed back into the columns not yet rounded, weighted by the inverse of ``hessian`` =
+    ``X^T X`` of calibration inputs (:func:`input_hessian`), so that ``X @ W.T`` (what the
+    layer computes on such inputs) rather than ``W`` itself is reproduced. ``act_order``
+    rounds the channels with the largest inputs first (they get the least accumulated
+    correction). A fed-back value past 448 saturates there. Channels no calibration token
+    used (zero diagonal) are rounded to nearest on their own.
+
+    Deterministic on one device. Raises ``ValueError`` for a bad weight (as
+    :func:`quantize_weight`) or a Hessian of the wrong shape or with inf or NaN.
+    """
+    w = _checked_weight(weight)
+    in_features = w.shape[1]
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"expected a ({in_features}, {in_features}) Hessian, got {tuple(hessian.shape)}"
+        )
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("the Hessian holds inf or NaN")
+    if damp <= 0 or block_size < 1:
+        raise ValueError(f"damp must be positive and block_size at least 1: {damp}, {block_size}")
+    scale = _row_scales(w)
+    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    unused = torch.diagonal(h) <= 0
+    h[unused, unused] = 1.0  # decoupled: no feedback from or into an unused channel
+    order = (
+        torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        if act_order
+        else torch.arange(in_features, device=w.device)
+    )
+    h = h[order][:, order]
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    # The upper Cholesky factor of H^-1: row i holds column i's feedback onto the later ones.
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    feedback = torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+
+    remaining = (w / scale[:, None])[:, order]  # in units of each row's scale
+    codes = torch.empty_like(remaining)
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        block = remaining[:, start:end].clone()
+        errors = torch.empty_like(block)
+        local = feedback[start:end, start:end]
+        for i in range(end - start):
+            rounded = _to_e4m3(block[:, i]).to(torch.float32)
+            codes[:, start + i] = rounded
+            error = (block[:, i] - rounded) / local[i, i]
+            block[:, i + 1 :] -= error[:, None] * local[i, i + 1 :][None, :]
+            errors[:, i] = error
+        remaining[:, end:] -= errors @ feedback[start:end, end:]
+    restored = torch.empty_like(codes)
+    restored[:, order] = codes
+    return restored.to(torch.float8_e4m3fn), scale
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

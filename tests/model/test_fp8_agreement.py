@@ -90,3 +90,26 @@ def test_each_variant_changes_the_model_only_while_it_lasts(
         assert model.lm_head.weight is head is model.model.embed_tokens.weight  # still tied
         assert model.config._attn_implementation != fp8_agreement.FP8_KV_ATTENTION
         assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_e4m3_rows_simulate_the_split_k_kernels_fp8_mode() -> None:
+    """The bench's "E4M3 rows" is what model.fast.fp8_splitk computes in MODE_FP8 (run here
+    by Triton's interpreter, tests/conftest.py): the same K blocks (a short last one: K is
+    not a multiple of the block), the same rounding, up to float32 accumulation order."""
+    from model import fp8
+    from model.fast.fp8_splitk import SplitKConfig, splitk_matmul
+
+    block_k = fp8_agreement.ROWS_BLOCK_K_WIDE
+    generator = torch.Generator().manual_seed(0)
+    k = 2 * block_k + 64
+    rows = torch.randn(3, k, generator=generator).bfloat16()
+    w_fp8, scale = fp8.quantize_weight(torch.randn(16, k, generator=generator) * 0.05)
+    kernel = splitk_matmul(rows, w_fp8, scale, "fp8", SplitKConfig(16, 16, block_k, 2)).float()
+    simulated = torch.nn.functional.linear(
+        fp8_agreement.e4m3_row_blocks(rows, block_k),
+        fp8.dequantize(w_fp8, scale, torch.float32),
+    )
+    torch.testing.assert_close(kernel, simulated, rtol=1e-2, atol=1e-2)  # bf16 output
+    # And it is not the unrounded product: the rows' rounding is what is simulated.
+    exact = torch.nn.functional.linear(rows.float(), fp8.dequantize(w_fp8, scale, torch.float32))
+    assert float((simulated - exact).abs().max()) > 1e-2
