@@ -1,0 +1,319 @@
+"""Where a decode step's time goes, per batch size and weight / KV format.
+
+``python -m bench.step_profile`` builds the CodeLlama-7B-shaped engine of ``bench.serving``
+(random weights, a merged LoRA, 64 slots) and, for each format (bf16 weights; FP8 weights; FP8
+weights + FP8 KV cache) and each batch of ``--batches``, with every row at a served page's
+midpoint (a 64-256-token prompt plus 256 generated tokens):
+
+- the captured step's time (graph replay, median of ``--repeats``) against its bandwidth floor
+  (the weights the step's routes read + each row's K/V, at the measured copy bandwidth);
+- the kernels of one eager step (the graph replays the same ones) summed by kind: weight
+  matmuls, the LM head, attention, the rope + KV write, sampling, the rest; with the bytes
+  each kind must move, its achieved TB/s.
+
+``--top-out`` writes each step's 25 longest kernels. ``--cpu --small`` is a smoke test (eager
+steps, profiler on the CPU). The serving benchmark times whole phases; this one says which
+kernel to work on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import CODELLAMA_7B
+from bench.serving import (
+    SMALL,
+    TINY_CPU,
+    add_lora,
+    build_base,
+    build_tokenizer,
+    measure_bandwidth,
+)
+
+FORMATS = ("bf16", "fp8", "fp8+kv8")
+
+# Kernel kinds, first match wins (lower-case substrings of the kernel's name).
+KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("attention_partial", "attention_reduce", "fmha", "flash", "attention")),
+    ("rope + KV write", ("rope_store",)),
+    ("fp8 weight matmul", ("fp8_splitk", "fp8_weight")),
+    ("bf16 matmul", ("gemm", "gemv", "cutlass", "sm90", "xmma", "cublas", "nvjet")),
+    ("sampling sort/scan", ("sort", "radix", "scan", "cumsum")),
+)
+
+
+def kind_of(kernel: str) -> str:
+    """The kind a kernel's time is counted under (``other`` when nothing matches)."""
+    name = kernel.lower()
+    for kind, needles in KINDS:
+        if any(needle in name for needle in needles):
+            return kind
+    return "other"
+
+
+def mixed_keys(batch: int, seed: int = 5) -> list[int]:
+    """Each row's keys at a served page's midpoint: a 64-256-token prompt + 256 generated."""
+    rng = random.Random(seed)
+    return [rng.randint(64, 256) + 256 for _ in range(batch)]
+
+
+def context_for(keys: list[int], bucket: int = 128) -> int:
+    """The decode context bucket that holds every row's keys (the engine's 128 apart)."""
+    return -(-max(keys) // bucket) * bucket
+
+
+def step_bytes(engine: Any, batch: int, keys: list[int]) -> dict[str, int]:
+    """Bytes a step must move at least: the projections as the step's route reads them, the
+    LM head, and the rows' K/V (scales included for an FP8 cache)."""
+    from model.fast.fp8_gemm import Fp8Weight, route_for
+
+    weights = engine.runner.weights
+    projections = 0
+    for layer in weights.layers:
+        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            if isinstance(linear, Fp8Weight) and route_for(batch) != "bf16":
+                projections += linear.weight.numel() + linear.scale.numel() * 4
+            else:
+                target = linear.bf16 if isinstance(linear, Fp8Weight) else linear
+                projections += sum(t.numel() * t.element_size() for t in _tensors(target))
+    head = sum(t.numel() * t.element_size() for t in _tensors(weights.lm_head))
+    cache = engine.runner.cache
+    per_token = cache.kv_bytes_per_slot() // cache.max_seq_len
+    return {"projections": projections, "lm_head": head, "kv": per_token * sum(keys)}
+
+
+def _tensors(linear: Any) -> list[Any]:
+    from model.fast.weights import _linear_tensors
+
+    return list(_linear_tensors(linear))
+
+
+def graph_step_ms(engine: Any, keys: list[int], repeats: int) -> float:
+    """Median time of the captured step for these rows (CUDA events around replays)."""
+    import torch
+
+    runner = engine.runner
+    batch, context = len(keys), context_for(keys)
+    positions = torch.tensor([k - 1 for k in keys], device=runner.cache.positions.device)
+    runner.cache.positions[:batch] = positions
+    runner.decode(batch, context)  # captures when needed
+    graphs = runner.graphs
+    graph = graphs.captured[(graphs.batch_bucket(batch), graphs.context_bucket(context))]
+    times = []
+    for _ in range(repeats):
+        runner.cache.positions[:batch] = positions  # the step advances them
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def eager_step_ms(engine: Any, keys: list[int], repeats: int) -> float:
+    """Wall time of one eager step (CPU smoke runs: no graphs there)."""
+    runner = engine.runner
+    batch, context = len(keys), context_for(keys)
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        runner.cache.positions[:batch] = torch.tensor([k - 1 for k in keys])
+        began = time.perf_counter()
+        with torch.inference_mode():
+            runner.forward.decode_body(batch, context)
+        times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def profile_kernels(engine: Any, keys: list[int]) -> list[dict[str, Any]]:
+    """The kernels of one eager step: name, calls, total microseconds (device time on a GPU,
+    CPU time of the ops on CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    batch, context = len(keys), context_for(keys)
+    device = runner.cache.positions.device
+    positions = torch.tensor([k - 1 for k in keys], device=device)
+    cuda = device.type == "cuda"
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with torch.inference_mode():
+        runner.cache.positions[:batch] = positions
+        runner.forward.decode_body(batch, context)  # warm (Triton autotune, compiles)
+        runner.cache.positions[:batch] = positions
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=[activity]) as prof:
+            runner.forward.decode_body(batch, context)
+            if cuda:
+                torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        if cuda:
+            us = getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append({"kernel": event.key, "calls": event.count, "us": us})
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def by_kind(kernels: list[dict[str, Any]], lm_head_us: float) -> dict[str, float]:
+    """Kernel microseconds summed by :func:`kind_of`; the LM head's measured time is moved out
+    of the bf16 matmuls (its kernel's name is a matmul's like the projections' twins)."""
+    kinds: dict[str, float] = {}
+    for row in kernels:
+        kind = kind_of(row["kernel"])
+        kinds[kind] = kinds.get(kind, 0.0) + row["us"]
+    if lm_head_us > 0 and kinds.get("bf16 matmul", 0.0) >= lm_head_us:
+        kinds["bf16 matmul"] -= lm_head_us
+        kinds["lm head"] = lm_head_us
+    return kinds
+
+
+def lm_head_us(engine: Any, batch: int, repeats: int) -> float:
+    """GPU time of the LM head alone on ``batch`` rows (0 on CPU)."""
+    import torch
+
+    weights = engine.runner.weights
+    if weights.device.type != "cuda":
+        return 0.0
+    h = torch.randn(batch, weights.embed.shape[1], device=weights.device, dtype=weights.dtype)
+    with torch.inference_mode():
+        weights.lm_head(h)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            weights.lm_head(h)
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) * 1000 / repeats
+
+
+def set_format(engine: Any, name: str) -> None:
+    """Turn the engine to ``name`` (formats only go forward: bf16 -> fp8 -> fp8+kv8)."""
+    runner = engine.runner
+    if name in ("fp8", "fp8+kv8") and runner.weights.weight_format != "fp8":
+        runner.weights.use_fp8()
+    if name == "fp8+kv8" and runner.cache.kv_format != "fp8":
+        runner.set_kv_cache("fp8")
+    runner.clear_graphs()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,8,16,32,48,64")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--small", action="store_true", help="a 4-layer model")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU (tiny model, eager)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--top-out", type=Path, default=None, help="each step's top kernels")
+    args = parser.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        parser.error(f"unknown formats {unknown}; choose from {FORMATS}")
+    batches = [int(b) for b in args.batches.split(",") if b]
+
+    import torch
+
+    from model.fast import FastEngine, FastEngineOptions
+
+    device = torch.device("cpu" if args.cpu else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here; use --cpu for a smoke test", file=sys.stderr)
+        return 2
+    shape = TINY_CPU if args.cpu else SMALL if args.small else CODELLAMA_7B
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    bandwidth = measure_bandwidth(device)
+    print(f"card: {card}; torch {torch.__version__}; copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    model = add_lora(build_base(shape, device, dtype))
+    options = FastEngineOptions(
+        max_seq_len=args.max_seq_len, ignore_eos=True, max_slots=max(batches)
+    )
+    engine = FastEngine(
+        model, build_tokenizer(shape["vocab_size"]), model_name="step-profile", options=options
+    )
+    del model
+    gc.collect()
+    report: dict[str, Any] = {"card": card, "torch": torch.__version__, "rows": []}
+    report["copy_tb_s"] = bandwidth / 1e12
+    top_lines: list[str] = []
+    print(
+        f"{'format':>8s} {'batch':>5s} {'step ms':>8s} {'tok/s':>7s} {'floor ms':>8s} "
+        f"{'of floor':>8s}  kernels by kind, ms (TB/s where it moves bytes)",
+        flush=True,
+    )
+    for name in formats:
+        set_format(engine, name)
+        for batch in batches:
+            if batch > engine.runner.slots:
+                continue
+            keys = mixed_keys(batch)
+            if device.type == "cuda":
+                step = graph_step_ms(engine, keys, args.repeats)
+            else:
+                step = eager_step_ms(engine, keys, max(1, args.repeats // 10))
+            needed = step_bytes(engine, batch, keys)
+            floor_ms = sum(needed.values()) / bandwidth * 1000 if bandwidth == bandwidth else 0
+            kernels = profile_kernels(engine, keys)
+            kinds = by_kind(kernels, lm_head_us(engine, batch, args.repeats))
+            row = {
+                "format": name,
+                "batch": batch,
+                "mean_keys": statistics.mean(keys),
+                "step_ms": step,
+                "tokens_per_s": batch / step * 1000,
+                "floor_ms": floor_ms,
+                "bytes": needed,
+                "kinds_ms": {k: v / 1000 for k, v in kinds.items()},
+            }
+            report["rows"].append(row)
+            print(f"{name:>8s} {batch:5d} {step:8.2f} {row['tokens_per_s']:7.0f} "
+                  f"{floor_ms:8.2f} {floor_ms / step if step else 0:8.2f}  "
+                  + describe(row), flush=True)
+            top_lines.append(f"== {name}, batch {batch}, step {step:.2f} ms")
+            top_lines += [
+                f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} {r['kernel'][:110]}"
+                for r in kernels[:25]
+            ]
+    if args.top_out:
+        args.top_out.write_text("\n".join(top_lines) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def describe(row: dict[str, Any]) -> str:
+    """Kinds in ms, the byte-moving ones with their achieved TB/s."""
+    moved = {
+        "attention": row["bytes"]["kv"],
+        "lm head": row["bytes"]["lm_head"],
+    }
+    weight_kind = "fp8 weight matmul" if row["kinds_ms"].get("fp8 weight matmul") else "bf16 matmul"
+    moved[weight_kind] = row["bytes"]["projections"]
+    parts = []
+    for kind, ms in sorted(row["kinds_ms"].items(), key=lambda kv: -kv[1]):
+        text = f"{kind} {ms:.2f}"
+        if kind in moved and ms > 0:
+            text += f" ({moved[kind] / ms / 1e9:.2f})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
