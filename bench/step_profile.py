@@ -283,12 +283,15 @@ def main(argv: list[str] | None = None) -> int:
                 "kinds_ms": {k: v / 1000 for k, v in kinds.items()},
             }
             report["rows"].append(row)
-            print(f"{name:>8s} {batch:5d} {step:8.2f} {row['tokens_per_s']:7.0f} "
-                  f"{floor_ms:8.2f} {floor_ms / step if step else 0:8.2f}  "
-                  + describe(row), flush=True)
+            print(
+                f"{name:>8s} {batch:5d} {step:8.2f} {row['tokens_per_s']:7.0f} "
+                f"{floor_ms:8.2f} {floor_ms / step if step else 0:8.2f}  " + describe(row),
+                flush=True,
+            )
             top_lines.append(f"== {name}, batch {batch}, step {step:.2f} ms")
             top_lines += [
-                f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} {r['kernel'][:110]}"
+                f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} "
+                f"{r['kernel'][:110]}"
                 for r in kernels[:25]
             ]
     if args.top_out:
