@@ -267,6 +267,8 @@ class Phase:
             "prefill_computed_tokens": self.prefill.get("computed_tokens", 0),
             "prefill_reused_tokens": self.prefill.get("reused_tokens", 0),
             "prefill_cuts": self.prefill.get("cuts", 0),
+            "prefill_forwards": self.prefill.get("forwards", 0),
+            "prefill_s": self.prefill.get("seconds", 0.0),
         }
 
 
@@ -817,7 +819,9 @@ def prefill_line(row: dict[str, Any]) -> str:
         f"{row['phase']:>12s}: ttft p99 {row['ttft_p99_s']:.3f} s, longest gap between two "
         f"tokens of a job {row['token_gap_max_ms']:.1f} ms (p99 {row['token_gap_p99_ms']:.1f}"
         f" ms); prefill ran {computed} prompt tokens, reused {reused} from the prefix cache "
-        f"({reused / max(1, computed + reused):.0%}), cut {row['prefill_cuts']} times"
+        f"({reused / max(1, computed + reused):.0%}), cut {row['prefill_cuts']} times, in "
+        f"{row['prefill_forwards']} forwards, {row['prefill_s']:.2f} s of the phase's "
+        f"{row['wall_s']:.2f} s"
     )
 
 
@@ -846,6 +850,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--prefill-tokens", type=int, default=None, help="the engine's prefill chunk"
+    )
+    parser.add_argument(
+        "--idle-prefill-tokens",
+        type=int,
+        default=None,
+        help="the engine's prefill budget while nothing decodes",
+    )
+    parser.add_argument(
+        "--idle-prefill-compare",
+        action="store_true",
+        help="at the end, the concurrency phases again with a burst reaching the idle "
+        "engine cut into --prefill-tokens chunks (ratio)",
     )
     parser.add_argument(
         "--no-prefill-compare",
@@ -978,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.prefill_tokens:
         options = dataclasses.replace(options, prefill_tokens=args.prefill_tokens)
+    if args.idle_prefill_tokens is not None:
+        options = dataclasses.replace(options, idle_prefill_tokens=args.idle_prefill_tokens)
     engine = FastEngine(model, tokenizer, model_name="codellama-7b-shape", options=options)
     del model
     gc.collect()
@@ -1075,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             phases.append(phase.summary(floor))
             print(fmt(phases[-1]), flush=True)
+            print(prefill_line(phases[-1]), flush=True)
         if args.poisson_rate > 0:
             await serve_poisson(suffix)
 
@@ -1154,6 +1173,29 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # keep the phases measured before it
             print(f"the E4M3-rows phases failed: {error!r}", flush=True)
             report["fp8_rows_error"] = repr(error)
+    if args.idle_prefill_compare:
+        # The last engine again, with a burst reaching it idle cut into prefill_tokens
+        # chunks between decode steps as when others decode (the engine before the idle
+        # budget): the concurrency phases' ratio and TTFT side by side.
+        serving_options = engine.options
+        before = len(phases)
+        engine.options = dataclasses.replace(serving_options, idle_prefill_tokens=0)
+        print(HEADER, flush=True)
+        asyncio.run(serve_all(" idle-cut"))
+        engine.options = serving_options
+        cut_phases = [p for p in phases[before:] if p["phase"].startswith("c=")]
+        last = [p for p in phases[:before] if p["phase"].startswith("c=")][-len(cut_phases) :]
+        ratios = []
+        for now_phase, cut in zip(last, cut_phases, strict=True):
+            ratio = now_phase["tokens_per_s"] / cut["tokens_per_s"]
+            ratios.append({"phase": now_phase["phase"], "idle_budget_vs_cut": ratio})
+            print(
+                f"{now_phase['phase']:>12s}: idle budget {now_phase['tokens_per_s']:.0f} tok/s"
+                f" (ttft p99 {now_phase['ttft_p99_s']:.2f} s), cut {cut['tokens_per_s']:.0f}"
+                f" tok/s (ttft p99 {cut['ttft_p99_s']:.2f} s), {ratio:.2f}x",
+                flush=True,
+            )
+        report["idle_prefill_ratios"] = ratios
     report["phases"] = phases
     seed_rate = report.get("seed_path", {}).get("tokens_per_s")
     c8 = next((p for p in phases if p["phase"] == "c=8"), None)

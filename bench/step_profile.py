@@ -11,7 +11,9 @@ midpoint (a 64-256-token prompt plus 256 generated tokens):
   matmuls, the LM head, attention, the rope + KV write, sampling, the rest; with the bytes
   each kind must move, its achieved TB/s.
 
-``--top-out`` writes each step's 25 longest kernels. ``--cpu --small`` is a smoke test (eager
+``--top-out`` writes each step's 25 longest kernels. ``--attention-sweep`` first times one
+layer's decode attention over a bf16 and an fp8 cache at each kernel setting (the module's
+``SPLIT_KEYS``... and ``FP8_SPLIT_KEYS``... come from it). ``--cpu --small`` is a smoke test (eager
 steps, profiler on the CPU). The serving benchmark times whole phases; this one says which
 kernel to work on.
 """
@@ -201,6 +203,101 @@ def lm_head_us(engine: Any, batch: int, repeats: int) -> float:
     return start.elapsed_time(end) * 1000 / repeats
 
 
+ATTENTION_GRID = [
+    (split, block, warps)
+    for split in (64, 128, 256)
+    for block in (32, 64, 128)
+    for warps in (2, 4, 8)
+    if block <= split
+]
+
+
+def attention_sweep(batches: list[int], repeats: int = 32) -> list[dict[str, Any]]:
+    """One layer's decode attention (CodeLlama-7B's 32 heads x 128) over a bf16 and an fp8
+    cache at each of ``batches`` (rows at served pages' midpoints), for every (keys per
+    program, keys per block, warps) of :data:`ATTENTION_GRID`: microseconds, the KV read's
+    TB/s, and the module's current settings for comparison."""
+    import torch
+
+    from bench.serving import _graph_time_ms
+    from model.fast import kernels
+    from model.fast.kv_cache import quantize_kv
+
+    heads, dim, capacity = 32, 128, 1024
+    device = torch.device("cuda")
+    names = {
+        "bf16": ("SPLIT_KEYS", "BLOCK_KEYS", "ATTENTION_WARPS"),
+        "fp8": ("FP8_SPLIT_KEYS", "FP8_BLOCK_KEYS", "FP8_ATTENTION_WARPS"),
+    }
+    rows = []
+    for kv_format, attributes in names.items():
+        saved = tuple(getattr(kernels, a) for a in attributes)
+        for batch in batches:
+            keys_per_row = mixed_keys(batch)
+            context = context_for(keys_per_row)
+            torch.manual_seed(0)
+            raw = torch.randn(2, batch, heads, capacity, dim, device=device, dtype=torch.bfloat16)
+            scales: tuple[Any, ...] = ()
+            if kv_format == "fp8":
+                (k, k_scales), (v, v_scales) = quantize_kv(raw[0]), quantize_kv(raw[1])
+                scales = (k_scales, v_scales)
+            else:
+                k, v = raw[0], raw[1]
+            positions = torch.tensor([n - 1 for n in keys_per_row], device=device)
+            q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
+            out = torch.empty(batch, heads * dim, device=device, dtype=torch.bfloat16)
+
+            def attend(
+                k: Any = k, v: Any = v, positions: Any = positions, q: Any = q, out: Any = out,
+                context: int = context, scales: tuple[Any, ...] = scales,
+            ) -> None:  # fmt: skip
+                kernels.decode_attention(q, k, v, positions, context, dim**-0.5, out, *scales)
+
+            per_token = heads * dim * 2 * (1 if kv_format == "fp8" else 2)
+            per_token += heads * 2 * 4 if kv_format == "fp8" else 0
+            kv_bytes = per_token * sum(keys_per_row)
+            current_us = _graph_time_ms(attend, repeats) * 1000
+            timings = []
+            try:
+                for setting in ATTENTION_GRID:
+                    for attribute, value in zip(attributes, setting, strict=True):
+                        setattr(kernels, attribute, value)
+                    timings.append((_graph_time_ms(attend, repeats) * 1000, setting))
+            finally:
+                for attribute, value in zip(attributes, saved, strict=True):
+                    setattr(kernels, attribute, value)
+            timings.sort()
+            rows.append(
+                {
+                    "kv": kv_format,
+                    "batch": batch,
+                    "mean_keys": statistics.mean(keys_per_row),
+                    "current": list(saved),
+                    "current_us": current_us,
+                    "best": [{"us": us, "setting": list(st)} for us, st in timings[:3]],
+                    "kv_bytes": kv_bytes,
+                }
+            )
+            best_us, best_setting = timings[0]
+            print(
+                f"attention {kv_format:4s} b={batch:3d} keys {statistics.mean(keys_per_row):.0f}: "
+                f"current {saved} {current_us:.1f} us "
+                f"({kv_bytes / current_us / 1e6:.2f} TB/s); best {best_setting} {best_us:.1f} us "
+                f"({kv_bytes / best_us / 1e6:.2f} TB/s); next "
+                + ", ".join(f"{st} {us:.1f}" for us, st in timings[1:3]),
+                flush=True,
+            )
+            del raw, k, v, scales
+            torch.cuda.empty_cache()
+    return rows
+
+
+def with_gemv(routes: tuple[tuple[int, str], ...], rows: int) -> tuple[tuple[int, str], ...]:
+    """``routes`` with the GEMV taking 1 to ``rows`` rows (the next routes start after it)."""
+    rest = tuple((limit, path) for limit, path in routes if limit > rows and path != "gemv")
+    return ((rows, "gemv"), *rest)
+
+
 def set_format(engine: Any, name: str) -> None:
     """Turn the engine to ``name`` (formats only go forward: bf16 -> fp8 -> fp8+kv8)."""
     runner = engine.runner
@@ -221,6 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on CPU (tiny model, eager)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--top-out", type=Path, default=None, help="each step's top kernels")
+    parser.add_argument(
+        "--attention-sweep",
+        action="store_true",
+        help="first time one layer's attention at each setting, bf16 and fp8 caches",
+    )
+    parser.add_argument("--no-steps", action="store_true", help="skip the engine's steps")
+    parser.add_argument(
+        "--gemv-rows",
+        default="",
+        help="FP8 formats again with the GEMV routed up to each of these row counts "
+        "(e.g. 2,4,8; the rest as model.fast.fp8_gemm.ROUTES)",
+    )
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     unknown = [f for f in formats if f not in FORMATS]
@@ -241,6 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     bandwidth = measure_bandwidth(device)
     print(f"card: {card}; torch {torch.__version__}; copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    report: dict[str, Any] = {"card": card, "torch": torch.__version__, "rows": []}
+    report["copy_tb_s"] = bandwidth / 1e12
+    if args.attention_sweep:
+        if device.type != "cuda":
+            parser.error("--attention-sweep times CUDA graphs: it needs a GPU")
+        report["attention_sweep"] = attention_sweep([b for b in batches if b > 1])
+    if args.no_steps:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     model = add_lora(build_base(shape, device, dtype))
     options = FastEngineOptions(
         max_seq_len=args.max_seq_len, ignore_eos=True, max_slots=max(batches)
@@ -250,16 +369,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     del model
     gc.collect()
-    report: dict[str, Any] = {"card": card, "torch": torch.__version__, "rows": []}
-    report["copy_tb_s"] = bandwidth / 1e12
     top_lines: list[str] = []
     print(
-        f"{'format':>8s} {'batch':>5s} {'step ms':>8s} {'tok/s':>7s} {'floor ms':>8s} "
+        f"{'format':>16s} {'batch':>5s} {'step ms':>8s} {'tok/s':>7s} {'floor ms':>8s} "
         f"{'of floor':>8s}  kernels by kind, ms (TB/s where it moves bytes)",
         flush=True,
     )
-    for name in formats:
+    from model.fast import fp8_gemm
+
+    default_routes = fp8_gemm.ROUTES
+    variants: list[tuple[str, int | None]] = [(name, None) for name in formats]
+    for limit in [int(r) for r in args.gemv_rows.split(",") if r]:
+        variants += [(name, limit) for name in formats if name != "bf16"]
+    for name, gemv_rows in variants:
         set_format(engine, name)
+        fp8_gemm.ROUTES = (
+            default_routes if gemv_rows is None else with_gemv(default_routes, gemv_rows)
+        )
+        label = name if gemv_rows is None else f"{name} gemv<={gemv_rows}"
         for batch in batches:
             if batch > engine.runner.slots:
                 continue
@@ -273,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             kernels = profile_kernels(engine, keys)
             kinds = by_kind(kernels, lm_head_us(engine, batch, args.repeats))
             row = {
-                "format": name,
+                "format": label,
                 "batch": batch,
                 "mean_keys": statistics.mean(keys),
                 "step_ms": step,
@@ -284,11 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             report["rows"].append(row)
             print(
-                f"{name:>8s} {batch:5d} {step:8.2f} {row['tokens_per_s']:7.0f} "
+                f"{label:>16s} {batch:5d} {step:8.2f} {row['tokens_per_s']:7.0f} "
                 f"{floor_ms:8.2f} {floor_ms / step if step else 0:8.2f}  " + describe(row),
                 flush=True,
             )
-            top_lines.append(f"== {name}, batch {batch}, step {step:.2f} ms")
+            top_lines.append(f"== {label}, batch {batch}, step {step:.2f} ms")
             top_lines += [
                 f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} "
                 f"{r['kernel'][:110]}"

@@ -5,8 +5,9 @@
 
 1. drop cancelled sequences (their slots free at once);
 2. take up to as many new requests as there are free slots (the scheduler keeps the queue);
-3. prefill at most ``prefill_tokens`` of the waiting prompts' tokens in one batched forward,
-   so the running sequences wait at most one such prefill between two of their tokens: a
+3. prefill at most ``prefill_tokens`` of the waiting prompts' tokens in one batched forward
+   (``idle_prefill_tokens`` when none is decoding), so the running sequences wait at most
+   one such prefill between two of their tokens: a
    longer prompt is cut into chunks, one per iteration (``model.fast.prefill_plan``), and a
    prompt starting like earlier ones gets their shared prefix's KV copied into its row
    instead (``model.fast.prefix_cache``);
@@ -151,7 +152,8 @@ class FastEngine:
         Returns how many graphs were captured. Call before serving (it uses slot 0 as scratch).
         """
         graphs = self.runner.capture_all(max_batch)
-        self.runner.warm_prefill(self.options.prefill_tokens)
+        opts = self.options
+        self.runner.warm_prefill(max(opts.prefill_tokens, opts.idle_prefill_tokens))
         return graphs
 
     # ------------------------------------------------------------ TextGenerator
@@ -328,7 +330,7 @@ class FastEngine:
                 yield (hit.length if hit else seq.prefilled), len(seq.prompt)
 
         opts = self.options
-        plan = plan_chunks(spans(), max(1, opts.prefill_tokens), opts.chunked_prefill)
+        plan = plan_chunks(spans(), self._prefill_budget(live), opts.chunked_prefill)
         batch = [waiting[i] for i in range(len(plan))]
         first = len(live)
         for i, (seq, hit, (_, end)) in enumerate(zip(batch, hits, plan, strict=False)):
@@ -368,6 +370,7 @@ class FastEngine:
             len(waiting),
         )
         if not ready:
+            stats.seconds += time.perf_counter() - began
             return
         stats.prompts += len(ready)
         for seq in ready:
@@ -386,6 +389,7 @@ class FastEngine:
         rows = [seq.row for seq in ready]
         tokens = runner.sample(rows, logits[: len(ready)], [len(s.prompt) for s in ready])
         now = time.perf_counter()
+        stats.seconds += now - began
         if prefixes is not None:
             for seq in ready:  # its row holds the whole prompt's KV now
                 prefixes.learn(seq.prompt, functools.partial(read_prefix, cache, seq.row))
@@ -402,6 +406,14 @@ class FastEngine:
             else:
                 self._report(seq, progress, now, force=True)
         self._deliver(live, done, finished)
+
+    def _prefill_budget(self, live: list[ServedSequence]) -> int:
+        """Prompt tokens the next prefill may take: ``prefill_tokens`` while sequences are
+        decoding (each waits for it), up to ``idle_prefill_tokens`` when none is."""
+        opts = self.options
+        if live:
+            return max(1, opts.prefill_tokens)
+        return max(1, opts.prefill_tokens, opts.idle_prefill_tokens)
 
     def _fill_masks(self, seqs: list[ServedSequence]) -> None:
         """Fill and upload the next-token masks of the rows whose host fills them."""

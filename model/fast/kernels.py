@@ -46,6 +46,19 @@ SPLIT_KEYS = 64
 BLOCK_KEYS = 64
 MAX_SPLITS = 32  # longer contexts use bigger chunks instead of more of them
 ATTENTION_WARPS = 2
+# The same for an fp8 cache, whose keys are half the bytes: a program of 64 keys moves half
+# as much per launch (python -m bench.step_profile --attention-sweep chooses them).
+FP8_SPLIT_KEYS = 64
+FP8_BLOCK_KEYS = 64
+FP8_ATTENTION_WARPS = 2
+
+
+def attention_settings(fp8: bool) -> tuple[int, int, int]:
+    """(keys per program, keys per block, warps) of the decode kernel for a cache format,
+    read at each call (the sweeps set the module's values)."""
+    if fp8:
+        return FP8_SPLIT_KEYS, FP8_BLOCK_KEYS, FP8_ATTENTION_WARPS
+    return SPLIT_KEYS, BLOCK_KEYS, ATTENTION_WARPS
 
 
 if HAVE_TRITON:
@@ -419,9 +432,10 @@ def _widened(cache: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtyp
     return cache if scales is None else dequantize_kv(cache, scales, dtype)
 
 
-def split_size(context: int) -> int:
-    """Keys per split-K program for a context bucket: ``SPLIT_KEYS``, or more for long ones."""
-    size = SPLIT_KEYS
+def split_size(context: int, split_keys: int | None = None) -> int:
+    """Keys per split-K program for a context bucket: ``split_keys`` (default
+    ``SPLIT_KEYS``), or more for long ones."""
+    size = SPLIT_KEYS if split_keys is None else split_keys
     while -(-context // size) > MAX_SPLITS:
         size *= 2
     return size
@@ -433,10 +447,19 @@ class SplitPartials:
     :meth:`reduce` combines. The decode kernel and the verify kernel
     (``model.fast.verify_attention``) both write this layout."""
 
-    def __init__(self, rows: int, heads: int, dim: int, context: int, device: torch.device):
-        self.split = split_size(context)
+    def __init__(
+        self,
+        rows: int,
+        heads: int,
+        dim: int,
+        context: int,
+        device: torch.device,
+        split_keys: int | None = None,
+        block_keys: int | None = None,
+    ):
+        self.split = split_size(context, split_keys)
         self.splits = -(-context // self.split)
-        self.block = min(BLOCK_KEYS, self.split)
+        self.block = min(BLOCK_KEYS if block_keys is None else block_keys, self.split)
         self.context = context
         shape = (rows, heads, self.splits)
         self.acc = torch.empty((*shape, dim), dtype=torch.float32, device=device)
@@ -482,7 +505,9 @@ def decode_attention(
     """
     b, heads, dim = q.shape
     k_scales, v_scales = _scales_of(k_cache, k_scales, v_scales)
-    partials = SplitPartials(b, heads, dim, context, q.device)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    split_keys, block_keys, warps = attention_settings(fp8)
+    partials = SplitPartials(b, heads, dim, context, q.device, split_keys, block_keys)
     kernels().partial[(b, heads, partials.splits)](
         q,
         k_cache,
@@ -507,7 +532,7 @@ def decode_attention(
         SPLIT=partials.split,
         BLOCK=partials.block,
         DIM=dim,
-        FP8=k_cache.dtype == torch.float8_e4m3fn,
-        num_warps=ATTENTION_WARPS,
+        FP8=fp8,
+        num_warps=warps,
     )
     partials.reduce(positions, out)

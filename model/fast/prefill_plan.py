@@ -50,3 +50,6 @@ class PrefillStats:
     computed_tokens: int = 0  # prompt tokens run through the model
     reused_tokens: int = 0  # prompt tokens whose KV was copied from the prefix cache
     cuts: int = 0  # forwards that ended inside a prompt (it went on at the next one)
+    # Host seconds in prefills: the forward's launches and, when prompts completed, the wait
+    # for their first tokens (a cut-only chunk's GPU time overlaps the next decode step).
+    seconds: float = 0.0

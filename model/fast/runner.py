@@ -167,12 +167,16 @@ class FastLlama:
     def warm_prefill(self, max_tokens: int) -> int:
         """Run one prefill per token bucket up to ``max_tokens`` (first-call costs paid now).
 
-        Row 0 is used as scratch: call before serving. Returns how many prefills ran.
+        A size past one row's length is packed over several rows, as a burst of prompts is.
+        The rows are used as scratch: call before serving. Returns how many prefills ran.
         """
-        limit = min(max_tokens, self.max_seq_len - 1)
+        row_limit = self.max_seq_len - 1
+        limit = min(max_tokens, row_limit * self.slots)
         sizes = range(PREFILL_TOKEN_BUCKET, limit + PREFILL_TOKEN_BUCKET, PREFILL_TOKEN_BUCKET)
         for size in sizes:
-            self.prefill([0], [[0] * min(size, limit)])
+            size = min(size, limit)
+            pieces = [min(row_limit, size - start) for start in range(0, size, row_limit)]
+            self.prefill(list(range(len(pieces))), [[0] * piece for piece in pieces])
         # A few multi-prompt batches: their attention and lm_head shapes differ.
         for count in (2, 4, 8):
             if count <= self.slots and count * 16 <= limit:

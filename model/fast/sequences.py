@@ -44,7 +44,10 @@ class FastEngineOptions:
     filled across the waiting prompts and the last one is cut: a longer prompt (a refine
     carries a whole page, 1,000-2,000 tokens) is prefilled over several iterations and joins
     the decode batch after its last chunk. Without, whole prompts are taken while they fit,
-    at least one however long (the engine before chunking, with 2048).
+    at least one however long (the engine before chunking, with 2048). While no sequence is
+    decoding nobody waits on a prefill, so it may take up to ``idle_prefill_tokens``: a burst
+    of new prompts reaching an idle engine (many users at once) starts in one or a few
+    forwards instead of one chunk per decode step.
 
     ``prefix_cache`` keeps the KV of prompt prefixes that prompts share (the template and
     system prompt), at most ``prefix_cache_mb`` of it on the device (taken from the memory
@@ -56,6 +59,7 @@ class FastEngineOptions:
     max_slots: int | None = None
     memory_fraction: float = 0.92
     prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps, at most
+    idle_prefill_tokens: int = 4096  # ... when none is decoding (at least prefill_tokens)
     chunked_prefill: bool = True
     prefix_cache: bool = True
     prefix_cache_mb: int = 256

@@ -337,12 +337,36 @@ def test_rope_store_rounds_ties_to_even_and_subnormals_like_torch() -> None:
 
 
 @pytest.mark.parametrize(
-    ("positions", "context"),
-    [([0, 130, 257, 299], 300), ([299, 5], 256)],
+    ("positions", "context", "settings"),
+    [
+        ([0, 130, 257, 299], 300, None),
+        ([299, 5], 256, None),
+        # The fp8 cache's own settings (chunks of 128 keys in blocks of 32) are used, not
+        # the bf16 cache's: the chunk edges then fall elsewhere, the result stays.
+        ([0, 130, 257, 299], 300, (128, 32, 4)),
+        ([299, 5], 256, (256, 128, 4)),
+    ],
 )
 def test_decode_attention_over_fp8_matches_the_dequantized_reference(
-    positions: list[int], context: int
+    monkeypatch: pytest.MonkeyPatch,
+    positions: list[int],
+    context: int,
+    settings: tuple[int, int, int] | None,
 ) -> None:
+    if settings is not None:
+        split, block, warps = settings
+        monkeypatch.setattr(kernels, "FP8_SPLIT_KEYS", split)
+        monkeypatch.setattr(kernels, "FP8_BLOCK_KEYS", block)
+        monkeypatch.setattr(kernels, "FP8_ATTENTION_WARPS", warps)
+        built: list[int] = []
+        real_partials = kernels.SplitPartials
+
+        def recording(*args: Any) -> Any:
+            partials = real_partials(*args)
+            built.append(partials.split)
+            return partials
+
+        monkeypatch.setattr(kernels, "SplitPartials", recording)
     heads, kv_heads, dim, capacity = 4, 2, 16, 300
     b = len(positions)
     torch.manual_seed(4)
@@ -367,6 +391,8 @@ def test_decode_attention_over_fp8_matches_the_dequantized_reference(
 
     expected = reference_attention(q, widened_keys, widened_values, lengths).float()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    if settings is not None:
+        assert built == [settings[0]]
     # And the rounding itself is small: within a few percent of the unquantized attention.
     unquantized = reference_attention(q, raw_keys, raw_values, lengths).float()
     assert float((out - unquantized).abs().max()) < 0.15

@@ -279,6 +279,7 @@ def test_chunked_and_reused_prefills_decode_what_the_plain_engine_does(
         tokenizer,
         max_seq_len=512,
         prefill_tokens=prefill_tokens,
+        idle_prefill_tokens=0,  # cut from the first forward on, as under load
         prefix_cache=prefix_cache,
     )
     pad_every_step(engine)
@@ -289,6 +290,60 @@ def test_chunked_and_reused_prefills_decode_what_the_plain_engine_does(
     assert (stats.reused_tokens > 0) == prefix_cache
     longest = max(len(prompt_of(tokenizer, r.prompt)) for r in requests)
     assert (stats.cuts > 0) == (prefill_tokens < longest)
+
+
+@pytest.mark.parametrize("idle_prefill_tokens", [4096, 0])
+def test_an_idle_engine_prefills_a_burst_past_the_chunk_budget(
+    model: Any, tokenizer: Any, idle_prefill_tokens: int
+) -> None:
+    """Nobody decodes yet, so a burst of prompts reaching an idle engine is prefilled in one
+    forward whatever the chunk budget; with the idle budget off it goes in 16-token chunks.
+    The answers are the same either way."""
+    requests = [request(d, PENALIZED) for d in [*DESCRIPTIONS, LONG_DESCRIPTION]]
+    plain = make_engine(model, tokenizer, max_seq_len=512, **PLAIN)
+    expected = [r.text for r in plain.generate(requests)]
+    engine = make_engine(
+        model,
+        tokenizer,
+        max_seq_len=512,
+        prefill_tokens=16,
+        idle_prefill_tokens=idle_prefill_tokens,
+        prefix_cache=False,
+    )
+    assert [r.text for r in engine.generate(requests)] == expected
+    stats = engine.prefill_stats
+    total = sum(len(prompt_of(tokenizer, r.prompt)) for r in requests)
+    assert stats.computed_tokens == total
+    if idle_prefill_tokens:
+        assert (stats.forwards, stats.cuts) == (1, 0)
+    else:
+        assert stats.forwards >= total // 16 and stats.cuts > 0
+
+
+def test_a_prompt_arriving_while_others_decode_is_still_cut(model: Any, tokenizer: Any) -> None:
+    """The idle budget is for an idle engine only: a long prompt reaching a decoding one
+    goes in ``prefill_tokens`` chunks between the running rows' steps."""
+    running = request(DESCRIPTIONS[0], SamplingParams(max_new_tokens=40, temperature=0))
+    long = request(LONG_DESCRIPTION, PENALIZED)
+    engine = make_engine(
+        model,
+        tokenizer,
+        max_seq_len=512,
+        prefill_tokens=16,
+        prefix_cache=False,
+        progress_interval_s=0,
+    )
+    queue = [running]
+
+    def progress(request_id: str, tokens: int) -> None:
+        if request_id == running.request_id and tokens == 1:
+            queue.append(long)
+
+    results, _ = serve_in_thread(engine, queue_source(queue), progress, expected=2)
+    assert results[long.request_id].text == hf_text(model, tokenizer, LONG_DESCRIPTION, PENALIZED)
+    long_prompt = len(prompt_of(tokenizer, LONG_DESCRIPTION))
+    assert long_prompt < 16 * 30  # all its chunks run while the first one decodes
+    assert engine.prefill_stats.cuts == -(-long_prompt // 16) - 1
 
 
 # ------------------------------------------------------------- rows while prefilling
@@ -384,7 +439,9 @@ def test_chunks_and_prefix_entries_keep_an_fp8_cache_exact(model: Any, tokenizer
     requests = [request(d, PENALIZED) for d in [*DESCRIPTIONS, LONG_DESCRIPTION]]
     plain = make_engine(model, tokenizer, max_seq_len=512, kv_cache="fp8", **PLAIN)
     expected = [r.text for r in plain.generate(requests)]
-    engine = make_engine(model, tokenizer, max_seq_len=512, kv_cache="fp8", prefill_tokens=16)
+    engine = make_engine(
+        model, tokenizer, max_seq_len=512, kv_cache="fp8", prefill_tokens=16, idle_prefill_tokens=0
+    )
     pad_every_step(engine)
     first = engine.generate(requests[:1])
     rest = engine.generate(requests[1:])
