@@ -230,6 +230,7 @@ def attention_sweep(batches: list[int], repeats: int = 32) -> list[dict[str, Any
         "fp8": ("FP8_SPLIT_KEYS", "FP8_BLOCK_KEYS", "FP8_ATTENTION_WARPS"),
     }
     rows = []
+    small_split = kernels.FP8_SMALL_BATCH_SPLIT_KEYS
     for kv_format, attributes in names.items():
         saved = tuple(getattr(kernels, a) for a in attributes)
         for batch in batches:
@@ -256,23 +257,27 @@ def attention_sweep(batches: list[int], repeats: int = 32) -> list[dict[str, Any
             per_token = heads * dim * 2 * (1 if kv_format == "fp8" else 2)
             per_token += heads * 2 * 4 if kv_format == "fp8" else 0
             kv_bytes = per_token * sum(keys_per_row)
+            current = kernels.attention_settings(kv_format == "fp8", batch)
             current_us = _graph_time_ms(attend, repeats) * 1000
             timings = []
             try:
                 for setting in ATTENTION_GRID:
                     for attribute, value in zip(attributes, setting, strict=True):
                         setattr(kernels, attribute, value)
+                    if kv_format == "fp8":  # the setting's split at every batch
+                        kernels.FP8_SMALL_BATCH_SPLIT_KEYS = setting[0]
                     timings.append((_graph_time_ms(attend, repeats) * 1000, setting))
             finally:
                 for attribute, value in zip(attributes, saved, strict=True):
                     setattr(kernels, attribute, value)
+                kernels.FP8_SMALL_BATCH_SPLIT_KEYS = small_split
             timings.sort()
             rows.append(
                 {
                     "kv": kv_format,
                     "batch": batch,
                     "mean_keys": statistics.mean(keys_per_row),
-                    "current": list(saved),
+                    "current": list(current),
                     "current_us": current_us,
                     "best": [{"us": us, "setting": list(st)} for us, st in timings[:3]],
                     "kv_bytes": kv_bytes,
@@ -281,7 +286,7 @@ def attention_sweep(batches: list[int], repeats: int = 32) -> list[dict[str, Any
             best_us, best_setting = timings[0]
             print(
                 f"attention {kv_format:4s} b={batch:3d} keys {statistics.mean(keys_per_row):.0f}: "
-                f"current {saved} {current_us:.1f} us "
+                f"current {current} {current_us:.1f} us "
                 f"({kv_bytes / current_us / 1e6:.2f} TB/s); best {best_setting} {best_us:.1f} us "
                 f"({kv_bytes / best_us / 1e6:.2f} TB/s); next "
                 + ", ".join(f"{st} {us:.1f}" for us, st in timings[1:3]),

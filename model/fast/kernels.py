@@ -46,18 +46,25 @@ SPLIT_KEYS = 64
 BLOCK_KEYS = 64
 MAX_SPLITS = 32  # longer contexts use bigger chunks instead of more of them
 ATTENTION_WARPS = 2
-# The same for an fp8 cache, whose keys are half the bytes: a program of 64 keys moves half
-# as much per launch (python -m bench.step_profile --attention-sweep chooses them).
-FP8_SPLIT_KEYS = 64
-FP8_BLOCK_KEYS = 64
+# The same for an fp8 cache, whose keys are half the bytes, so a program of 64 keys moves half
+# as much: `python -m bench.step_profile --attention-sweep` on an H200 (bench/RESULTS.md) had
+# 256 keys in blocks of 128 fastest from 8 rows on (one layer at ~420 keys: 12.4 us for 15.5
+# at 64 keys, 44 for 48 at 32 rows, 75 for 85 at 64), and 128 keys below 8 rows, where
+# bigger programs leave SMs idle (6.5 for 7.1 us at 2 rows, 8.1 for 9.0 at 4).
+FP8_SPLIT_KEYS = 256
+FP8_SMALL_BATCH_SPLIT_KEYS = 128
+FP8_SMALL_BATCH_ROWS = 8  # below this many rows, FP8_SMALL_BATCH_SPLIT_KEYS
+FP8_BLOCK_KEYS = 128
 FP8_ATTENTION_WARPS = 2
 
 
-def attention_settings(fp8: bool) -> tuple[int, int, int]:
-    """(keys per program, keys per block, warps) of the decode kernel for a cache format,
-    read at each call (the sweeps set the module's values)."""
+def attention_settings(fp8: bool, rows: int) -> tuple[int, int, int]:
+    """(keys per program, keys per block, warps) of the decode kernel for a cache format and
+    a step of ``rows`` rows, read at each call (the sweeps set the module's values)."""
     if fp8:
-        return FP8_SPLIT_KEYS, FP8_BLOCK_KEYS, FP8_ATTENTION_WARPS
+        small = rows < FP8_SMALL_BATCH_ROWS
+        split = FP8_SMALL_BATCH_SPLIT_KEYS if small else FP8_SPLIT_KEYS
+        return split, FP8_BLOCK_KEYS, FP8_ATTENTION_WARPS
     return SPLIT_KEYS, BLOCK_KEYS, ATTENTION_WARPS
 
 
@@ -506,7 +513,7 @@ def decode_attention(
     b, heads, dim = q.shape
     k_scales, v_scales = _scales_of(k_cache, k_scales, v_scales)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    split_keys, block_keys, warps = attention_settings(fp8)
+    split_keys, block_keys, warps = attention_settings(fp8, b)
     partials = SplitPartials(b, heads, dim, context, q.device, split_keys, block_keys)
     kernels().partial[(b, heads, partials.splits)](
         q,

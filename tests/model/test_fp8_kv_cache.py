@@ -342,20 +342,25 @@ def test_rope_store_rounds_ties_to_even_and_subnormals_like_torch() -> None:
         ([0, 130, 257, 299], 300, None),
         ([299, 5], 256, None),
         # The fp8 cache's own settings (chunks of 128 keys in blocks of 32) are used, not
-        # the bf16 cache's: the chunk edges then fall elsewhere, the result stays.
-        ([0, 130, 257, 299], 300, (128, 32, 4)),
-        ([299, 5], 256, (256, 128, 4)),
+        # the bf16 cache's: the chunk edges then fall elsewhere, the result stays. Four rows
+        # are a small batch (below 8 rows: the small-batch split), two rows here are not.
+        ([0, 130, 257, 299], 300, (128, 32, 4, 8)),
+        ([299, 5], 256, (256, 128, 4, 1)),
     ],
 )
 def test_decode_attention_over_fp8_matches_the_dequantized_reference(
     monkeypatch: pytest.MonkeyPatch,
     positions: list[int],
     context: int,
-    settings: tuple[int, int, int] | None,
+    settings: tuple[int, int, int, int] | None,
 ) -> None:
     if settings is not None:
-        split, block, warps = settings
-        monkeypatch.setattr(kernels, "FP8_SPLIT_KEYS", split)
+        split, block, warps, small_batch_rows = settings
+        small = len(positions) < small_batch_rows
+        # The split the rule does not pick is one no kernel could run (not a whole block).
+        monkeypatch.setattr(kernels, "FP8_SMALL_BATCH_ROWS", small_batch_rows)
+        monkeypatch.setattr(kernels, "FP8_SMALL_BATCH_SPLIT_KEYS", split if small else 999)
+        monkeypatch.setattr(kernels, "FP8_SPLIT_KEYS", 999 if small else split)
         monkeypatch.setattr(kernels, "FP8_BLOCK_KEYS", block)
         monkeypatch.setattr(kernels, "FP8_ATTENTION_WARPS", warps)
         built: list[int] = []
@@ -396,6 +401,17 @@ def test_decode_attention_over_fp8_matches_the_dequantized_reference(
     # And the rounding itself is small: within a few percent of the unquantized attention.
     unquantized = reference_attention(q, raw_keys, raw_values, lengths).float()
     assert float((out - unquantized).abs().max()) < 0.15
+
+
+def test_fp8_attention_takes_bigger_programs_from_eight_rows() -> None:
+    """The sweep's choice: 128 keys a program below 8 rows, 256 from 8, blocks of 128; the
+    bf16 cache's settings do not depend on the rows."""
+    assert kernels.attention_settings(True, 1) == (128, 128, 2)
+    assert kernels.attention_settings(True, 7) == (128, 128, 2)
+    assert kernels.attention_settings(True, 8) == (256, 128, 2)
+    assert kernels.attention_settings(True, 64) == (256, 128, 2)
+    bf16 = kernels.attention_settings(False, 1)
+    assert bf16 == kernels.attention_settings(False, 64) == (64, 64, 2)
 
 
 def test_the_kernels_refuse_an_fp8_cache_without_its_scales() -> None:
