@@ -6,7 +6,7 @@
 1. drop cancelled sequences (their slots free at once);
 2. take up to as many new requests as there are free slots (the scheduler keeps the queue);
 3. prefill at most ``prefill_tokens`` of the waiting prompts' tokens in one batched forward
-   (``idle_prefill_tokens`` when none is decoding), so the running sequences wait at most
+   (``idle_prefill_tokens`` when more wait than decode), so the running sequences wait at most
    one such prefill between two of their tokens: a
    longer prompt is cut into chunks, one per iteration (``model.fast.prefill_plan``), and a
    prompt starting like earlier ones gets their shared prefix's KV copied into its row
@@ -330,7 +330,7 @@ class FastEngine:
                 yield (hit.length if hit else seq.prefilled), len(seq.prompt)
 
         opts = self.options
-        plan = plan_chunks(spans(), self._prefill_budget(live), opts.chunked_prefill)
+        plan = plan_chunks(spans(), self._prefill_budget(live, len(waiting)), opts.chunked_prefill)
         batch = [waiting[i] for i in range(len(plan))]
         first = len(live)
         for i, (seq, hit, (_, end)) in enumerate(zip(batch, hits, plan, strict=False)):
@@ -407,11 +407,13 @@ class FastEngine:
                 self._report(seq, progress, now, force=True)
         self._deliver(live, done, finished)
 
-    def _prefill_budget(self, live: list[ServedSequence]) -> int:
-        """Prompt tokens the next prefill may take: ``prefill_tokens`` while sequences are
-        decoding (each waits for it), up to ``idle_prefill_tokens`` when none is."""
+    def _prefill_budget(self, live: list[ServedSequence], waiting: int) -> int:
+        """Prompt tokens the next prefill may take: up to ``idle_prefill_tokens`` when none
+        decodes or more wait than decode (a burst: the few decoding rows' longer stall costs
+        less than the many waiting prompts' extra iterations; measured in bench/RESULTS.md),
+        else ``prefill_tokens`` (each decoding sequence waits for it)."""
         opts = self.options
-        if live:
+        if live and len(live) >= waiting:
             return max(1, opts.prefill_tokens)
         return max(1, opts.prefill_tokens, opts.idle_prefill_tokens)
 

@@ -44,10 +44,10 @@ class FastEngineOptions:
     filled across the waiting prompts and the last one is cut: a longer prompt (a refine
     carries a whole page, 1,000-2,000 tokens) is prefilled over several iterations and joins
     the decode batch after its last chunk. Without, whole prompts are taken while they fit,
-    at least one however long (the engine before chunking, with 2048). While no sequence is
-    decoding nobody waits on a prefill, so it may take up to ``idle_prefill_tokens``: a burst
-    of new prompts reaching an idle engine (many users at once) starts in one or a few
-    forwards instead of one chunk per decode step.
+    at least one however long (the engine before chunking, with 2048). When none decodes
+    or more wait than decode (a burst of new prompts: many users at once), a
+    prefill may take up to ``idle_prefill_tokens``: the burst starts in a few forwards
+    instead of one chunk per decode step, and the few decoding rows wait longer once.
 
     ``prefix_cache`` keeps the KV of prompt prefixes that prompts share (the template and
     system prompt), at most ``prefix_cache_mb`` of it on the device (taken from the memory
@@ -59,7 +59,7 @@ class FastEngineOptions:
     max_slots: int | None = None
     memory_fraction: float = 0.92
     prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps, at most
-    idle_prefill_tokens: int = 4096  # ... when none is decoding (at least prefill_tokens)
+    idle_prefill_tokens: int = 4096  # ... when more wait than decode (a burst)
     chunked_prefill: bool = True
     prefix_cache: bool = True
     prefix_cache_mb: int = 256
