@@ -320,6 +320,39 @@ def test_an_idle_engine_prefills_a_burst_past_the_chunk_budget(
         assert stats.forwards >= total // 16 and stats.cuts > 0
 
 
+@pytest.mark.parametrize("idle_prefill_tokens", [4096, 0])
+def test_a_burst_outnumbering_the_decoding_rows_takes_the_big_budget(
+    model: Any, tokenizer: Any, idle_prefill_tokens: int
+) -> None:
+    """Three prompts reach an engine decoding one row: more wait than decode, so they are
+    prefilled in one forward (the decoding row waits once), not in 16-token chunks."""
+    running = request(DESCRIPTIONS[0], SamplingParams(max_new_tokens=40, temperature=0))
+    burst = [request(d, PENALIZED) for d in [*DESCRIPTIONS[1:], LONG_DESCRIPTION]]
+    engine = make_engine(
+        model,
+        tokenizer,
+        max_seq_len=512,
+        prefill_tokens=16,
+        idle_prefill_tokens=idle_prefill_tokens,
+        prefix_cache=False,
+        progress_interval_s=0,
+    )
+    queue = [running]
+
+    def progress(request_id: str, tokens: int) -> None:
+        if request_id == running.request_id and tokens == 1:
+            queue.extend(burst)
+
+    results, _ = serve_in_thread(engine, queue_source(queue), progress, expected=4)
+    for r in [running, *burst]:
+        assert results[r.request_id].text == hf_text(model, tokenizer, r.prompt, r.sampling)
+    stats = engine.prefill_stats
+    if idle_prefill_tokens:
+        assert (stats.forwards, stats.cuts) == (2, 0)  # the first prompt, then the burst
+    else:
+        assert stats.cuts > 0
+
+
 def test_a_prompt_arriving_while_others_decode_is_still_cut(model: Any, tokenizer: Any) -> None:
     """The idle budget is for an idle engine only: a long prompt reaching a decoding one
     goes in ``prefill_tokens`` chunks between the running rows' steps."""
