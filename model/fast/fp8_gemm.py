@@ -9,7 +9,8 @@ an H200):
 
 - ``"gemv"`` (1 to :data:`MAX_GEMV_ROWS` rows): each program streams a ``BLOCK_N x K`` strip
   of the weight and reduces it against the rows with FMAs (one row: 1.74x of bf16's step GEMMs
-  on an H200);
+  on an H200; 2-8 rows measured 2.5-7x slower than split-K there, so :data:`ROUTES` gives it
+  one row only);
 - ``"dot"``: the first multi-row kernel here, the strip widened to bf16 in registers and
   multiplied with the rows' tile on the tensor cores (1.08-1.16x at 8-16 rows, 0.63x at 64);
 - ``"splitk_bf16"``, ``"splitk_f16"``, ``"splitk_fp8"``: the split-K kernel of
@@ -197,7 +198,10 @@ def _kernel(tuned: bool) -> Any:
 # against every row with FMAs. One row on the H200 took a step's GEMMs from 3.61 ms (bf16) to
 # 2.08 (1.74x). Several rows cost one FMA per row and weight on the CUDA cores: 8 rows of a
 # 7B layer is ~48 us of an H200's FP32 FMA rate against ~50 us to read its FP8 weights, so
-# beyond that the tensor-core kernels take over (bench.fp8_gemm measures where).
+# beyond that the tensor-core kernels take over (bench.fp8_gemm measures where). Measured on
+# the H200 (one layer's four GEMMs): 219 / 372 / 601 us at 2 / 4 / 8 rows, where split-K takes
+# 88; the (rows, channels, K) product tile is what it holds in registers. Kept as a candidate
+# the sweep measures (bench.fp8_choice routes it where it wins), not routed by default.
 MAX_GEMV_ROWS = 8
 _GEMV_CONFIGS = [
     # (BLOCK_N, BLOCK_K, num_warps, num_stages)

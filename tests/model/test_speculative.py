@@ -378,7 +378,7 @@ def test_verify_steps_beside_a_refine_prefilled_in_chunks(
     texts, answers = plain_answers(model, tiny_tokenizer, batch)
     for request_, answer in zip(batch, answers, strict=True):
         oracle.answers[tuple(plan_answer(tiny_tokenizer, request_).prompt_ids)] = answer
-    fast = engine(model, tiny_tokenizer, draft_tokens=4, prefill_tokens=32)
+    fast = engine(model, tiny_tokenizer, draft_tokens=4, prefill_tokens=32, idle_prefill_tokens=0)
     runner = fast.runner
     assert runner.verifier is not None
     verifier = runner.verifier
