@@ -6,9 +6,9 @@
 1. drop cancelled sequences (their slots free at once);
 2. take up to as many new requests as there are free slots (the scheduler keeps the queue);
 3. prefill at most ``prefill_tokens`` of the waiting prompts' tokens in one batched forward
-   (``idle_prefill_tokens`` when more wait than decode), so the running sequences wait at most
-   one such prefill between two of their tokens: a
-   longer prompt is cut into chunks, one per iteration (``model.fast.prefill_plan``), and a
+   (``idle_prefill_tokens`` when more wait than decode), so the running sequences wait at
+   most one such prefill between two of their tokens: a longer prompt is cut into chunks,
+   one per iteration (``model.fast.prefill_plan``), and a
    prompt starting like earlier ones gets their shared prefix's KV copied into its row
    instead (``model.fast.prefix_cache``);
 4. one decode step for all live sequences (one CUDA graph launch on a GPU), then deliver the
@@ -149,7 +149,7 @@ class FastEngine:
     def warmup(self, max_batch: int | None = None) -> int:
         """Capture the decode graphs and run the prefill shapes now rather than on first use.
 
-        Returns how many graphs were captured. Call before serving (it uses slot 0 as scratch).
+        Returns how many graphs were captured. Call before serving (it uses slots as scratch).
         """
         graphs = self.runner.capture_all(max_batch)
         opts = self.options

@@ -45,9 +45,9 @@ class FastEngineOptions:
     carries a whole page, 1,000-2,000 tokens) is prefilled over several iterations and joins
     the decode batch after its last chunk. Without, whole prompts are taken while they fit,
     at least one however long (the engine before chunking, with 2048). When none decodes
-    or more wait than decode (a burst of new prompts: many users at once), a
-    prefill may take up to ``idle_prefill_tokens``: the burst starts in a few forwards
-    instead of one chunk per decode step, and the few decoding rows wait longer once.
+    or more wait than decode (a burst of new prompts: many users at once), a prefill may
+    take up to ``idle_prefill_tokens``: the burst starts in a few forwards instead of one
+    chunk per decode step, and the few decoding rows wait longer once.
 
     ``prefix_cache`` keeps the KV of prompt prefixes that prompts share (the template and
     system prompt), at most ``prefix_cache_mb`` of it on the device (taken from the memory
