@@ -34,6 +34,7 @@ from bot.errors import (
     NotPermitted,
     QueueUnavailable,
     ResultNotFound,
+    ShuttingDown,
 )
 from bot.guilds.command import member_role_ids
 from bot.guilds.gate import GuildGate
@@ -384,6 +385,8 @@ class Commands:
             await self.gate.record(interaction.guild_id, interaction.user.id)
         except QueueUnavailable:  # the job is queued: a missed count must not lose it
             log.warning("could not count a request of user %s", interaction.user.id)
+        except ShuttingDown:  # the store closed while the defer was in flight
+            log.info("shutting down: request of user %s not counted", interaction.user.id)
 
     async def queue_listing(self, interaction: discord.Interaction) -> str:
         """The /queue reply: the user's jobs, or everyone's for managers."""

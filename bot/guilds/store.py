@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import aiosqlite
 import redis.asyncio as aioredis
 
+from bot.errors import ShuttingDown
 from bot.guilds import texts
 from bot.guilds.model import (
     FIELDS,
@@ -69,8 +70,13 @@ class SqliteFields:
         self.path = Path(path)
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the one connection
+        self._closed = False
 
     async def _connection(self) -> aiosqlite.Connection:
+        """The connection, opened on first use; call with ``_lock`` held."""
+        if self._closed:
+            # A command still in flight at shutdown: reopening would leak the thread.
+            raise ShuttingDown()
         if self._conn is None:
             self._conn = await open_database(self.path, _SCHEMA)
         return self._conn
@@ -111,7 +117,9 @@ class SqliteFields:
             await conn.execute("DELETE FROM guild_settings WHERE guild_id = ?", (guild_id,))
 
     async def aclose(self) -> None:
+        """Close after the transaction in flight; later calls raise ``ShuttingDown``."""
         async with self._lock:
+            self._closed = True
             if self._conn is not None:
                 await self._conn.close()
                 self._conn = None

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import aiosqlite
 import redis.asyncio as aioredis
 
+from bot.errors import ShuttingDown
 from bot.guilds.model import MAX_COOLDOWN_S
 from bot.guilds.sqlite import guild_db_path, open_database
 from bot.queue.redis_queue import connect, reachable
@@ -80,32 +81,36 @@ class SqliteUsage:
         self.path = Path(path)
         self.clock = clock
         self._conn: aiosqlite.Connection | None = None
-        # A burst of first requests must open one connection, not one each (every
-        # aiosqlite connection is a thread, and one left unclosed keeps the process alive).
-        self._opening = asyncio.Lock()
+        # One statement at a time on the one connection: a burst of first requests opens one
+        # connection, not one each (every aiosqlite connection is a thread, and one left
+        # unclosed keeps the process alive), and aclose waits for the statement in flight.
+        self._lock = asyncio.Lock()
+        self._closed = False
 
     async def _connection(self) -> aiosqlite.Connection:
-        if self._conn is not None:
-            return self._conn
-        async with self._opening:
-            if self._conn is None:
-                conn = await open_database(self.path, _SCHEMA)
-                # Yesterday's rows say nothing any more (a cooldown never spans a day).
-                await conn.execute(
-                    "DELETE FROM guild_usage WHERE last_request_at < ?",
-                    (self.clock() - MAX_COOLDOWN_S - 86400,),
-                )
-                self._conn = conn
-            return self._conn
+        """The connection, opened on first use; call with ``_lock`` held."""
+        if self._closed:
+            # A command still in flight at shutdown: reopening would leak the thread.
+            raise ShuttingDown()
+        if self._conn is None:
+            conn = await open_database(self.path, _SCHEMA)
+            # Yesterday's rows say nothing any more (a cooldown never spans a day).
+            await conn.execute(
+                "DELETE FROM guild_usage WHERE last_request_at < ?",
+                (self.clock() - MAX_COOLDOWN_S - 86400,),
+            )
+            self._conn = conn
+        return self._conn
 
     async def get(self, guild_id: int, user_id: int) -> Usage:
-        conn = await self._connection()
-        async with conn.execute(
-            "SELECT day, pages, last_request_at FROM guild_usage "
-            "WHERE guild_id = ? AND user_id = ?",
-            (guild_id, user_id),
-        ) as cursor:
-            row = await cursor.fetchone()
+        async with self._lock:
+            conn = await self._connection()
+            async with conn.execute(
+                "SELECT day, pages, last_request_at FROM guild_usage "
+                "WHERE guild_id = ? AND user_id = ?",
+                (guild_id, user_id),
+            ) as cursor:
+                row = await cursor.fetchone()
         if row is None:
             return Usage()
         day, pages, last = row
@@ -113,24 +118,27 @@ class SqliteUsage:
 
     async def record(self, guild_id: int, user_id: int) -> Usage:
         now = self.clock()
-        conn = await self._connection()
-        # One statement: a new day starts the count at 1, atomically.
-        async with conn.execute(
-            """INSERT INTO guild_usage (guild_id, user_id, day, pages, last_request_at)
-               VALUES (?, ?, ?, 1, ?)
-               ON CONFLICT (guild_id, user_id) DO UPDATE SET
-                   pages = CASE WHEN day = excluded.day THEN pages + 1 ELSE 1 END,
-                   day = excluded.day,
-                   last_request_at = excluded.last_request_at
-               RETURNING pages""",
-            (guild_id, user_id, utc_day(now), now),
-        ) as cursor:
-            row = await cursor.fetchone()
+        async with self._lock:
+            conn = await self._connection()
+            # One statement: a new day starts the count at 1, atomically.
+            async with conn.execute(
+                """INSERT INTO guild_usage (guild_id, user_id, day, pages, last_request_at)
+                   VALUES (?, ?, ?, 1, ?)
+                   ON CONFLICT (guild_id, user_id) DO UPDATE SET
+                       pages = CASE WHEN day = excluded.day THEN pages + 1 ELSE 1 END,
+                       day = excluded.day,
+                       last_request_at = excluded.last_request_at
+                   RETURNING pages""",
+                (guild_id, user_id, utc_day(now), now),
+            ) as cursor:
+                row = await cursor.fetchone()
         assert row is not None
         return Usage(int(row[0]), now)
 
     async def aclose(self) -> None:
-        async with self._opening:
+        """Close after the statement in flight; later calls raise ``ShuttingDown``."""
+        async with self._lock:
+            self._closed = True
             if self._conn is not None:
                 await self._conn.close()
                 self._conn = None

@@ -3,6 +3,7 @@ role limits; the /settings handlers with stand-in interactions."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +15,7 @@ import discord
 import pytest
 from discord import app_commands
 
-from bot.errors import NotAllowed, NotPermitted, QueueUnavailable
+from bot.errors import NotAllowed, NotPermitted, QueueUnavailable, ShuttingDown
 from bot.guilds.command import SettingsCommand, parse_channels, parse_duration
 from bot.guilds.model import GuildDefaults, GuildSettings, InvalidSetting
 from bot.guilds.sqlite import guild_db_path
@@ -269,6 +270,30 @@ async def test_a_corrupt_file_is_moved_aside(
     usage = SqliteUsage(path)
     assert (await usage.record(GUILD, 5)).pages_today == 1
     await usage.aclose()
+
+
+async def test_sqlite_stores_close_after_the_statement_in_flight(tmp_path: Path) -> None:
+    """A request counted while the shutdown closes the store (its defer was in flight)
+    finishes, and one after it raises ShuttingDown instead of reopening the file (which
+    would leave a connection thread keeping the process alive)."""
+    path = tmp_path / "guilds.sqlite3"
+    usage = SqliteUsage(path)
+    fields = SqliteFields(path)
+    await usage.record(GUILD, 5)  # both open their connection
+    await fields.write(GUILD, {"style": "minimal"}, [])
+    counted = asyncio.create_task(usage.record(GUILD, 5))
+    loaded = asyncio.create_task(fields.load(GUILD))
+    await asyncio.sleep(0)  # both statements are under way
+    await asyncio.gather(usage.aclose(), fields.aclose())
+    assert (await counted).pages_today == 2
+    assert await loaded == {"style": "minimal"}
+    with pytest.raises(ShuttingDown):
+        await usage.record(GUILD, 5)
+    with pytest.raises(ShuttingDown):
+        await usage.get(GUILD, 5)
+    with pytest.raises(ShuttingDown):
+        await fields.load(GUILD)
+    assert usage._conn is None and fields._conn is None
 
 
 # -- /settings ------------------------------------------------------------------------------
