@@ -855,13 +855,13 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-prefill-tokens",
         type=int,
         default=None,
-        help="the engine's prefill budget while nothing decodes",
+        help="the engine's prefill budget when more prompts wait than rows decode (a burst)",
     )
     parser.add_argument(
         "--idle-prefill-compare",
         action="store_true",
-        help="at the end, the concurrency phases again with a burst reaching the idle "
-        "engine cut into --prefill-tokens chunks (ratio)",
+        help="at the end, the concurrency phases again with a burst cut into "
+        "--prefill-tokens chunks, as before the burst budget (ratio)",
     )
     parser.add_argument(
         "--no-prefill-compare",
@@ -1174,9 +1174,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the E4M3-rows phases failed: {error!r}", flush=True)
             report["fp8_rows_error"] = repr(error)
     if args.idle_prefill_compare:
-        # The last engine again, with a burst reaching it idle cut into prefill_tokens
-        # chunks between decode steps as when others decode (the engine before the idle
-        # budget): the concurrency phases' ratio and TTFT side by side.
+        # The last engine again, with a burst cut into prefill_tokens chunks between decode
+        # steps as when few wait (the engine before the burst budget): the concurrency
+        # phases' ratio and TTFT side by side.
         serving_options = engine.options
         before = len(phases)
         engine.options = dataclasses.replace(serving_options, idle_prefill_tokens=0)
