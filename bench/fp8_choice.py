@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from model.fast.fp8_gemm import MAX_GEMV_ROWS, UNLIMITED, uses_bf16_twin
+from model.fast.fp8_gemm import UNLIMITED, uses_bf16_twin
 from model.fast.fp8_splitk import block_m_for
 
 # The largest error a path may show and still count (the rows' E4M3 rounding for the FP8
@@ -75,22 +75,20 @@ def winner(layer_us: dict[str, float], *, twin: bool, fp8_rows: bool) -> str | N
 def routes_from(winners: Sequence[tuple[int, str | None]]) -> tuple[tuple[int, str], ...]:
     """A routing table from the winning path at each measured row count (increasing): runs of
     one path merge, each ending at its largest row count, the last one UNLIMITED. Row counts
-    between two measured ones take the next one's path; a GEMV win past its
-    ``MAX_GEMV_ROWS`` rows counts as the dot kernel's."""
+    between two measured ones take the next one's path; one row keeps the GEMV's own entry
+    when it wins."""
     runs: list[list[Any]] = []
     for m, path in winners:
         if path is None:
             continue
-        if path == "gemv" and m > MAX_GEMV_ROWS:
+        if path == "gemv" and m != 1:
             path = "dot"
-        if runs and runs[-1][1] == path:
+        if runs and runs[-1][1] == path and path != "gemv":
             runs[-1][0] = m
         else:
             runs.append([m, path])
     if not runs:
         return ()
-    if runs[-1][1] == "gemv":  # the GEMV's rows end at its tile: the dot kernel after it
-        runs.append([UNLIMITED, "dot"])
     runs[-1][0] = UNLIMITED
     return tuple((int(limit), str(path)) for limit, path in runs)
 

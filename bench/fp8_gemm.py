@@ -6,8 +6,7 @@ For CodeLlama-7B's four decoder GEMMs (fused qkv 4096->12288, o 4096->4096, fuse
 4096->22016, down 11008->4096) and each row count M of ``--rows`` (decode: 1-64) it times
 
 - ``bf16``: the faster of ``F.linear`` (weight (out, in)) and ``x @ wt`` (the engine's (in, out));
-- ``gemv`` (M <= 8: CUDA-core FMAs) and ``dot`` (M >= 2): the engine's first FP8 kernels
-  (model.fast.fp8_gemm);
+- ``gemv`` (M = 1) and ``dot`` (M >= 2): the engine's first FP8 kernels (model.fast.fp8_gemm);
 - ``splitk_bf16`` / ``splitk_f16`` / ``splitk_fp8``: the split-K kernel (model.fast.fp8_splitk)
   in each mode over a grid of configurations: every tile of the grid at a split chosen to fill
   the card, then the three best tiles at every split;
@@ -173,11 +172,8 @@ def compile_tasks(
                       "num_warps": warps, "num_stages": stages}  # fmt: skip
             if dot_ms:
                 tasks.append({"kind": "dot", "k": 4096, "ms": dot_ms, "config": fields})
-    # The GEMV's autotuned configs at each of its row tiles (1, 2, 4, 8).
-    gemv_ms = [m for m in ms if m <= fp8_gemm.MAX_GEMV_ROWS]
-    for tile in sorted({fp8_gemm.gemv_rows_for(m) for m in gemv_ms}):
-        same = [m for m in gemv_ms if fp8_gemm.gemv_rows_for(m) == tile]
-        tasks.append({"kind": "gemv", "k": 4096, "ms": same})
+    if 1 in ms:
+        tasks.append({"kind": "gemv", "k": 4096, "ms": [1]})
     return tasks
 
 
@@ -318,12 +314,6 @@ def sweep_decode(
             bank, m, x, exact, "bf16", transposed, weight_bytes=bf16_bytes, label="x @ wt"
         )
         sweep.measure(bank, m, x, ref, "gemv" if m == 1 else "dot", first_kernels)
-        if 1 < m <= fp8_gemm.MAX_GEMV_ROWS:
-
-            def gemv(i: int, x: torch.Tensor = x) -> Callable[[], torch.Tensor]:
-                return functools.partial(fp8_gemm.fp8_weight_gemv, x, *bank.fp8[i])
-
-            sweep.measure(bank, m, x, ref, "gemv", gemv)
         block_m = block_m_for(m)
         for mode in modes:
             first = []

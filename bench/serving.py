@@ -675,6 +675,17 @@ def _graph_time_ms(fn: Callable[[], Any], repeats: int = 32) -> float:
     return _median_ms(graph.replay, 20) / repeats
 
 
+# The decode attention kernel's settings the sweeps time: (keys per program, keys per block,
+# warps); bench.step_profile's sweep covers the fp8 cache too.
+ATTENTION_GRID = [
+    (split, block, warps)
+    for split in (64, 128, 256)
+    for block in (32, 64, 128)
+    for warps in (2, 4, 8)
+    if block <= split
+]
+
+
 def attention_sweep(shape: dict[str, Any]) -> list[dict[str, Any]]:
     """One layer's decode attention at CodeLlama-7B's heads: cuDNN SDPA over the slot cache
     with a length mask vs the Triton kernel at each (keys per program, keys per block, warps).
@@ -727,15 +738,11 @@ def attention_sweep(shape: dict[str, Any]) -> list[dict[str, Any]]:
                 "sdpa_us": _graph_time_ms(sdpa) * 1000,
             }
             timings = []
-            for split in (64, 128, 256):
-                for block in (32, 64, 128):
-                    for warps in (2, 4, 8):
-                        if block > split:
-                            continue
-                        kernels.SPLIT_KEYS = split
-                        kernels.BLOCK_KEYS = block
-                        kernels.ATTENTION_WARPS = warps
-                        timings.append((_graph_time_ms(kernel) * 1000, split, block, warps))
+            for split, block, warps in ATTENTION_GRID:
+                kernels.SPLIT_KEYS = split
+                kernels.BLOCK_KEYS = block
+                kernels.ATTENTION_WARPS = warps
+                timings.append((_graph_time_ms(kernel) * 1000, split, block, warps))
             timings.sort()
             row["triton_best"] = [
                 {"us": us, "split": sp, "block": bl, "warps": w} for us, sp, bl, w in timings[:3]

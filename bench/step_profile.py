@@ -32,6 +32,7 @@ from typing import Any
 
 from bench.common import CODELLAMA_7B
 from bench.serving import (
+    ATTENTION_GRID,
     SMALL,
     TINY_CPU,
     add_lora,
@@ -203,15 +204,6 @@ def lm_head_us(engine: Any, batch: int, repeats: int) -> float:
     return start.elapsed_time(end) * 1000 / repeats
 
 
-ATTENTION_GRID = [
-    (split, block, warps)
-    for split in (64, 128, 256)
-    for block in (32, 64, 128)
-    for warps in (2, 4, 8)
-    if block <= split
-]
-
-
 def attention_sweep(batches: list[int], repeats: int = 32) -> list[dict[str, Any]]:
     """One layer's decode attention (CodeLlama-7B's 32 heads x 128) over a bf16 and an fp8
     cache at each of ``batches`` (rows at served pages' midpoints), for every (keys per
@@ -297,12 +289,6 @@ def attention_sweep(batches: list[int], repeats: int = 32) -> list[dict[str, Any
     return rows
 
 
-def with_gemv(routes: tuple[tuple[int, str], ...], rows: int) -> tuple[tuple[int, str], ...]:
-    """``routes`` with the GEMV taking 1 to ``rows`` rows (the next routes start after it)."""
-    rest = tuple((limit, path) for limit, path in routes if limit > rows and path != "gemv")
-    return ((rows, "gemv"), *rest)
-
-
 def set_format(engine: Any, name: str) -> None:
     """Turn the engine to ``name`` (formats only go forward: bf16 -> fp8 -> fp8+kv8)."""
     runner = engine.runner
@@ -329,12 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         help="first time one layer's attention at each setting, bf16 and fp8 caches",
     )
     parser.add_argument("--no-steps", action="store_true", help="skip the engine's steps")
-    parser.add_argument(
-        "--gemv-rows",
-        default="",
-        help="FP8 formats again with the GEMV routed up to each of these row counts "
-        "(e.g. 2,4,8; the rest as model.fast.fp8_gemm.ROUTES)",
-    )
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     unknown = [f for f in formats if f not in FORMATS]
@@ -380,18 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'of floor':>8s}  kernels by kind, ms (TB/s where it moves bytes)",
         flush=True,
     )
-    from model.fast import fp8_gemm
-
-    default_routes = fp8_gemm.ROUTES
-    variants: list[tuple[str, int | None]] = [(name, None) for name in formats]
-    for limit in [int(r) for r in args.gemv_rows.split(",") if r]:
-        variants += [(name, limit) for name in formats if name != "bf16"]
-    for name, gemv_rows in variants:
+    for name in formats:
         set_format(engine, name)
-        fp8_gemm.ROUTES = (
-            default_routes if gemv_rows is None else with_gemv(default_routes, gemv_rows)
-        )
-        label = name if gemv_rows is None else f"{name} gemv<={gemv_rows}"
         for batch in batches:
             if batch > engine.runner.slots:
                 continue
@@ -405,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             kernels = profile_kernels(engine, keys)
             kinds = by_kind(kernels, lm_head_us(engine, batch, args.repeats))
             row = {
-                "format": label,
+                "format": name,
                 "batch": batch,
                 "mean_keys": statistics.mean(keys),
                 "step_ms": step,
@@ -416,11 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             report["rows"].append(row)
             print(
-                f"{label:>16s} {batch:5d} {step:8.2f} {row['tokens_per_s']:7.0f} "
+                f"{name:>16s} {batch:5d} {step:8.2f} {row['tokens_per_s']:7.0f} "
                 f"{floor_ms:8.2f} {floor_ms / step if step else 0:8.2f}  " + describe(row),
                 flush=True,
             )
-            top_lines.append(f"== {label}, batch {batch}, step {step:.2f} ms")
+            top_lines.append(f"== {name}, batch {batch}, step {step:.2f} ms")
             top_lines += [
                 f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} "
                 f"{r['kernel'][:110]}"

@@ -7,10 +7,8 @@ an E4M3 weight with per-output-channel scales (:func:`model.fp8.quantize_weight`
 each call to a path by its row count (:data:`ROUTES`, set from ``bench.fp8_gemm``'s sweep on
 an H200):
 
-- ``"gemv"`` (1 to :data:`MAX_GEMV_ROWS` rows): each program streams a ``BLOCK_N x K`` strip
-  of the weight and reduces it against the rows with FMAs (one row: 1.74x of bf16's step GEMMs
-  on an H200; 2-8 rows measured 2.5-7x slower than split-K there, so :data:`ROUTES` gives it
-  one row only);
+- ``"gemv"`` (one row): each program streams a ``BLOCK_N x K`` strip of the weight and reduces
+  it against the row with FMAs (1.74x of bf16's step GEMMs on an H200);
 - ``"dot"``: the first multi-row kernel here, the strip widened to bf16 in registers and
   multiplied with the rows' tile on the tensor cores (1.08-1.16x at 8-16 rows, 0.63x at 64);
 - ``"splitk_bf16"``, ``"splitk_f16"``, ``"splitk_fp8"``: the split-K kernel of
@@ -85,8 +83,8 @@ def check_routes(routes: tuple[tuple[int, str], ...]) -> None:
     for limit, path in routes:
         if path not in PATHS:
             raise ValueError(f"unknown FP8 path {path!r} (one of {PATHS})")
-        if path == "gemv" and limit > MAX_GEMV_ROWS:
-            raise ValueError(f"the GEMV takes {MAX_GEMV_ROWS} rows at most: its route's limit")
+        if path == "gemv" and limit != 1:
+            raise ValueError("the GEMV takes one row: its route's limit must be 1")
 
 
 def route_for(rows: int, routes: tuple[tuple[int, str], ...] | None = None) -> str:
@@ -193,16 +191,11 @@ def _kernel(tuned: bool) -> Any:
     return triton.autotune(configs=configs, key=["N", "K", "BLOCK_M"])(fp8_weight_gemm)
 
 
-# Up to MAX_GEMV_ROWS rows take a GEMV (no tensor-core dot, so no shuffle of the widened
-# weight into the dot's layout): each weight tile is loaded and widened once and reduced
-# against every row with FMAs. One row on the H200 took a step's GEMMs from 3.61 ms (bf16) to
-# 2.08 (1.74x). Several rows cost one FMA per row and weight on the CUDA cores: 8 rows of a
-# 7B layer is ~48 us of an H200's FP32 FMA rate against ~50 us to read its FP8 weights, so
-# beyond that the tensor-core kernels take over (bench.fp8_gemm measures where). Measured on
-# the H200 (one layer's four GEMMs): 219 / 372 / 601 us at 2 / 4 / 8 rows, where split-K takes
-# 88; the (rows, channels, K) product tile is what it holds in registers. Kept as a candidate
-# the sweep measures (bench.fp8_choice routes it where it wins), not routed by default.
-MAX_GEMV_ROWS = 8
+# One row takes a GEMV (no tensor-core dot, so no shuffle of the widened weight into the
+# dot's layout): on the H200 it takes a step's GEMMs from 3.61 ms (bf16) to 2.08 (1.74x).
+# Run over 4 rows (re-reading the strip per row) it was 0.55x, so 2+ rows take the dot kernel
+# (1.08x at 8 rows, the same tile as 2-16). A GEMV holding 2-8 rows' tiles at once was built
+# and measured too, 2.5-7x slower than split-K (bench/RESULTS.md, "Issue 12, fourth part").
 _GEMV_CONFIGS = [
     # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (8, 512, 4, 3),
@@ -214,34 +207,11 @@ _GEMV_CONFIGS = [
     (64, 128, 4, 4),
     (64, 256, 8, 3),
 ]
-# Several rows hold a row's products per weight in registers: smaller tiles.
-_GEMV_ROWS_CONFIGS = [
-    (4, 512, 4, 3),
-    (8, 256, 4, 3),
-    (8, 256, 4, 4),
-    (8, 512, 8, 3),
-    (16, 128, 4, 4),
-    (16, 256, 8, 3),
-    (16, 256, 4, 3),
-    (32, 128, 8, 3),
-    (32, 64, 4, 4),
-]
 _GEMV_INTERPRETED = {"BLOCK_N": 16, "BLOCK_K": 32}
 
 
-def gemv_rows_for(rows: int) -> int:
-    """The GEMV's row tile for ``rows`` rows (1 <= rows <= MAX_GEMV_ROWS): the next power
-    of two (the rows past ``rows`` are masked)."""
-    if not 1 <= rows <= MAX_GEMV_ROWS:
-        raise ValueError(f"the GEMV takes 1 to {MAX_GEMV_ROWS} rows, not {rows}")
-    tile = 1
-    while tile < rows:
-        tile *= 2
-    return tile
-
-
 @functools.cache
-def _gemv_kernel(tuned: bool, many_rows: bool = False) -> Any:
+def _gemv_kernel(tuned: bool) -> Any:
     import triton
     import triton.language as tl
 
@@ -251,103 +221,35 @@ def _gemv_kernel(tuned: bool, many_rows: bool = False) -> Any:
         w_ptr,
         scale_ptr,
         y_ptr,
-        M,
         N,
         K,
-        stride_xm,
         stride_wn,
-        stride_ym,
-        ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        if ROWS == 1:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                w = tl.load(
-                    w_ptr + cols[:, None] * stride_wn + ks[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-            tl.store(y_ptr + cols, (acc * scale).to(y_ptr.dtype.element_ty), mask=col_ok)
-        else:
-            rows = tl.arange(0, ROWS)
-            row_ok = rows < M
-            acc2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                w = tl.load(
-                    w_ptr + cols[:, None] * stride_wn + ks[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                x = tl.load(
-                    x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                # (ROWS, 1, BLOCK_K) x (1, BLOCK_N, BLOCK_K), summed over K: the weight
-                # tile is widened once for all the rows.
-                acc2 += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-            out = (acc2 * scale[None, :]).to(y_ptr.dtype.element_ty)
-            tl.store(
-                y_ptr + rows[:, None] * stride_ym + cols[None, :],
-                out,
-                mask=row_ok[:, None] & col_ok[None, :],
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wn + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
             )
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        tl.store(y_ptr + cols, (acc * scale).to(y_ptr.dtype.element_ty), mask=col_ok)
 
     if not tuned:
         return fp8_weight_gemv
     configs = [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-        for n, k, w, st in (_GEMV_ROWS_CONFIGS if many_rows else _GEMV_CONFIGS)
+        for n, k, w, st in _GEMV_CONFIGS
     ]
-    return triton.autotune(configs=configs, key=["N", "K", "ROWS"])(fp8_weight_gemv)
-
-
-def fp8_weight_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (weight * scale[:, None]).T`` for 1 to :data:`MAX_GEMV_ROWS` rows ``x`` (..., K)
-    through the GEMV kernel (see :func:`fp8_weight_matmul` for the arguments)."""
-    import triton
-
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m, k = rows.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"rows have {k} features, the weight {weight.shape[1]}")
-    tile = gemv_rows_for(m)
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    tuned = x.device.type == "cuda"
-
-    def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
-
-    extra = {} if tuned else _GEMV_INTERPRETED
-    _gemv_kernel(tuned, tile > 1)[grid](
-        rows,
-        weight,
-        scale,
-        out,
-        m,
-        n,
-        k,
-        rows.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        ROWS=tile,
-        **extra,
-    )
-    return out.reshape(*x.shape[:-1], n)
+    return triton.autotune(configs=configs, key=["N", "K"])(fp8_weight_gemv)
 
 
 def triton_ready(device: torch.device) -> bool:
@@ -375,10 +277,16 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"rows have {k} features, the weight {weight.shape[1]}")
-    if m == 1:
-        return fp8_weight_gemv(x, weight, scale)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     tuned = x.device.type == "cuda"
+    if m == 1:
+
+        def gemv_grid(meta: dict[str, Any]) -> tuple[int]:
+            return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+        extra = {} if tuned else _GEMV_INTERPRETED
+        _gemv_kernel(tuned)[gemv_grid](rows, weight, scale, out, n, k, weight.stride(0), **extra)
+        return out.reshape(*x.shape[:-1], n)
     block_m = block_m_for(m)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
@@ -451,7 +359,7 @@ class Fp8Weight:
             path = "dot"
         if path == "scaled_mm" and (dtype != torch.bfloat16 or self._scaled_mm_layer() is None):
             path = "dequantize"
-        if path == "gemv" and rows > MAX_GEMV_ROWS:
+        if path == "gemv" and rows != 1:
             path = "dot"
         return path
 
@@ -478,8 +386,6 @@ class Fp8Weight:
             result = layer(flat)
         elif path in SPLITK_MODES:
             result = self._splitk(path, flat)
-        elif path == "gemv":
-            result = fp8_weight_gemv(flat, self.weight, self.scale)
         else:
             result = fp8_weight_matmul(flat, self.weight, self.scale)
         return result.reshape(*x.shape[:-1], self.weight.shape[0])

@@ -425,8 +425,7 @@ def test_bench_compile_tasks_cover_every_variant_once() -> None:
     assert {t["k"] % t["config"]["block_k"] == 0 for t in splitk} == {True, False}
     dots = [t for t in tasks if t["kind"] == "dot"]
     assert {tuple(t["ms"]) for t in dots} == {(2,), (24,), (64,)}
-    gemvs = [t["ms"] for t in tasks if t["kind"] == "gemv"]
-    assert gemvs == [[1], [2]]  # one task per GEMV row tile
+    assert [t["kind"] for t in tasks].count("gemv") == 1
     keys = [bench_compile.task_key(t) for t in tasks]
     assert len(set(keys)) == len(keys)
 
@@ -470,11 +469,7 @@ def test_bench_choice_picks_per_policy_and_builds_routes() -> None:
         exec(fp8_choice.routes_literal(policy["routes"]), namespace)
         assert namespace["ROUTES"] == policy["routes"]
     assert fp8_choice.routes_from([(1, "splitk_bf16"), (2, "gemv"), (4, None)]) == (
-        (1, "splitk_bf16"), (2, "gemv"), (UNLIMITED, "dot"),
-    )  # fmt: skip
-    several = [(1, "gemv"), (2, "gemv"), (8, "gemv"), (16, "gemv"), (32, "splitk_bf16")]
-    assert fp8_choice.routes_from([*several, (64, "bf16")]) == (
-        (8, "gemv"), (16, "dot"), (32, "splitk_bf16"), (UNLIMITED, "bf16"),
+        (1, "splitk_bf16"), (UNLIMITED, "dot"),
     )  # fmt: skip
 
 

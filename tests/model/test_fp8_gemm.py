@@ -82,7 +82,7 @@ def test_routes_send_each_row_count_to_its_path() -> None:
     assert uses_bf16_twin()  # the default table (until the sweep) keeps the twin
     for bad, message in [
         (((1, "gemv"), (64, "dot")), "UNLIMITED"),
-        (((16, "gemv"), (UNLIMITED, "dot")), "8 rows at most"),
+        (((4, "gemv"), (UNLIMITED, "dot")), "one row"),
         (((8, "dot"), (4, "dot"), (UNLIMITED, "bf16")), "increase"),
         (((UNLIMITED, "cublas"),), "unknown"),
     ]:
@@ -103,7 +103,7 @@ def spy(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, calls: list[str
 @pytest.mark.parametrize(
     ("rows", "path"),
     [
-        (1, "fp8_weight_gemv"),
+        (1, "fp8_weight_matmul"),
         (3, "splitk_matmul"),
         (17, "splitk_matmul"),
         (65, "dequantize_matmul"),
@@ -114,7 +114,6 @@ def test_a_layer_runs_the_kernel_its_route_names(
 ) -> None:
     calls: list[str] = []
     spy(monkeypatch, fp8_gemm, "fp8_weight_matmul", calls)
-    spy(monkeypatch, fp8_gemm, "fp8_weight_gemv", calls)
     spy(monkeypatch, fp8_gemm.fp8_splitk, "splitk_matmul", calls)
     spy(monkeypatch, fp8_gemm.fp8_prefill, "dequantize_matmul", calls)
     weight = torch.randn(32, 64).to(torch.bfloat16) * 0.1
@@ -174,29 +173,6 @@ def test_the_scaled_mm_route_quantizes_the_rows() -> None:
     )
     torch.testing.assert_close(layer(x).float(), expected.float(), rtol=2e-2, atol=2e-2)
     assert layer.path_for(130, torch.float32) == "dequantize"  # _scaled_mm takes bf16 only
-
-
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
-def test_the_gemv_takes_up_to_eight_rows(m: int) -> None:
-    # Each row against the widened weight; the masked rows of the tile (3 of 4, 5 of 8) are
-    # neither computed into the real ones nor stored. K is not a multiple of the K block.
-    generator = torch.Generator().manual_seed(10 + m)
-    weight = torch.randn(40, 72, generator=generator).to(torch.bfloat16) * 0.05
-    x = torch.randn(m, 72, generator=generator).to(torch.bfloat16)
-    quantized, scale = fp8.quantize_weight(weight)
-    expected = F.linear(x.float(), fp8.dequantize(quantized, scale, torch.float32))
-    got = fp8_gemm.fp8_weight_gemv(x, quantized, scale)
-    assert got.shape == (m, 40)
-    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
-    layer = Fp8Weight(quantized, scale, backend="triton", routes=((8, "gemv"), (UNLIMITED, "dot")))
-    assert layer.path_for(m) == "gemv" and layer.path_for(9) == "dot"
-    torch.testing.assert_close(layer(x).float(), expected, rtol=1e-2, atol=1e-2)
-
-
-def test_the_gemv_refuses_more_rows_than_its_tile() -> None:
-    quantized, scale = fp8.quantize_weight(torch.ones(4, 8))
-    with pytest.raises(ValueError, match="1 to 8 rows"):
-        fp8_gemm.fp8_weight_gemv(torch.ones(9, 8, dtype=torch.bfloat16), quantized, scale)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3])

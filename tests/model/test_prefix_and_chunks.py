@@ -320,14 +320,13 @@ def test_an_idle_engine_prefills_a_burst_past_the_chunk_budget(
         assert stats.forwards >= total // 16 and stats.cuts > 0
 
 
-@pytest.mark.parametrize("idle_prefill_tokens", [4096, 0])
-def test_a_burst_outnumbering_the_decoding_rows_takes_the_big_budget(
-    model: Any, tokenizer: Any, idle_prefill_tokens: int
-) -> None:
-    """Three prompts reach an engine decoding one row: more wait than decode, so they are
-    prefilled in one forward (the decoding row waits once), not in 16-token chunks."""
+def serve_beside_one_decoding(
+    model: Any, tokenizer: Any, arriving: list[str], idle_prefill_tokens: int
+) -> Any:
+    """Serve one request, and ``arriving`` once it decodes (its first token out), with a
+    16-token chunk budget; every answer is checked against transformers. The prefill stats."""
     running = request(DESCRIPTIONS[0], SamplingParams(max_new_tokens=40, temperature=0))
-    burst = [request(d, PENALIZED) for d in [*DESCRIPTIONS[1:], LONG_DESCRIPTION]]
+    later = [request(d, PENALIZED) for d in arriving]
     engine = make_engine(
         model,
         tokenizer,
@@ -341,42 +340,35 @@ def test_a_burst_outnumbering_the_decoding_rows_takes_the_big_budget(
 
     def progress(request_id: str, tokens: int) -> None:
         if request_id == running.request_id and tokens == 1:
-            queue.extend(burst)
+            queue.extend(later)
 
-    results, _ = serve_in_thread(engine, queue_source(queue), progress, expected=4)
-    for r in [running, *burst]:
+    results, _ = serve_in_thread(engine, queue_source(queue), progress, expected=1 + len(later))
+    for r in [running, *later]:
         assert results[r.request_id].text == hf_text(model, tokenizer, r.prompt, r.sampling)
-    stats = engine.prefill_stats
+    return engine.prefill_stats
+
+
+@pytest.mark.parametrize("idle_prefill_tokens", [4096, 0])
+def test_a_burst_outnumbering_the_decoding_rows_takes_the_big_budget(
+    model: Any, tokenizer: Any, idle_prefill_tokens: int
+) -> None:
+    """Three prompts reach an engine decoding one row: more wait than decode, so they are
+    prefilled in one forward (the decoding row waits once), not in 16-token chunks."""
+    burst = [*DESCRIPTIONS[1:], LONG_DESCRIPTION]
+    stats = serve_beside_one_decoding(model, tokenizer, burst, idle_prefill_tokens)
     if idle_prefill_tokens:
         assert (stats.forwards, stats.cuts) == (2, 0)  # the first prompt, then the burst
     else:
         assert stats.cuts > 0
 
 
-def test_a_prompt_arriving_while_others_decode_is_still_cut(model: Any, tokenizer: Any) -> None:
-    """The idle budget is for an idle engine only: a long prompt reaching a decoding one
-    goes in ``prefill_tokens`` chunks between the running rows' steps."""
-    running = request(DESCRIPTIONS[0], SamplingParams(max_new_tokens=40, temperature=0))
-    long = request(LONG_DESCRIPTION, PENALIZED)
-    engine = make_engine(
-        model,
-        tokenizer,
-        max_seq_len=512,
-        prefill_tokens=16,
-        prefix_cache=False,
-        progress_interval_s=0,
-    )
-    queue = [running]
-
-    def progress(request_id: str, tokens: int) -> None:
-        if request_id == running.request_id and tokens == 1:
-            queue.append(long)
-
-    results, _ = serve_in_thread(engine, queue_source(queue), progress, expected=2)
-    assert results[long.request_id].text == hf_text(model, tokenizer, LONG_DESCRIPTION, PENALIZED)
+def test_a_prompt_arriving_while_as_many_decode_is_still_cut(model: Any, tokenizer: Any) -> None:
+    """One long prompt reaching an engine decoding one row is no burst: it goes in
+    ``prefill_tokens`` chunks between the running row's steps."""
+    stats = serve_beside_one_decoding(model, tokenizer, [LONG_DESCRIPTION], 4096)
     long_prompt = len(prompt_of(tokenizer, LONG_DESCRIPTION))
     assert long_prompt < 16 * 30  # all its chunks run while the first one decodes
-    assert engine.prefill_stats.cuts == -(-long_prompt // 16) - 1
+    assert stats.cuts == -(-long_prompt // 16) - 1
 
 
 # ------------------------------------------------------------- rows while prefilling
