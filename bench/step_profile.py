@@ -46,6 +46,7 @@ FORMATS = ("bf16", "fp8", "fp8+kv8")
 # Kernel kinds, first match wins (lower-case substrings of the kernel's name).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("attention_partial", "attention_reduce", "fmha", "flash", "attention")),
+    ("index / copy", ("index", "gather", "scatter", "copy", "cat", "fill", "arange")),
     ("rope + KV write", ("rope_store",)),
     ("fp8 weight matmul", ("fp8_splitk", "fp8_weight")),
     ("bf16 matmul", ("gemm", "gemv", "cutlass", "sm90", "xmma", "cublas", "nvjet")),
@@ -289,6 +290,65 @@ def attention_sweep(batches: list[int], repeats: int = 32) -> list[dict[str, Any
     return rows
 
 
+def burst_prompts(count: int, prefix: int, seed: int = 7) -> tuple[list[list[int]], list[int]]:
+    """A burst of ``count`` served prompts past a shared ``prefix``-token template (the
+    serving benchmark's 64-256 tokens in all): the suffixes, and where each starts."""
+    rng = random.Random(seed)
+    suffixes = [[rng.randrange(100, 30000) for _ in range(max(8, rng.randint(64, 256) - prefix))]
+                for _ in range(count)]  # fmt: skip
+    return suffixes, [prefix] * count
+
+
+def prefill_profile(
+    engine: Any, count: int, prefix: int, budget: int
+) -> tuple[float, int, list[dict[str, Any]]]:
+    """One burst of ``count`` prompts continuing a cached ``prefix`` (the engine's prefix
+    reuse), prefilled in forwards of at most ``budget`` tokens as the engine packs them: wall
+    milliseconds of the whole burst (after a warm run), its prompt tokens, and its kernels
+    (:func:`profile_kernels`' rows)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    suffixes, starts = burst_prompts(count, prefix)
+    forwards: list[list[int]] = [[]]
+    used = 0
+    for row, suffix in enumerate(suffixes):
+        if forwards[-1] and used + len(suffix) > budget:
+            forwards.append([])
+            used = 0
+        forwards[-1].append(row)
+        used += len(suffix)
+
+    def burst() -> None:
+        for members in forwards:
+            runner.prefill(members, [suffixes[r] for r in members], [starts[r] for r in members])
+
+    cuda = runner.cache.positions.device.type == "cuda"
+    burst()  # first-call costs of these shapes
+    if cuda:
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    burst()
+    if cuda:
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - began) * 1000
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        burst()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        if cuda:
+            us = getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append({"kernel": event.key, "calls": event.count, "us": us})
+    return wall_ms, sum(len(s) for s in suffixes), sorted(rows, key=lambda r: -r["us"])
+
+
 def set_format(engine: Any, name: str) -> None:
     """Turn the engine to ``name`` (formats only go forward: bf16 -> fp8 -> fp8+kv8)."""
     runner = engine.runner
@@ -315,6 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         help="first time one layer's attention at each setting, bf16 and fp8 caches",
     )
     parser.add_argument("--no-steps", action="store_true", help="skip the engine's steps")
+    parser.add_argument(
+        "--prefill-bursts",
+        default="",
+        help="also profile bursts of this many prompts past a shared prefix, e.g. 8,32,64",
+    )
+    parser.add_argument("--prefix-tokens", type=int, default=96, help="the bursts' shared prefix")
+    parser.add_argument(
+        "--prefill-budget", type=int, default=4096, help="a burst's tokens per forward"
+    )
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     unknown = [f for f in formats if f not in FORMATS]
@@ -391,6 +460,31 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             top_lines.append(f"== {name}, batch {batch}, step {step:.2f} ms")
+            top_lines += [
+                f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} "
+                f"{r['kernel'][:110]}"
+                for r in kernels[:25]
+            ]
+        for count in [int(c) for c in args.prefill_bursts.split(",") if c]:
+            if count > engine.runner.slots:
+                continue
+            wall, tokens, kernels = prefill_profile(
+                engine, count, args.prefix_tokens, args.prefill_budget
+            )
+            kinds = {k: v / 1000 for k, v in by_kind(kernels, 0.0).items()}
+            report.setdefault("prefill", []).append(
+                {"format": name, "prompts": count, "tokens": tokens, "wall_ms": wall,
+                 "kinds_ms": kinds}
+            )  # fmt: skip
+            print(
+                f"{name:>16s} prefill burst {count} prompts, {tokens} tokens past a "
+                f"{args.prefix_tokens}-token prefix: {wall:.1f} ms ({tokens / wall * 1000:.0f} "
+                "tokens/s); kernels " + "; ".join(
+                    f"{k} {ms:.1f}" for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1])
+                ),
+                flush=True,
+            )
+            top_lines.append(f"== {name}, prefill burst of {count}, {wall:.1f} ms")
             top_lines += [
                 f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} "
                 f"{r['kernel'][:110]}"
