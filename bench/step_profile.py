@@ -46,11 +46,24 @@ FORMATS = ("bf16", "fp8", "fp8+kv8")
 # Kernel kinds, first match wins (lower-case substrings of the kernel's name).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("attention_partial", "attention_reduce", "fmha", "flash", "attention")),
-    ("index / copy", ("index", "gather", "scatter", "copy", "cat", "fill", "arange")),
     ("rope + KV write", ("rope_store",)),
     ("fp8 weight matmul", ("fp8_splitk", "fp8_weight")),
     ("bf16 matmul", ("gemm", "gemv", "cutlass", "sm90", "xmma", "cublas", "nvjet")),
     ("sampling sort/scan", ("sort", "radix", "scan", "cumsum")),
+    # ATen's gathers, indexed writes, concatenations and copies (eager prefill's glue).
+    (
+        "index / copy",
+        (
+            "index_elementwise",
+            "index_put",
+            "catarraybatchedcopy",
+            "direct_copy",
+            "gather_kernel",
+            "scatter_gather",
+            "fillfunctor",
+            "copy_kernel",
+        ),
+    ),
 )
 
 
@@ -380,7 +393,18 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="also profile bursts of this many prompts past a shared prefix, e.g. 8,32,64",
     )
-    parser.add_argument("--prefix-tokens", type=int, default=96, help="the bursts' shared prefix")
+    parser.add_argument(
+        "--prefill-paths",
+        default="engine",
+        help="the prefill paths to profile: engine (the decode attention's: the kernels on a "
+        "GPU), sdpa (the gathers and SDPA), or both, e.g. engine,sdpa",
+    )
+    parser.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=35,
+        help="the bursts' shared prefix (the serving benchmark's template: 35 tokens)",
+    )
     parser.add_argument(
         "--prefill-budget", type=int, default=4096, help="a burst's tokens per forward"
     )
@@ -390,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown formats {unknown}; choose from {FORMATS}")
     batches = [int(b) for b in args.batches.split(",") if b]
+    paths = [p for p in args.prefill_paths.split(",") if p]
+    if any(p not in ("engine", "sdpa") for p in paths):
+        parser.error(f"--prefill-paths takes engine and sdpa, not {args.prefill_paths}")
 
     import torch
 
@@ -465,26 +492,34 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['kernel'][:110]}"
                 for r in kernels[:25]
             ]
-        for count in [int(c) for c in args.prefill_bursts.split(",") if c]:
+        bursts = [(int(c), path) for c in args.prefill_bursts.split(",") if c for path in paths]
+        for count, path in bursts:
             if count > engine.runner.slots:
                 continue
-            wall, tokens, kernels = prefill_profile(
-                engine, count, args.prefix_tokens, args.prefill_budget
-            )
+            decode_attention = engine.runner.forward.attention
+            if path == "sdpa":  # the prefill's own path only: decode steps keep theirs
+                engine.runner.forward.attention = "sdpa"
+            try:
+                wall, tokens, kernels = prefill_profile(
+                    engine, count, args.prefix_tokens, args.prefill_budget
+                )
+            finally:
+                engine.runner.forward.attention = decode_attention
             kinds = {k: v / 1000 for k, v in by_kind(kernels, 0.0).items()}
             report.setdefault("prefill", []).append(
-                {"format": name, "prompts": count, "tokens": tokens, "wall_ms": wall,
-                 "kinds_ms": kinds}
+                {"format": name, "path": path, "prompts": count, "tokens": tokens,
+                 "wall_ms": wall, "kinds_ms": kinds}
             )  # fmt: skip
             print(
-                f"{name:>16s} prefill burst {count} prompts, {tokens} tokens past a "
+                f"{name:>16s} prefill ({path}) burst {count} prompts, {tokens} tokens past a "
                 f"{args.prefix_tokens}-token prefix: {wall:.1f} ms ({tokens / wall * 1000:.0f} "
-                "tokens/s); kernels " + "; ".join(
+                "tokens/s); kernels "
+                + "; ".join(
                     f"{k} {ms:.1f}" for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1])
                 ),
                 flush=True,
             )
-            top_lines.append(f"== {name}, prefill burst of {count}, {wall:.1f} ms")
+            top_lines.append(f"== {name}, prefill ({path}) burst of {count}, {wall:.1f} ms")
             top_lines += [
                 f"{r['us']:10.1f} us {r['calls']:5d}x  {kind_of(r['kernel']):20s} "
                 f"{r['kernel'][:110]}"

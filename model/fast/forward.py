@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from model.errors import first_line
 from model.fast import kernels
 from model.fast.kv_cache import SlotCache
+from model.fast.prefill_attention import prefill_attention, query_blocks
 from model.fast.weights import LlamaWeights
 from model.sampling import penalize, race, sample_rows
 
@@ -361,18 +362,22 @@ class LlamaForward:
         The prompts are packed into one sequence, padded to a multiple of
         ``PREFILL_TOKEN_BUCKET`` tokens: the projections and the MLP see only a few shapes,
         which a warm-up runs once at start-up (a matmul's first call at a new shape costs tens
-        of milliseconds on an H100; a whole prefill ~20-50 ms). Attention runs on the prompts
-        gathered into a right-padded batch. ``lm_head`` runs on ``logit_rows`` rows (a decode
-        batch bucket: the decode step's shapes). Eager on purpose: compiled code would
-        recompile for new shapes in the middle of serving. Attention is kept off cuDNN, which
-        builds a plan for every new prompt length (~80 ms on an H100).
+        of milliseconds on an H100; a whole prefill ~20-50 ms). With the Triton attention
+        (the decode step's, ``attention == "triton"``) the layers run on the kernels and read
+        K and V from the cache (:meth:`_prefill_layers_kernels`); otherwise attention runs
+        on the prompts gathered into a right-padded batch through SDPA
+        (:meth:`_prefill_layers`), kept off cuDNN, which builds a plan for every new prompt
+        length (~80 ms on an H100). ``lm_head`` runs on ``logit_rows`` rows (a decode batch
+        bucket: the decode step's shapes). No graphs, and only the decode step's compiled
+        pieces (compiled for any row count): compiling more would recompile for new shapes
+        in the middle of serving.
         """
-        w, cache = self.weights, self.cache
+        w = self.weights
         lengths = [len(p) for p in prompts]
         starts = starts if starts is not None else [0] * len(prompts)
         if any(s < 0 or s + n > self.max_seq_len for s, n in zip(starts, lengths, strict=True)):
             raise ValueError(f"prompt past the cache rows' {self.max_seq_len} positions")
-        n, longest, total = len(prompts), max(lengths), sum(lengths)
+        n, total = len(prompts), sum(lengths)
         padded = -(-total // PREFILL_TOKEN_BUCKET) * PREFILL_TOKEN_BUCKET
         device = w.device
         with torch.inference_mode(), sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
@@ -384,51 +389,122 @@ class LlamaForward:
             )
             sizes = torch.tensor(lengths)
             slot_of_token = torch.repeat_interleave(torch.tensor(rows), sizes)
-            # (n, longest): the packed index of each prompt's tokens. Padding repeats the
-            # prompt's last token; it sits after every real query, so the causal mask hides it.
-            first = torch.cumsum(sizes, 0) - sizes
-            offsets = torch.arange(longest)
-            gather = first[:, None] + torch.minimum(offsets, sizes[:, None] - 1)
-            real = offsets[None, :] < sizes[:, None]
-            groups = self._attention_groups(rows, starts, gather, real)
             ids, positions = flat.to(device), positions.to(device)
             slot_of_token = slot_of_token.to(device)
             x = w.embed[ids]
-            cos = self.cos[positions][:, None, :]
-            sin = self.sin[positions][:, None, :]
-            hq = w.n_heads * w.head_dim
-            hkv = w.n_kv * w.head_dim
-            for index, layer in enumerate(w.layers):
-                h = rms_norm(x, layer.input_norm, w.eps)
-                qkv = layer.qkv(h)
-                q = rotate(qkv[:, :hq].view(padded, w.n_heads, w.head_dim), cos, sin)
-                k = rotate(qkv[:, hq : hq + hkv].view(padded, w.n_kv, w.head_dim), cos, sin)
-                v = qkv[:, hq + hkv :].view(padded, w.n_kv, w.head_dim)
-                # Every real token's K and V at its (slot, position), in one indexed write.
-                kv = torch.stack((k[:total], v[:total]), dim=1)
-                cache.write_kv(index, slot_of_token, positions[:total], kv)
-                # The prompt attends over K and V as the cache holds them (an fp8 round trip,
-                # or themselves): what decode steps will read, so prompt and answer tokens
-                # see the same keys.
-                k, v = cache.as_read(k), cache.as_read(v)
-                attn = torch.zeros((padded, hq), dtype=x.dtype, device=device)
-                for group in groups:
-                    if group.cached is None:
-                        out = self._attend_prompts(q, k, v, group.gather, group.real)
-                    else:
-                        out = self._attend_cached(q, index, group)
-                    if group.packed is None:
-                        attn[:total] = out
-                    else:
-                        attn[group.packed] = out
-                x = x + layer.o(attn)
-                h = rms_norm(x, layer.post_norm, w.eps)
-                x = x + layer.down(_silu_mul(layer.gate_up(h)))
+            if self.attention == "triton":
+                x = self._prefill_layers_kernels(x, rows, lengths, starts, positions, slot_of_token)
+            else:
+                x = self._prefill_layers(x, rows, lengths, starts, positions, slot_of_token)
             # lm_head on a batch bucket of rows, so its shapes are the decode step's ones.
             last = [*itertools.accumulate(lengths)]
             last += [last[-1]] * (logit_rows - n)
             x = rms_norm(x[torch.tensor(last, device=device) - 1], w.final_norm, w.eps)
             return w.lm_head(x).float()[:n]
+
+    def _prefill_layers_kernels(
+        self,
+        x: torch.Tensor,
+        rows: list[int],
+        lengths: list[int],
+        starts: list[int],
+        positions: torch.Tensor,
+        slot_of_token: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder layers over packed prompt tokens ``x`` (padded, hidden) with the Triton
+        kernels: ``rope_store`` writes each real token's K and V into its row (quantized there
+        for an fp8 cache), ``prefill_attention`` reads them back from the cache, and the
+        norms, residual adds and SiLU are the decode step's fused pieces. Returns the last
+        layer's output (before the final norm)."""
+        w, cache = self.weights, self.cache
+        total = sum(lengths)
+        blocks = query_blocks(lengths, starts, rows).to(x.device)
+        queries = torch.empty((total, w.n_heads, w.head_dim), dtype=w.dtype, device=x.device)
+        # Padding rows stay zero: the projections after attention see finite values there.
+        attended = torch.zeros((x.shape[0], w.n_heads * w.head_dim), dtype=w.dtype, device=x.device)
+        layers = w.layers
+        h = self._norm(x, layers[0].input_norm, w.eps)
+        for index, layer in enumerate(layers):
+            keys, values, k_scales, v_scales = cache.layer_kv(index)
+            kernels.rope_store(
+                layer.qkv(h)[:total],
+                self.cos,
+                self.sin,
+                positions[:total],
+                keys,
+                values,
+                queries,
+                k_scales,
+                v_scales,
+                slots=slot_of_token,
+                num_warps=1,
+            )
+            prefill_attention(
+                queries, keys, values, blocks, self.scale, attended, k_scales, v_scales
+            )
+            x, h = self._add_norm(x, layer.o(attended), layer.post_norm, w.eps)
+            down = layer.down(self._silu_mul(layer.gate_up(h)))
+            following = layers[index + 1].input_norm if index + 1 < len(layers) else None
+            if following is None:
+                x = x + down
+            else:
+                x, h = self._add_norm(x, down, following, w.eps)
+        return x
+
+    def _prefill_layers(
+        self,
+        x: torch.Tensor,
+        rows: list[int],
+        lengths: list[int],
+        starts: list[int],
+        positions: torch.Tensor,
+        slot_of_token: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder layers over packed prompt tokens ``x`` with SDPA: the prompts gathered
+        into a right-padded batch, continuing rows' keys read back from the cache under an
+        explicit mask. Returns the last layer's output (before the final norm)."""
+        w, cache = self.weights, self.cache
+        device = x.device
+        padded, total, longest = x.shape[0], sum(lengths), max(lengths)
+        sizes = torch.tensor(lengths)
+        # (n, longest): the packed index of each prompt's tokens. Padding repeats the
+        # prompt's last token; it sits after every real query, so the causal mask hides it.
+        first = torch.cumsum(sizes, 0) - sizes
+        offsets = torch.arange(longest)
+        gather = first[:, None] + torch.minimum(offsets, sizes[:, None] - 1)
+        real = offsets[None, :] < sizes[:, None]
+        groups = self._attention_groups(rows, starts, gather, real)
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        hq = w.n_heads * w.head_dim
+        hkv = w.n_kv * w.head_dim
+        for index, layer in enumerate(w.layers):
+            h = rms_norm(x, layer.input_norm, w.eps)
+            qkv = layer.qkv(h)
+            q = rotate(qkv[:, :hq].view(padded, w.n_heads, w.head_dim), cos, sin)
+            k = rotate(qkv[:, hq : hq + hkv].view(padded, w.n_kv, w.head_dim), cos, sin)
+            v = qkv[:, hq + hkv :].view(padded, w.n_kv, w.head_dim)
+            # Every real token's K and V at its (slot, position), in one indexed write.
+            kv = torch.stack((k[:total], v[:total]), dim=1)
+            cache.write_kv(index, slot_of_token, positions[:total], kv)
+            # The prompt attends over K and V as the cache holds them (an fp8 round trip,
+            # or themselves): what decode steps will read, so prompt and answer tokens
+            # see the same keys.
+            k, v = cache.as_read(k), cache.as_read(v)
+            attn = torch.zeros((padded, hq), dtype=x.dtype, device=device)
+            for group in groups:
+                if group.cached is None:
+                    out = self._attend_prompts(q, k, v, group.gather, group.real)
+                else:
+                    out = self._attend_cached(q, index, group)
+                if group.packed is None:
+                    attn[:total] = out
+                else:
+                    attn[group.packed] = out
+            x = x + layer.o(attn)
+            h = rms_norm(x, layer.post_norm, w.eps)
+            x = x + layer.down(_silu_mul(layer.gate_up(h)))
+        return x
 
     def _attention_groups(
         self, rows: list[int], starts: list[int], gather: torch.Tensor, real: torch.Tensor

@@ -109,6 +109,7 @@ def kernels() -> Any:
         cos_ptr,
         sin_ptr,
         positions_ptr,
+        slots_ptr,
         q_ptr,
         k_cache_ptr,
         v_cache_ptr,
@@ -131,10 +132,15 @@ def kernels() -> Any:
         FP8_MAX: tl.constexpr,
         MIN_ABSMAX: tl.constexpr,
         ROWS_PER_SLOT: tl.constexpr,
+        SLOT_TABLE: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)  # 0..HEADS-1: a query head; then the KV heads
-        slot_row = row // ROWS_PER_SLOT  # the cache row (a verify step: several rows each)
+        # A prefill's packed tokens take their cache row from the table.
+        if SLOT_TABLE:  # noqa: SIM108 - a constexpr branch, compiled out
+            slot_row = tl.load(slots_ptr + row)
+        else:  # the cache row (a verify step: several rows each)
+            slot_row = row // ROWS_PER_SLOT
         position = tl.minimum(tl.load(positions_ptr + row), max_position)
         offs = tl.arange(0, HALF)
         cos = tl.load(cos_ptr + position * stride_cos + offs).to(tl.float32)
@@ -313,6 +319,8 @@ def rope_store(
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
     rows_per_slot: int = 1,
+    slots: torch.Tensor | None = None,
+    num_warps: int = 4,
 ) -> None:
     """Rotate a decode step's fused ``q|k|v`` and store: q into ``q_out``, k and v in the cache.
 
@@ -321,18 +329,24 @@ def rope_store(
     slot ``i``; ``q_out`` (b, heads, dim). An fp8 cache (float8_e4m3fn) takes its scales,
     ``k_scales``/``v_scales`` (slots, kv_heads, max_positions) float32, and gets each new
     vector quantized with a scale of its own. With ``rows_per_slot`` (a verify step: several
-    tokens of one sequence, each at its own position) row ``i`` is slot ``i // rows_per_slot``.
+    tokens of one sequence, each at its own position) row ``i`` is slot ``i // rows_per_slot``;
+    with ``slots`` (a prefill's packed tokens: an int64 tensor of b cache rows) it is
+    ``slots[i]``. A prefill's many rows take fewer warps a program (``num_warps``): each
+    program moves one head's vector.
     """
     b, heads, dim = q_out.shape
     kv_heads = k_cache.shape[1]
     if qkv.stride(-1) != 1 or cos.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("rope_store needs contiguous last dimensions")
     k_scales, v_scales = _scales_of(k_cache, k_scales, v_scales)
+    if slots is not None and slots.shape != (b,):
+        raise ValueError(f"slots must give one cache row for each of the {b} rows")
     kernels().rope_store[(b, heads + kv_heads)](
         qkv,
         cos,
         sin,
         positions,
+        positions if slots is None else slots,
         q_out,
         k_cache,
         v_cache,
@@ -355,6 +369,8 @@ def rope_store(
         FP8_MAX=E4M3_MAX,
         MIN_ABSMAX=MIN_KV_ABSMAX,
         ROWS_PER_SLOT=rows_per_slot,
+        SLOT_TABLE=slots is not None,
+        num_warps=num_warps,
     )
 
 
@@ -382,8 +398,8 @@ def self_check(
     dim: int,
     kv_format: str = "bf16",
 ) -> None:
-    """Compile and run both kernels once on ``device`` for a cache in ``kv_format``; raise
-    if they fail or are wrong.
+    """Compile and run the kernels once on ``device`` for a cache in ``kv_format`` (rope +
+    KV write, decode attention, prefill attention); raise if they fail or are wrong.
 
     The engine calls this before choosing the kernels, so a GPU or Triton build that can't run
     them (an old architecture, a broken install, no E4M3 conversions before compute
@@ -432,6 +448,22 @@ def self_check(
         error = (out[row].float() - expected.reshape(-1)).abs().max().item()
         if not error < 0.05:
             raise RuntimeError(f"decode attention differs from the reference by {error:.3g}")
+    # The prefill kernel (imported here: it builds on this module): row 0 as a prompt of
+    # three tokens continuing at position 60, causal among them.
+    from model.fast.prefill_attention import prefill_attention, query_blocks
+
+    prompt = draw(3, heads, dim)
+    attended = torch.empty(3, heads * dim, device=device, dtype=dtype)
+    blocks = query_blocks([3], [60], [0]).to(device)
+    prefill_attention(prompt, keys, values, blocks, dim**-0.5, attended, k_scales, v_scales)
+    for j in range(3):
+        k = stored_keys[0, :, : 61 + j].float().repeat_interleave(group, dim=0)
+        v = stored_values[0, :, : 61 + j].float().repeat_interleave(group, dim=0)
+        q = prompt[j].float()[:, None, :]
+        expected = torch.softmax(q @ k.transpose(1, 2) * dim**-0.5, dim=-1) @ v
+        error = (attended[j].float() - expected.reshape(-1)).abs().max().item()
+        if not error < 0.05:
+            raise RuntimeError(f"prefill attention differs from the reference by {error:.3g}")
 
 
 def _widened(cache: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
